@@ -1,0 +1,301 @@
+"""Requests of the wire protocol as frozen values that validate when parsed.
+
+The same maps travel over TCP, Unix sockets and MQTT. ``parse_request`` turns a
+decoded map into one of the request types or raises ``WireError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from nearest_wire.errors import ErrorCode, WireError
+
+VERSION = 1
+KINDS = ("printer", "scanner")
+MAX_K = 20
+MAX_ID = 2**63 - 1
+# Bonjour PaperMax classes, smallest first; a device's class is its index here.
+PAPER_CLASSES = ("<legal-A4", "legal-A4", "tabloid-A3", "isoC-A2", ">isoC-A2")
+# What a request's need.paper asks for: the smallest acceptable PaperMax class.
+PAPER_NEEDS = {
+    "A4": "legal-A4",
+    "letter": "legal-A4",
+    "legal": "legal-A4",
+    "A3": "tabloid-A3",
+    "tabloid": "tabloid-A3",
+    "A2": "isoC-A2",
+}
+NEED_FLAGS = ("color", "duplex", "adf", "secure")
+PUBLIC_OPS = ("nearest", "locate", "devices", "ping")
+ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats")
+MAX_ZONE_LEN = 128
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """Capabilities a request asks for; ``paper`` is a PaperMax class or None."""
+
+    color: bool = False
+    duplex: bool = False
+    adf: bool = False
+    secure: bool = False
+    paper: str | None = None
+    any_state: bool = False
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the map form used in requests."""
+        out: dict[str, Any] = {f: True for f in NEED_FLAGS if getattr(self, f)}
+        if self.paper is not None:
+            out["paper"] = next(k for k, v in PAPER_NEEDS.items() if v == self.paper)
+        if self.any_state:
+            out["state"] = "any"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class NearestRequest:
+    """Ask for the k nearest devices of one kind that meet ``need``."""
+
+    id: int
+    kind: str
+    k: int = 1
+    need: Need = Need()
+    client_ip: str | None = None
+    zone: str | None = None
+    op: str = "nearest"
+
+
+@dataclass(frozen=True, slots=True)
+class LocateRequest:
+    """Ask where the daemon places the asker, or ``client_ip``."""
+
+    id: int
+    client_ip: str | None = None
+    zone: str | None = None
+    op: str = "locate"
+
+
+@dataclass(frozen=True, slots=True)
+class DevicesRequest:
+    """Ask for the inventory, optionally of one kind or site."""
+
+    id: int
+    kind: str | None = None
+    site: str | None = None
+    client_ip: str | None = None
+    zone: str | None = None
+    op: str = "devices"
+
+
+@dataclass(frozen=True, slots=True)
+class PingRequest:
+    """Liveness check."""
+
+    id: int
+    op: str = "ping"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadRequest:
+    """Admin: re-read the configuration and site maps."""
+
+    id: int
+    op: str = "reload"
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRequest:
+    """Admin: counters and sizes."""
+
+    id: int
+    op: str = "stats"
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyRequest:
+    """Admin: export or erase the location-log entries of one IP."""
+
+    id: int
+    op: str
+    ip: str
+
+
+Request = (
+    NearestRequest
+    | LocateRequest
+    | DevicesRequest
+    | PingRequest
+    | ReloadRequest
+    | StatsRequest
+    | PrivacyRequest
+)
+
+_COMMON = {"v", "id", "op"}
+_ALLOWED: dict[str, set[str]] = {
+    "nearest": _COMMON | {"kind", "k", "need", "client_ip", "zone"},
+    "locate": _COMMON | {"client_ip", "zone"},
+    "devices": _COMMON | {"kind", "site", "client_ip", "zone"},
+    "ping": _COMMON,
+    "reload": _COMMON,
+    "stats": _COMMON,
+    "privacy.export": _COMMON | {"ip"},
+    "privacy.erase": _COMMON | {"ip"},
+}
+# Keys a transport may add around the request (MQTT 3.1.1 reply address).
+TRANSPORT_KEYS = {"reply_to", "correlation"}
+
+
+def _bad(msg: str, rid: int | None) -> WireError:
+    return WireError(ErrorCode.BAD_REQUEST, msg, rid)
+
+
+def _type_name(value: object) -> str:
+    return "nil" if value is None else type(value).__name__
+
+
+def request_id(obj: dict[str, Any]) -> int | None:
+    """Return the request's id if it is a valid one, for echoing in an error."""
+    rid = obj.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+        return rid
+    return None
+
+
+def check_ip(value: object, field: str, rid: int | None) -> str:
+    """Return a normalised IP address string or raise bad-request naming ``field``."""
+    if not isinstance(value, str):
+        raise _bad(f"{field}: expected an IP address string, got {_type_name(value)}", rid)
+    if len(value) > 64:
+        raise _bad(f"{field}: expected an IP address, got a string of {len(value)} bytes", rid)
+    try:
+        addr = ipaddress.ip_address(value)
+    except ValueError:
+        raise _bad(f"{field}: not an IPv4 or IPv6 address", rid) from None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def _opt_str(
+    obj: dict[str, Any], key: str, rid: int | None, limit: int = MAX_ZONE_LEN
+) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _bad(f"{key}: expected a non-empty string of at most {limit} bytes", rid)
+    return value
+
+
+def _kind(value: object, rid: int | None, required: bool) -> str | None:
+    if value is None and not required:
+        return None
+    if value not in KINDS:
+        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        raise _bad(f"kind: expected 'printer' or 'scanner', got {shown[:40]}", rid)
+    return str(value)
+
+
+def _need(value: object, rid: int | None) -> Need:
+    if value is None:
+        return Need()
+    if not isinstance(value, dict):
+        raise _bad(f"need: expected a map, got {_type_name(value)}", rid)
+    flags: dict[str, bool] = {}
+    paper: str | None = None
+    any_state = False
+    for key, val in value.items():
+        if key in NEED_FLAGS:
+            if not isinstance(val, bool):
+                raise _bad(f"need.{key}: expected true or false, got {_type_name(val)}", rid)
+            flags[key] = val
+        elif key == "paper":
+            if val is None:
+                continue
+            if not isinstance(val, str) or val not in PAPER_NEEDS:
+                allowed = ", ".join(PAPER_NEEDS)
+                raise _bad(f"need.paper: expected one of {allowed}", rid)
+            paper = PAPER_NEEDS[val]
+        elif key == "state":
+            if val not in ("any", "available"):
+                raise _bad("need.state: expected 'any' or 'available'", rid)
+            any_state = val == "any"
+        else:
+            raise _bad(f"need.{str(key)[:40]}: unknown capability", rid)
+    return Need(paper=paper, any_state=any_state, **flags)
+
+
+def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset()) -> Request:
+    """Validate a decoded map and return the typed request, or raise WireError."""
+    rid = request_id(obj)
+    if "id" not in obj:
+        raise _bad("id: missing; expected an integer", None)
+    if rid is None:
+        raise _bad(f"id: expected an integer from 0 to {MAX_ID}", None)
+    v = obj.get("v")
+    if v is None:
+        raise _bad("v: missing; expected 1", rid)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise _bad(f"v: expected the integer 1, got {_type_name(v)}", rid)
+    if v != VERSION:
+        raise WireError(
+            ErrorCode.UNSUPPORTED_VERSION, f"v: version {v} is not supported; this is 1", rid
+        )
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise _bad(f"op: expected a string, got {_type_name(op)}", rid)
+    allowed = _ALLOWED.get(op)
+    if allowed is None:
+        ops = ", ".join(PUBLIC_OPS + ADMIN_OPS)
+        raise _bad(f"op: unknown operation {op[:40]!r}; expected one of {ops}", rid)
+    for key in obj:
+        if key not in allowed and key not in extra_keys:
+            raise _bad(f"{str(key)[:40]}: unknown field for op {op!r}", rid)
+    client_ip = obj.get("client_ip")
+    if client_ip is not None:
+        client_ip = check_ip(client_ip, "client_ip", rid)
+    if op == "nearest":
+        k = obj.get("k", 1)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+            raise _bad(f"k: expected an integer from 1 to {MAX_K}", rid)
+        kind = _kind(obj.get("kind"), rid, required=True)
+        assert kind is not None
+        return NearestRequest(
+            id=rid,
+            kind=kind,
+            k=k,
+            need=_need(obj.get("need"), rid),
+            client_ip=client_ip,
+            zone=_opt_str(obj, "zone", rid),
+        )
+    if op == "locate":
+        return LocateRequest(id=rid, client_ip=client_ip, zone=_opt_str(obj, "zone", rid))
+    if op == "devices":
+        return DevicesRequest(
+            id=rid,
+            kind=_kind(obj.get("kind"), rid, required=False),
+            site=_opt_str(obj, "site", rid),
+            client_ip=client_ip,
+            zone=_opt_str(obj, "zone", rid),
+        )
+    if op == "ping":
+        return PingRequest(id=rid)
+    if op == "reload":
+        return ReloadRequest(id=rid)
+    if op == "stats":
+        return StatsRequest(id=rid)
+    if "ip" not in obj:
+        raise _bad("ip: missing; expected an IP address", rid)
+    return PrivacyRequest(id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))
+
+
+def error_reply(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
+    """Build the contract's failure map."""
+    return {
+        "v": VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": str(code), "message": message},
+    }

@@ -1,0 +1,286 @@
+"""TCP and Unix stream sockets speaking length-prefixed MessagePack frames.
+
+``asyncio.Protocol`` rather than streams: replies are computed synchronously as frames
+arrive, which keeps pipelined requests in order and costs about half as much per
+request. Limits: frame size (an oversized header gets ``too-large`` and the
+connection closes, since the stream cannot be resynchronised), open connections
+(the one over the cap gets ``unavailable`` and is closed), idle and slow-frame
+deadlines (checked by one sweep, not a timer per connection), and backpressure (a
+peer that does not read its replies stops being read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import socket
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
+from nearestd.core.netset import NetSet, normalise_peer
+from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service
+
+LOG = logging.getLogger("nearestd.socket")
+WRITE_HIGH = 256 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-connection limits of the socket servers."""
+
+    max_connections: int = 1024
+    max_frame: int = 64 * 1024
+    idle_timeout: float = 60.0
+    frame_timeout: float = 5.0
+
+
+class Connections:
+    """Open connections over every socket, for the cap and the deadline sweep."""
+
+    def __init__(self, limits: Limits, clock: Callable[[], float]) -> None:
+        self.limits = limits
+        self.clock = clock
+        self.open: set[QueryProtocol] = set()
+        self.refused = 0
+        self.closed_idle = 0
+        self.closed_slow = 0
+        self.too_large = 0
+
+    def sweep(self) -> None:
+        """Close idle connections and those whose frame is too slow to arrive."""
+        now = self.clock()
+        for conn in list(self.open):
+            if (
+                conn.frame_started is not None
+                and now - conn.frame_started > self.limits.frame_timeout
+            ):
+                self.closed_slow += 1
+                conn.abort("frame not completed in time")
+            elif now - conn.last_activity > self.limits.idle_timeout:
+                self.closed_idle += 1
+                conn.abort("idle")
+
+
+class QueryProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(
+        self,
+        service: Service,
+        conns: Connections,
+        interface: str,
+        peer_for: Callable[[Any], Peer],
+    ) -> None:
+        self.service = service
+        self.conns = conns
+        self.interface = interface
+        self.peer_for = peer_for
+        self.decoder = FrameDecoder(conns.limits.max_frame)
+        self.transport: asyncio.Transport | None = None
+        self.peer: Peer | None = None
+        self.last_activity = conns.clock()
+        self.frame_started: float | None = None
+        self._closing = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Accept the connection, or refuse it when the cap is reached."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if len(self.conns.open) >= self.conns.limits.max_connections:
+            self.conns.refused += 1
+            self._closing = True
+            transport.write(
+                encode_frame(
+                    error_reply(
+                        None, ErrorCode.UNAVAILABLE, "too many connections; try again later"
+                    )
+                )
+            )
+            transport.close()
+            return
+        self.conns.open.add(self)
+        transport.set_write_buffer_limits(high=WRITE_HIGH)
+        self.peer = self.peer_for(transport.get_extra_info("peername"))
+
+    def data_received(self, data: bytes) -> None:
+        """Answer every complete frame, in order."""
+        if self._closing or self.peer is None or self.transport is None:
+            return
+        now = self.conns.clock()
+        self.last_activity = now
+        out: list[bytes] = []
+        close = False
+        service = self.service
+        peer = self.peer
+        wall = service_clock()
+        for item in self.decoder.feed(data):
+            if isinstance(item, FrameTooLarge):
+                self.conns.too_large += 1
+                service.stats.queries[(self.interface, "invalid", str(ErrorCode.TOO_LARGE))] += 1
+                out.append(
+                    encode_frame(
+                        error_reply(
+                            None,
+                            ErrorCode.TOO_LARGE,
+                            f"frame of {item.declared} bytes exceeds the limit of {item.limit} bytes",
+                        )
+                    )
+                )
+                close = True
+                break
+            try:
+                reply = service.handle_payload(item, peer, wall)
+                out.append(encode_frame(reply))
+            except Exception:
+                LOG.exception(
+                    "internal error answering a request", extra={"interface": self.interface}
+                )
+                out.append(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
+        self.frame_started = (self.frame_started or now) if self.decoder.pending else None
+        if out:
+            self.transport.write(b"".join(out))
+        if close:
+            self._closing = True
+            self.transport.close()
+
+    def pause_writing(self) -> None:
+        """Stop reading from a peer that does not read its replies."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        """Read again once the peer has caught up."""
+        if self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection."""
+        self.conns.open.discard(self)
+
+    def abort(self, why: str) -> None:
+        """Close the connection now."""
+        LOG.debug("closing connection", extra={"interface": self.interface, "reason": why})
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
+        self.conns.open.discard(self)
+
+
+def service_clock() -> float:
+    """Return wall-clock seconds, the ``now`` the service works in."""
+    import time
+
+    return time.time()
+
+
+class SocketServers:
+    """Every listening socket of the daemon."""
+
+    def __init__(self, service: Service, limits: Limits, clock: Callable[[], float]) -> None:
+        self.service = service
+        self.conns = Connections(limits, clock)
+        self.servers: list[asyncio.AbstractServer] = []
+        self.unix_paths: list[Path] = []
+        self.allow = NetSet(service.cfg.daemon.allow)
+        self.trusted = NetSet(service.cfg.daemon.trusted_peers)
+
+    def set_policy(self, allow: list[str], trusted: list[str]) -> None:
+        """Replace who may query and who is trusted (after a reload)."""
+        self.allow = NetSet(allow)
+        self.trusted = NetSet(trusted)
+
+    def _tcp_peer(self, peername: Any) -> Peer:
+        ip = normalise_peer(str(peername[0])) if peername else "0.0.0.0"
+        return Peer("tcp", ip, trusted=self.trusted.contains(ip), allowed=self.allow.contains(ip))
+
+    async def listen(self, url: str) -> str:
+        """Start serving on a tcp:// or unix:// URL; return the bound address."""
+        loop = asyncio.get_running_loop()
+        if url.startswith("unix://"):
+            path = Path(url[7:])
+            sock = _unix_socket(path, int(self.service.cfg.daemon.socket_mode, 8), "")
+            server = await loop.create_unix_server(
+                lambda: QueryProtocol(self.service, self.conns, "unix", lambda _: UNIX_PEER),
+                sock=sock,
+            )
+            self.servers.append(server)
+            self.unix_paths.append(path)
+            return f"unix://{path}"
+        hostport = url[6:]
+        host, _, port = hostport.rpartition(":")
+        host = host.strip("[]")
+        server = await loop.create_server(
+            lambda: QueryProtocol(self.service, self.conns, "tcp", self._tcp_peer),
+            host,
+            int(port),
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.servers.append(server)
+        addr = server.sockets[0].getsockname()
+        return (
+            f"tcp://{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"tcp://[{addr[0]}]:{addr[1]}"
+        )
+
+    async def listen_admin(self, path: Path, mode: int, group: str) -> str:
+        """Start the admin socket (owner-only unless a group is configured)."""
+        loop = asyncio.get_running_loop()
+        sock = _unix_socket(path, mode, group)
+        server = await loop.create_unix_server(
+            lambda: QueryProtocol(self.service, self.conns, "admin", lambda _: ADMIN_PEER),
+            sock=sock,
+        )
+        self.servers.append(server)
+        self.unix_paths.append(path)
+        return f"unix://{path}"
+
+    async def stop_accepting(self) -> None:
+        """Stop listening; open connections keep being served until closed."""
+        for server in self.servers:
+            server.close()
+        for path in self.unix_paths:
+            with contextlib.suppress(OSError):
+                if stat.S_ISSOCK(path.lstat().st_mode):
+                    path.unlink()
+
+    async def drain(self, timeout: float) -> None:
+        """Give open connections until ``timeout`` to finish, then close them."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        for conn in list(self.conns.open):
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.close()
+        while self.conns.open and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for conn in list(self.conns.open):
+            conn.abort("shutdown")
+
+
+def _unix_socket(path: Path, mode: int, group: str) -> socket.socket:
+    """Bind a Unix socket with its final permissions from the start (no open window)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(path.lstat().st_mode):
+            path.unlink()
+        else:
+            raise OSError(f"{path} exists and is not a socket")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    if group:
+        os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        mode |= 0o060
+    os.chmod(path, mode)
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

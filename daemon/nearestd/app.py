@@ -1,0 +1,175 @@
+"""Wires the service and its adapters together on one event loop; signals; readiness."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nearestd.adapters.socket_server import Limits, SocketServers
+from nearestd.config import ConfigError
+from nearestd.loader import World, load_world
+from nearestd.service import Service
+
+LOG = logging.getLogger("nearestd")
+TICK_SECONDS = 0.5
+SHUTDOWN_GRACE = 3.0
+
+
+def new_key() -> bytes:
+    """Return a fresh random 256-bit pseudonym key."""
+    return secrets.token_bytes(32)
+
+
+class Daemon:
+    """The running daemon: the service, its sockets and its background tasks."""
+
+    def __init__(self, world: World, config_path: str) -> None:
+        self.config_path = config_path
+        self.world = world
+        self.service = Service(world.config, world.sitemap, time.time(), new_key)
+        self.service.reloader = self.reload
+        d = world.config.daemon
+        self.sockets = SocketServers(
+            self.service,
+            Limits(d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout),
+            time.monotonic,
+        )
+        self.addresses: list[str] = []
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload = 0.0
+        # Adapters register start and stop hooks here (discovery, MQTT, metrics, ...).
+        self.starters: list[Callable[[Daemon], Awaitable[None]]] = []
+        self.stoppers: list[Callable[[Daemon], Awaitable[None]]] = []
+        self.reload_hooks: list[Callable[[Daemon], None]] = []
+
+    @property
+    def config(self):  # type: ignore[no-untyped-def]
+        """Return the current config."""
+        return self.service.cfg
+
+    async def start(self) -> None:
+        """Open the sockets and start the background tasks."""
+        cfg = self.world.config
+        for url in cfg.daemon.listen:
+            if url.startswith("unix://"):
+                url = f"unix://{cfg.resolve(url[7:])}"
+            self.addresses.append(await self.sockets.listen(url))
+        if cfg.daemon.admin_socket:
+            self.addresses.append(
+                await self.sockets.listen_admin(
+                    cfg.resolve(cfg.daemon.admin_socket),
+                    int(cfg.daemon.admin_mode, 8),
+                    cfg.daemon.admin_group,
+                )
+            )
+        self._spawn(self._ticker(), "ticker")
+        for starter in self.starters:
+            await starter(self)
+        LOG.info(
+            "serving",
+            extra={
+                "listen": ",".join(self.addresses),
+                "zones": len(self.service.sitemap.zones),
+                "devices": len(self.service.table),
+            },
+        )
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        self._tasks.append(asyncio.ensure_future(coro))
+        self._tasks[-1].set_name(name)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                self.service.tick(time.time())
+                self.sockets.conns.sweep()
+            except Exception:
+                LOG.exception("tick failed")
+
+    def reload(self) -> list[str]:
+        """Load the config and site maps again; switch only if all of it is valid."""
+        try:
+            world = load_world(self.config_path)
+        except ConfigError as exc:
+            self.reloads_failed += 1
+            for problem in exc.problems:
+                LOG.error("reload refused", extra={"problem": problem})
+            return exc.problems
+        self.world = world
+        self.service.apply(world.config, world.sitemap)
+        self.sockets.set_policy(world.config.daemon.allow, world.config.daemon.trusted_peers)
+        for hook in self.reload_hooks:
+            hook(self)
+        self.reloads_ok += 1
+        self.last_reload = time.time()
+        LOG.info(
+            "reloaded",
+            extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
+        )
+        return []
+
+    def request_stop(self) -> None:
+        """Ask the daemon to shut down."""
+        self._stop.set()
+
+    async def wait_stopped(self) -> None:
+        """Wait until a stop is requested."""
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish what is in flight, stop the adapters."""
+        await self.sockets.stop_accepting()
+        for stopper in reversed(self.stoppers):
+            try:
+                await asyncio.wait_for(stopper(self), SHUTDOWN_GRACE)
+            except Exception:
+                LOG.exception("adapter stop failed")
+        await self.sockets.drain(1.0)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads. Return the exit status."""
+    try:
+        world = load_world(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            LOG.error("configuration problem", extra={"problem": problem})
+        return 2
+    daemon = Daemon(world, config_path)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    try:
+        await daemon.start()
+    except OSError as exc:
+        LOG.error("cannot listen", extra={"error": str(exc)})
+        await daemon.stop()
+        return 1
+    if on_ready is not None:
+        on_ready(daemon)
+    await daemon.wait_stopped()
+    LOG.info("stopping")
+    await daemon.stop()
+    LOG.info("stopped")
+    return 0
+
+
+def state_path(world: World) -> Path:
+    """Return the state directory of a config."""
+    return world.config.resolve(world.config.daemon.state_dir)

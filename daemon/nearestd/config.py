@@ -1,0 +1,365 @@
+"""The one typed configuration, loaded from TOML.
+
+Each section is a frozen dataclass; each field's docstring is its ``doc`` metadata.
+Unknown keys and wrong types are errors that name the file, the key path and the
+expected type; every problem in a file is reported at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; ``problems`` holds one sentence per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Duration(float):
+    """Seconds, written in TOML as a string like "90s", "10m" or "24h"."""
+
+
+def parse_duration(text: str) -> float:
+    """Return seconds for a duration string, or raise ValueError."""
+    m = DURATION.match(text)
+    if not m:
+        raise ValueError(f'expected a duration like "90s", "10m" or "24h", got {text!r}')
+    return float(m.group(1)) * UNITS[m.group(2)]
+
+
+def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """[daemon]: sockets, who may ask, limits."""
+
+    listen: list[str] = _doc(
+        "Sockets to serve queries on: tcp://HOST:PORT or unix:///PATH.",
+        factory=lambda: ["tcp://127.0.0.1:7310", "unix:///run/nearestd/nearestd.sock"],
+    )
+    admin_socket: str = _doc("Unix socket for nearestctl.", "/run/nearestd/admin.sock")
+    admin_mode: str = _doc("Permissions of the admin socket, octal.", "0600")
+    admin_group: str = _doc("Group that may use the admin socket (mode 0660 then).", "")
+    socket_mode: str = _doc("Permissions of the query Unix sockets, octal.", "0666")
+    allow: list[str] = _doc(
+        "CIDRs that may query over TCP; others get 'forbidden'.",
+        factory=lambda: ["0.0.0.0/0", "::/0"],
+    )
+    trusted_peers: list[str] = _doc(
+        "CIDRs that may ask on behalf of another IP (client_ip).",
+        factory=lambda: ["127.0.0.1/32", "::1/128"],
+    )
+    state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
+    max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
+    max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
+    max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
+    idle_timeout: Duration = _doc("Close connections idle this long.", Duration(60.0))
+    frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
+    rate: float = _doc("Requests per second allowed per client address.", 200.0)
+    burst: int = _doc("Token-bucket burst per client address.", 400)
+    rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """[discovery]: mDNS/DNS-SD browsing."""
+
+    enabled: bool = _doc("Browse mDNS for printers and scanners.", False)
+    interfaces: list[str] = _doc(
+        "Interface names or addresses to browse on; required when enabled.", factory=list
+    )
+    expire_after: Duration = _doc("Grace before a silent device is dropped.", Duration(600.0))
+    max_devices: int = _doc("Discovered devices kept at most.", 5000)
+    ipv6: bool = _doc("Also browse over IPv6.", False)
+
+
+@dataclass(frozen=True, slots=True)
+class SiteConfig:
+    """[site]: the floor plans."""
+
+    maps: list[str] = _doc("GeoJSON site maps.", factory=list)
+    subnets: list[str] = _doc("IPAM CSV files of prefix,zone_id.", factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class RankingConfig:
+    """[ranking]: the cost formula's parameters."""
+
+    floor_penalty_m: float = _doc("Metres added per floor of difference.", 20.0)
+    building_penalty_m: float = _doc("Metres added for another building.", 100.0)
+    allow_other_sites: bool = _doc("Answer with devices of other sites.", False)
+
+
+@dataclass(frozen=True, slots=True)
+class PrivacyConfig:
+    """[privacy]: the location log."""
+
+    retention: Duration = _doc("How long location-log entries live.", Duration(86400.0))
+    log_ip: str = _doc("'truncated' (/24 or /48 in logs) or 'none'.", "truncated")
+    max_entries: int = _doc("Location-log entries held at most.", 100000)
+    spike_per_minute: int = _doc("Warn when one pseudonym asks more often.", 600)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """[metrics]: the Prometheus exporter."""
+
+    listen: str = _doc("HOST:PORT for /metrics; empty to disable.", "127.0.0.1:9464")
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """[mqtt]: absent means MQTT is off."""
+
+    url: str = _doc("mqtt://HOST:PORT or mqtts://HOST:PORT.", "mqtt://127.0.0.1:1883")
+    username: str = _doc("User name; empty for none.", "")
+    password_file: str = _doc("File holding the password.", "")
+    ca_file: str = _doc("CA bundle for mqtts; empty for the system store.", "")
+    topic_prefix: str = _doc("Prefix P of every topic.", "nearest/v1")
+    instance: str = _doc("This daemon's instance name; 'hostname' for the host name.", "hostname")
+    federate: bool = _doc("Also serve devices other instances publish.", False)
+    keepalive: int = _doc("MQTT keepalive, seconds.", 30)
+    max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    """[logging]: one line per event to stderr."""
+
+    format: str = _doc("'kv' (key=value) or 'json'.", "kv")
+    level: str = _doc("debug, info, warning or error.", "info")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; ``path`` is the file it came from."""
+
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    ranking: RankingConfig = field(default_factory=RankingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    mqtt: MqttConfig | None = None
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    path: str = ""
+
+    @property
+    def base(self) -> Path:
+        """Return the directory that relative paths are resolved against."""
+        return Path(self.path).resolve().parent if self.path else Path.cwd()
+
+    def resolve(self, p: str) -> Path:
+        """Resolve a path from the config relative to the config file."""
+        return (self.base / os.path.expanduser(p)).resolve() if p else Path()
+
+
+SECTIONS = {
+    "daemon": DaemonConfig,
+    "discovery": DiscoveryConfig,
+    "site": SiteConfig,
+    "ranking": RankingConfig,
+    "privacy": PrivacyConfig,
+    "metrics": MetricsConfig,
+    "mqtt": MqttConfig,
+    "logging": LoggingConfig,
+}
+
+
+def _type_name(t: Any) -> str:
+    if t is Duration:
+        return 'a duration string like "90s"'
+    if t is bool:
+        return "a boolean"
+    if t is int:
+        return "an integer"
+    if t is float:
+        return "a number"
+    if t is str:
+        return "a string"
+    if get_origin(t) is list:
+        return f"a list of {_type_name(get_args(t)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return str(t)
+
+
+def _convert(value: Any, t: Any) -> Any:
+    """Return the value converted to type t, or raise TypeError/ValueError."""
+    if t is Duration:
+        if not isinstance(value, str):
+            raise TypeError
+        return Duration(parse_duration(value))
+    if t is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if t is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError
+        return value
+    if t is float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if get_origin(t) is list:
+        if not isinstance(value, list):
+            raise TypeError
+        inner = get_args(t)[0]
+        return [_convert(v, inner) for v in value]
+    raise TypeError  # pragma: no cover
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str]) -> Any:
+    if not isinstance(data, dict):
+        problems.append(f"{file}: [{name}]: expected a table")
+        return cls()
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            problems.append(
+                f"{file}: [{name}] {key}: unknown key (known keys: {', '.join(sorted(known))})"
+            )
+            continue
+        t = hints[key]
+        try:
+            values[key] = _convert(value, t)
+        except ValueError as exc:
+            problems.append(f"{file}: [{name}] {key}: {exc}")
+        except TypeError:
+            problems.append(
+                f"{file}: [{name}] {key}: expected {_type_name(t)}, got {_shown(value)}"
+            )
+    return cls(**values)
+
+
+def _check(cfg: Config, file: str, problems: list[str]) -> None:
+    d = cfg.daemon
+    for i, url in enumerate(d.listen):
+        err = listen_error(url)
+        if err:
+            problems.append(f"{file}: [daemon] listen[{i}]: {err}")
+    for key in ("allow", "trusted_peers"):
+        for i, cidr in enumerate(getattr(d, key)):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                problems.append(
+                    f"{file}: [daemon] {key}[{i}]: expected a CIDR prefix, got {cidr!r}"
+                )
+    for key in ("admin_mode", "socket_mode"):
+        if not re.fullmatch(r"0?[0-7]{3}", getattr(d, key)):
+            problems.append(f'{file}: [daemon] {key}: expected octal permissions like "0600"')
+    positive = {
+        "max_connections": d.max_connections,
+        "max_frame": d.max_frame,
+        "max_in_flight": d.max_in_flight,
+        "burst": d.burst,
+        "rate_clients": d.rate_clients,
+    }
+    for key, val in positive.items():
+        if val < 1:
+            problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
+    if d.max_frame > 16 * 1024 * 1024:
+        problems.append(f"{file}: [daemon] max_frame: at most 16777216 bytes")
+    if d.rate <= 0:
+        problems.append(f"{file}: [daemon] rate: expected a positive number")
+    if cfg.discovery.enabled and not cfg.discovery.interfaces:
+        problems.append(
+            f"{file}: [discovery] interfaces: required when discovery is enabled "
+            "(there is no default interface)"
+        )
+    if cfg.privacy.log_ip not in ("truncated", "none"):
+        problems.append(f'{file}: [privacy] log_ip: expected "truncated" or "none"')
+    if cfg.privacy.retention <= 0:
+        problems.append(f"{file}: [privacy] retention: expected a positive duration")
+    if cfg.metrics.listen and not re.fullmatch(
+        r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", cfg.metrics.listen
+    ):
+        problems.append(f"{file}: [metrics] listen: expected HOST:PORT, got {cfg.metrics.listen!r}")
+    if cfg.mqtt is not None and not re.fullmatch(r"mqtts?://[^\s/]+(:\d{1,5})?/?", cfg.mqtt.url):
+        problems.append(f"{file}: [mqtt] url: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if cfg.logging.format not in ("kv", "json"):
+        problems.append(f'{file}: [logging] format: expected "kv" or "json"')
+    if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
+        problems.append(f"{file}: [logging] level: expected debug, info, warning or error")
+
+
+def listen_error(url: str) -> str | None:
+    """Return why a listen URL is wrong, or None."""
+    if url.startswith("unix://"):
+        return None if url[7:].startswith("/") or url[7:] else "expected unix:///PATH"
+    m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):(\d{1,5})", url)
+    if not m or not 0 <= int(m.group(2)) <= 65535:
+        return f"expected tcp://HOST:PORT or unix:///PATH, got {url!r}"
+    return None
+
+
+def parse_config(text: str, file: str) -> Config:
+    """Parse TOML text into a Config, or raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    problems: list[str] = []
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        cls = SECTIONS.get(name)
+        if cls is None:
+            problems.append(f"{file}: [{name}]: unknown section (known: {', '.join(SECTIONS)})")
+            continue
+        kwargs[name] = _section(cls, value, name, file, problems)
+    cfg = Config(path=file, **kwargs)
+    _check(cfg, file, problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and parse a config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: not UTF-8 text"]) from None
+    return parse_config(text, str(p))
+
+
+def section_docs() -> dict[str, list[tuple[str, str, Any]]]:
+    """Return each section's (key, doc, default) for the README."""
+    out: dict[str, list[tuple[str, str, Any]]] = {}
+    for name, cls in SECTIONS.items():
+        rows = []
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
+            rows.append((f.name, f.metadata.get("doc", ""), default))
+        out[name] = rows
+    return out

@@ -1,0 +1,1 @@
+"""The pure core: no asyncio, sockets, files, clocks, randomness or logging."""

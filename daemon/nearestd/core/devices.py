@@ -1,0 +1,205 @@
+"""The device table: devices in, placements decided, the spatial index kept in step.
+
+Placement follows the contract's order: a static device's own position; a site-map
+pin (uuid, instance name, host, then ip); the device's reported geo position; its
+DNS-SD ``note``, then its IPP ``printer-location``, matched against zone names and
+aliases; the zone whose subnets hold one of the device's addresses; else unlocated.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+
+from nearestd.core.index import Entry, SpatialIndex, caps_mask
+from nearestd.core.model import Device, Placement, PlacementMethod
+from nearestd.core.sitemap import SiteMap, normalise_pin
+
+PIN_ORDER = ("uuid", "name", "host", "ip")
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A device, its placement and when it was last heard of."""
+
+    device: Device
+    placement: Placement | None
+    last_seen: float
+
+
+def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> Placement | None:
+    """Decide where a device is, by the contract's rules in order."""
+    if static is not None:
+        return static
+    for key in PIN_ORDER:
+        for pin in sitemap.pins:
+            if pin.field != key:
+                continue
+            if key == "ip":
+                if pin.network is not None and any(
+                    _in_network(a, pin.network) for a in device.addresses
+                ):
+                    return pin.placement
+                continue
+            value = {"uuid": device.uuid, "name": device.instance, "host": device.host}[key]
+            if value is not None and normalise_pin(key, value) == pin.value:
+                return pin.placement
+    if device.geo is not None:
+        geo = _place_geo(device.geo, sitemap)
+        if geo is not None:
+            return geo
+    for text, method in (
+        (device.note, PlacementMethod.NOTE),
+        (device.location_text, PlacementMethod.LOCATION),
+    ):
+        zone = sitemap.zone_for_text(text)
+        if zone is not None:
+            return sitemap.placement_in_zone(zone, method)
+    for addr in device.addresses:
+        try:
+            zone = sitemap.zone_for_ip(addr.split("%", 1)[0])
+        except ValueError:
+            continue
+        if zone is not None:
+            return sitemap.placement_in_zone(zone, PlacementMethod.SUBNET)
+    return None
+
+
+def _in_network(addr: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
+    try:
+        return ipaddress.ip_address(addr.split("%", 1)[0]) in net
+    except ValueError:
+        return False
+
+
+def _place_geo(geo: tuple[float, float], sitemap: SiteMap) -> Placement | None:
+    """Place a device at a reported lat/lon when it falls inside a zone."""
+    lat, lon = geo
+    for zone in sitemap.zones.values():
+        proj = sitemap.projections[zone.site]
+        x, y = proj.forward(lon, lat)
+        import shapely
+
+        if zone.polygon.covers(shapely.points(x, y)):
+            return Placement(
+                zone.site, zone.building, zone.level, zone.id, x, y, lon, lat, PlacementMethod.GEO
+            )
+    return None
+
+
+def entry_for(device: Device, placement: Placement) -> Entry:
+    """Return the index entry of a placed device."""
+    caps = device.capabilities
+    return Entry(
+        device_id=device.id,
+        kind=str(device.kind),
+        site=placement.site,
+        building=placement.building,
+        level=placement.level,
+        x=placement.x,
+        y=placement.y,
+        mask=caps_mask(caps.color, caps.duplex, caps.adf, caps.secure),
+        paper=caps.paper_rank,
+        available=device.available,
+    )
+
+
+class DeviceTable:
+    """Every known device with its placement; the index holds the answerable ones."""
+
+    def __init__(self, sitemap: SiteMap) -> None:
+        self.sitemap = sitemap
+        self.index = SpatialIndex(sitemap.projections)
+        self._records: dict[str, Record] = {}
+        self._static: dict[str, Placement] = {}
+        self.generation = 0
+        entries = []
+        for device, placement in sitemap.static_devices:
+            self._static[device.id] = placement
+            self._records[device.id] = Record(device, placement, 0.0)
+            entries.append(entry_for(device, placement))
+        self.index.bulk_load(entries)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter(self._records.values())
+
+    def get(self, device_id: str) -> Record | None:
+        """Return a device's record."""
+        return self._records.get(device_id)
+
+    def records(self) -> Iterable[Record]:
+        """Yield every record."""
+        return self._records.values()
+
+    def upsert(self, device: Device, now: float) -> str:
+        """Add or update a device; return 'added', 'updated' or 'unchanged'."""
+        old = self._records.get(device.id)
+        static = self._static.get(device.id)
+        if old is not None and old.device == device:
+            self._records[device.id] = replace(old, last_seen=now)
+            return "unchanged"
+        placement = place(device, self.sitemap, static)
+        self._records[device.id] = Record(device, placement, now)
+        self._reindex(device, placement)
+        self.generation += 1
+        return "added" if old is None else "updated"
+
+    def touch(self, device_id: str, now: float) -> None:
+        """Note that a device was heard from."""
+        rec = self._records.get(device_id)
+        if rec is not None:
+            self._records[device_id] = replace(rec, last_seen=now)
+
+    def remove(self, device_id: str) -> bool:
+        """Remove a device; static devices stay. Return whether anything changed."""
+        if device_id in self._static or device_id not in self._records:
+            return False
+        del self._records[device_id]
+        self.index.remove(device_id)
+        self.generation += 1
+        return True
+
+    def expire(self, now: float, expire_after: float, sources: Iterable[str]) -> list[str]:
+        """Remove devices of the given sources not heard of for ``expire_after`` seconds."""
+        wanted = set(sources)
+        gone = [
+            r.device.id
+            for r in self._records.values()
+            if r.device.source in wanted
+            and r.device.id not in self._static
+            and now - r.last_seen >= expire_after
+        ]
+        for device_id in gone:
+            self.remove(device_id)
+        return gone
+
+    def set_sitemap(self, sitemap: SiteMap) -> None:
+        """Replace the site map: static devices follow it, others are placed again."""
+        old_static = set(self._static)
+        self.sitemap = sitemap
+        self.index = SpatialIndex(sitemap.projections)
+        self._static = {d.id: p for d, p in sitemap.static_devices}
+        records: dict[str, Record] = {}
+        for device, placement in sitemap.static_devices:
+            records[device.id] = Record(device, placement, 0.0)
+        for rec in self._records.values():
+            if rec.device.id in old_static or rec.device.id in records:
+                continue
+            records[rec.device.id] = Record(rec.device, place(rec.device, sitemap), rec.last_seen)
+        self._records = records
+        self.index.bulk_load(
+            entry_for(r.device, r.placement)
+            for r in records.values()
+            if r.placement is not None and not r.device.is_queue
+        )
+        self.generation += 1
+
+    def _reindex(self, device: Device, placement: Placement | None) -> None:
+        if placement is None or device.is_queue:
+            self.index.remove(device.id)
+        else:
+            self.index.upsert(entry_for(device, placement))

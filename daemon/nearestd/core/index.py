@@ -1,0 +1,410 @@
+"""Exact k-nearest devices under the contract's cost, with rtree pruning.
+
+Theory of operation. A device D answers a client in zone Z at
+
+    cost = dist(D, Z.polygon) + |D.level - Z.level| * floor_penalty
+           + (D.building != Z.building) * building_penalty
+
+The penalty is constant for all devices on one (site, building, level), so devices
+are grouped that way, one rtree per (site, kind, building, level). Groups are
+visited in increasing penalty. Inside a group the rtree yields devices in order of
+distance to Z's bounding box, which never exceeds the distance to Z's polygon, so
+``bbox distance + penalty`` is a lower bound of the cost. A group (or the rest of
+one) is skipped only when that bound is strictly above the k-th best cost found so
+far: equal costs are still visited because the tie-breaks (distance to Z's
+centroid, then device id) may prefer them. Capability filters are applied to the
+candidates; when a batch runs out before the bound proves the answer, the batch is
+enlarged. The result is therefore exactly the brute-force answer, which
+``brute_force`` computes with the same distance function and which the tests
+compare against.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import shapely
+from rtree import index as rtree_index
+from shapely.geometry.base import BaseGeometry
+
+from nearest_wire import Need
+from nearestd.core.model import Zone
+from nearestd.core.sitemap import Projection
+
+COLOR, DUPLEX, ADF, SECURE = 1, 2, 4, 8
+# Slack for the pruning bound: bbox distances are computed differently from GEOS's
+# polygon distances, and a last-bit difference must not prune a tying device.
+EPSILON = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class Ranking:
+    """The ranking parameters of the contract."""
+
+    floor_penalty_m: float = 20.0
+    building_penalty_m: float = 100.0
+    allow_other_sites: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """What the index keeps of a placed device."""
+
+    device_id: str
+    kind: str
+    site: str
+    building: str
+    level: int
+    x: float
+    y: float
+    mask: int
+    paper: int
+    available: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """One ranked answer: the device id, its cost and the tie-break distance."""
+
+    cost: float
+    centroid_distance: float
+    device_id: str
+    planar_distance: float
+
+
+def need_mask(need: Need) -> int:
+    """Return the capability bits a request needs."""
+    return (
+        (COLOR if need.color else 0)
+        | (DUPLEX if need.duplex else 0)
+        | (ADF if need.adf else 0)
+        | (SECURE if need.secure else 0)
+    )
+
+
+def caps_mask(color: bool, duplex: bool, adf: bool, secure: bool) -> int:
+    """Return the capability bits a device has."""
+    return (
+        (COLOR if color else 0)
+        | (DUPLEX if duplex else 0)
+        | (ADF if adf else 0)
+        | (SECURE if secure else 0)
+    )
+
+
+class ZoneFrame:
+    """A zone's polygon as seen in one site's frame, with cached measures."""
+
+    __slots__ = ("bbox", "cx", "cy", "is_rect", "polygon")
+
+    def __init__(self, polygon: BaseGeometry) -> None:
+        self.polygon = polygon
+        shapely.prepare(polygon)
+        minx, miny, maxx, maxy = polygon.bounds
+        self.bbox = (minx, miny, maxx, maxy)
+        c = polygon.centroid
+        self.cx, self.cy = c.x, c.y
+        box_area = (maxx - minx) * (maxy - miny)
+        self.is_rect = (
+            polygon.geom_type == "Polygon"
+            and abs(polygon.area - box_area) <= (1e-12 * max(box_area, 1.0))
+            and len(polygon.interiors) == 0
+        )
+
+    def bbox_distance(self, x: float, y: float) -> float:
+        """Return the distance from the point to the polygon's bounding box."""
+        minx, miny, maxx, maxy = self.bbox
+        dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
+        dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
+        if dx == 0.0:
+            return dy
+        if dy == 0.0:
+            return dx
+        return math.hypot(dx, dy)
+
+    def distance(self, x: float, y: float) -> float:
+        """Return the planar distance from the point to the polygon (0 inside)."""
+        if self.is_rect:
+            return self.bbox_distance(x, y)
+        return float(shapely.distance(self.polygon, shapely.points(x, y)))
+
+    def centroid_distance(self, x: float, y: float) -> float:
+        """Return the distance from the point to the zone's centroid."""
+        return math.hypot(x - self.cx, y - self.cy)
+
+
+def _reproject(geom: BaseGeometry, src: Projection, dst: Projection) -> BaseGeometry:
+    import numpy as np
+
+    def fn(coords: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        out = np.empty_like(coords)
+        lon = coords[:, 0] / src.kx + src.lon0
+        lat = coords[:, 1] / src.ky + src.lat0
+        out[:, 0] = (lon - dst.lon0) * dst.kx
+        out[:, 1] = (lat - dst.lat0) * dst.ky
+        return out
+
+    return shapely.transform(geom, fn)
+
+
+class Frames:
+    """Zone frames per (zone, site), made on first use."""
+
+    def __init__(self, projections: dict[str, Projection]) -> None:
+        self._projections = projections
+        self._cache: dict[tuple[str, str], ZoneFrame] = {}
+
+    def get(self, zone: Zone, site: str) -> ZoneFrame:
+        """Return the frame of ``zone`` in ``site``'s projection."""
+        key = (zone.id, site)
+        frame = self._cache.get(key)
+        if frame is None:
+            if site == zone.site:
+                frame = ZoneFrame(zone.polygon)
+            else:
+                frame = ZoneFrame(
+                    _reproject(zone.polygon, self._projections[zone.site], self._projections[site])
+                )
+            self._cache[key] = frame
+        return frame
+
+
+class _Group:
+    __slots__ = ("bounds", "count", "tree")
+
+    def __init__(self, tree: rtree_index.Index | None = None) -> None:
+        self.tree = tree if tree is not None else rtree_index.Index(interleaved=True)
+        self.count = 0
+        self.bounds = [math.inf, math.inf, -math.inf, -math.inf]
+
+    def grow(self, x: float, y: float) -> None:
+        b = self.bounds
+        if x < b[0]:
+            b[0] = x
+        if y < b[1]:
+            b[1] = y
+        if x > b[2]:
+            b[2] = x
+        if y > b[3]:
+            b[3] = y
+
+
+def _rect_distance(a: tuple[float, float, float, float], b: list[float]) -> float:
+    dx = max(b[0] - a[2], a[0] - b[2], 0.0)
+    dy = max(b[1] - a[3], a[1] - b[3], 0.0)
+    return math.hypot(dx, dy)
+
+
+def cost_of(entry: Entry, zone: Zone, frame: ZoneFrame, ranking: Ranking) -> tuple[float, float]:
+    """Return (cost, planar distance) of a device for a client in ``zone``."""
+    dist = frame.distance(entry.x, entry.y)
+    cost = dist + _penalty(entry.site, entry.building, entry.level, zone, ranking)
+    return cost, dist
+
+
+def _penalty(site: str, building: str, level: int, zone: Zone, ranking: Ranking) -> float:
+    pen = abs(level - zone.level) * ranking.floor_penalty_m
+    if site != zone.site or building != zone.building:
+        pen += ranking.building_penalty_m
+    return pen
+
+
+def matches(entry: Entry, kind: str, need: Need, mask: int, paper: int) -> bool:
+    """Return whether a device meets the kind, capability and state filters."""
+    return (
+        entry.kind == kind
+        and (entry.mask & mask) == mask
+        and entry.paper >= paper
+        and (entry.available or need.any_state)
+    )
+
+
+def _need_paper(need: Need) -> int:
+    from nearest_wire import PAPER_CLASSES
+
+    return -1 if need.paper is None else PAPER_CLASSES.index(need.paper)
+
+
+class SpatialIndex:
+    """Devices by (site, kind, building, level) in rtrees; exact k-nearest queries."""
+
+    def __init__(self, projections: dict[str, Projection]) -> None:
+        self.frames = Frames(projections)
+        self._entries: dict[int, Entry] = {}
+        self._slot_of: dict[str, int] = {}
+        self._next_slot = 0
+        self._groups: dict[tuple[str, str, str, int], _Group] = {}
+        self._by_site_kind: dict[tuple[str, str], list[tuple[str, int]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> Iterable[Entry]:
+        """Yield every indexed entry."""
+        return self._entries.values()
+
+    def get(self, device_id: str) -> Entry | None:
+        """Return a device's entry, if indexed."""
+        slot = self._slot_of.get(device_id)
+        return None if slot is None else self._entries[slot]
+
+    def _group(self, entry: Entry) -> _Group:
+        key = (entry.site, entry.kind, entry.building, entry.level)
+        group = self._groups.get(key)
+        if group is None:
+            group = self._groups[key] = _Group()
+            self._by_site_kind.setdefault((entry.site, entry.kind), []).append(
+                (entry.building, entry.level)
+            )
+        return group
+
+    def bulk_load(self, entries: Iterable[Entry]) -> None:
+        """Load many entries at once into an empty index (stream bulk loading)."""
+        if self._entries:
+            raise ValueError("bulk_load needs an empty index")
+        by_group: dict[tuple[str, str, str, int], list[tuple[int, Entry]]] = {}
+        for entry in entries:
+            if entry.device_id in self._slot_of:
+                raise ValueError(f"duplicate device id {entry.device_id!r}")
+            slot = self._next_slot
+            self._next_slot += 1
+            self._entries[slot] = entry
+            self._slot_of[entry.device_id] = slot
+            key = (entry.site, entry.kind, entry.building, entry.level)
+            by_group.setdefault(key, []).append((slot, entry))
+        for key, items in by_group.items():
+            stream = ((slot, (e.x, e.y, e.x, e.y), None) for slot, e in items)
+            group = _Group(rtree_index.Index(stream, interleaved=True))
+            for _, e in items:
+                group.grow(e.x, e.y)
+            group.count = len(items)
+            self._groups[key] = group
+            self._by_site_kind.setdefault((key[0], key[1]), []).append((key[2], key[3]))
+
+    def upsert(self, entry: Entry) -> None:
+        """Insert a device or replace its entry."""
+        old_slot = self._slot_of.get(entry.device_id)
+        if old_slot is not None:
+            old = self._entries[old_slot]
+            if old == entry:
+                return
+            same_place = (old.site, old.kind, old.building, old.level, old.x, old.y) == (
+                entry.site,
+                entry.kind,
+                entry.building,
+                entry.level,
+                entry.x,
+                entry.y,
+            )
+            if same_place:
+                self._entries[old_slot] = entry
+                return
+            self.remove(entry.device_id)
+        slot = self._next_slot
+        self._next_slot += 1
+        self._entries[slot] = entry
+        self._slot_of[entry.device_id] = slot
+        group = self._group(entry)
+        group.tree.insert(slot, (entry.x, entry.y, entry.x, entry.y))
+        group.count += 1
+        group.grow(entry.x, entry.y)
+
+    def remove(self, device_id: str) -> None:
+        """Remove a device if indexed."""
+        slot = self._slot_of.pop(device_id, None)
+        if slot is None:
+            return
+        entry = self._entries.pop(slot)
+        key = (entry.site, entry.kind, entry.building, entry.level)
+        group = self._groups[key]
+        group.tree.delete(slot, (entry.x, entry.y, entry.x, entry.y))
+        group.count -= 1
+
+    def nearest(self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking) -> list[Hit]:
+        """Return the k cheapest matching devices for a client in ``zone``, exactly."""
+        mask = need_mask(need)
+        paper = _need_paper(need)
+        best: list[tuple[float, float, str, float]] = []
+        sites = [zone.site]
+        if ranking.allow_other_sites:
+            sites += sorted(s for (s, kd) in self._by_site_kind if kd == kind and s != zone.site)
+        plan: list[tuple[float, str, str, int, ZoneFrame]] = []
+        for site in sites:
+            groups = self._by_site_kind.get((site, kind))
+            if not groups:
+                continue
+            frame = self.frames.get(zone, site)
+            for building, level in groups:
+                pen = _penalty(site, building, level, zone, ranking)
+                plan.append((pen, site, building, level, frame))
+        plan.sort(key=lambda p: p[0])
+        entries = self._entries
+        for pen, site, building, level, frame in plan:
+            worst = best[-1][0] if len(best) >= k else math.inf
+            if pen - EPSILON > worst:
+                break
+            group = self._groups[(site, kind, building, level)]
+            if group.count == 0:
+                continue
+            if _rect_distance(frame.bbox, group.bounds) + pen - EPSILON > worst:
+                continue
+            m = max(8, 4 * k)
+            visited: set[int] | None = None
+            while True:
+                slots = list(group.tree.nearest(frame.bbox, m))
+                far = 0.0
+                for slot in slots:
+                    if visited is not None:
+                        if slot in visited:
+                            continue
+                        visited.add(slot)
+                    e = entries[slot]
+                    lb = frame.bbox_distance(e.x, e.y)
+                    if lb > far:
+                        far = lb
+                    if not (
+                        (e.mask & mask) == mask
+                        and e.paper >= paper
+                        and (e.available or need.any_state)
+                    ):
+                        continue
+                    worst = best[-1][0] if len(best) >= k else math.inf
+                    if lb + pen - EPSILON > worst:
+                        continue
+                    dist = frame.distance(e.x, e.y)
+                    cost = dist + pen
+                    if cost > worst:
+                        continue
+                    item = (cost, frame.centroid_distance(e.x, e.y), e.device_id, dist)
+                    bisect.insort(best, item)
+                    if len(best) > k:
+                        best.pop()
+                if len(slots) < m:
+                    break
+                worst = best[-1][0] if len(best) >= k else math.inf
+                if far + pen - EPSILON > worst:
+                    break
+                if visited is None:
+                    visited = set(slots)
+                m *= 4
+        return [Hit(c, cd, d, p) for c, cd, d, p in best]
+
+    def brute_force(self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking) -> list[Hit]:
+        """Return the answer by evaluating every device: the oracle for tests."""
+        mask = need_mask(need)
+        paper = _need_paper(need)
+        scored: list[tuple[float, float, str, float]] = []
+        for e in self._entries.values():
+            if not matches(e, kind, need, mask, paper):
+                continue
+            if e.site != zone.site and not ranking.allow_other_sites:
+                continue
+            frame = self.frames.get(zone, e.site)
+            cost, dist = cost_of(e, zone, frame, ranking)
+            scored.append((cost, frame.centroid_distance(e.x, e.y), e.device_id, dist))
+        scored.sort()
+        return [Hit(c, cd, d, p) for c, cd, d, p in scored[:k]]

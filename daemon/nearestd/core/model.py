@@ -1,0 +1,164 @@
+"""Value types shared by the core: devices, zones, placements, capabilities."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from shapely.geometry.base import BaseGeometry
+
+from nearest_wire import PAPER_CLASSES
+
+DeviceId = str
+
+
+class DeviceKind(StrEnum):
+    """What a device does for a user."""
+
+    PRINTER = "printer"
+    SCANNER = "scanner"
+
+
+class DeviceState(StrEnum):
+    """Operational state; only some states are served."""
+
+    UNKNOWN = "unknown"
+    IDLE = "idle"
+    PROCESSING = "processing"
+    STOPPED = "stopped"
+    UNREACHABLE = "unreachable"
+
+
+class PlacementMethod(StrEnum):
+    """How a device's position was decided, in the contract's order."""
+
+    STATIC = "static"
+    PIN = "pin"
+    GEO = "geo"
+    NOTE = "note"
+    LOCATION = "location"
+    SUBNET = "subnet"
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a device can do; a capability it does not state counts as absent."""
+
+    color: bool = False
+    duplex: bool = False
+    paper_max: str | None = None
+    adf: bool = False
+    secure: bool = False
+
+    @property
+    def paper_rank(self) -> int:
+        """Return the PaperMax class index, or -1 when unstated."""
+        if self.paper_max is None:
+            return -1
+        return PAPER_CLASSES.index(self.paper_max)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the map sent to clients."""
+        return {
+            "color": self.color,
+            "duplex": self.duplex,
+            "paper_max": self.paper_max,
+            "adf": self.adf,
+            "secure": self.secure,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One way to reach a device: a service type and the URI built from it."""
+
+    service: str
+    uri: str
+    port: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """A printer or scanner as the daemon knows it, before placement."""
+
+    id: DeviceId
+    kind: DeviceKind
+    name: str
+    uri: str
+    make_model: str = ""
+    capabilities: Capabilities = Capabilities()
+    source: str = "static"
+    state: DeviceState = DeviceState.UNKNOWN
+    state_reasons: tuple[str, ...] = ()
+    accepting_jobs: bool = True
+    stale: bool = False
+    uuid: str | None = None
+    instance: str | None = None
+    host: str | None = None
+    addresses: tuple[str, ...] = ()
+    note: str | None = None
+    location_text: str | None = None
+    geo: tuple[float, float] | None = None
+    endpoints: tuple[Endpoint, ...] = ()
+    origin: str | None = None
+    is_queue: bool = False
+    extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
+
+    @property
+    def available(self) -> bool:
+        """Return whether the device may be answered as nearest."""
+        return (
+            self.state not in (DeviceState.STOPPED, DeviceState.UNREACHABLE) and self.accepting_jobs
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a device is: site frame coordinates, floor and zone, and why."""
+
+    site: str
+    building: str
+    level: int
+    zone: str | None
+    x: float
+    y: float
+    lon: float
+    lat: float
+    method: PlacementMethod
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Zone:
+    """A polygon on one floor of one building whose clients share a location."""
+
+    id: str
+    site: str
+    building: str
+    level: int
+    name: str
+    aliases: tuple[str, ...]
+    subnets: tuple[str, ...]
+    polygon: BaseGeometry
+    centroid: tuple[float, float]
+    representative: tuple[float, float]
+    representative_lonlat: tuple[float, float]
+    source: str
+
+    def where(self) -> dict[str, Any]:
+        """Return the contract's ``where`` map."""
+        return {
+            "site": self.site,
+            "building": self.building,
+            "level": self.level,
+            "zone": self.id,
+            "zone_name": self.name,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedDevice:
+    """A device with its placement (None while unlocated)."""
+
+    device: Device
+    placement: Placement | None

@@ -1,0 +1,156 @@
+"""The location log: keyed pseudonyms of client IPs, short-lived and bounded.
+
+Each entry holds a timestamp, HMAC-SHA256(key, ip) truncated to 16 bytes, the zone,
+the op and the devices answered. The key is random (supplied by the caller, since
+the core makes no randomness), lives for one retention period, and is kept after
+that only while entries made with it exist; then it is dropped, which makes the
+old pseudonyms unlinkable to anything. Entries older than the retention period are
+purged by ``purge``; the number of entries is capped, oldest dropped first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+PSEUDONYM_BYTES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One answered request, without the IP."""
+
+    ts: float
+    epoch: int
+    pseudonym: bytes
+    zone: str | None
+    op: str
+    devices: tuple[str, ...]
+
+    def to_export(self) -> dict[str, Any]:
+        """Return the subject-access form (no key material)."""
+        return {
+            "ts": self.ts,
+            "zone": self.zone,
+            "op": self.op,
+            "devices": list(self.devices),
+        }
+
+
+@dataclass(slots=True)
+class _Epoch:
+    number: int
+    start: float
+    key: bytes | None
+
+
+class LocationLog:
+    """In-memory, retention-bounded log of who was located where, by pseudonym."""
+
+    def __init__(self, retention: float, max_entries: int, key: bytes, now: float) -> None:
+        if len(key) < 32:
+            raise ValueError("the pseudonym key must be at least 256 bits")
+        self.retention = retention
+        self.max_entries = max_entries
+        self._entries: deque[LogEntry] = deque()
+        self._epochs: list[_Epoch] = [_Epoch(0, now, key)]
+        self.dropped = 0
+        self.purged = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def keys_held(self) -> int:
+        """Return how many keys are still held (current plus old ones with entries)."""
+        return sum(1 for e in self._epochs if e.key is not None)
+
+    @property
+    def epoch(self) -> int:
+        """Return the current key epoch number."""
+        return self._epochs[-1].number
+
+    def needs_rotation(self, now: float) -> bool:
+        """Return whether the current key has lived one retention period."""
+        return now - self._epochs[-1].start >= self.retention
+
+    def rotate(self, key: bytes, now: float) -> None:
+        """Start a new key epoch."""
+        if len(key) < 32:
+            raise ValueError("the pseudonym key must be at least 256 bits")
+        self._epochs.append(_Epoch(self._epochs[-1].number + 1, now, key))
+        self._drop_unused_keys()
+
+    def pseudonym(self, ip: str, epoch: _Epoch | None = None) -> bytes:
+        """Return the keyed pseudonym of an IP under the current (or given) key."""
+        ep = epoch or self._epochs[-1]
+        assert ep.key is not None
+        return hmac.new(ep.key, ip.encode("ascii"), hashlib.sha256).digest()[:PSEUDONYM_BYTES]
+
+    def record(
+        self, ip: str, zone: str | None, op: str, devices: tuple[str, ...], now: float
+    ) -> bytes:
+        """Add an entry; return the pseudonym used."""
+        pseudo = self.pseudonym(ip)
+        self._entries.append(LogEntry(now, self._epochs[-1].number, pseudo, zone, op, devices))
+        if len(self._entries) > self.max_entries:
+            self._entries.popleft()
+            self.dropped += 1
+        return pseudo
+
+    def purge(self, now: float) -> int:
+        """Drop entries older than the retention period; return how many."""
+        cutoff = now - self.retention
+        n = 0
+        entries = self._entries
+        while entries and entries[0].ts <= cutoff:
+            entries.popleft()
+            n += 1
+        self.purged += n
+        self._drop_unused_keys()
+        return n
+
+    def _drop_unused_keys(self) -> None:
+        live = {e.epoch for e in self._entries}
+        current = self._epochs[-1].number
+        for ep in self._epochs:
+            if ep.number != current and ep.number not in live:
+                ep.key = None
+        self._epochs = [ep for ep in self._epochs if ep.key is not None]
+
+    def _matching(self, ip: str) -> dict[int, bytes]:
+        return {ep.number: self.pseudonym(ip, ep) for ep in self._epochs if ep.key is not None}
+
+    def export(self, ip: str) -> list[dict[str, Any]]:
+        """Return every entry still held for this IP."""
+        wanted = self._matching(ip)
+        return [e.to_export() for e in self._entries if wanted.get(e.epoch) == e.pseudonym]
+
+    def erase(self, ip: str) -> int:
+        """Delete every entry held for this IP; return how many."""
+        wanted = self._matching(ip)
+        kept = deque(e for e in self._entries if wanted.get(e.epoch) != e.pseudonym)
+        n = len(self._entries) - len(kept)
+        self._entries = kept
+        self._drop_unused_keys()
+        return n
+
+    def record_action(self, op: str, count: int, now: float) -> None:
+        """Log an admin action with its count and no IP."""
+        self._entries.append(LogEntry(now, self._epochs[-1].number, b"", None, op, (str(count),)))
+        if len(self._entries) > self.max_entries:
+            self._entries.popleft()
+            self.dropped += 1
+
+    def count_recent(self, pseudonym: bytes, since: float) -> int:
+        """Return how many entries a pseudonym made since ``since`` (for spike warnings)."""
+        n = 0
+        for e in reversed(self._entries):
+            if e.ts < since:
+                break
+            if e.pseudonym == pseudonym:
+                n += 1
+        return n

@@ -1,0 +1,627 @@
+"""Site maps: GeoJSON zones and devices, local projections and the prefix table.
+
+Parsing is pure: the caller reads the files and passes their decoded JSON (and CSV
+text); every problem is collected with its file and feature id rather than raised
+one at a time, so ``nearestd --check`` can list them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import ipaddress
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytricia
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
+from shapely.validation import explain_validity
+
+from nearest_wire import KINDS, PAPER_CLASSES
+from nearestd.core.model import (
+    Capabilities,
+    Device,
+    DeviceKind,
+    Placement,
+    PlacementMethod,
+    Zone,
+)
+
+EARTH_RADIUS_M = 6371008.8
+PIN_KEYS = ("uuid", "name", "host", "ip")
+CAPABILITY_KEYS = {"color": bool, "duplex": bool, "paper_max": str, "adf": bool, "secure": bool}
+URI_SCHEMES = ("ipp", "ipps", "http", "https", "socket", "lpd")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a site map, located by file and feature."""
+
+    file: str
+    where: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.where}: {self.message}"
+
+
+class SiteMapError(Exception):
+    """The site maps have problems; ``problems`` lists every one."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = tuple(problems)
+
+
+@dataclass(frozen=True, slots=True)
+class Projection:
+    """Equirectangular projection around a site's centre: metres east and north."""
+
+    lon0: float
+    lat0: float
+
+    @property
+    def ky(self) -> float:
+        """Return metres per degree of latitude."""
+        return EARTH_RADIUS_M * math.pi / 180.0
+
+    @property
+    def kx(self) -> float:
+        """Return metres per degree of longitude at the site's latitude."""
+        return self.ky * math.cos(math.radians(self.lat0))
+
+    def forward(self, lon: float, lat: float) -> tuple[float, float]:
+        """Project a WGS84 position to site-frame metres."""
+        return ((lon - self.lon0) * self.kx, (lat - self.lat0) * self.ky)
+
+    def inverse(self, x: float, y: float) -> tuple[float, float]:
+        """Return the WGS84 position of a site-frame point."""
+        return (self.lon0 + x / self.kx, self.lat0 + y / self.ky)
+
+    def geometry(self, geom: BaseGeometry) -> BaseGeometry:
+        """Project a lon/lat geometry to the site frame."""
+        kx, ky, lon0, lat0 = self.kx, self.ky, self.lon0, self.lat0
+
+        def fn(coords: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+            out = np.empty_like(coords)
+            out[:, 0] = (coords[:, 0] - lon0) * kx
+            out[:, 1] = (coords[:, 1] - lat0) * ky
+            return out
+
+        return shapely.transform(geom, fn)
+
+
+@dataclass(frozen=True, slots=True)
+class Pin:
+    """A site-map rule that places a discovered device matching ``field`` = ``value``."""
+
+    field: str
+    value: str
+    placement: Placement
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    source: str
+    feature: str
+
+
+class PrefixTable:
+    """Longest-prefix match from client IP to zone id (pytricia, IPv4 and IPv6)."""
+
+    def __init__(self) -> None:
+        self._v4 = pytricia.PyTricia(32)
+        self._v6 = pytricia.PyTricia(128)
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, zone_id: str) -> None:
+        """Map a prefix to a zone; a later add of the same prefix replaces it."""
+        tree = self._v4 if network.version == 4 else self._v6
+        if str(network) not in tree:
+            self._count += 1
+        tree[str(network)] = zone_id
+
+    def get_exact(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+        """Return the zone a prefix itself was given to, if any."""
+        tree = self._v4 if network.version == 4 else self._v6
+        key = str(network)
+        return tree[key] if tree.has_key(key) else None
+
+    def lookup(self, ip: str) -> str | None:
+        """Return the zone of the longest prefix containing ``ip`` (a valid address)."""
+        if ":" not in ip:
+            return self._v4.get(ip)  # type: ignore[no-any-return]
+        low = ip.lower()
+        if low.startswith("::ffff:") and "." in low:
+            return self._v4.get(low[7:])  # type: ignore[no-any-return]
+        return self._v6.get(ip)  # type: ignore[no-any-return]
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        """Yield (prefix, zone id) pairs."""
+        for tree in (self._v4, self._v6):
+            for key in tree:
+                yield key, tree[key]
+
+
+@dataclass(slots=True)
+class SiteMap:
+    """Zones, sites, pins and static devices from every configured map."""
+
+    zones: dict[str, Zone] = field(default_factory=dict)
+    projections: dict[str, Projection] = field(default_factory=dict)
+    levels: dict[tuple[str, str], frozenset[int]] = field(default_factory=dict)
+    prefixes: PrefixTable = field(default_factory=PrefixTable)
+    pins: tuple[Pin, ...] = ()
+    static_devices: tuple[tuple[Device, Placement], ...] = ()
+    names: dict[str, str] = field(default_factory=dict)
+
+    def zone_for_ip(self, ip: str) -> Zone | None:
+        """Return the client's zone by longest-prefix match."""
+        zid = self.prefixes.lookup(ip)
+        return None if zid is None else self.zones[zid]
+
+    def zone_for_text(self, text: str | None) -> Zone | None:
+        """Return the zone whose name or alias equals ``text`` (case- and space-insensitive)."""
+        if not text:
+            return None
+        zid = self.names.get(normalise_name(text))
+        return None if zid is None else self.zones[zid]
+
+    def placement_in_zone(self, zone: Zone, method: PlacementMethod) -> Placement:
+        """Return a placement at the zone's representative point."""
+        x, y = zone.representative
+        lon, lat = zone.representative_lonlat
+        return Placement(zone.site, zone.building, zone.level, zone.id, x, y, lon, lat, method)
+
+    def zone_containing(
+        self, site: str, building: str, level: int, x: float, y: float
+    ) -> str | None:
+        """Return the id of the zone on that floor that contains the point, if any."""
+        pt = shapely.points(x, y)
+        for zone in self.zones.values():
+            if (
+                zone.site == site
+                and zone.building == building
+                and zone.level == level
+                and zone.polygon.covers(pt)
+            ):
+                return zone.id
+        return None
+
+
+def normalise_name(text: str) -> str:
+    """Fold case and drop whitespace, for matching notes against zone names."""
+    return "".join(text.split()).casefold()
+
+
+def _fid(feature: Any, index: int) -> str:
+    props = feature.get("properties") if isinstance(feature, dict) else None
+    fid = props.get("id") if isinstance(props, dict) else None
+    if isinstance(fid, str) and fid:
+        return f"feature {fid!r}"
+    return f"feature #{index}"
+
+
+def _check_coords(coords: Any, depth: int) -> str | None:
+    """Return a problem with nested GeoJSON positions, or None."""
+    if depth == 0:
+        if (
+            not isinstance(coords, list)
+            or len(coords) < 2
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in coords)
+        ):
+            return "a position must be [longitude, latitude]"
+        lon, lat = coords[0], coords[1]
+        if not (math.isfinite(lon) and math.isfinite(lat)):
+            return "coordinates must be finite numbers"
+        if not -180.0 <= lon <= 180.0:
+            return f"longitude {lon} outside WGS84 range -180..180"
+        if not -90.0 <= lat <= 90.0:
+            return f"latitude {lat} outside WGS84 range -90..90"
+        return None
+    if not isinstance(coords, list) or not coords:
+        return "coordinates are empty or not nested as the geometry type requires"
+    for item in coords:
+        err = _check_coords(item, depth - 1)
+        if err:
+            return err
+    return None
+
+
+class _Builder:
+    """Collects features from several files, then validates them as a whole."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
+        self.raw_devices: list[tuple[str, str, dict[str, Any], tuple[float, float]]] = []
+        self.extra_prefixes: list[tuple[str, str, str, str]] = []
+
+    def problem(self, file: str, where: str, message: str) -> None:
+        self.problems.append(Problem(file, where, message))
+
+    def add_geojson(self, file: str, doc: Any) -> None:
+        if not isinstance(doc, dict) or doc.get("type") != "FeatureCollection":
+            self.problem(file, "top level", "expected a GeoJSON FeatureCollection")
+            return
+        features = doc.get("features")
+        if not isinstance(features, list):
+            self.problem(file, "features", "expected a list of features")
+            return
+        for i, feat in enumerate(features):
+            where = _fid(feat, i)
+            if not isinstance(feat, dict) or feat.get("type") != "Feature":
+                self.problem(file, where, "expected a GeoJSON Feature")
+                continue
+            props = feat.get("properties")
+            if not isinstance(props, dict):
+                self.problem(file, where, "properties: expected an object")
+                continue
+            ftype = props.get("feature_type")
+            geom = feat.get("geometry")
+            if ftype == "zone":
+                self._zone(file, where, props, geom)
+            elif ftype == "device":
+                self._device(file, where, props, geom)
+            else:
+                self.problem(
+                    file,
+                    where,
+                    f"properties.feature_type: expected 'zone' or 'device', got {ftype!r}",
+                )
+
+    def _zone(self, file: str, where: str, props: dict[str, Any], geom: Any) -> None:
+        if not isinstance(geom, dict) or geom.get("type") not in ("Polygon", "MultiPolygon"):
+            self.problem(file, where, "geometry: a zone needs a Polygon or MultiPolygon")
+            return
+        depth = 2 if geom["type"] == "Polygon" else 3
+        err = _check_coords(geom.get("coordinates"), depth)
+        if err:
+            self.problem(file, where, f"geometry: {err}")
+            return
+        rings = [geom["coordinates"]] if depth == 2 else geom["coordinates"]
+        for poly in rings:
+            for ring in poly:
+                if len(ring) < 4 or ring[0][:2] != ring[-1][:2]:
+                    self.problem(
+                        file,
+                        where,
+                        "geometry: each ring needs 4 or more positions and must be closed",
+                    )
+                    return
+        try:
+            g = shape(geom)
+        except (ValueError, TypeError, shapely.errors.GEOSException) as exc:
+            self.problem(file, where, f"geometry: {exc}")
+            return
+        if not g.is_valid:
+            self.problem(file, where, f"geometry: invalid polygon ({explain_validity(g)})")
+            return
+        if g.is_empty or g.area <= 0:
+            self.problem(file, where, "geometry: polygon has no area")
+            return
+        ok = True
+        for key in ("id", "site", "building", "name"):
+            val = props.get(key)
+            if not isinstance(val, str) or not val.strip():
+                self.problem(file, where, f"properties.{key}: expected a non-empty string")
+                ok = False
+        level = props.get("level")
+        if not isinstance(level, int) or isinstance(level, bool):
+            self.problem(file, where, "properties.level: expected an integer (0 = ground floor)")
+            ok = False
+        aliases = props.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            self.problem(file, where, "properties.aliases: expected a list of strings")
+            ok = False
+        subnets = props.get("subnets", [])
+        if not isinstance(subnets, list) or not all(isinstance(s, str) for s in subnets):
+            self.problem(file, where, "properties.subnets: expected a list of CIDR strings")
+            ok = False
+        if ok:
+            self.raw_zones.append((file, where, props, g))
+
+    def _device(self, file: str, where: str, props: dict[str, Any], geom: Any) -> None:
+        if not isinstance(geom, dict) or geom.get("type") != "Point":
+            self.problem(file, where, "geometry: a device needs a Point")
+            return
+        err = _check_coords(geom.get("coordinates"), 0)
+        if err:
+            self.problem(file, where, f"geometry: {err}")
+            return
+        lon, lat = geom["coordinates"][:2]
+        self.raw_devices.append((file, where, props, (float(lon), float(lat))))
+
+    def add_csv(self, file: str, text: str) -> None:
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:2]] != ["prefix", "zone_id"]:
+            self.problem(file, "line 1", "expected the header 'prefix,zone_id'")
+            return
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) != 2:
+                self.problem(file, f"line {lineno}", "expected two fields: prefix,zone_id")
+                continue
+            self.extra_prefixes.append((file, f"line {lineno}", row[0].strip(), row[1].strip()))
+
+    def build(self) -> SiteMap:
+        sm = SiteMap()
+        # Sites and their projections come from the zones' extent.
+        extents: dict[str, list[float]] = {}
+        seen_ids: dict[str, str] = {}
+        zones_ok: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
+        for file, where, props, g in self.raw_zones:
+            zid = props["id"]
+            if zid in seen_ids:
+                self.problem(
+                    file,
+                    where,
+                    f"properties.id: duplicate zone id {zid!r} (also in {seen_ids[zid]})",
+                )
+                continue
+            seen_ids[zid] = file
+            zones_ok.append((file, where, props, g))
+            minx, miny, maxx, maxy = g.bounds
+            ext = extents.setdefault(props["site"], [0.0, 0.0, 0.0])
+            ext[0] += (minx + maxx) / 2
+            ext[1] += (miny + maxy) / 2
+            ext[2] += 1
+        for site, (sx, sy, n) in extents.items():
+            sm.projections[site] = Projection(sx / n, sy / n)
+        levels: dict[tuple[str, str], set[int]] = {}
+        prefix_owner: dict[str, tuple[str, str]] = {}
+        for file, where, props, g in zones_ok:
+            proj = sm.projections[props["site"]]
+            poly = proj.geometry(g)
+            if isinstance(poly, Polygon | MultiPolygon):
+                rep = poly.representative_point()
+                cen = poly.centroid
+            else:  # pragma: no cover - shape() of a Polygon is a polygon
+                continue
+            zone = Zone(
+                id=props["id"],
+                site=props["site"],
+                building=props["building"],
+                level=props["level"],
+                name=props["name"],
+                aliases=tuple(props.get("aliases", [])),
+                subnets=tuple(props.get("subnets", [])),
+                polygon=poly,
+                centroid=(cen.x, cen.y),
+                representative=(rep.x, rep.y),
+                representative_lonlat=proj.inverse(rep.x, rep.y),
+                source=file,
+            )
+            shapely.prepare(poly)
+            sm.zones[zone.id] = zone
+            levels.setdefault((zone.site, zone.building), set()).add(zone.level)
+            for text in (zone.name, *zone.aliases):
+                key = normalise_name(text)
+                other = sm.names.get(key)
+                if other is not None and other != zone.id:
+                    self.problem(file, where, f"name or alias {text!r} also names zone {other!r}")
+                sm.names[key] = zone.id
+            for cidr in zone.subnets:
+                self._add_prefix(sm, prefix_owner, file, where, cidr, zone.id, "properties.subnets")
+        for file, where, cidr, zid in self.extra_prefixes:
+            if zid not in sm.zones:
+                self.problem(file, where, f"zone_id: unknown zone {zid!r}")
+                continue
+            self._add_prefix(sm, prefix_owner, file, where, cidr, zid, "prefix")
+        sm.levels = {k: frozenset(v) for k, v in levels.items()}
+        self._devices(sm)
+        return sm
+
+    def _add_prefix(
+        self,
+        sm: SiteMap,
+        owner: dict[str, tuple[str, str]],
+        file: str,
+        where: str,
+        cidr: str,
+        zid: str,
+        field_name: str,
+    ) -> None:
+        try:
+            net = ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            self.problem(file, where, f"{field_name}: bad CIDR {cidr!r} ({exc})")
+            return
+        key = str(net)
+        prev = owner.get(key)
+        if prev is not None and prev[0] != zid:
+            self.problem(
+                file,
+                where,
+                f"{field_name}: prefix {key} is given to zone {zid!r} and to zone {prev[0]!r} ({prev[1]})",
+            )
+            return
+        owner[key] = (zid, file)
+        sm.prefixes.add(net, zid)
+
+    def _placement(
+        self,
+        sm: SiteMap,
+        file: str,
+        where: str,
+        props: dict[str, Any],
+        lonlat: tuple[float, float],
+        method: PlacementMethod,
+    ) -> Placement | None:
+        site, building, level = props.get("site"), props.get("building"), props.get("level")
+        if not isinstance(site, str) or site not in sm.projections:
+            self.problem(file, where, f"properties.site: unknown site {site!r} (no zone has it)")
+            return None
+        if not isinstance(building, str) or (site, building) not in sm.levels:
+            self.problem(
+                file, where, f"properties.building: site {site!r} has no building {building!r}"
+            )
+            return None
+        if not isinstance(level, int) or isinstance(level, bool):
+            self.problem(file, where, "properties.level: expected an integer")
+            return None
+        if level not in sm.levels[(site, building)]:
+            have = ", ".join(str(v) for v in sorted(sm.levels[(site, building)]))
+            self.problem(
+                file,
+                where,
+                f"properties.level: building {building!r} has no level {level} (it has {have})",
+            )
+            return None
+        x, y = sm.projections[site].forward(*lonlat)
+        zone = sm.zone_containing(site, building, level, x, y)
+        return Placement(site, building, level, zone, x, y, lonlat[0], lonlat[1], method)
+
+    def _devices(self, sm: SiteMap) -> None:
+        pins: list[Pin] = []
+        statics: list[tuple[Device, Placement]] = []
+        static_ids: dict[str, str] = {}
+        for file, where, props, lonlat in self.raw_devices:
+            if props.get("static") is True:
+                dev = self._static(file, where, props)
+                if dev is None:
+                    continue
+                if dev.id in static_ids:
+                    self.problem(file, where, f"properties.id: duplicate device id {dev.id!r}")
+                    continue
+                place = self._placement(sm, file, where, props, lonlat, PlacementMethod.STATIC)
+                if place is None:
+                    continue
+                static_ids[dev.id] = file
+                statics.append((dev, place))
+                continue
+            if "static" in props and props["static"] is not False:
+                self.problem(file, where, "properties.static: expected true or false")
+                continue
+            match = props.get("match")
+            if not isinstance(match, dict) or len(match) != 1:
+                self.problem(
+                    file,
+                    where,
+                    "properties.match: expected an object with exactly one of uuid, name, host, ip",
+                )
+                continue
+            ((key, value),) = match.items()
+            if key not in PIN_KEYS or not isinstance(value, str) or not value:
+                self.problem(
+                    file,
+                    where,
+                    f"properties.match.{key}: expected one of uuid, name, host, ip with a string value",
+                )
+                continue
+            network = None
+            if key == "ip":
+                try:
+                    network = ipaddress.ip_network(value, strict=False)
+                except ValueError:
+                    self.problem(file, where, f"properties.match.ip: bad address or CIDR {value!r}")
+                    continue
+            place = self._placement(sm, file, where, props, lonlat, PlacementMethod.PIN)
+            if place is None:
+                continue
+            pins.append(Pin(key, normalise_pin(key, value), place, network, file, where))
+        sm.pins = tuple(pins)
+        sm.static_devices = tuple(statics)
+
+    def _static(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
+        ok = True
+        for key in ("id", "name", "uri"):
+            if not isinstance(props.get(key), str) or not props[key].strip():
+                self.problem(file, where, f"properties.{key}: expected a non-empty string")
+                ok = False
+        kind = props.get("kind")
+        if kind not in KINDS:
+            self.problem(
+                file, where, f"properties.kind: expected 'printer' or 'scanner', got {kind!r}"
+            )
+            ok = False
+        uri = props.get("uri")
+        if isinstance(uri, str) and uri.split(":", 1)[0] not in URI_SCHEMES:
+            self.problem(
+                file, where, f"properties.uri: scheme must be one of {', '.join(URI_SCHEMES)}"
+            )
+            ok = False
+        make_model = props.get("make_model", "")
+        if not isinstance(make_model, str):
+            self.problem(file, where, "properties.make_model: expected a string")
+            ok = False
+        caps = props.get("capabilities", {})
+        parsed: dict[str, Any] = {}
+        if not isinstance(caps, dict):
+            self.problem(file, where, "properties.capabilities: expected an object")
+            ok = False
+        else:
+            for key, val in caps.items():
+                typ = CAPABILITY_KEYS.get(key)
+                if typ is None:
+                    known = ", ".join(CAPABILITY_KEYS)
+                    self.problem(
+                        file,
+                        where,
+                        f"properties.capabilities.{key}: unknown capability (known: {known})",
+                    )
+                    ok = False
+                elif key == "paper_max":
+                    if val not in PAPER_CLASSES:
+                        self.problem(
+                            file,
+                            where,
+                            f"properties.capabilities.paper_max: expected one of {', '.join(PAPER_CLASSES)}",
+                        )
+                        ok = False
+                    else:
+                        parsed[key] = val
+                elif not isinstance(val, bool):
+                    self.problem(
+                        file, where, f"properties.capabilities.{key}: expected true or false"
+                    )
+                    ok = False
+                else:
+                    parsed[key] = val
+        if not ok:
+            return None
+        return Device(
+            id=props["id"],
+            kind=DeviceKind(str(kind)),
+            name=props["name"],
+            uri=props["uri"],
+            make_model=make_model,
+            capabilities=Capabilities(**parsed),
+            source="static",
+        )
+
+
+def normalise_pin(key: str, value: str) -> str:
+    """Normalise a pin's or a device's identifier for comparison."""
+    value = value.strip()
+    if key == "uuid":
+        value = value.lower()
+        return value[9:] if value.startswith("urn:uuid:") else value
+    if key == "host":
+        value = value.lower().rstrip(".")
+        return value[:-6] if value.endswith(".local") else value
+    if key == "name":
+        return value.casefold()
+    return value
+
+
+def build_sitemap(
+    geojson: Sequence[tuple[str, Any]], csvs: Sequence[tuple[str, str]] = ()
+) -> SiteMap:
+    """Validate and combine decoded site maps; raise SiteMapError listing every problem."""
+    builder = _Builder()
+    for file, doc in geojson:
+        builder.add_geojson(file, doc)
+    for file, text in csvs:
+        builder.add_csv(file, text)
+    sm = builder.build()
+    if builder.problems:
+        raise SiteMapError(builder.problems)
+    return sm

@@ -1,0 +1,162 @@
+"""The ``nearestctl`` command: operators' tool over the admin socket."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from nearest_client.client import Client, ClientError, ServerError, Unreachable
+from nearestd.config import ConfigError, load_config
+
+DEFAULT_ADMIN = "/run/nearestd/admin.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser."""
+    p = argparse.ArgumentParser(prog="nearestctl", description="Operate a running nearestd.")
+    p.add_argument("--socket", help=f"admin socket (default: from --config, else {DEFAULT_ADMIN})")
+    p.add_argument("--config", "-c", help="nearestd config file, to find its admin socket")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--timeout", type=float, default=10.0)
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("devices", help="every device with kind, state, placement; unlocated first")
+    d.add_argument("--kind", choices=["printer", "scanner"])
+    d.add_argument("--site")
+    loc = sub.add_parser("locate", help="where the daemon places an IP")
+    loc.add_argument("ip")
+    n = sub.add_parser("nearest", help="what a client at IP would be answered")
+    n.add_argument("ip")
+    n.add_argument("kind", choices=["printer", "scanner"])
+    n.add_argument("-k", type=int, default=3)
+    sub.add_parser("reload", help="re-read config and site maps (all or nothing)")
+    sub.add_parser("stats", help="counters and sizes")
+    sub.add_parser("ping", help="is the daemon alive")
+    priv = sub.add_parser("privacy", help="subject-access export and erasure")
+    psub = priv.add_subparsers(dest="action", required=True)
+    for action in ("export", "erase"):
+        a = psub.add_parser(action)
+        a.add_argument("ip")
+    return p
+
+
+def admin_socket(args: argparse.Namespace) -> str:
+    """Return the admin socket path from the options."""
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        cfg = load_config(args.config)
+        return str(cfg.resolve(cfg.daemon.admin_socket))
+    return DEFAULT_ADMIN
+
+
+def request_for(args: argparse.Namespace) -> dict[str, Any]:
+    """Return the admin request of a command line."""
+    cmd = args.command
+    if cmd == "devices":
+        req: dict[str, Any] = {"op": "devices"}
+        if args.kind:
+            req["kind"] = args.kind
+        if args.site:
+            req["site"] = args.site
+        return req
+    if cmd == "locate":
+        return {"op": "locate", "client_ip": args.ip}
+    if cmd == "nearest":
+        return {"op": "nearest", "client_ip": args.ip, "kind": args.kind, "k": args.k}
+    if cmd == "privacy":
+        return {"op": f"privacy.{args.action}", "ip": args.ip}
+    return {"op": cmd}
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+
+
+def format_devices(devices: list[dict[str, Any]]) -> str:
+    """Return the devices as a table, unlocated ones first."""
+    rows = [["ID", "KIND", "STATE", "PLACEMENT", "PLACED BY", "SOURCE", "NAME"]]
+    for d in devices:
+        if d.get("located"):
+            place = f"{d['site']}/{d['building']}/L{d['level']}/{d.get('zone') or '-'}"
+        else:
+            place = "UNLOCATED"
+        state = str(d.get("state"))
+        if d.get("quarantined"):
+            state = f"quarantined ({d['quarantined']})"
+        rows.append(
+            [
+                str(d["id"]),
+                str(d["kind"]),
+                state,
+                place,
+                str(d.get("placed_by") or "-"),
+                str(d.get("source")),
+                str(d.get("name")),
+            ]
+        )
+    unlocated = sum(1 for d in devices if not d.get("located"))
+    return _table(rows) + f"\n{len(devices)} devices, {unlocated} unlocated"
+
+
+def format_reply(cmd: str, reply: dict[str, Any]) -> str:
+    """Return a human-readable reply."""
+    if cmd == "devices":
+        return format_devices(reply["devices"])
+    if cmd == "locate":
+        w = reply["where"]
+        return f"{w['site']} / {w['building']} / level {w['level']} / {w['zone']} ({w.get('zone_name')})"
+    if cmd == "nearest":
+        lines = []
+        for d in reply["devices"]:
+            lines.append(f"{d['distance_m']:>8} m  {d['id']}  {d['name']}  {d['uri']}")
+        return "\n".join(lines) or "nothing matches"
+    if cmd == "privacy":
+        if "erased" in reply:
+            return f"erased {reply['erased']} entries"
+        return json.dumps(reply["entries"], indent=2)
+    if cmd == "reload":
+        return "reloaded"
+    if cmd == "ping":
+        return f"alive (nearestd {reply.get('version')})"
+    return json.dumps(reply.get("stats", reply), indent=2, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; 0 on success, 1 on a refused request, 3 when unreachable."""
+    args = build_parser().parse_args(argv)
+    try:
+        path = admin_socket(args)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        return 2
+    try:
+        with Client(f"unix://{path}", timeout=args.timeout) as client:
+            reply = client.request(request_for(args))
+    except ServerError as exc:
+        if args.json:
+            print(json.dumps(exc.reply, indent=2))
+        else:
+            print(f"nearestctl: {exc.message} ({exc.code})", file=sys.stderr)
+            for problem in exc.reply.get("problems", []):
+                print(f"  {problem}", file=sys.stderr)
+        return 1
+    except Unreachable as exc:
+        print(f"nearestctl: {exc}", file=sys.stderr)
+        return 3
+    except ClientError as exc:
+        print(f"nearestctl: {exc}", file=sys.stderr)
+        return 3
+    if args.json:
+        print(json.dumps(reply, indent=2, ensure_ascii=False))
+    else:
+        print(format_reply(args.command, reply))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

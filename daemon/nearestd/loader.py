@@ -1,0 +1,79 @@
+"""Reads the config file and the site maps it names: the file I/O edge of the core."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nearestd.config import Config, ConfigError, load_config
+from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
+
+MAX_MAP_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class World:
+    """A validated config and the site map built from it."""
+
+    config: Config
+    sitemap: SiteMap
+
+
+def _read(path: Path, problems: list[Problem]) -> str | None:
+    try:
+        if path.stat().st_size > MAX_MAP_BYTES:
+            problems.append(Problem(str(path), "file", f"larger than {MAX_MAP_BYTES} bytes"))
+            return None
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "file", "not found"))
+    except UnicodeDecodeError:
+        problems.append(Problem(str(path), "file", "not UTF-8 text"))
+    except OSError as exc:
+        problems.append(Problem(str(path), "file", f"cannot read: {exc.strerror or exc}"))
+    return None
+
+
+def load_sitemap(cfg: Config) -> SiteMap:
+    """Read and validate every site map and IPAM file the config names."""
+    problems: list[Problem] = []
+    docs: list[tuple[str, Any]] = []
+    for name in cfg.site.maps:
+        path = cfg.resolve(name)
+        text = _read(path, problems)
+        if text is None:
+            continue
+        try:
+            docs.append((str(path), json.loads(text)))
+        except json.JSONDecodeError as exc:
+            problems.append(
+                Problem(
+                    str(path), f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}"
+                )
+            )
+    csvs: list[tuple[str, str]] = []
+    for name in cfg.site.subnets:
+        path = cfg.resolve(name)
+        text = _read(path, problems)
+        if text is not None:
+            csvs.append((str(path), text))
+    try:
+        sitemap = build_sitemap(docs, csvs)
+    except SiteMapError as exc:
+        problems.extend(exc.problems)
+        raise SiteMapError(problems) from None
+    if problems:
+        raise SiteMapError(problems)
+    return sitemap
+
+
+def load_world(path: str | Path) -> World:
+    """Load config and site maps; raise ConfigError listing every problem found."""
+    cfg = load_config(path)
+    try:
+        sitemap = load_sitemap(cfg)
+    except SiteMapError as exc:
+        raise ConfigError([str(p) for p in exc.problems]) from None
+    return World(cfg, sitemap)

@@ -1,0 +1,282 @@
+"""The one stateful object: requests in, replies out; discovery events; ticks.
+
+Everything here is synchronous and takes ``now``; adapters own the I/O and call in.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nearest_wire import (
+    DevicesRequest,
+    ErrorCode,
+    LocateRequest,
+    NearestRequest,
+    PingRequest,
+    PrivacyRequest,
+    ReloadRequest,
+    StatsRequest,
+    WireError,
+    decode_payload,
+    error_reply,
+    parse_request,
+)
+from nearest_wire.schema import ADMIN_OPS, request_id
+from nearestd import __version__
+from nearestd.config import Config
+from nearestd.core.devices import DeviceTable
+from nearestd.core.index import Ranking
+from nearestd.core.model import Device, Zone
+from nearestd.core.privacy import LocationLog
+from nearestd.core.resolve import inventory_view, rank
+from nearestd.core.sitemap import SiteMap
+
+LOCAL_HOST = "127.0.0.1"
+CACHE_MAX = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is asking: the interface, its address (None on Unix sockets) and its rights."""
+
+    interface: str
+    ip: str | None
+    trusted: bool
+    allowed: bool = True
+    admin: bool = False
+
+
+UNIX_PEER = Peer("unix", None, trusted=True)
+ADMIN_PEER = Peer("admin", None, trusted=True, admin=True)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters the metrics adapter and ``stats`` read."""
+
+    queries: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    started: float = 0.0
+
+
+def ranking_of(cfg: Config) -> Ranking:
+    """Return the ranking parameters of a config."""
+    r = cfg.ranking
+    return Ranking(r.floor_penalty_m, r.building_penalty_m, r.allow_other_sites)
+
+
+class Service:
+    """Answers requests from the device table and the site map."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        sitemap: SiteMap,
+        now: float,
+        key_source: Callable[[], bytes],
+    ) -> None:
+        self.cfg = cfg
+        self.sitemap = sitemap
+        self.table = DeviceTable(sitemap)
+        self.ranking = ranking_of(cfg)
+        self._key_source = key_source
+        self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
+        self.stats = Stats(started=now)
+        self._cache: dict[tuple[str, str, Any, int], tuple[int, list[dict[str, Any]]]] = {}
+        self.reloader: Callable[[], list[str]] | None = None
+        self.extra_stats: dict[str, Callable[[], Any]] = {}
+
+    # ---- requests ----------------------------------------------------------------------
+    def handle_payload(self, payload: bytes, peer: Peer, now: float) -> dict[str, Any]:
+        """Decode one frame payload and answer it."""
+        try:
+            obj = decode_payload(payload)
+        except WireError as exc:
+            self._count(peer, "invalid", str(exc.code))
+            return error_reply(None, exc.code, exc.message)
+        return self.handle(obj, peer, now)
+
+    def handle(
+        self, obj: dict[str, Any], peer: Peer, now: float, extra_keys: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Answer one decoded request map; never raises for bad input."""
+        op = obj.get("op") if isinstance(obj.get("op"), str) else "invalid"
+        op_label = op if op in _OPS else "invalid"
+        try:
+            if not peer.allowed:
+                raise WireError(
+                    ErrorCode.FORBIDDEN, "this address may not query this daemon", request_id(obj)
+                )
+            req = parse_request(obj, extra_keys=extra_keys)
+            if req.op in ADMIN_OPS and not peer.admin:
+                raise WireError(
+                    ErrorCode.FORBIDDEN, f"op {req.op!r} is only served on the admin socket", req.id
+                )
+            reply = self._dispatch(req, peer, now)
+        except WireError as exc:
+            self._count(peer, op_label, str(exc.code))
+            return error_reply(exc.request_id, exc.code, exc.message)
+        self._count(peer, op_label, "ok")
+        return reply
+
+    def _count(self, peer: Peer, op: str, result: str) -> None:
+        self.stats.queries[(peer.interface, op, result)] += 1
+
+    def _dispatch(self, req: Any, peer: Peer, now: float) -> dict[str, Any]:
+        if isinstance(req, NearestRequest):
+            return self._nearest(req, peer, now)
+        if isinstance(req, LocateRequest):
+            ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
+            self._remember(ip, zone, "locate", (), now)
+            return {"v": 1, "id": req.id, "ok": True, "where": zone.where()}
+        if isinstance(req, DevicesRequest):
+            return self._devices(req)
+        if isinstance(req, PingRequest):
+            return {"v": 1, "id": req.id, "ok": True, "version": __version__}
+        if isinstance(req, ReloadRequest):
+            if self.reloader is None:
+                raise WireError(ErrorCode.UNAVAILABLE, "reload is not wired in", req.id)
+            problems = self.reloader()
+            if problems:
+                return {
+                    "v": 1,
+                    "id": req.id,
+                    "ok": False,
+                    "error": {
+                        "code": str(ErrorCode.BAD_REQUEST),
+                        "message": f"reload refused; still running the old configuration: "
+                        f"{len(problems)} problem(s)",
+                    },
+                    "problems": problems,
+                }
+            return {"v": 1, "id": req.id, "ok": True, "reloaded": True}
+        if isinstance(req, StatsRequest):
+            return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
+        if isinstance(req, PrivacyRequest):
+            if req.op == "privacy.export":
+                entries = self.log.export(req.ip)
+                self.log.record_action("privacy.export", len(entries), now)
+                return {"v": 1, "id": req.id, "ok": True, "entries": entries}
+            n = self.log.erase(req.ip)
+            self.log.record_action("privacy.erase", n, now)
+            return {"v": 1, "id": req.id, "ok": True, "erased": n}
+        raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
+
+    def _locate(
+        self, client_ip: str | None, zone_id: str | None, peer: Peer, rid: int
+    ) -> tuple[str | None, Zone]:
+        if (client_ip is not None or zone_id is not None) and not peer.trusted:
+            field_name = "client_ip" if client_ip is not None else "zone"
+            raise WireError(
+                ErrorCode.FORBIDDEN,
+                f"{field_name}: only trusted peers may ask on behalf of another client",
+                rid,
+            )
+        if zone_id is not None:
+            zone = self.sitemap.zones.get(zone_id)
+            if zone is None:
+                raise WireError(ErrorCode.UNKNOWN_LOCATION, "zone: no such zone", rid)
+            return client_ip, zone
+        ip = client_ip if client_ip is not None else (peer.ip or LOCAL_HOST)
+        found = self.sitemap.zone_for_ip(ip)
+        if found is None:
+            raise WireError(
+                ErrorCode.UNKNOWN_LOCATION,
+                "no zone's subnets contain this client's address",
+                rid,
+            )
+        return ip, found
+
+    def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> dict[str, Any]:
+        ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
+        key = (zone.id, req.kind, req.need, req.k)
+        cached = self._cache.get(key)
+        gen = self.table.generation
+        if cached is not None and cached[0] == gen:
+            devices = cached[1]
+        else:
+            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking)
+            if len(self._cache) >= CACHE_MAX:
+                self._cache.clear()
+            self._cache[key] = (gen, devices)
+        self._remember(ip, zone, "nearest", tuple(d["id"] for d in devices), now)
+        return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
+
+    def _remember(
+        self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
+    ) -> None:
+        if ip is not None:
+            self.log.record(ip, zone.id, op, devices, now)
+
+    def _devices(self, req: DevicesRequest) -> dict[str, Any]:
+        out = []
+        for rec in self.table.records():
+            if req.kind is not None and rec.device.kind != req.kind:
+                continue
+            if req.site is not None and (rec.placement is None or rec.placement.site != req.site):
+                continue
+            out.append(inventory_view(rec))
+        # Unlocated first: they are what an operator must fix.
+        out.sort(key=lambda d: (d["located"], d["site"] or "", d["kind"], d["id"]))
+        return {"v": 1, "id": req.id, "ok": True, "devices": out}
+
+    # ---- state -------------------------------------------------------------------------
+    def apply(self, cfg: Config, sitemap: SiteMap) -> None:
+        """Switch to a validated config and site map; discovered devices are placed again."""
+        self.cfg = cfg
+        self.sitemap = sitemap
+        self.ranking = ranking_of(cfg)
+        self.table.set_sitemap(sitemap)
+        self.log.retention = cfg.privacy.retention
+        self.log.max_entries = cfg.privacy.max_entries
+        self._cache.clear()
+
+    def upsert_device(self, device: Device, now: float) -> str:
+        """Add or update a device from discovery; return what changed."""
+        return self.table.upsert(device, now)
+
+    def remove_device(self, device_id: str) -> bool:
+        """Remove a discovered device."""
+        return self.table.remove(device_id)
+
+    def tick(self, now: float) -> None:
+        """Run time-driven upkeep: privacy purge and key rotation."""
+        self.log.purge(now)
+        if self.log.needs_rotation(now):
+            self.log.rotate(self._key_source(), now)
+
+    def stats_view(self, now: float) -> dict[str, Any]:
+        """Return counters and sizes for ``stats`` and the metrics adapter."""
+        records = list(self.table.records())
+        by_kind_state: Counter[str] = Counter()
+        for rec in records:
+            by_kind_state[f"{rec.device.kind}/{rec.device.state}"] += 1
+        out: dict[str, Any] = {
+            "version": __version__,
+            "uptime_s": round(now - self.stats.started, 3),
+            "devices": len(records),
+            "unlocated": sum(1 for r in records if r.placement is None),
+            "devices_by_kind_state": dict(by_kind_state),
+            "zones": len(self.sitemap.zones),
+            "prefixes": len(self.sitemap.prefixes),
+            "location_log_entries": len(self.log),
+            "location_log_purged": self.log.purged,
+            "location_log_dropped": self.log.dropped,
+            "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},
+        }
+        for key, fn in self.extra_stats.items():
+            out[key] = fn()
+        return out
+
+
+_OPS = frozenset(
+    ("nearest", "locate", "devices", "ping", "reload", "stats", "privacy.export", "privacy.erase")
+)
+
+
+def wall_clock() -> float:
+    """Return the clock adapters pass in as ``now`` (seconds since the epoch)."""
+    return time.time()
