@@ -1,0 +1,169 @@
+"""Shared test helpers: temp configs, a daemon subprocess, the real-peer skip policy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "config"
+DEMO_MAP = CONFIG_DIR / "sites" / "campus.geojson"
+DEMO_CSV = CONFIG_DIR / "sites" / "ipam-export.csv"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a real-peer test with a reason; under CI=true a skip is a failure."""
+    if IN_CI:
+        pytest.fail(f"real-peer test cannot run under CI: {reason}")
+    pytest.skip(reason)
+
+
+def require_tools(*tools: str) -> None:
+    """Skip (or fail under CI) unless every tool is on PATH."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        skip_or_fail(f"missing tools: {', '.join(missing)}")
+
+
+def free_port() -> int:
+    """Return a free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(v: Any) -> str:
+    """Render a Python value as TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(type(v))
+
+
+def write_config(
+    directory: Path,
+    sections: dict[str, dict[str, Any]] | None = None,
+    maps: list[str] | None = None,
+    subnets: list[str] | None = None,
+) -> Path:
+    """Write a config into ``directory`` with sockets there; sections override defaults."""
+    directory.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    base: dict[str, dict[str, Any]] = {
+        "daemon": {
+            "listen": [f"tcp://127.0.0.1:{port}", f"unix://{directory}/query.sock"],
+            "admin_socket": str(directory / "admin.sock"),
+            "state_dir": str(directory / "state"),
+            "trusted_peers": ["127.0.0.1/32", "::1/128"],
+        },
+        "site": {
+            "maps": maps if maps is not None else [str(DEMO_MAP)],
+            "subnets": subnets if subnets is not None else [str(DEMO_CSV)],
+        },
+        "metrics": {"listen": ""},
+    }
+    for name, values in (sections or {}).items():
+        base.setdefault(name, {}).update(values)
+    lines = []
+    for name, values in base.items():
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    path = directory / "nearestd.toml"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def tcp_url(config: Path) -> str:
+    """Return the first tcp:// listen URL of a config written by write_config."""
+    import tomllib
+
+    data = tomllib.loads(config.read_text())
+    return next(u for u in data["daemon"]["listen"] if u.startswith("tcp://"))
+
+
+class DaemonProcess:
+    """``nearestd`` in a subprocess; logs captured to a file."""
+
+    def __init__(
+        self,
+        config: Path,
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        netns: str | None = None,
+    ) -> None:
+        self.config = config
+        self.log_path = config.parent / "nearestd.log"
+        argv = [sys.executable, "-m", "nearestd.cli", "--config", str(config), *(extra_args or [])]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+        self.admin = config.parent / "admin.sock"
+
+    def wait_ready(self, timeout: float = 15.0) -> DaemonProcess:
+        """Wait until the admin socket answers ping."""
+        from nearest_client import Client, ClientError
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nearestd exited {self.proc.returncode}: {self.logs()}")
+            if self.admin.exists():
+                try:
+                    with Client(f"unix://{self.admin}", timeout=1) as c:
+                        c.request({"op": "ping"})
+                        return self
+                except ClientError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"nearestd not ready in {timeout}s: {self.logs()}")
+
+    def logs(self) -> str:
+        """Return what the daemon logged so far."""
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, sig: int) -> None:
+        """Send a signal to the daemon."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM and wait; SIGKILL if it does not stop."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL the daemon."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
