@@ -1,6 +1,5 @@
-from support import DaemonProcess, tcp_url
-
 from nearest_client import Client
+from support import DaemonProcess, tcp_url
 
 
 def test_demo_daemon_answers_over_tcp_and_unix(demo_daemon: DaemonProcess) -> None:
