@@ -50,6 +50,10 @@ class Daemon:
         self.starters: list[Callable[[Daemon], Awaitable[None]]] = []
         self.stoppers: list[Callable[[Daemon], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[Daemon], None]] = []
+        if world.config.discovery.enabled:
+            from nearestd.adapters.mdns import attach_mdns
+
+            attach_mdns(self)
 
     @property
     def config(self):  # type: ignore[no-untyped-def]

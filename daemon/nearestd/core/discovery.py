@@ -1,0 +1,709 @@
+"""DNS-SD services in, devices out: TXT parsing, merging, endpoint choice, expiry.
+
+Theory of operation. The mDNS adapter resolves each browsed service instance into a
+:class:`ServiceRecord` (one DNS-SD instance of one base type, with its raw TXT strings)
+and hands it to :class:`Merger`. The merger keeps every live record by its key
+``(base type, lower-cased instance name)`` and partitions them into groups, one per
+physical device and function: services that carry the same ``UUID`` belong together;
+a service without one joins the group of a service with the same instance name and
+host (the Bonjour "one name for every protocol" convention), else forms its own group
+keyed by that name and host, so two printers that share an instance name on different
+hosts stay apart. Printers and scanners are separate functions because a device
+answers one kind of query: an MFP becomes one printer and one scanner that share a
+UUID. CUPS-shared queues (``printer-type`` key or ``_cups`` subtype) never merge with
+devices. Every change returns the devices to upsert or remove, recomputed only for the
+groups it touched. Nothing here reads a clock: time comes in as ``now``.
+
+TXT rules follow RFC 6763 section 6: keys are case-insensitive, the first occurrence
+of a key wins, ``key`` (present, no value) differs from ``key=`` (empty value), values
+are opaque bytes. Problems are returned as values, never raised: a broken record still
+yields a device with what could be parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from nearest_wire import PAPER_CLASSES
+from nearestd.core.model import Capabilities, Device, DeviceKind, Endpoint
+
+SOURCE = "mdns"
+DOMAIN = ".local."
+
+# Base types browsed for data, best first within each function.
+PRINTER_TYPES = ("_ipps._tcp", "_ipp._tcp", "_pdl-datastream._tcp", "_printer._tcp")
+SCANNER_TYPES = ("_uscans._tcp", "_uscan._tcp", "_scanner._tcp")
+BASE_TYPES = tuple(t + DOMAIN for t in PRINTER_TYPES + SCANNER_TYPES)
+# Subtypes are browsed as flags only: a subtype browser never sees TXT updates.
+SUBTYPE_FLAGS = {
+    f"_{sub}._sub.{base}{DOMAIN}": sub
+    for sub in ("universal", "print", "cups")
+    for base in ("_ipp._tcp", "_ipps._tcp")
+}
+SUBTYPES = tuple(SUBTYPE_FLAGS)
+
+SCHEMES = {
+    "_ipps._tcp": "ipps",
+    "_ipp._tcp": "ipp",
+    "_pdl-datastream._tcp": "socket",
+    "_printer._tcp": "lpd",
+    "_uscans._tcp": "https",
+    "_uscan._tcp": "http",
+}
+ENDPOINT_NAMES = {
+    "_ipps._tcp": "ipps",
+    "_ipp._tcp": "ipp",
+    "_pdl-datastream._tcp": "raw",
+    "_printer._tcp": "lpd",
+    "_uscans._tcp": "escl-https",
+    "_uscan._tcp": "escl",
+    "_scanner._tcp": "scanner",
+}
+SECURE_TYPES = frozenset(("_ipps._tcp", "_uscans._tcp"))
+TEXT_MAX = 255
+_UUID_SAFE = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_URI_SAFE = "/-._~!$&'()*+,;=:@"
+
+
+class Problem:
+    """The kinds of TXT trouble counted and logged (once per service and kind)."""
+
+    TRUNCATED = "truncated-txt"
+    NO_KEY = "string-without-key"
+    BAD_KEY = "non-ascii-key"
+    DUPLICATE = "duplicate-key"
+    NON_UTF8 = "non-utf8-value"
+    BAD_PAPER = "bad-papermax"
+    BAD_BOOL = "bad-boolean"
+    LONG_VALUE = "value-truncated"
+
+
+@dataclass(frozen=True, slots=True)
+class Txt:
+    """A parsed TXT record: lower-cased keys to raw values (None: present without '=')."""
+
+    values: Mapping[str, bytes | None]
+    problems: tuple[tuple[str, str], ...] = ()
+
+    def has(self, key: str) -> bool:
+        """Return whether a key is present, with or without a value."""
+        return key in self.values
+
+    def text(self, key: str) -> str | None:
+        """Return a value as display-safe text, or None when absent or valueless."""
+        raw = self.values.get(key)
+        if raw is None:
+            return None
+        return clean_text(raw.decode("utf-8", "replace"))
+
+    def flag(self, key: str) -> bool | None:
+        """Return a T/F value (case-insensitive), or None when absent or neither."""
+        raw = self.values.get(key)
+        if raw is None:
+            return None
+        low = raw.strip().lower()
+        if low in (b"t", b"true"):
+            return True
+        if low in (b"f", b"false"):
+            return False
+        return None
+
+
+def split_txt(wire: bytes) -> tuple[list[bytes], list[tuple[str, str]]]:
+    """Split a TXT record's wire form into its length-prefixed strings."""
+    out: list[bytes] = []
+    problems: list[tuple[str, str]] = []
+    i = 0
+    while i < len(wire):
+        n = wire[i]
+        end = i + 1 + n
+        if end > len(wire):
+            problems.append((Problem.TRUNCATED, f"string at byte {i} claims {n} bytes"))
+            out.append(wire[i + 1 :])
+            break
+        out.append(wire[i + 1 : end])
+        i = end
+    return out, problems
+
+
+def parse_txt(strings: Iterable[bytes]) -> Txt:
+    """Parse TXT strings by RFC 6763 section 6; problems are returned, never raised."""
+    values: dict[str, bytes | None] = {}
+    problems: list[tuple[str, str]] = []
+    for s in strings:
+        if not s:
+            continue  # the empty TXT record is a single empty string
+        raw_key, eq, value = s.partition(b"=")
+        if not raw_key:
+            problems.append((Problem.NO_KEY, "a string starts with '='"))
+            continue
+        try:
+            key = raw_key.decode("ascii").lower()
+        except UnicodeDecodeError:
+            problems.append((Problem.BAD_KEY, f"key {raw_key[:32]!r}"))
+            continue
+        if not key.isprintable():
+            problems.append((Problem.BAD_KEY, f"key {raw_key[:32]!r}"))
+            continue
+        if key in values:
+            problems.append((Problem.DUPLICATE, f"key {key!r}: the first occurrence counts"))
+            continue
+        val: bytes | None = value if eq else None
+        if val is not None:
+            try:
+                val.decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append((Problem.NON_UTF8, f"key {key!r}"))
+        values[key] = val
+    return Txt(values, tuple(problems))
+
+
+def clean_text(text: str, limit: int = TEXT_MAX) -> str:
+    """Return untrusted text without control characters, trimmed and bounded."""
+    return _CONTROL.sub(" ", text).strip()[:limit]
+
+
+def base_type(type_: str) -> str:
+    """Return ``_ipp._tcp`` for ``_ipp._tcp.local.`` (and for its subtypes)."""
+    t = type_.lower()
+    if t.endswith(DOMAIN):
+        t = t[: -len(DOMAIN)]
+    if "._sub." in t:
+        t = t.split("._sub.", 1)[1]
+    return t
+
+
+def instance_of(name: str, type_: str) -> str:
+    """Return the instance label of a full service name (labels may contain dots)."""
+    suffix = "." + base_type(type_) + DOMAIN
+    if name.lower().endswith(suffix):
+        return name[: -len(suffix)]
+    return name.split(".", 1)[0]
+
+
+def normalise_uuid(text: str | None) -> str | None:
+    """Return a UUID in lower case without ``urn:uuid:``, or None when empty."""
+    if not text:
+        return None
+    u = text.strip().lower()
+    if u.startswith("urn:uuid:"):
+        u = u[9:]
+    return u or None
+
+
+def host_of(server: str | None) -> str | None:
+    """Return an SRV target without its trailing dot, in lower case."""
+    if not server:
+        return None
+    return server.rstrip(".").lower() or None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """One resolved DNS-SD service instance of a base type."""
+
+    type: str
+    name: str
+    host: str | None
+    port: int
+    addresses: tuple[str, ...] = ()
+    txt: tuple[bytes, ...] = ()
+    txt_problems: tuple[tuple[str, str], ...] = ()
+    flags: frozenset[str] = frozenset()
+    priority: int = 50
+
+    @property
+    def base(self) -> str:
+        """Return the base type without the domain."""
+        return base_type(self.type)
+
+    @property
+    def instance(self) -> str:
+        """Return the instance label."""
+        return instance_of(self.name, self.type)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """Return the identity of this service: base type and lower-cased name."""
+        return (self.base, self.name.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A service record with its TXT parsed and its role decided."""
+
+    record: ServiceRecord
+    txt: Txt
+    kind: DeviceKind | None
+    is_queue: bool
+    uuid: str | None
+    placeholder: bool
+    problems: tuple[tuple[str, str], ...]
+
+    @property
+    def name_key(self) -> tuple[str, str]:
+        """Return (instance, host) in lower case, the fallback merge key."""
+        return (self.record.instance.casefold(), self.record.host or "")
+
+
+def kind_of(base: str) -> DeviceKind | None:
+    """Return the function a base type serves."""
+    if base in PRINTER_TYPES:
+        return DeviceKind.PRINTER
+    if base in SCANNER_TYPES:
+        return DeviceKind.SCANNER
+    return None
+
+
+def analyse(record: ServiceRecord) -> Parsed:
+    """Parse a service's TXT and decide what it contributes."""
+    txt = parse_txt(record.txt)
+    problems = list(record.txt_problems) + list(txt.problems)
+    base = record.base
+    kind = kind_of(base)
+    is_queue = kind is DeviceKind.PRINTER and (txt.has("printer-type") or "cups" in record.flags)
+    # Port 0 on _printer._tcp only defends the name (Bonjour printing spec); _scanner._tcp
+    # is a hint that a device scans, not a protocol a client can use.
+    placeholder = record.port == 0 or base == "_scanner._tcp"
+    paper = txt.text("papermax")
+    if paper is not None and paper not in PAPER_CLASSES:
+        problems.append((Problem.BAD_PAPER, f"PaperMax {paper[:32]!r}"))
+    for key in ("color", "duplex"):
+        if txt.values.get(key) is not None and txt.flag(key) is None:
+            problems.append((Problem.BAD_BOOL, f"key {key!r}: expected T or F"))
+    for key in ("note", "ty"):
+        raw = txt.values.get(key)
+        if raw is not None and len(raw) > TEXT_MAX:
+            problems.append((Problem.LONG_VALUE, f"key {key!r}"))
+    return Parsed(
+        record=record,
+        txt=txt,
+        kind=kind,
+        is_queue=is_queue,
+        uuid=normalise_uuid(txt.text("uuid")),
+        placeholder=placeholder,
+        problems=tuple(problems),
+    )
+
+
+# ---- endpoints and URIs ----------------------------------------------------------------
+
+
+def address_rank(addr: str) -> tuple[int, int]:
+    """Order addresses: IPv4 routable, IPv4 link-local, IPv6 global, IPv6 link-local."""
+    host, _, _ = addr.partition("%")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return (9, 0)
+    if ip.version == 4:
+        return (1 if ip.is_link_local else 0, 0)
+    if ip.is_link_local:
+        return (3, 0)
+    return (2, 0)
+
+
+def order_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    """Return addresses best first, keeping the given order within one rank."""
+    seen: dict[str, None] = {}
+    for a in addresses:
+        seen.setdefault(a, None)
+    return tuple(sorted(seen, key=address_rank))
+
+
+def host_literal(addr: str) -> str:
+    """Return an address as a URI host: IPv6 bracketed, a zone as ``%25zone`` (RFC 6874)."""
+    if ":" not in addr:
+        return addr
+    host, pct, zone = addr.partition("%")
+    return f"[{host}%25{zone}]" if pct else f"[{host}]"
+
+
+def _path(rp: str | None) -> str:
+    if not rp:
+        return "/"
+    return "/" + urllib.parse.quote(rp.strip("/"), safe=_URI_SAFE)
+
+
+def service_uris(p: Parsed) -> list[str]:
+    """Return a service's URIs: address literals first (no .local needed), then the host."""
+    base = p.record.base
+    scheme = SCHEMES.get(base)
+    if scheme is None:
+        return []
+    if base in ("_uscan._tcp", "_uscans._tcp"):
+        # sane-airscan: absent rs means /eSCL/, an empty one means the root.
+        rs = p.txt.text("rs")
+        path = "/eSCL/" if rs is None and not p.txt.has("rs") else _path(rs)
+        if not path.endswith("/"):
+            path += "/"
+    elif base == "_pdl-datastream._tcp":
+        path = ""  # rp means nothing for raw sockets (Bonjour printing 9.2.2)
+    else:
+        path = _path(p.txt.text("rp"))
+    port = p.record.port
+    hosts = [host_literal(a) for a in order_addresses(p.record.addresses)]
+    if p.record.host:
+        hosts.append(p.record.host)
+    return [f"{scheme}://{h}:{port}{path}" for h in hosts]
+
+
+def _priority(p: Parsed) -> int:
+    raw = p.txt.text("priority")
+    try:
+        return int(raw) if raw is not None else 50
+    except ValueError:
+        return 50
+
+
+# ---- merging ---------------------------------------------------------------------------
+
+GroupKey = tuple[str, ...]
+
+
+def device_id(kind: DeviceKind, group: GroupKey) -> str:
+    """Return a stable device id: from the UUID when it is safe, else a hash."""
+    prefix = f"mdns-{kind}-queue" if group[1] == "q" else f"mdns-{kind}"
+    if group[0] == "u" and _UUID_SAFE.fullmatch(group[2]):
+        return f"{prefix}-{group[2]}"
+    digest = hashlib.sha256("\x00".join(group).encode("utf-8", "replace")).hexdigest()[:20]
+    return f"{prefix}-{digest}"
+
+
+def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> Device | None:
+    """Return the device a group of services describes, or None when none is usable."""
+    usable = [m for m in members if not m.placeholder]
+    if not usable:
+        return None
+    order = PRINTER_TYPES if kind is DeviceKind.PRINTER else SCANNER_TYPES
+    usable.sort(key=lambda m: (order.index(m.record.base), _priority(m), m.record.name.lower()))
+    best = usable[0]
+    endpoints: list[Endpoint] = []
+    for m in usable:
+        for uri in service_uris(m):
+            endpoints.append(Endpoint(ENDPOINT_NAMES[m.record.base], uri, m.record.port))
+    everyone = sorted(members, key=lambda m: (m.placeholder, order.index(m.record.base)))
+
+    def first_text(key: str) -> str | None:
+        for m in everyone:
+            value = m.txt.text(key)
+            if value:
+                return value
+        return None
+
+    def any_flag(key: str) -> bool:
+        return any(m.txt.flag(key) is True for m in everyone)
+
+    paper = first_text("papermax")
+    if paper not in PAPER_CLASSES:
+        paper = None
+    if kind is DeviceKind.SCANNER:
+        sources = {s.strip().lower() for s in (first_text("is") or "").split(",")}
+        spaces = {s.strip().lower() for s in (first_text("cs") or "").split(",")}
+        caps = Capabilities(
+            color="color" in spaces or any_flag("color"),
+            duplex=any_flag("duplex"),
+            paper_max=paper,
+            adf="adf" in sources,
+            secure=any(m.record.base in SECURE_TYPES for m in usable),
+        )
+    else:
+        caps = Capabilities(
+            color=any_flag("color"),
+            duplex=any_flag("duplex"),
+            paper_max=paper,
+            secure=any(m.record.base in SECURE_TYPES for m in usable),
+        )
+    make_model = first_text("ty") or ""
+    if not make_model:
+        product = first_text("product") or ""
+        if product.startswith("(") and product.endswith(")"):
+            make_model = product[1:-1].strip()
+    addresses = order_addresses(a for m in everyone for a in m.record.addresses)
+    flags = sorted({f for m in everyone for f in m.record.flags})
+    return Device(
+        id=device_id(kind, group),
+        kind=kind,
+        name=clean_text(best.record.instance) or best.record.host or "unnamed",
+        uri=endpoints[0].uri,
+        make_model=make_model,
+        capabilities=caps,
+        source=SOURCE,
+        uuid=group[2] if group[0] == "u" else best.uuid,
+        instance=best.record.instance,
+        host=best.record.host,
+        addresses=addresses,
+        note=first_text("note"),
+        endpoints=tuple(endpoints),
+        is_queue=any(m.is_queue for m in everyone),
+        extra=(("flags", tuple(flags)), ("services", len(members))),
+    )
+
+
+@dataclass(slots=True)
+class Change:
+    """What the table must do: upsert ``device``, or remove ``device_id`` when it is None."""
+
+    device_id: str
+    device: Device | None
+
+
+@dataclass(slots=True)
+class Merger:
+    """Live services by key, grouped into devices; bounded by ``max_devices``."""
+
+    max_devices: int = 5000
+    services: dict[tuple[str, str], Parsed] = field(default_factory=dict)
+    _group_of: dict[tuple[str, str], tuple[DeviceKind, GroupKey]] = field(default_factory=dict)
+    _groups: dict[tuple[DeviceKind, GroupKey], set[tuple[str, str]]] = field(default_factory=dict)
+    _by_name: dict[tuple[DeviceKind, bool, str, str], set[tuple[str, str]]] = field(
+        default_factory=dict
+    )
+    _devices: dict[tuple[DeviceKind, GroupKey], Device] = field(default_factory=dict)
+    flags: dict[str, set[str]] = field(default_factory=dict)
+    refused: int = 0
+    heard: dict[tuple[str, str], float] = field(default_factory=dict)
+    _probed: dict[tuple[str, str], float] = field(default_factory=dict)
+    _by_full_name: dict[str, tuple[str, str]] = field(default_factory=dict)
+    _by_host: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self._devices)
+
+    def devices(self) -> list[Device]:
+        """Return every device the live services make."""
+        return list(self._devices.values())
+
+    def device_of(self, key: tuple[str, str]) -> Device | None:
+        """Return the device a service belongs to."""
+        g = self._group_of.get(key)
+        return None if g is None else self._devices.get(g)
+
+    def set_flag(self, name: str, flag: str, present: bool) -> list[Change]:
+        """Note a subtype flag (``universal``, ``print``, ``cups``) for an instance name."""
+        lname = name.lower()
+        current = self.flags.setdefault(lname, set())
+        if (flag in current) == present:
+            return []
+        if present:
+            current.add(flag)
+        else:
+            current.discard(flag)
+            if not current:
+                del self.flags[lname]
+        changes: list[Change] = []
+        for key, parsed in list(self.services.items()):
+            if key[1] == lname:
+                rec = parsed.record
+                changes += self.upsert(
+                    ServiceRecord(
+                        rec.type,
+                        rec.name,
+                        rec.host,
+                        rec.port,
+                        rec.addresses,
+                        rec.txt,
+                        rec.txt_problems,
+                        frozenset(self.flags.get(lname, ())),
+                        rec.priority,
+                    )
+                )[0]
+        return changes
+
+    # ---- liveness ------------------------------------------------------------------------
+    def hear(self, record_name: str, now: float) -> None:
+        """Note that a record named ``record_name`` (a service or a host) was just heard."""
+        low = record_name.lower()
+        key = self._by_full_name.get(low)
+        if key is not None:
+            self.heard[key] = now
+            return
+        for k in self._by_host.get(low.rstrip("."), ()):
+            self.heard[k] = now
+
+    def due_probes(self, now: float, interval: float) -> list[tuple[str, str]]:
+        """Return (type, name) of services silent for ``interval`` and not probed since."""
+        out = []
+        for key, p in self.services.items():
+            if now - self.heard.get(key, now) >= interval and (
+                now - self._probed.get(key, -1e18) >= interval
+            ):
+                self._probed[key] = now
+                out.append((p.record.type, p.record.name))
+        return out
+
+    def device_heard(self) -> dict[str, float]:
+        """Return when each device was last heard: its most recently heard service."""
+        out: dict[str, float] = {}
+        for g, keys in self._groups.items():
+            dev = self._devices.get(g)
+            if dev is not None:
+                out[dev.id] = max((self.heard.get(k, 0.0) for k in keys), default=0.0)
+        return out
+
+    def expire(self, now: float, expire_after: float) -> list[Change]:
+        """Forget services not heard for ``expire_after``; return the device changes."""
+        changes: list[Change] = []
+        for key in [k for k, t in self.heard.items() if expired(t, now, expire_after)]:
+            p = self.services.get(key)
+            if p is not None:
+                changes += self.remove(p.record.type, p.record.name)
+        return changes
+
+    def upsert(
+        self, record: ServiceRecord, now: float | None = None
+    ) -> tuple[list[Change], Parsed | None]:
+        """Add or replace a service; return the device changes and the parsed service."""
+        flags = frozenset(self.flags.get(record.name.lower(), ())) | record.flags
+        if flags != record.flags:
+            record = ServiceRecord(
+                record.type,
+                record.name,
+                record.host,
+                record.port,
+                record.addresses,
+                record.txt,
+                record.txt_problems,
+                flags,
+                record.priority,
+            )
+        parsed = analyse(record)
+        if parsed.kind is None:
+            return [], None
+        key = record.key
+        old = self.services.get(key)
+        if now is not None and (old is not None or not self._would_overflow(parsed)):
+            self.heard[key] = now
+        if old is not None and old.record == record:
+            return [], parsed
+        if old is None and self._would_overflow(parsed):
+            self.refused += 1
+            return [], None
+        affected = self._detach(key)
+        self.services[key] = parsed
+        self._by_full_name[record.name.lower()] = key
+        if record.host:
+            self._by_host.setdefault(record.host, set()).add(key)
+        self._by_name.setdefault(self._name_index(parsed), set()).add(key)
+        affected |= self._siblings(parsed)
+        affected.add(key)
+        return self._regroup(affected), parsed
+
+    def remove(self, type_: str, name: str) -> list[Change]:
+        """Forget a service (goodbye or expiry); return the device changes."""
+        key = (base_type(type_), name.lower())
+        if key not in self.services:
+            return []
+        affected = self._detach(key)
+        del self.services[key]
+        self.heard.pop(key, None)
+        self._probed.pop(key, None)
+        return self._regroup(affected)
+
+    def clear(self) -> list[Change]:
+        """Forget everything; return the removals."""
+        changes = [Change(d.id, None) for d in self._devices.values()]
+        self.services.clear()
+        self._group_of.clear()
+        self._groups.clear()
+        self._by_name.clear()
+        self._devices.clear()
+        self.heard.clear()
+        self._probed.clear()
+        self._by_full_name.clear()
+        self._by_host.clear()
+        return changes
+
+    # ---- internals -----------------------------------------------------------------------
+    def _would_overflow(self, parsed: Parsed) -> bool:
+        if len(self._devices) < self.max_devices:
+            return False
+        # Joining an existing device is always allowed; a new device is not.
+        return self._group_key(parsed) not in self._groups
+
+    @staticmethod
+    def _name_index(p: Parsed) -> tuple[DeviceKind, bool, str, str]:
+        assert p.kind is not None
+        return (p.kind, p.is_queue, *p.name_key)
+
+    def _siblings(self, p: Parsed) -> set[tuple[str, str]]:
+        return set(self._by_name.get(self._name_index(p), ()))
+
+    def _detach(self, key: tuple[str, str]) -> set[tuple[str, str]]:
+        """Take a service out of its name index; return it and the services near it."""
+        old = self.services.get(key)
+        if old is None:
+            return set()
+        self._by_full_name.pop(old.record.name.lower(), None)
+        if old.record.host:
+            on_host = self._by_host.get(old.record.host)
+            if on_host is not None:
+                on_host.discard(key)
+                if not on_host:
+                    del self._by_host[old.record.host]
+        idx = self._name_index(old)
+        sibs = self._by_name.get(idx, set())
+        sibs.discard(key)
+        if not sibs:
+            self._by_name.pop(idx, None)
+        affected = {key} | sibs
+        g = self._group_of.get(key)
+        if g is not None:
+            affected |= self._groups.get(g, set())
+        return affected
+
+    def _group_key(self, p: Parsed) -> tuple[DeviceKind, GroupKey]:
+        assert p.kind is not None
+        q = "q" if p.is_queue else "d"
+        if p.uuid:
+            return (p.kind, ("u", q, p.uuid))
+        uuids = sorted(s.uuid for k in self._siblings(p) if (s := self.services.get(k)) and s.uuid)
+        if uuids:
+            return (p.kind, ("u", q, uuids[0]))
+        return (p.kind, ("n", q, *p.name_key))
+
+    def _regroup(self, affected: set[tuple[str, str]]) -> list[Change]:
+        touched: set[tuple[DeviceKind, GroupKey]] = set()
+        for key in affected:
+            g = self._group_of.pop(key, None)
+            if g is not None:
+                touched.add(g)
+                members = self._groups.get(g)
+                if members is not None:
+                    members.discard(key)
+                    if not members:
+                        del self._groups[g]
+        for key in affected:
+            p = self.services.get(key)
+            if p is None:
+                continue
+            g = self._group_key(p)
+            self._group_of[key] = g
+            self._groups.setdefault(g, set()).add(key)
+            touched.add(g)
+        changes: list[Change] = []
+        for g in sorted(touched, key=repr):
+            parsed = [self.services[k] for k in sorted(self._groups.get(g, ()))]
+            kind, gkey = g
+            dev = build_device(kind, gkey, parsed) if parsed else None
+            old = self._devices.get(g)
+            if dev is None:
+                if old is not None:
+                    del self._devices[g]
+                    changes.append(Change(old.id, None))
+                continue
+            if old != dev:
+                self._devices[g] = dev
+                changes.append(Change(dev.id, dev))
+        return changes
+
+
+def expired(last_heard: float, now: float, expire_after: float) -> bool:
+    """Return whether a device not heard since ``last_heard`` should leave."""
+    return now - last_heard >= expire_after
