@@ -70,6 +70,19 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
+class Supply:
+    """One supply a device reports: name, type and level in percent (None when unknown)."""
+
+    name: str
+    type: str
+    level: int | None
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the map sent to clients."""
+        return {"name": self.name, "type": self.type, "level": self.level}
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """One way to reach a device: a service type and the URI built from it."""
 
@@ -103,6 +116,7 @@ class Device:
     endpoints: tuple[Endpoint, ...] = ()
     origin: str | None = None
     is_queue: bool = False
+    supplies: tuple[Supply, ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
     @property
