@@ -139,6 +139,28 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PollerConfig:
+    """[poller]: live state from IPP Get-Printer-Attributes and eSCL ScannerStatus."""
+
+    enabled: bool = _doc(
+        "Poll every printer (ipp/ipps) and scanner (eSCL) for its live state.", False
+    )
+    interval: Duration = _doc(
+        "Time between polls of one device (spread +/- jitter).", Duration(30.0)
+    )
+    timeout: Duration = _doc(
+        "Per-device time limit of one poll, connect to last byte.", Duration(5.0)
+    )
+    concurrency: int = _doc("Polls in flight at most.", 16)
+    max_backoff: Duration = _doc(
+        "Longest wait between polls of an unreachable device (doubling per failure).",
+        Duration(300.0),
+    )
+    jitter: float = _doc("Fraction by which each wait is randomly shortened or lengthened.", 0.1)
+    max_response: int = _doc("Largest status reply read from a device, in bytes.", 262144)
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: one line per event to stderr."""
 
@@ -158,6 +180,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     mqtt: MqttConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    poller: PollerConfig = field(default_factory=PollerConfig)
     path: str = ""
 
     @property
@@ -179,6 +202,7 @@ SECTIONS = {
     "metrics": MetricsConfig,
     "mqtt": MqttConfig,
     "logging": LoggingConfig,
+    "poller": PollerConfig,
 }
 
 
@@ -304,6 +328,16 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [metrics] listen: expected HOST:PORT, got {cfg.metrics.listen!r}")
     if cfg.mqtt is not None and not re.fullmatch(r"mqtts?://[^\s/]+(:\d{1,5})?/?", cfg.mqtt.url):
         problems.append(f"{file}: [mqtt] url: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    pc = cfg.poller
+    for key in ("interval", "timeout"):
+        if getattr(pc, key) <= 0:
+            problems.append(f"{file}: [poller] {key}: expected a positive duration")
+    if pc.concurrency < 1 or pc.concurrency > 1024:
+        problems.append(f"{file}: [poller] concurrency: expected an integer from 1 to 1024")
+    if not 0 <= pc.jitter <= 0.5:
+        problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
+    if pc.max_response < 1024:
+        problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
