@@ -37,7 +37,9 @@ class Daemon:
         d = world.config.daemon
         self.sockets = SocketServers(
             self.service,
-            Limits(d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout),
+            Limits(
+                d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout, d.max_in_flight
+            ),
             time.monotonic,
         )
         self.addresses: list[str] = []

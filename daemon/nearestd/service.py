@@ -5,6 +5,7 @@ Everything here is synchronous and takes ``now``; adapters own the I/O and call 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -28,14 +29,25 @@ from nearest_wire import (
 from nearest_wire.schema import ADMIN_OPS, request_id
 from nearestd import __version__
 from nearestd.config import Config
-from nearestd.core.devices import DeviceTable
+from nearestd.core.devices import DeviceTable, Record, restriction_of
 from nearestd.core.index import Ranking
+from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, Zone
 from nearestd.core.privacy import LocationLog
 from nearestd.core.resolve import inventory_view, rank
 from nearestd.core.sitemap import SiteMap
+from nearestd.logs import client_label
 
 LOCAL_HOST = "127.0.0.1"
+LOG = logging.getLogger("nearestd.security")
+# Query results that the security counters group, by what they say about the asker.
+SECURITY_RESULTS = {
+    "forbidden": "requests_refused",
+    "rate-limited": "requests_rate_limited",
+    "bad-request": "requests_malformed",
+    "unsupported-version": "requests_malformed",
+    "too-large": "requests_malformed",
+}
 CACHE_MAX = 8192
 
 
@@ -85,9 +97,13 @@ class Service:
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: dict[tuple[str, str, Any, int], tuple[int, list[dict[str, Any]]]] = {}
+        self._cache: dict[tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]] = {}
         self.reloader: Callable[[], list[str]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
+        d = cfg.daemon
+        self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
+        self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
+        self.extra_stats["security"] = self.security_view
 
     # ---- requests ----------------------------------------------------------------------
     def handle_payload(self, payload: bytes, peer: Peer, now: float) -> dict[str, Any]:
@@ -125,6 +141,23 @@ class Service:
     def _count(self, peer: Peer, op: str, result: str) -> None:
         self.stats.queries[(peer.interface, op, result)] += 1
 
+    def rate_limited_reply(self, payload: bytes, peer: Peer) -> dict[str, Any]:
+        """Refuse one frame of a client over its rate, echoing the id when it has one."""
+        rid: int | None = None
+        op_label = "invalid"
+        try:
+            obj = decode_payload(payload)
+        except WireError:
+            pass
+        else:
+            rid = request_id(obj)
+            op = obj.get("op")
+            op_label = op if isinstance(op, str) and op in _OPS else "invalid"
+        self._count(peer, op_label, str(ErrorCode.RATE_LIMITED))
+        return error_reply(
+            rid, ErrorCode.RATE_LIMITED, "too many requests from this address; slow down"
+        )
+
     def _dispatch(self, req: Any, peer: Peer, now: float) -> dict[str, Any]:
         if isinstance(req, NearestRequest):
             return self._nearest(req, peer, now)
@@ -133,7 +166,7 @@ class Service:
             self._remember(ip, zone, "locate", (), now)
             return {"v": 1, "id": req.id, "ok": True, "where": zone.where()}
         if isinstance(req, DevicesRequest):
-            return self._devices(req)
+            return self._devices(req, peer)
         if isinstance(req, PingRequest):
             return {"v": 1, "id": req.id, "ok": True, "version": __version__}
         if isinstance(req, ReloadRequest):
@@ -192,13 +225,15 @@ class Service:
 
     def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> dict[str, Any]:
         ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
-        key = (zone.id, req.kind, req.need, req.k)
+        policy = self.sitemap.visibility
+        visible = policy.client_mask(zone.id, ip) if policy.active else -1
+        key = (zone.id, req.kind, req.need, req.k, visible)
         cached = self._cache.get(key)
         gen = self.table.generation
         if cached is not None and cached[0] == gen:
             devices = cached[1]
         else:
-            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking)
+            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking, visible)
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = (gen, devices)
@@ -209,16 +244,59 @@ class Service:
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
     ) -> None:
         if ip is not None:
-            self.log.record(ip, zone.id, op, devices, now)
+            pseudonym = self.log.record(ip, zone.id, op, devices, now)
+            if self.spikes.note(pseudonym, now):
+                LOG.warning(
+                    "one client's request rate spiked",
+                    extra={
+                        "client": client_label(ip, self.cfg.privacy.log_ip),
+                        "zone": zone.id,
+                        "per_minute_over": self.spikes.threshold,
+                    },
+                )
 
-    def _devices(self, req: DevicesRequest) -> dict[str, Any]:
+    def _viewer(self, req: DevicesRequest, peer: Peer) -> int | None:
+        """Return the visibility bits of whoever a listing is for (None: sees everything)."""
+        policy = self.sitemap.visibility
+        operator = peer.admin and req.client_ip is None and req.zone is None
+        if operator or not policy.active:
+            if req.client_ip is not None or req.zone is not None:
+                self._locate(req.client_ip, req.zone, peer, req.id)  # refuses the untrusted
+            return None
+        try:
+            ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
+        except WireError as exc:
+            if exc.code != ErrorCode.UNKNOWN_LOCATION:
+                raise
+            return policy.client_mask(None, req.client_ip or peer.ip or LOCAL_HOST)
+        return policy.client_mask(zone.id, ip)
+
+    def _devices(self, req: DevicesRequest, peer: Peer) -> dict[str, Any]:
         out = []
+        viewer = self._viewer(req, peer)
+        policy = self.sitemap.visibility
         for rec in self.table.records():
             if req.kind is not None and rec.device.kind != req.kind:
                 continue
             if req.site is not None and (rec.placement is None or rec.placement.site != req.site):
                 continue
-            out.append(inventory_view(rec))
+            restrict = restriction_of(rec.device, rec.placement, self.sitemap)
+            if viewer is not None and restrict & ~viewer:
+                continue
+            view = inventory_view(rec)
+            if restrict and viewer is None:
+                view["visible_to"] = policy.rule_text(restrict)
+            out.append(view)
+        if peer.admin and viewer is None:
+            for held in self.table.quarantine.values():
+                if req.kind is not None and held.device.kind != req.kind:
+                    continue
+                if req.site is not None:
+                    continue
+                view = inventory_view(Record(held.device, None, held.last_seen))
+                view["quarantined"] = held.reason
+                view["first_seen"] = held.first_seen
+                out.append(view)
         # Unlocated first: they are what an operator must fix.
         out.sort(key=lambda d: (d["located"], d["site"] or "", d["kind"], d["id"]))
         return {"v": 1, "id": req.id, "ok": True, "devices": out}
@@ -232,11 +310,36 @@ class Service:
         self.table.set_sitemap(sitemap)
         self.log.retention = cfg.privacy.retention
         self.log.max_entries = cfg.privacy.max_entries
+        d = cfg.daemon
+        self.limiter.configure(d.rate, d.burst, d.rate_clients)
+        self.spikes.threshold = cfg.privacy.spike_per_minute
         self._cache.clear()
 
     def upsert_device(self, device: Device, now: float) -> str:
-        """Add or update a device from discovery; return what changed."""
-        return self.table.upsert(device, now)
+        """Add or update a device from discovery; return what changed.
+
+        A rogue claim of a pinned identity returns 'quarantined' (once; it is logged
+        here with the reason, so callers need not log it again).
+        """
+        result = self.table.upsert(device, now)
+        if result == "quarantined":
+            held = self.table.quarantine.get((device.id, device.addresses))
+            LOG.warning(
+                "device quarantined",
+                extra={
+                    "device": device.id,
+                    "source": device.source,
+                    "reason": held.reason if held else "",
+                },
+            )
+        return result
+
+    def is_public(self, device_id: str) -> bool:
+        """Return whether every client may see a device (for adapters that publish devices)."""
+        rec = self.table.get(device_id)
+        if rec is None:
+            return False
+        return restriction_of(rec.device, rec.placement, self.sitemap) == 0
 
     def remove_device(self, device_id: str) -> bool:
         """Remove a discovered device."""
@@ -247,6 +350,21 @@ class Service:
         self.log.purge(now)
         if self.log.needs_rotation(now):
             self.log.rotate(self._key_source(), now)
+        self.limiter.prune(now)
+
+    def security_view(self) -> dict[str, Any]:
+        """Return the counters of refused, rate-limited and malformed requests by interface."""
+        out: dict[str, Any] = {name: {} for name in sorted(set(SECURITY_RESULTS.values()))}
+        for (interface, _op, result), n in self.stats.queries.items():
+            name = SECURITY_RESULTS.get(result)
+            if name is not None:
+                out[name][interface] = out[name].get(interface, 0) + n
+        out["devices_quarantined"] = len(self.table.quarantine)
+        out["devices_quarantined_total"] = self.table.quarantined_total
+        out["rate_limiter_clients"] = len(self.limiter)
+        out["rate_limiter_evicted"] = self.limiter.evicted
+        out["pseudonym_spikes"] = self.spikes.spikes
+        return out
 
     def stats_view(self, now: float) -> dict[str, Any]:
         """Return counters and sizes for ``stats`` and the metrics adapter."""

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import stat
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Limits:
     max_frame: int = 64 * 1024
     idle_timeout: float = 60.0
     frame_timeout: float = 5.0
+    max_in_flight: int = 64
 
 
 class Connections:
@@ -88,6 +90,12 @@ class QueryProtocol(asyncio.Protocol):
         self.last_activity = conns.clock()
         self.frame_started: float | None = None
         self._closing = False
+        self._pending: deque[bytes | FrameTooLarge] = deque()
+        self._write_paused = False
+        self._backlog_paused = False
+        self._scheduled = False
+        self._eof = False
+        self._limited = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept the connection, or refuse it when the cap is reached."""
@@ -108,19 +116,42 @@ class QueryProtocol(asyncio.Protocol):
         self.conns.open.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
         self.peer = self.peer_for(transport.get_extra_info("peername"))
+        # Trusted peers ask on behalf of many clients; Unix sockets are guarded by permissions.
+        self._limited = self.peer.ip is not None and not self.peer.trusted
 
     def data_received(self, data: bytes) -> None:
-        """Answer every complete frame, in order."""
+        """Queue every complete frame and answer up to ``max_in_flight`` of them now."""
         if self._closing or self.peer is None or self.transport is None:
             return
         now = self.conns.clock()
         self.last_activity = now
+        items = self.decoder.feed(data)
+        if items:
+            self._pending.extend(items)
+        self.frame_started = (self.frame_started or now) if self.decoder.pending else None
+        if not self._scheduled:
+            self._answer()
+
+    def _answer(self) -> None:
+        """Answer a batch of queued frames; yield to other connections when more wait."""
+        self._scheduled = False
+        transport = self.transport
+        peer = self.peer
+        if self._closing or transport is None or peer is None or self._write_paused:
+            return
+        pending = self._pending
+        n = min(len(pending), self.conns.limits.max_in_flight)
+        if n == 0:
+            return
+        service = self.service
+        wall = service_clock()
+        granted = n
+        if self._limited and peer.ip is not None:
+            granted = service.limiter.take(peer.ip, n, wall)
         out: list[bytes] = []
         close = False
-        service = self.service
-        peer = self.peer
-        wall = service_clock()
-        for item in self.decoder.feed(data):
+        for i in range(n):
+            item = pending.popleft()
             if isinstance(item, FrameTooLarge):
                 self.conns.too_large += 1
                 service.stats.queries[(self.interface, "invalid", str(ErrorCode.TOO_LARGE))] += 1
@@ -136,28 +167,63 @@ class QueryProtocol(asyncio.Protocol):
                 close = True
                 break
             try:
-                reply = service.handle_payload(item, peer, wall)
-                out.append(encode_frame(reply))
+                if i < granted:
+                    reply = service.handle_payload(item, peer, wall)
+                    out.append(encode_frame(reply))
+                else:
+                    out.append(encode_frame(service.rate_limited_reply(item, peer)))
             except Exception:
                 LOG.exception(
                     "internal error answering a request", extra={"interface": self.interface}
                 )
                 out.append(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
-        self.frame_started = (self.frame_started or now) if self.decoder.pending else None
         if out:
-            self.transport.write(b"".join(out))
+            transport.write(b"".join(out))
         if close:
+            pending.clear()
             self._closing = True
-            self.transport.close()
+            transport.close()
+            return
+        if pending:
+            # Stop reading until the backlog is answered: memory stays at one read's worth,
+            # and other connections get their turn between batches.
+            if not self._backlog_paused:
+                self._backlog_paused = True
+                transport.pause_reading()
+            if not self._write_paused:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._answer)
+            return
+        if self._backlog_paused:
+            self._backlog_paused = False
+            if not self._write_paused:
+                transport.resume_reading()
+        if self._eof:
+            self._closing = True
+            transport.close()
+
+    def eof_received(self) -> bool:
+        """Answer what the peer sent before its half-close, then close."""
+        self._eof = True
+        return bool(self._pending)
 
     def pause_writing(self) -> None:
-        """Stop reading from a peer that does not read its replies."""
+        """Stop reading from (and answering) a peer that does not read its replies."""
+        self._write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        """Read again once the peer has caught up."""
-        if self.transport is not None and not self._closing:
+        """Read and answer again once the peer has caught up."""
+        self._write_paused = False
+        if self.transport is None or self._closing:
+            return
+        if self._pending:
+            if not self._scheduled:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._answer)
+        else:
+            self._backlog_paused = False
             self.transport.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -190,6 +256,24 @@ class SocketServers:
         self.unix_paths: list[Path] = []
         self.allow = NetSet(service.cfg.daemon.allow)
         self.trusted = NetSet(service.cfg.daemon.trusted_peers)
+        service.extra_stats["connections"] = self.connections_view
+
+    def connections_view(self) -> dict[str, Any]:
+        """Return open connections, refusals and deadline closes, and the event loop's tasks."""
+        c = self.conns
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # no running loop (a test calling in directly)
+            tasks = 0
+        return {
+            "open": len(c.open),
+            "refused_at_cap": c.refused,
+            "closed_idle": c.closed_idle,
+            "closed_slow": c.closed_slow,
+            "frames_too_large": c.too_large,
+            "tasks": tasks,
+            "fds": _open_fds(),
+        }
 
     def set_policy(self, allow: list[str], trusted: list[str]) -> None:
         """Replace who may query and who is trusted (after a reload)."""
@@ -284,3 +368,11 @@ def _unix_socket(path: Path, mode: int, group: str) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
+
+
+def _open_fds() -> int:
+    """Return how many file descriptors the process holds (-1 where /proc is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return -1

@@ -8,13 +8,13 @@ aliases; the zone whose subnets hold one of the device's addresses; else unlocat
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from nearestd.core.index import Entry, SpatialIndex, caps_mask
 from nearestd.core.model import Device, Placement, PlacementMethod
-from nearestd.core.sitemap import SiteMap, normalise_pin
+from nearestd.core.quarantine import QUARANTINE_MAX, Quarantined, find_pin, quarantine_reason
+from nearestd.core.sitemap import SiteMap
 
 PIN_ORDER = ("uuid", "name", "host", "ip")
 
@@ -32,19 +32,9 @@ def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> 
     """Decide where a device is, by the contract's rules in order."""
     if static is not None:
         return static
-    for key in PIN_ORDER:
-        for pin in sitemap.pins:
-            if pin.field != key:
-                continue
-            if key == "ip":
-                if pin.network is not None and any(
-                    _in_network(a, pin.network) for a in device.addresses
-                ):
-                    return pin.placement
-                continue
-            value = {"uuid": device.uuid, "name": device.instance, "host": device.host}[key]
-            if value is not None and normalise_pin(key, value) == pin.value:
-                return pin.placement
+    pin = find_pin(device, sitemap)
+    if pin is not None:
+        return pin.placement
     if device.geo is not None:
         geo = _place_geo(device.geo, sitemap)
         if geo is not None:
@@ -66,13 +56,6 @@ def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> 
     return None
 
 
-def _in_network(addr: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
-    try:
-        return ipaddress.ip_address(addr.split("%", 1)[0]) in net
-    except ValueError:
-        return False
-
-
 def _place_geo(geo: tuple[float, float], sitemap: SiteMap) -> Placement | None:
     """Place a device at a reported lat/lon when it falls inside a zone."""
     lat, lon = geo
@@ -88,7 +71,19 @@ def _place_geo(geo: tuple[float, float], sitemap: SiteMap) -> Placement | None:
     return None
 
 
-def entry_for(device: Device, placement: Placement) -> Entry:
+def restriction_of(device: Device, placement: Placement | None, sitemap: SiteMap) -> int:
+    """Return the visibility bits a client must hold to see a device (0: public)."""
+    policy = sitemap.visibility
+    if not policy.active:
+        return 0
+    own = policy.device_restrict.get(device.id, 0) if device.source == "static" else 0
+    if device.source != "static":
+        pin = find_pin(device, sitemap)
+        own = pin.restrict if pin is not None else 0
+    return policy.restriction(placement.zone if placement else None, own)
+
+
+def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
     """Return the index entry of a placed device."""
     caps = device.capabilities
     return Entry(
@@ -102,6 +97,7 @@ def entry_for(device: Device, placement: Placement) -> Entry:
         mask=caps_mask(caps.color, caps.duplex, caps.adf, caps.secure),
         paper=caps.paper_rank,
         available=device.available,
+        restrict=restrict,
     )
 
 
@@ -114,11 +110,15 @@ class DeviceTable:
         self._records: dict[str, Record] = {}
         self._static: dict[str, Placement] = {}
         self.generation = 0
+        # Rogue claims of pinned identities, by (device id, addresses); bounded, oldest out.
+        self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
+        self.quarantined_total = 0
+        self.quarantine_dropped = 0
         entries = []
         for device, placement in sitemap.static_devices:
             self._static[device.id] = placement
             self._records[device.id] = Record(device, placement, 0.0)
-            entries.append(entry_for(device, placement))
+            entries.append(entry_for(device, placement, restriction_of(device, placement, sitemap)))
         self.index.bulk_load(entries)
 
     def __len__(self) -> int:
@@ -136,17 +136,38 @@ class DeviceTable:
         return self._records.values()
 
     def upsert(self, device: Device, now: float) -> str:
-        """Add or update a device; return 'added', 'updated' or 'unchanged'."""
+        """Add or update a device; return 'added', 'updated', 'unchanged' or 'quarantined'.
+
+        'quarantined' is returned once, when a rogue claim is first seen; the device
+        already known under that id (if any) is left as it was.
+        """
         old = self._records.get(device.id)
         static = self._static.get(device.id)
         if old is not None and old.device == device:
             self._records[device.id] = replace(old, last_seen=now)
             return "unchanged"
+        if static is None:
+            reason = quarantine_reason(device, self.sitemap)
+            if reason is not None:
+                return self._quarantine(device, reason, now)
         placement = place(device, self.sitemap, static)
         self._records[device.id] = Record(device, placement, now)
         self._reindex(device, placement)
         self.generation += 1
         return "added" if old is None else "updated"
+
+    def _quarantine(self, device: Device, reason: str, now: float) -> str:
+        key = (device.id, device.addresses)
+        held = self.quarantine.get(key)
+        if held is not None:
+            self.quarantine[key] = Quarantined(device, reason, held.first_seen, now)
+            return "unchanged"
+        if len(self.quarantine) >= QUARANTINE_MAX:
+            del self.quarantine[next(iter(self.quarantine))]
+            self.quarantine_dropped += 1
+        self.quarantine[key] = Quarantined(device, reason, now, now)
+        self.quarantined_total += 1
+        return "quarantined"
 
     def touch(self, device_id: str, now: float) -> None:
         """Note that a device was heard from."""
@@ -156,8 +177,11 @@ class DeviceTable:
 
     def remove(self, device_id: str) -> bool:
         """Remove a device; static devices stay. Return whether anything changed."""
+        held = [k for k in self.quarantine if k[0] == device_id]
+        for k in held:
+            del self.quarantine[k]
         if device_id in self._static or device_id not in self._records:
-            return False
+            return bool(held)
         del self._records[device_id]
         self.index.remove(device_id)
         self.generation += 1
@@ -175,6 +199,9 @@ class DeviceTable:
         ]
         for device_id in gone:
             self.remove(device_id)
+        for key, held in list(self.quarantine.items()):
+            if held.device.source in wanted and now - held.last_seen >= expire_after:
+                del self.quarantine[key]
         return gone
 
     def set_sitemap(self, sitemap: SiteMap) -> None:
@@ -186,13 +213,27 @@ class DeviceTable:
         records: dict[str, Record] = {}
         for device, placement in sitemap.static_devices:
             records[device.id] = Record(device, placement, 0.0)
+        held = list(self.quarantine.values())
+        self.quarantine = {}
         for rec in self._records.values():
             if rec.device.id in old_static or rec.device.id in records:
                 continue
+            reason = quarantine_reason(rec.device, sitemap)
+            if reason is not None:
+                self.quarantine[(rec.device.id, rec.device.addresses)] = Quarantined(
+                    rec.device, reason, rec.last_seen, rec.last_seen
+                )
+                continue
             records[rec.device.id] = Record(rec.device, place(rec.device, sitemap), rec.last_seen)
+        for q in held:
+            reason = quarantine_reason(q.device, sitemap)
+            if reason is not None:
+                self.quarantine[(q.device.id, q.device.addresses)] = replace(q, reason=reason)
+            elif q.device.id not in records:
+                records[q.device.id] = Record(q.device, place(q.device, sitemap), q.last_seen)
         self._records = records
         self.index.bulk_load(
-            entry_for(r.device, r.placement)
+            entry_for(r.device, r.placement, restriction_of(r.device, r.placement, sitemap))
             for r in records.values()
             if r.placement is not None and not r.device.is_queue
         )
@@ -202,4 +243,6 @@ class DeviceTable:
         if placement is None or device.is_queue:
             self.index.remove(device.id)
         else:
-            self.index.upsert(entry_for(device, placement))
+            self.index.upsert(
+                entry_for(device, placement, restriction_of(device, placement, self.sitemap))
+            )

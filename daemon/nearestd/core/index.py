@@ -64,6 +64,8 @@ class Entry:
     mask: int
     paper: int
     available: bool
+    # Visibility rule bits a client must hold to see this device (core.visibility).
+    restrict: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,8 +326,14 @@ class SpatialIndex:
         group.tree.delete(slot, (entry.x, entry.y, entry.x, entry.y))
         group.count -= 1
 
-    def nearest(self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking) -> list[Hit]:
-        """Return the k cheapest matching devices for a client in ``zone``, exactly."""
+    def nearest(
+        self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
+    ) -> list[Hit]:
+        """Return the k cheapest matching devices a client may see in ``zone``, exactly.
+
+        ``visible`` holds the visibility rule bits the client satisfies (-1: all).
+        """
+        hidden = ~visible
         mask = need_mask(need)
         paper = _need_paper(need)
         best: list[tuple[float, float, str, float]] = []
@@ -370,6 +378,7 @@ class SpatialIndex:
                         (e.mask & mask) == mask
                         and e.paper >= paper
                         and (e.available or need.any_state)
+                        and not (e.restrict & hidden)
                     ):
                         continue
                     worst = best[-1][0] if len(best) >= k else math.inf
@@ -393,13 +402,17 @@ class SpatialIndex:
                 m *= 4
         return [Hit(c, cd, d, p) for c, cd, d, p in best]
 
-    def brute_force(self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking) -> list[Hit]:
+    def brute_force(
+        self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
+    ) -> list[Hit]:
         """Return the answer by evaluating every device: the oracle for tests."""
         mask = need_mask(need)
         paper = _need_paper(need)
         scored: list[tuple[float, float, str, float]] = []
         for e in self._entries.values():
             if not matches(e, kind, need, mask, paper):
+                continue
+            if e.restrict & ~visible:
                 continue
             if e.site != zone.site and not ranking.allow_other_sites:
                 continue

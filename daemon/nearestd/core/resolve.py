@@ -57,10 +57,16 @@ def inventory_view(record: Record) -> dict[str, Any]:
 
 
 def rank(
-    table: DeviceTable, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking
+    table: DeviceTable,
+    zone: Zone,
+    kind: str,
+    need: Need,
+    k: int,
+    ranking: Ranking,
+    visible: int = -1,
 ) -> list[dict[str, Any]]:
-    """Return the k nearest devices' wire maps for a client in ``zone``."""
-    hits = table.index.nearest(zone, kind, need, k, ranking)
+    """Return the k nearest devices' wire maps for a client in ``zone`` who sees ``visible``."""
+    hits = table.index.nearest(zone, kind, need, k, ranking, visible)
     out = []
     for hit in hits:
         rec = table.get(hit.device_id)

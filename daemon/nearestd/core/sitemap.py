@@ -31,6 +31,7 @@ from nearestd.core.model import (
     PlacementMethod,
     Zone,
 )
+from nearestd.core.visibility import PolicyBuilder, VisibilityPolicy, parse_visible_to
 
 EARTH_RADIUS_M = 6371008.8
 PIN_KEYS = ("uuid", "name", "host", "ip")
@@ -106,6 +107,10 @@ class Pin:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network | None
     source: str
     feature: str
+    # Visibility bits of the pin's ``visible_to`` (see core.visibility).
+    restrict: int = 0
+    # Where the pinned device may announce from (``subnets``); empty: the zone's subnets.
+    expect: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 class PrefixTable:
@@ -159,6 +164,7 @@ class SiteMap:
     pins: tuple[Pin, ...] = ()
     static_devices: tuple[tuple[Device, Placement], ...] = ()
     names: dict[str, str] = field(default_factory=dict)
+    visibility: VisibilityPolicy = field(default_factory=VisibilityPolicy)
 
     def zone_for_ip(self, ip: str) -> Zone | None:
         """Return the client's zone by longest-prefix match."""
@@ -241,6 +247,7 @@ class _Builder:
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
         self.raw_devices: list[tuple[str, str, dict[str, Any], tuple[float, float]]] = []
         self.extra_prefixes: list[tuple[str, str, str, str]] = []
+        self.policy = PolicyBuilder()
 
     def problem(self, file: str, where: str, message: str) -> None:
         self.problems.append(Problem(file, where, message))
@@ -322,6 +329,11 @@ class _Builder:
         subnets = props.get("subnets", [])
         if not isinstance(subnets, list) or not all(isinstance(s, str) for s in subnets):
             self.problem(file, where, "properties.subnets: expected a list of CIDR strings")
+            ok = False
+        if "visible_to" in props and parse_visible_to(props["visible_to"])[2] is not None:
+            self.problem(
+                file, where, f"properties.visible_to: {parse_visible_to(props['visible_to'])[2]}"
+            )
             ok = False
         if ok:
             self.raw_zones.append((file, where, props, g))
@@ -416,8 +428,30 @@ class _Builder:
                 continue
             self._add_prefix(sm, prefix_owner, file, where, cidr, zid, "prefix")
         sm.levels = {k: frozenset(v) for k, v in levels.items()}
+        for file, where, props, _ in zones_ok:
+            if "visible_to" in props and props["id"] in sm.zones:
+                bits = self._visibility(sm, file, where, props["visible_to"])
+                if bits:
+                    self.policy.zone_rules[props["id"]] = bits
         self._devices(sm)
+        sm.visibility = self.policy.build({z.id: z.subnets for z in sm.zones.values()})
         return sm
+
+    def _visibility(self, sm: SiteMap, file: str, where: str, value: Any) -> int:
+        """Return the rule bits of a ``visible_to`` property, reporting unknown zones."""
+        zones, nets, err = parse_visible_to(value)
+        if err is not None:
+            self.problem(file, where, f"properties.visible_to: {err}")
+            return 0
+        unknown = [z for z in zones if z not in sm.zones]
+        if unknown:
+            self.problem(
+                file,
+                where,
+                f"properties.visible_to: unknown zone {unknown[0]!r} (not a CIDR either)",
+            )
+            return 0
+        return self.policy.add(zones, nets)
 
     def _add_prefix(
         self,
@@ -496,6 +530,10 @@ class _Builder:
                     continue
                 static_ids[dev.id] = file
                 statics.append((dev, place))
+                if "visible_to" in props:
+                    bits = self._visibility(sm, file, where, props["visible_to"])
+                    if bits:
+                        self.policy.device_rules[dev.id] = bits
                 continue
             if "static" in props and props["static"] is not False:
                 self.problem(file, where, "properties.static: expected true or false")
@@ -526,7 +564,31 @@ class _Builder:
             place = self._placement(sm, file, where, props, lonlat, PlacementMethod.PIN)
             if place is None:
                 continue
-            pins.append(Pin(key, normalise_pin(key, value), place, network, file, where))
+            restrict = 0
+            if "visible_to" in props:
+                restrict = self._visibility(sm, file, where, props["visible_to"])
+            expect: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+            raw_expect = props.get("subnets", [])
+            if not isinstance(raw_expect, list) or not all(isinstance(c, str) for c in raw_expect):
+                self.problem(file, where, "properties.subnets: expected a list of CIDR strings")
+                continue
+            try:
+                expect = [ipaddress.ip_network(c, strict=False) for c in raw_expect]
+            except ValueError as exc:
+                self.problem(file, where, f"properties.subnets: bad CIDR ({exc})")
+                continue
+            pins.append(
+                Pin(
+                    key,
+                    normalise_pin(key, value),
+                    place,
+                    network,
+                    file,
+                    where,
+                    restrict,
+                    tuple(expect),
+                )
+            )
         sm.pins = tuple(pins)
         sm.static_devices = tuple(statics)
 
