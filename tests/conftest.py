@@ -10,7 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from support import DaemonProcess, write_config
+from lan import Lan, can_run
+from support import DaemonProcess, skip_or_fail, write_config
 
 
 @pytest.fixture
@@ -22,3 +23,16 @@ def demo_daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
         yield d
     finally:
         d.stop()
+
+
+@pytest.fixture(scope="session")
+def lan() -> Iterator[Lan]:
+    """An isolated namespace LAN (tests/lan.py), shared by the session; skip or fail without root."""
+    reason = can_run()
+    if reason:
+        skip_or_fail(f"cannot build the test LAN: {reason}")
+    net = Lan(n_hosts=8).up()
+    try:
+        yield net
+    finally:
+        net.down()

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from nearestd.core.discovery import (
     SUBTYPES,
     Change,
     Merger,
+    ServiceKey,
     ServiceRecord,
     base_type,
     clean_text,
@@ -59,6 +61,8 @@ UPKEEP_SECONDS = 0.25
 TOUCH_SECONDS = 2.0
 LOGGED_MAX = 20000
 
+IP_MULTICAST_ALL = 49  # Linux <linux/in.h>
+IPV6_MULTICAST_ALL = 29  # Linux <linux/in6.h>
 InterfaceSpec = str | int | tuple[tuple[str, int, int], int]
 
 
@@ -66,11 +70,12 @@ class DiscoveryError(Exception):
     """Discovery cannot start as configured."""
 
 
-def resolve_interfaces(names: list[str], ipv6: bool) -> list[InterfaceSpec]:
+def resolve_interfaces(names: list[str], ipv6: bool) -> dict[str, list[InterfaceSpec]]:
     """Turn ``[discovery] interfaces`` (names or addresses) into python-zeroconf's form."""
     adapters = ifaddr.get_adapters()
-    out: list[InterfaceSpec] = []
+    links: dict[str, list[InterfaceSpec]] = {}
     for entry in names:
+        out = links.setdefault(entry, [])
         try:
             ip = ipaddress.ip_address(entry.split("%", 1)[0])
         except ValueError:
@@ -107,25 +112,44 @@ def resolve_interfaces(names: list[str], ipv6: bool) -> list[InterfaceSpec]:
             raise DiscoveryError(
                 f"[discovery] interfaces: {entry!r} has no IPv4 address (and ipv6 is false)"
             )
-    if not out:
+    if not links:
         raise DiscoveryError("[discovery] interfaces: empty; there is no default interface")
-    return out
+    return links
 
 
 class _Heard(RecordUpdateListener):
-    """Notes every record heard, so that answering devices stay."""
+    """Notes every record heard on one link, so that answering devices stay."""
 
-    def __init__(self, on_heard: Callable[[str], None]) -> None:
+    def __init__(self, link: str, on_heard: Callable[[str, str], None]) -> None:
+        self._link = link
         self._on_heard = on_heard
 
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
         for update in records:
             rec = update.new
             alias = getattr(rec, "alias", None)
-            self._on_heard(alias if isinstance(alias, str) else rec.name)
+            self._on_heard(self._link, alias if isinstance(alias, str) else rec.name)
 
     def async_update_records_complete(self) -> None:
         return None
+
+
+def open_link(specs: list[InterfaceSpec], ipv6: bool) -> AsyncZeroconf:
+    """Open python-zeroconf on one link's addresses, deaf to every other link."""
+    aiozc = AsyncZeroconf(
+        interfaces=specs,
+        ip_version=IPVersion.All if ipv6 else IPVersion.V4Only,
+    )
+    # The shared wildcard socket would otherwise receive the groups joined by any socket
+    # of this host (Linux IP_MULTICAST_ALL defaults to 1), i.e. other links' traffic.
+    listen = getattr(aiozc.zeroconf.engine, "_listen_socket", None)
+    if isinstance(listen, socket.socket):
+        with contextlib.suppress(OSError):
+            if listen.family == socket.AF_INET:
+                listen.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
+            else:
+                listen.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+    return aiozc
 
 
 class MdnsDiscovery:
@@ -144,44 +168,48 @@ class MdnsDiscovery:
         self.events: Counter[str] = Counter()
         self.problems: Counter[str] = Counter()
         self.error: str | None = None
-        self._logged: set[tuple[str, str]] = set()
-        self._epoch: dict[tuple[str, str], int] = {}
-        self._pending: dict[tuple[str, str], asyncio.Task[None]] = {}
-        self._again: set[tuple[str, str]] = set()
+        self._logged: set[tuple[ServiceKey, str]] = set()
+        self._epoch: dict[ServiceKey, int] = {}
+        self._pending: dict[ServiceKey, asyncio.Task[None]] = {}
+        self._again: set[ServiceKey] = set()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._aiozc: AsyncZeroconf | None = None
+        self._links: dict[str, AsyncZeroconf] = {}
+        self._listeners: dict[str, _Heard] = {}
         self._browsers: list[AsyncServiceBrowser] = []
-        self._listener = _Heard(self._on_heard)
         self._upkeep_task: asyncio.Task[None] | None = None
         self._overflow_logged = False
         self._touched = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
-        """Open the mDNS sockets and start browsing; log and stay off on a bad config."""
+        """Open mDNS sockets on each configured link and browse; log and stay off on error."""
         loop = asyncio.get_running_loop()
+        self.error = None
         try:
-            interfaces = await loop.run_in_executor(
+            links = await loop.run_in_executor(
                 None, resolve_interfaces, list(self.cfg.interfaces), self.cfg.ipv6
             )
-            self._aiozc = AsyncZeroconf(
-                interfaces=interfaces,
-                ip_version=IPVersion.All if self.cfg.ipv6 else IPVersion.V4Only,
-            )
+            for link, specs in links.items():
+                self._links[link] = open_link(specs, self.cfg.ipv6)
         except (DiscoveryError, OSError, ValueError) as exc:
             self.error = str(exc)
             LOG.error("discovery not started", extra={"error": self.error})
+            await self.stop()
             return
-        zc = self._aiozc.zeroconf
-        zc.async_add_listener(self._listener, None)
-        self._browsers = [
-            AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._on_service]),
-            AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._on_subtype]),
-        ]
+        # One python-zeroconf per link: instance names are unique only per link, and one
+        # shared cache would let a cache flush on one link erase a record from another.
+        for link, aiozc in self._links.items():
+            zc = aiozc.zeroconf
+            self._listeners[link] = _Heard(link, self._on_heard)
+            zc.async_add_listener(self._listeners[link], None)
+            self._browsers += [
+                AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._handler(link)]),
+                AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._flag_handler(link)]),
+            ]
         self._upkeep_task = asyncio.create_task(self._upkeep(), name="mdns-upkeep")
         LOG.info(
             "discovery started",
-            extra={"interfaces": ",".join(map(str, interfaces)), "types": len(BASE_TYPES)},
+            extra={"interfaces": ",".join(self._links), "types": len(BASE_TYPES)},
         )
 
     async def stop(self) -> None:
@@ -190,21 +218,26 @@ class MdnsDiscovery:
             self._upkeep_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._upkeep_task
+            self._upkeep_task = None
         for task in list(self._tasks):
             task.cancel()
         for browser in self._browsers:
             with contextlib.suppress(Exception):
                 await browser.async_cancel()
         self._browsers = []
-        if self._aiozc is not None:
-            self._aiozc.zeroconf.async_remove_listener(self._listener)
-            await self._aiozc.async_close()
-            self._aiozc = None
+        for link, aiozc in self._links.items():
+            listener = self._listeners.pop(link, None)
+            if listener is not None:
+                aiozc.zeroconf.async_remove_listener(listener)
+            await aiozc.async_close()
+        self._links = {}
+        self._pending.clear()
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""
         return {
-            "running": self._aiozc is not None,
+            "running": bool(self._links),
+            "interfaces": list(self._links),
             "error": self.error,
             "services": len(self.merger.services),
             "devices": len(self.merger),
@@ -214,41 +247,43 @@ class MdnsDiscovery:
         }
 
     # ---- browser events --------------------------------------------------------------------
+    def _handler(self, link: str) -> Callable[..., None]:
+        def on_service(
+            zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+        ) -> None:
+            self._on_service(link, service_type, name, state_change)
+
+        return on_service
+
+    def _flag_handler(self, link: str) -> Callable[..., None]:
+        def on_subtype(
+            zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+        ) -> None:
+            flag = SUBTYPE_FLAGS.get(service_type.lower())
+            if flag is not None:
+                present = state_change is not ServiceStateChange.Removed
+                self._apply(self.merger.set_flag(link, name, flag, present), "updated")
+
+        return on_subtype
+
     def _on_service(
-        self,
-        zeroconf: Zeroconf,
-        service_type: str,
-        name: str,
-        state_change: ServiceStateChange,
+        self, link: str, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        key = (base_type(service_type), name.lower())
+        key = (link, base_type(service_type), name.lower())
         if state_change is ServiceStateChange.Removed:
             self._epoch[key] = self._epoch.get(key, 0) + 1
             pending = self._pending.pop(key, None)
             if pending is not None:
                 pending.cancel()
             self.events["goodbye"] += 1
-            self._apply(self.merger.remove(service_type, name), "removed")
+            self._apply(self.merger.remove(link, service_type, name), "removed")
             return
-        self._schedule(service_type, name)
+        self._schedule(link, service_type, name)
         if state_change is ServiceStateChange.Updated:
-            self._spawn(self._resolve_later(service_type, name, key, self._epoch.get(key, 0)))
+            self._spawn(self._resolve_later(link, service_type, name, self._epoch.get(key, 0)))
 
-    def _on_subtype(
-        self,
-        zeroconf: Zeroconf,
-        service_type: str,
-        name: str,
-        state_change: ServiceStateChange,
-    ) -> None:
-        flag = SUBTYPE_FLAGS.get(service_type.lower())
-        if flag is None:
-            return
-        present = state_change is not ServiceStateChange.Removed
-        self._apply(self.merger.set_flag(name, flag, present), "updated")
-
-    def _on_heard(self, name: str) -> None:
-        self.merger.hear(name, self.clock())
+    def _on_heard(self, link: str, name: str) -> None:
+        self.merger.hear(link, name, self.clock())
 
     # ---- resolving -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
@@ -257,34 +292,39 @@ class MdnsDiscovery:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _schedule(self, type_: str, name: str) -> None:
-        key = (base_type(type_), name.lower())
+    def _schedule(self, link: str, type_: str, name: str) -> None:
+        key = (link, base_type(type_), name.lower())
         if key in self._pending:
             self._again.add(key)
             return
-        self._pending[key] = self._spawn(self._resolve(type_, name, key))
+        self._pending[key] = self._spawn(self._resolve(link, type_, name, key))
 
-    async def _resolve_later(self, type_: str, name: str, key: tuple[str, str], epoch: int) -> None:
+    async def _resolve_later(self, link: str, type_: str, name: str, epoch: int) -> None:
         await asyncio.sleep(RESOLVE_AGAIN_AFTER)
+        key = (link, base_type(type_), name.lower())
         if self._epoch.get(key, 0) == epoch and key in self.merger.services:
-            self._schedule(type_, name)
+            self._schedule(link, type_, name)
 
-    async def _resolve(self, type_: str, name: str, key: tuple[str, str]) -> None:
+    async def _resolve(self, link: str, type_: str, name: str, key: ServiceKey) -> None:
         try:
             while True:
                 epoch = self._epoch.get(key, 0)
-                await self._resolve_once(type_, name, key, epoch)
+                await self._resolve_once(link, type_, name, key, epoch)
                 if key not in self._again:
                     return
                 self._again.discard(key)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             LOG.exception("resolve failed", extra={"service": clean_text(name, 80)})
         finally:
             if self._pending.get(key) is asyncio.current_task():
                 del self._pending[key]
 
-    async def _resolve_once(self, type_: str, name: str, key: tuple[str, str], epoch: int) -> None:
-        aiozc = self._aiozc
+    async def _resolve_once(
+        self, link: str, type_: str, name: str, key: ServiceKey, epoch: int
+    ) -> None:
+        aiozc = self._links.get(link)
         if aiozc is None:
             return
         info = AsyncServiceInfo(type_, name)
@@ -304,6 +344,7 @@ class MdnsDiscovery:
             txt=tuple(strings),
             txt_problems=tuple(wire_problems),
             priority=int(info.priority or 0),
+            interface=link,
         )
         changes, parsed = self.merger.upsert(record, self.clock())
         if parsed is None:
@@ -318,16 +359,16 @@ class MdnsDiscovery:
             self._problem(key, kind, detail)
         self._apply(changes, "updated")
 
-    def _problem(self, key: tuple[str, str], kind: str, detail: str) -> None:
-        if (key[1], kind) in self._logged:
+    def _problem(self, key: ServiceKey, kind: str, detail: str) -> None:
+        if (key, kind) in self._logged:
             return
         if len(self._logged) >= LOGGED_MAX:
             self._logged.clear()
-        self._logged.add((key[1], kind))
+        self._logged.add((key, kind))
         self.problems[kind] += 1
         LOG.warning(
             "broken TXT record; keeping what parsed",
-            extra={"service": clean_text(key[1], 120), "problem": kind, "detail": detail},
+            extra={"service": clean_text(key[2], 120), "problem": kind, "detail": detail},
         )
 
     def _apply(self, changes: list[Change], why: str) -> None:
@@ -359,14 +400,14 @@ class MdnsDiscovery:
         """Expire silent services and ask the quiet ones whether they are still there."""
         expire_after = float(self.cfg.expire_after)
         self._apply(self.merger.expire(now, expire_after), "expired")
-        probes = self.merger.due_probes(now, max(expire_after / 3.0, 0.5))
-        aiozc = self._aiozc
-        if probes and aiozc is not None:
-            out = DNSOutgoing(_FLAGS_QR_QUERY)
-            for _type, name in probes:
+        queries: dict[str, DNSOutgoing] = {}
+        for link, _type, name in self.merger.due_probes(now, max(expire_after / 3.0, 0.5)):
+            if link in self._links:
+                out = queries.setdefault(link, DNSOutgoing(_FLAGS_QR_QUERY))
                 out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
-            aiozc.zeroconf.async_send(out)
-            self.events["probes"] += len(probes)
+                self.events["probes"] += 1
+        for link, out in queries.items():
+            self._links[link].zeroconf.async_send(out)
         if now - self._touched >= TOUCH_SECONDS:
             self._touched = now
             for device_id, heard in self.merger.device_heard().items():

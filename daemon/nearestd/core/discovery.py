@@ -27,7 +27,8 @@ import ipaddress
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from nearest_wire import PAPER_CLASSES
 from nearestd.core.model import Capabilities, Device, DeviceKind, Endpoint
@@ -81,7 +82,6 @@ class Problem:
     NON_UTF8 = "non-utf8-value"
     BAD_PAPER = "bad-papermax"
     BAD_BOOL = "bad-boolean"
-    LONG_VALUE = "value-truncated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +204,9 @@ def host_of(server: str | None) -> str | None:
     return server.rstrip(".").lower() or None
 
 
+ServiceKey = tuple[str, str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceRecord:
     """One resolved DNS-SD service instance of a base type."""
@@ -217,6 +220,7 @@ class ServiceRecord:
     txt_problems: tuple[tuple[str, str], ...] = ()
     flags: frozenset[str] = frozenset()
     priority: int = 50
+    interface: str = ""
 
     @property
     def base(self) -> str:
@@ -229,9 +233,9 @@ class ServiceRecord:
         return instance_of(self.name, self.type)
 
     @property
-    def key(self) -> tuple[str, str]:
-        """Return the identity of this service: base type and lower-cased name."""
-        return (self.base, self.name.lower())
+    def key(self) -> ServiceKey:
+        """Return the identity of this service: interface, base type, lower-cased name."""
+        return (self.interface, self.base, self.name.lower())
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,9 +251,9 @@ class Parsed:
     problems: tuple[tuple[str, str], ...]
 
     @property
-    def name_key(self) -> tuple[str, str]:
-        """Return (instance, host) in lower case, the fallback merge key."""
-        return (self.record.instance.casefold(), self.record.host or "")
+    def name_key(self) -> tuple[str, str, str]:
+        """Return (instance, host, interface), the fallback merge key: names are per link."""
+        return (self.record.instance.casefold(), self.record.host or "", self.record.interface)
 
 
 def kind_of(base: str) -> DeviceKind | None:
@@ -277,10 +281,6 @@ def analyse(record: ServiceRecord) -> Parsed:
     for key in ("color", "duplex"):
         if txt.values.get(key) is not None and txt.flag(key) is None:
             problems.append((Problem.BAD_BOOL, f"key {key!r}: expected T or F"))
-    for key in ("note", "ty"):
-        raw = txt.values.get(key)
-        if raw is not None and len(raw) > TEXT_MAX:
-            problems.append((Problem.LONG_VALUE, f"key {key!r}"))
     return Parsed(
         record=record,
         txt=txt,
@@ -459,19 +459,17 @@ class Merger:
     """Live services by key, grouped into devices; bounded by ``max_devices``."""
 
     max_devices: int = 5000
-    services: dict[tuple[str, str], Parsed] = field(default_factory=dict)
-    _group_of: dict[tuple[str, str], tuple[DeviceKind, GroupKey]] = field(default_factory=dict)
-    _groups: dict[tuple[DeviceKind, GroupKey], set[tuple[str, str]]] = field(default_factory=dict)
-    _by_name: dict[tuple[DeviceKind, bool, str, str], set[tuple[str, str]]] = field(
-        default_factory=dict
-    )
-    _devices: dict[tuple[DeviceKind, GroupKey], Device] = field(default_factory=dict)
-    flags: dict[str, set[str]] = field(default_factory=dict)
+    services: dict[ServiceKey, Parsed] = field(default_factory=dict)
+    flags: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    heard: dict[ServiceKey, float] = field(default_factory=dict)
     refused: int = 0
-    heard: dict[tuple[str, str], float] = field(default_factory=dict)
-    _probed: dict[tuple[str, str], float] = field(default_factory=dict)
-    _by_full_name: dict[str, tuple[str, str]] = field(default_factory=dict)
-    _by_host: dict[str, set[tuple[str, str]]] = field(default_factory=dict)
+    _group_of: dict[ServiceKey, tuple[DeviceKind, GroupKey]] = field(default_factory=dict)
+    _groups: dict[tuple[DeviceKind, GroupKey], set[ServiceKey]] = field(default_factory=dict)
+    _by_name: dict[tuple[Any, ...], set[ServiceKey]] = field(default_factory=dict)
+    _devices: dict[tuple[DeviceKind, GroupKey], Device] = field(default_factory=dict)
+    _probed: dict[ServiceKey, float] = field(default_factory=dict)
+    _by_full_name: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
+    _by_host: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -480,62 +478,50 @@ class Merger:
         """Return every device the live services make."""
         return list(self._devices.values())
 
-    def device_of(self, key: tuple[str, str]) -> Device | None:
+    def device_of(self, key: ServiceKey) -> Device | None:
         """Return the device a service belongs to."""
         g = self._group_of.get(key)
         return None if g is None else self._devices.get(g)
 
-    def set_flag(self, name: str, flag: str, present: bool) -> list[Change]:
-        """Note a subtype flag (``universal``, ``print``, ``cups``) for an instance name."""
-        lname = name.lower()
-        current = self.flags.setdefault(lname, set())
+    def set_flag(self, interface: str, name: str, flag: str, present: bool) -> list[Change]:
+        """Note a subtype flag (``universal``, ``print``, ``cups``) for a service name."""
+        fkey = (interface, name.lower())
+        current = self.flags.setdefault(fkey, set())
         if (flag in current) == present:
+            if not current:
+                del self.flags[fkey]
             return []
         if present:
             current.add(flag)
         else:
             current.discard(flag)
             if not current:
-                del self.flags[lname]
+                del self.flags[fkey]
         changes: list[Change] = []
-        for key, parsed in list(self.services.items()):
-            if key[1] == lname:
-                rec = parsed.record
-                changes += self.upsert(
-                    ServiceRecord(
-                        rec.type,
-                        rec.name,
-                        rec.host,
-                        rec.port,
-                        rec.addresses,
-                        rec.txt,
-                        rec.txt_problems,
-                        frozenset(self.flags.get(lname, ())),
-                        rec.priority,
-                    )
-                )[0]
+        for key in list(self._by_full_name.get(fkey, ())):
+            rec = self.services[key].record
+            changes += self.upsert(replace(rec, flags=frozenset(self.flags.get(fkey, ()))))[0]
         return changes
 
     # ---- liveness ------------------------------------------------------------------------
-    def hear(self, record_name: str, now: float) -> None:
+    def hear(self, interface: str, record_name: str, now: float) -> None:
         """Note that a record named ``record_name`` (a service or a host) was just heard."""
-        low = record_name.lower()
-        key = self._by_full_name.get(low)
-        if key is not None:
-            self.heard[key] = now
-            return
-        for k in self._by_host.get(low.rstrip("."), ()):
+        low = (interface, record_name.lower())
+        keys = self._by_full_name.get(low)
+        if keys is None:
+            keys = self._by_host.get((interface, low[1].rstrip(".")))
+        for k in keys or ():
             self.heard[k] = now
 
-    def due_probes(self, now: float, interval: float) -> list[tuple[str, str]]:
-        """Return (type, name) of services silent for ``interval`` and not probed since."""
+    def due_probes(self, now: float, interval: float) -> list[tuple[str, str, str]]:
+        """Return (interface, type, name) of services silent for ``interval``, not yet asked."""
         out = []
         for key, p in self.services.items():
             if now - self.heard.get(key, now) >= interval and (
                 now - self._probed.get(key, -1e18) >= interval
             ):
                 self._probed[key] = now
-                out.append((p.record.type, p.record.name))
+                out.append((p.record.interface, p.record.type, p.record.name))
         return out
 
     def device_heard(self) -> dict[str, float]:
@@ -553,51 +539,41 @@ class Merger:
         for key in [k for k, t in self.heard.items() if expired(t, now, expire_after)]:
             p = self.services.get(key)
             if p is not None:
-                changes += self.remove(p.record.type, p.record.name)
+                changes += self.remove(p.record.interface, p.record.type, p.record.name)
         return changes
 
     def upsert(
         self, record: ServiceRecord, now: float | None = None
     ) -> tuple[list[Change], Parsed | None]:
         """Add or replace a service; return the device changes and the parsed service."""
-        flags = frozenset(self.flags.get(record.name.lower(), ())) | record.flags
-        if flags != record.flags:
-            record = ServiceRecord(
-                record.type,
-                record.name,
-                record.host,
-                record.port,
-                record.addresses,
-                record.txt,
-                record.txt_problems,
-                flags,
-                record.priority,
-            )
+        flags = frozenset(self.flags.get((record.interface, record.name.lower()), ()))
+        if not flags <= record.flags:
+            record = replace(record, flags=record.flags | flags)
         parsed = analyse(record)
         if parsed.kind is None:
             return [], None
         key = record.key
         old = self.services.get(key)
-        if now is not None and (old is not None or not self._would_overflow(parsed)):
-            self.heard[key] = now
-        if old is not None and old.record == record:
-            return [], parsed
         if old is None and self._would_overflow(parsed):
             self.refused += 1
             return [], None
+        if now is not None:
+            self.heard[key] = now
+        if old is not None and old.record == record:
+            return [], parsed
         affected = self._detach(key)
         self.services[key] = parsed
-        self._by_full_name[record.name.lower()] = key
+        self._by_full_name.setdefault((record.interface, record.name.lower()), set()).add(key)
         if record.host:
-            self._by_host.setdefault(record.host, set()).add(key)
+            self._by_host.setdefault((record.interface, record.host), set()).add(key)
         self._by_name.setdefault(self._name_index(parsed), set()).add(key)
         affected |= self._siblings(parsed)
         affected.add(key)
         return self._regroup(affected), parsed
 
-    def remove(self, type_: str, name: str) -> list[Change]:
+    def remove(self, interface: str, type_: str, name: str) -> list[Change]:
         """Forget a service (goodbye or expiry); return the device changes."""
-        key = (base_type(type_), name.lower())
+        key = (interface, base_type(type_), name.lower())
         if key not in self.services:
             return []
         affected = self._detach(key)
@@ -609,15 +585,18 @@ class Merger:
     def clear(self) -> list[Change]:
         """Forget everything; return the removals."""
         changes = [Change(d.id, None) for d in self._devices.values()]
-        self.services.clear()
-        self._group_of.clear()
-        self._groups.clear()
-        self._by_name.clear()
-        self._devices.clear()
-        self.heard.clear()
-        self._probed.clear()
-        self._by_full_name.clear()
-        self._by_host.clear()
+        for table in (
+            self.services,
+            self._group_of,
+            self._groups,
+            self._by_name,
+            self._devices,
+            self.heard,
+            self._probed,
+            self._by_full_name,
+            self._by_host,
+        ):
+            table.clear()
         return changes
 
     # ---- internals -----------------------------------------------------------------------
@@ -628,30 +607,30 @@ class Merger:
         return self._group_key(parsed) not in self._groups
 
     @staticmethod
-    def _name_index(p: Parsed) -> tuple[DeviceKind, bool, str, str]:
-        assert p.kind is not None
+    def _name_index(p: Parsed) -> tuple[Any, ...]:
         return (p.kind, p.is_queue, *p.name_key)
 
-    def _siblings(self, p: Parsed) -> set[tuple[str, str]]:
+    def _siblings(self, p: Parsed) -> set[ServiceKey]:
         return set(self._by_name.get(self._name_index(p), ()))
 
-    def _detach(self, key: tuple[str, str]) -> set[tuple[str, str]]:
-        """Take a service out of its name index; return it and the services near it."""
+    @staticmethod
+    def _unindex(index: dict[Any, set[ServiceKey]], at: Any, key: ServiceKey) -> set[ServiceKey]:
+        keys = index.get(at, set())
+        keys.discard(key)
+        if not keys:
+            index.pop(at, None)
+        return keys
+
+    def _detach(self, key: ServiceKey) -> set[ServiceKey]:
+        """Take a service out of its indexes; return it and the services near it."""
         old = self.services.get(key)
         if old is None:
             return set()
-        self._by_full_name.pop(old.record.name.lower(), None)
-        if old.record.host:
-            on_host = self._by_host.get(old.record.host)
-            if on_host is not None:
-                on_host.discard(key)
-                if not on_host:
-                    del self._by_host[old.record.host]
-        idx = self._name_index(old)
-        sibs = self._by_name.get(idx, set())
-        sibs.discard(key)
-        if not sibs:
-            self._by_name.pop(idx, None)
+        rec = old.record
+        self._unindex(self._by_full_name, (rec.interface, rec.name.lower()), key)
+        if rec.host:
+            self._unindex(self._by_host, (rec.interface, rec.host), key)
+        sibs = set(self._unindex(self._by_name, self._name_index(old), key))
         affected = {key} | sibs
         g = self._group_of.get(key)
         if g is not None:
@@ -668,7 +647,7 @@ class Merger:
             return (p.kind, ("u", q, uuids[0]))
         return (p.kind, ("n", q, *p.name_key))
 
-    def _regroup(self, affected: set[tuple[str, str]]) -> list[Change]:
+    def _regroup(self, affected: set[ServiceKey]) -> list[Change]:
         touched: set[tuple[DeviceKind, GroupKey]] = set()
         for key in affected:
             g = self._group_of.pop(key, None)
