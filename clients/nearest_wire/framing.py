@@ -110,6 +110,10 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
 
 
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, msgpack.FormatError):
+        return "invalid data (a reserved or unknown type byte)"
+    if isinstance(exc, msgpack.StackError):
+        return f"nesting deeper than {MAX_DEPTH} levels"
     text = str(exc) or type(exc).__name__
     if "exceeds max_str_len" in text or "exceeds max_bin_len" in text:
         return f"string longer than {MAX_STR} bytes"
