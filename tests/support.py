@@ -142,7 +142,8 @@ class DaemonProcess:
 
     def logs(self) -> str:
         """Return what the daemon logged so far."""
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def signal(self, sig: int) -> None:

@@ -11,7 +11,10 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from nearestd.adapters.metrics import MetricsExporter
+from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
+from nearestd.adapters.systemd import Notifier, status_line
 from nearestd.config import ConfigError
 from nearestd.loader import World, load_world
 from nearestd.service import Service
@@ -19,6 +22,8 @@ from nearestd.service import Service
 LOG = logging.getLogger("nearestd")
 TICK_SECONDS = 0.5
 SHUTDOWN_GRACE = 3.0
+# SIGTERM to exit stays under 5 s even when an adapter hangs in its stop hook.
+STOP_BUDGET = 3.5
 
 
 def new_key() -> bytes:
@@ -52,10 +57,17 @@ class Daemon:
         self.starters: list[Callable[[Daemon], Awaitable[None]]] = []
         self.stoppers: list[Callable[[Daemon], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[Daemon], None]] = []
+        self.last_reload_ok = True
+        self.notifier = Notifier.from_environment()
+        self.snapshots = InventorySnapshots(self.service)
+        self.metrics = MetricsExporter(self)
         if world.config.discovery.enabled:
             from nearestd.adapters.mdns import attach_mdns
 
             attach_mdns(self)
+        from nearestd.adapters.poller import attach_poller
+
+        self.poller = attach_poller(self)
 
     @property
     def config(self):  # type: ignore[no-untyped-def]
@@ -65,6 +77,7 @@ class Daemon:
     async def start(self) -> None:
         """Open the sockets and start the background tasks."""
         cfg = self.world.config
+        self.snapshots.restore(time.time())
         for url in cfg.daemon.listen:
             if url.startswith("unix://"):
                 url = f"unix://{cfg.resolve(url[7:])}"
@@ -78,6 +91,8 @@ class Daemon:
                 )
             )
         self._spawn(self._ticker(), "ticker")
+        self._spawn(self.snapshots.run(), "snapshots")
+        await self.metrics.start()
         for starter in self.starters:
             await starter(self)
         LOG.info(
@@ -88,6 +103,9 @@ class Daemon:
                 "devices": len(self.service.table),
             },
         )
+        if self.notifier.enabled:
+            self._spawn(self.notifier.keepalive(lambda: status_line(self.service)), "watchdog")
+            self.notifier.ready(status_line(self.service))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -108,6 +126,7 @@ class Daemon:
             world = load_world(self.config_path)
         except ConfigError as exc:
             self.reloads_failed += 1
+            self.last_reload_ok = False
             for problem in exc.problems:
                 LOG.error("reload refused", extra={"problem": problem})
             return exc.problems
@@ -117,7 +136,9 @@ class Daemon:
         for hook in self.reload_hooks:
             hook(self)
         self.reloads_ok += 1
+        self.last_reload_ok = True
         self.last_reload = time.time()
+        self.notifier.status(status_line(self.service))
         LOG.info(
             "reloaded",
             extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
@@ -134,13 +155,22 @@ class Daemon:
 
     async def stop(self) -> None:
         """Stop accepting, finish what is in flight, stop the adapters."""
+        self.notifier.stopping()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_BUDGET
         await self.sockets.stop_accepting()
+        try:
+            await asyncio.wait_for(self.snapshots.flush(), 1.0)
+        except Exception:
+            LOG.exception("inventory snapshot not written at shutdown")
         for stopper in reversed(self.stoppers):
             try:
-                await asyncio.wait_for(stopper(self), SHUTDOWN_GRACE)
+                grace = min(SHUTDOWN_GRACE, deadline - loop.time())
+                await asyncio.wait_for(stopper(self), max(0.1, grace))
             except Exception:
                 LOG.exception("adapter stop failed")
-        await self.sockets.drain(1.0)
+        await self.sockets.drain(max(0.1, min(1.0, deadline - loop.time())))
+        await self.metrics.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

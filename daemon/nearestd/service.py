@@ -30,13 +30,15 @@ from nearest_wire.schema import ADMIN_OPS, request_id
 from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.devices import DeviceTable, Record, restriction_of
+from nearestd.core.histogram import Latencies
 from nearestd.core.index import Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, Zone
 from nearestd.core.privacy import LocationLog
 from nearestd.core.resolve import inventory_view, rank
 from nearestd.core.sitemap import SiteMap
-from nearestd.logs import client_label
+from nearestd.core.state import Live, overlay
+from nearestd.logs import client_label, set_ip_mode
 
 LOCAL_HOST = "127.0.0.1"
 LOG = logging.getLogger("nearestd.security")
@@ -72,6 +74,7 @@ class Stats:
 
     queries: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     started: float = 0.0
+    latency: Latencies = field(default_factory=Latencies)
 
 
 def ranking_of(cfg: Config) -> Ranking:
@@ -100,6 +103,8 @@ class Service:
         self._cache: dict[tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]] = {}
         self.reloader: Callable[[], list[str]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
+        # What the poller last found per device; laid over every update from discovery.
+        self.live: dict[str, Live] = {}
         d = cfg.daemon
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
@@ -313,6 +318,7 @@ class Service:
         d = cfg.daemon
         self.limiter.configure(d.rate, d.burst, d.rate_clients)
         self.spikes.threshold = cfg.privacy.spike_per_minute
+        set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
 
     def upsert_device(self, device: Device, now: float) -> str:
@@ -321,6 +327,9 @@ class Service:
         A rogue claim of a pinned identity returns 'quarantined' (once; it is logged
         here with the reason, so callers need not log it again).
         """
+        live = self.live.get(device.id)
+        if live is not None:
+            device = overlay(device, live)
         result = self.table.upsert(device, now)
         if result == "quarantined":
             held = self.table.quarantine.get((device.id, device.addresses))
@@ -329,6 +338,7 @@ class Service:
                 extra={
                     "device": device.id,
                     "source": device.source,
+                    "addresses": ",".join(device.addresses),
                     "reason": held.reason if held else "",
                 },
             )
@@ -343,7 +353,20 @@ class Service:
 
     def remove_device(self, device_id: str) -> bool:
         """Remove a discovered device."""
-        return self.table.remove(device_id)
+        removed = self.table.remove(device_id)
+        if removed:
+            self.live.pop(device_id, None)
+        return removed
+
+    def set_live(self, device_id: str, live: Live) -> str:
+        """Lay a poll's finding over a device; return what changed, or 'gone'."""
+        rec = self.table.get(device_id)
+        if rec is None:
+            self.live.pop(device_id, None)
+            return "gone"
+        self.live[device_id] = live
+        # A poll is not a sighting: it must not keep a device discovery lost from expiring.
+        return self.table.upsert(overlay(rec.device, live), rec.last_seen)
 
     def tick(self, now: float) -> None:
         """Run time-driven upkeep: privacy purge and key rotation."""

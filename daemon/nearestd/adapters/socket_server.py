@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
@@ -89,6 +90,7 @@ class QueryProtocol(asyncio.Protocol):
         self.peer: Peer | None = None
         self.last_activity = conns.clock()
         self.frame_started: float | None = None
+        self.latency = service.stats.latency.for_interface(interface)
         self._closing = False
         self._pending: deque[bytes | FrameTooLarge] = deque()
         self._write_paused = False
@@ -168,8 +170,10 @@ class QueryProtocol(asyncio.Protocol):
                 break
             try:
                 if i < granted:
+                    started = perf_counter()
                     reply = service.handle_payload(item, peer, wall)
                     out.append(encode_frame(reply))
+                    self.latency.observe(perf_counter() - started)
                 else:
                     out.append(encode_frame(service.rate_limited_reply(item, peer)))
             except Exception:

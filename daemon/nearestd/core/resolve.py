@@ -30,6 +30,10 @@ def device_view(record: Record, hit: Hit | None = None) -> dict[str, Any]:
     }
     if d.state_reasons:
         out["state_reasons"] = list(d.state_reasons)
+    if not d.accepting_jobs:
+        out["accepting_jobs"] = False
+    if d.supplies:
+        out["supplies"] = [s.to_wire() for s in d.supplies]
     if hit is not None:
         out["distance_m"] = round(hit.cost, 2)
     if d.origin:

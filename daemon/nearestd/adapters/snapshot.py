@@ -1,0 +1,235 @@
+"""Warm restart: the discovered-device inventory, saved in ``state_dir`` and read at start.
+
+The file is replaced atomically (temporary file, fsync, rename, fsync of the
+directory), at most once per debounce period after a change, and once more at
+shutdown. Restored devices are marked stale: they are answered at once, and lose
+the mark when discovery hears of them again; those it does not hear of within
+``[discovery] expire_after`` are dropped here. This module is the only writer under
+``state_dir``; nothing about clients is ever written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from nearestd.core.inventory import (
+    MAX_BYTES,
+    InventoryError,
+    Saved,
+    decode_inventory,
+    encode_inventory,
+)
+from nearestd.core.model import Device, DeviceState
+from nearestd.service import Service
+
+LOG = logging.getLogger("nearestd.snapshot")
+FILE_NAME = "inventory.json"
+DEBOUNCE = 2.0
+REFRESH = 60.0
+CHECK_EVERY = 0.5
+# Restored devices keep a state only when it makes them unavailable: a printer last
+# seen stopped must not be answered as nearest before it says otherwise.
+_KEPT_STATES = (DeviceState.STOPPED, DeviceState.UNREACHABLE)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file whole."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def restored(device: Device) -> Device:
+    """Return a device as it is served after a restart: stale, state unknown unless unavailable."""
+    state = device.state if device.state in _KEPT_STATES else DeviceState.UNKNOWN
+    return replace(device, stale=True, state=state)
+
+
+class InventorySnapshots:
+    """Saves and restores the non-static devices of a service's table."""
+
+    def __init__(
+        self,
+        service: Service,
+        clock: Callable[[], float] = time.time,
+        debounce: float = DEBOUNCE,
+        refresh: float = REFRESH,
+    ) -> None:
+        self.service = service
+        self.clock = clock
+        self.debounce = debounce
+        self.refresh = refresh
+        self.restored = 0
+        self.expired = 0
+        self.writes_ok = 0
+        self.writes_failed = 0
+        self.last_write = 0.0
+        self._saved_generation: int | None = None
+        self._saved_newest = 0.0
+        self._changed_at: float | None = None
+        self._last_error = ""
+        self._ready = False
+
+    @property
+    def path(self) -> Path:
+        """Return the snapshot file of the current config."""
+        cfg = self.service.cfg
+        return cfg.resolve(cfg.daemon.state_dir) / FILE_NAME
+
+    # ---- start -------------------------------------------------------------------------
+    def restore(self, now: float) -> int:
+        """Read the snapshot and add its devices as stale; return how many. Never raises."""
+        path = self.path
+        try:
+            with path.open("rb") as f:
+                data = f.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            LOG.info("no inventory snapshot", extra={"path": str(path)})
+            self._ready = True
+            return 0
+        except OSError as exc:
+            LOG.warning(
+                "inventory snapshot unreadable; starting empty",
+                extra={"path": str(path), "error": exc.strerror or str(exc)},
+            )
+            self._ready = True
+            return 0
+        try:
+            saved = decode_inventory(data)
+        except InventoryError as exc:
+            LOG.warning(
+                "inventory snapshot ignored", extra={"path": str(path), "problem": str(exc)}
+            )
+            self._ready = True
+            return 0
+        table = self.service.table
+        n = 0
+        for item in saved:
+            existing = table.get(item.device.id)
+            if item.device.source == "static" or existing is not None:
+                continue
+            self.service.upsert_device(restored(item.device), min(item.last_seen, now))
+            n += 1
+        self.restored = n
+        self._ready = True
+        LOG.info("inventory restored", extra={"path": str(path), "devices": n, "stale": n})
+        return n
+
+    # ---- saving ------------------------------------------------------------------------
+    def collect(self) -> list[Saved]:
+        """Return the devices worth saving: every one not declared by a site map."""
+        return [
+            Saved(r.device, r.last_seen)
+            for r in self.service.table.records()
+            if r.device.source != "static"
+        ]
+
+    def _newest(self) -> float:
+        return max(
+            (r.last_seen for r in self.service.table.records() if r.device.source != "static"),
+            default=0.0,
+        )
+
+    def due(self, now: float) -> bool:
+        """Return whether a write is due: a change a debounce period old, or old last-seen times."""
+        if not self._ready:
+            return False
+        if self.service.table.generation != self._saved_generation:
+            if self._changed_at is None:
+                self._changed_at = now
+            return now - self._changed_at >= self.debounce
+        return self._newest() - self._saved_newest >= self.refresh
+
+    async def write(self) -> bool:
+        """Save the inventory now (file I/O off the event loop); return whether it worked."""
+        generation = self.service.table.generation
+        saved = self.collect()
+        newest = max((s.last_seen for s in saved), default=0.0)
+        now = self.clock()
+        path = self.path
+        try:
+            await asyncio.to_thread(_encode_and_write, path, saved, now)
+        except OSError as exc:
+            self.writes_failed += 1
+            error = exc.strerror or str(exc)
+            if error != self._last_error:
+                LOG.error(
+                    "cannot write inventory snapshot", extra={"path": str(path), "error": error}
+                )
+            self._last_error = error
+            self._changed_at = now
+            return False
+        if self._last_error:
+            LOG.info("inventory snapshot written again", extra={"path": str(path)})
+        self._last_error = ""
+        self.writes_ok += 1
+        self.last_write = now
+        self._saved_generation = generation
+        self._saved_newest = newest
+        self._changed_at = None
+        LOG.debug("inventory snapshot written", extra={"devices": len(saved)})
+        return True
+
+    def expire_stale(self, now: float) -> list[str]:
+        """Drop restored devices that discovery has not confirmed within ``expire_after``."""
+        expire_after = float(self.service.cfg.discovery.expire_after)
+        gone = [
+            r.device.id
+            for r in self.service.table.records()
+            if r.device.stale and r.device.source != "static" and now - r.last_seen >= expire_after
+        ]
+        for device_id in gone:
+            self.service.remove_device(device_id)
+        if gone:
+            self.expired += len(gone)
+            LOG.info("stale devices expired", extra={"devices": len(gone)})
+        return gone
+
+    async def run(self) -> None:
+        """Write after changes, debounced; expire unconfirmed stale devices. Runs until cancelled."""
+        while True:
+            await asyncio.sleep(CHECK_EVERY)
+            now = self.clock()
+            try:
+                self.expire_stale(now)
+                if self.due(now):
+                    await self.write()
+            except Exception:
+                LOG.exception("inventory snapshot upkeep failed")
+
+    async def flush(self) -> None:
+        """Write now if anything changed since the last write (at shutdown)."""
+        if self._ready and (
+            self.service.table.generation != self._saved_generation
+            or self._newest() > self._saved_newest
+        ):
+            await self.write()
+
+
+def _encode_and_write(path: Path, saved: list[Saved], now: float) -> None:
+    write_atomically(path, encode_inventory(saved, now))

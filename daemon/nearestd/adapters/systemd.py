@@ -1,0 +1,144 @@
+"""Talks to the service manager with the sd_notify datagram protocol.
+
+The protocol is small enough to speak directly (no library): each message is one
+datagram of newline-separated ``KEY=VALUE`` lines sent to the Unix socket named by
+``$NOTIFY_SOCKET``, where a leading ``@`` means the abstract namespace. Without that
+variable every call is a no-op, so the daemon runs the same outside systemd.
+WATCHDOG pings come from a task on the event loop, so a stuck loop stops them and
+systemd restarts the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping, MutableMapping
+
+from nearestd.service import Service
+
+LOG = logging.getLogger("nearestd.systemd")
+STATUS_EVERY = 10.0
+
+
+def notify_address(value: str) -> str | None:
+    """Return the socket address of a ``NOTIFY_SOCKET`` value, or None if it is unusable."""
+    if value.startswith("@") and len(value) > 1:
+        return "\0" + value[1:]
+    if value.startswith("/"):
+        return value
+    return None
+
+
+def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
+    """Return seconds between WATCHDOG pings (half the timeout), or None when not asked for."""
+    usec = env.get("WATCHDOG_USEC", "")
+    owner = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if owner and (not owner.isdigit() or int(owner) != pid):
+        return None
+    return int(usec) / 2_000_000
+
+
+class Notifier:
+    """Sends sd_notify messages; silent when the daemon is not run by systemd."""
+
+    def __init__(self, address: str | None, watchdog: float | None = None) -> None:
+        self.address = address
+        self.watchdog = watchdog if address else None
+        self.sent = 0
+        self.failed = 0
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    @classmethod
+    def from_environment(cls, env: MutableMapping[str, str] | None = None) -> Notifier:
+        """Read and unset ``NOTIFY_SOCKET`` and the watchdog variables (children must not inherit them)."""
+        if env is None:
+            env = os.environ
+        raw = env.pop("NOTIFY_SOCKET", "")
+        watchdog = watchdog_interval(env, os.getpid())
+        env.pop("WATCHDOG_USEC", None)
+        env.pop("WATCHDOG_PID", None)
+        address = notify_address(raw) if raw else None
+        if raw and address is None:
+            LOG.warning("NOTIFY_SOCKET not understood; not notifying", extra={"value": raw[:80]})
+        return cls(address, watchdog)
+
+    @property
+    def enabled(self) -> bool:
+        """Return whether there is a service manager to tell."""
+        return self.address is not None
+
+    def notify(self, *lines: str) -> bool:
+        """Send one message of ``KEY=VALUE`` lines; return whether it was sent."""
+        if self.address is None:
+            return False
+        message = "\n".join(line.replace("\n", " ") for line in lines).encode()
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto(message, self.address)
+        except OSError as exc:
+            self.failed += 1
+            if not self._warned:
+                LOG.warning("cannot notify the service manager", extra={"error": str(exc)})
+                self._warned = True
+            return False
+        self.sent += 1
+        return True
+
+    def ready(self, status: str) -> bool:
+        """Say the daemon is ready to serve."""
+        return self.notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def status(self, status: str) -> bool:
+        """Update the one-line status ``systemctl status`` shows."""
+        return self.notify(f"STATUS={status}")
+
+    def stopping(self) -> bool:
+        """Say the daemon is shutting down."""
+        return self.notify("STOPPING=1", "STATUS=stopping")
+
+    async def keepalive(self, status: Callable[[], str]) -> None:
+        """Ping the watchdog at half its timeout and refresh STATUS; runs until cancelled."""
+        period = min(self.watchdog or STATUS_EVERY, STATUS_EVERY)
+        last_status = ""
+        since_status = STATUS_EVERY
+        while True:
+            await asyncio.sleep(period)
+            since_status += period
+            if self.watchdog is not None:
+                self.notify("WATCHDOG=1")
+            if since_status >= STATUS_EVERY:
+                since_status = 0.0
+                try:
+                    text = status()
+                except Exception:
+                    LOG.exception("cannot compute the status line")
+                    continue
+                if text != last_status:
+                    self.status(text)
+                    last_status = text
+
+    def close(self) -> None:
+        """Close the socket."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def status_line(service: Service) -> str:
+    """Return the STATUS text: device counts and the site map's size."""
+    total = unlocated = stale = 0
+    for rec in service.table.records():
+        total += 1
+        unlocated += rec.placement is None
+        stale += rec.device.stale
+    return (
+        f"serving {total} devices ({unlocated} unlocated, {stale} stale) "
+        f"in {len(service.sitemap.zones)} zones"
+    )
