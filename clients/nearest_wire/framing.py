@@ -121,7 +121,7 @@ def _why(exc: BaseException) -> str:
         return f"array or map with more than {MAX_ITEMS} items"
     if "ext" in text and "max_ext_len" in text:
         return "extension types are not accepted"
-    if "depth" in text.lower() or isinstance(exc, RecursionError):
+    if "depth" in text.lower() or isinstance(exc, (RecursionError, msgpack.StackError)):
         return f"nesting deeper than {MAX_DEPTH} levels"
     if "Unpack failed" in text or "incomplete" in text.lower() or "insufficient" in text.lower():
         return "truncated or invalid data"

@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
         return check(args.config)
     try:
         cfg = load_config(args.config)
-        setup_logging(cfg.logging.format, args.log_level or cfg.logging.level)
+        setup_logging(cfg.logging.format, args.log_level or cfg.logging.level, cfg.privacy.log_ip)
     except ConfigError:
-        setup_logging("kv", args.log_level or "info")
+        setup_logging("kv", args.log_level or "info", "none")
     from nearestd.app import serve
 
     try:

@@ -1,7 +1,15 @@
 """Logging: one line per event to stderr, key=value or JSON; client IPs never in full.
 
-Every place that would mention a client address calls ``client_label``; it is the one
-spot that decides what of an address may reach a log line.
+Log hygiene is enforced in one place, here, in two layers:
+
+1. Code never hands a client address to a logger except through ``client_label``,
+   which keeps at most the /24 (IPv4) or /48 (IPv6), or nothing with
+   ``log_ip = "none"``.
+2. A backstop filter on the one handler every logger (ours and third parties')
+   writes through: any IP literal in the message or in a field is replaced by its
+   ``client_label``, unless it is already a prefix no finer than /24 or /48. Only the
+   fields named in ``ADDRESS_FIELDS`` (device URIs and addresses, listen and broker
+   URLs: never client data by construction) are left as they are.
 """
 
 from __future__ import annotations
@@ -9,11 +17,22 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 LOG = logging.getLogger("nearestd")
+# Fields whose values are device or infrastructure addresses, never a client's.
+ADDRESS_FIELDS = frozenset(
+    ("uri", "url", "listen", "addresses", "device_address", "broker", "endpoint", "interfaces")
+)
+_IP_CANDIDATE = re.compile(
+    r"(?<![\w.:])("
+    r"\d{1,3}(?:\.\d{1,3}){3}"  # IPv4
+    r"|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\d{1,3}(?:\.\d{1,3}){3})?"  # IPv6
+    r")(?:%[\w.-]+)?(?:/(\d{1,3}))?(?![\w:]|\.\d)"
+)
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -30,6 +49,67 @@ def client_label(ip: str | None, mode: str) -> str:
     if addr.ipv4_mapped is not None:
         return str(ipaddress.ip_network(f"{addr.ipv4_mapped}/24", strict=False))
     return str(ipaddress.ip_network(f"{addr}/48", strict=False))
+
+
+def _keep_or_label(m: re.Match[str], mode: str) -> str:
+    text, bits = m.group(1), m.group(2)
+    try:
+        addr = ipaddress.ip_address(text)
+    except ValueError:
+        return m.group(0)
+    if bits is not None:
+        coarse = 24 if addr.version == 4 else 48
+        try:
+            net = ipaddress.ip_network(f"{text}/{bits}", strict=True)
+        except ValueError:
+            net = None
+        if net is not None and net.prefixlen <= coarse:
+            return m.group(0) if mode != "none" else "-"
+    if addr.is_unspecified:
+        return m.group(0)
+    return client_label(str(addr), mode)
+
+
+def scrub(text: str, mode: str) -> str:
+    """Return text with every IP literal finer than /24 or /48 replaced by its label."""
+    if not any(c.isdigit() for c in text) or ("." not in text and ":" not in text):
+        return text
+    return _IP_CANDIDATE.sub(lambda m: _keep_or_label(m, mode), text)
+
+
+class AddressScrubber(logging.Filter):
+    """Backstop: no full client IP leaves through the handler this filter guards."""
+
+    def __init__(self, mode: str = "truncated") -> None:
+        super().__init__()
+        self.mode = mode
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message and fields; never drop a record."""
+        mode = self.mode
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string must not hide the record
+            message = str(record.msg)
+        clean = scrub(message, mode)
+        if clean != message or record.args:
+            record.msg, record.args = clean, ()
+        for key, value in _fields(record).items():
+            if key in ADDRESS_FIELDS or isinstance(value, (bool, int, float)) or value is None:
+                continue
+            text = str(value)
+            cleaned = scrub(text, mode)
+            if cleaned != text:
+                setattr(record, key, cleaned)
+        return True
+
+
+SCRUBBER = AddressScrubber()
+
+
+def set_ip_mode(mode: str) -> None:
+    """Set what the backstop keeps of an address ("truncated" or "none")."""
+    SCRUBBER.mode = mode
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -86,10 +166,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def setup_logging(fmt: str, level: str) -> None:
-    """Send every logger's records to stderr in the chosen format."""
+def setup_logging(fmt: str, level: str, log_ip: str = "truncated") -> None:
+    """Send every logger's records to stderr in the chosen format, addresses scrubbed."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
+    set_ip_mode(log_ip)
+    handler.addFilter(SCRUBBER)
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)

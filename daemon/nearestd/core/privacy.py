@@ -6,6 +6,11 @@ the core makes no randomness), lives for one retention period, and is kept after
 that only while entries made with it exist; then it is dropped, which makes the
 old pseudonyms unlinkable to anything. Entries older than the retention period are
 purged by ``purge``; the number of entries is capped, oldest dropped first.
+
+Keys are held in a ``bytearray`` that is overwritten with zeros when the key is
+dropped (best effort: CPython may have copied it, e.g. into the HMAC state, which
+is dropped at the same moment). Nothing here logs or returns key material; the
+subject-access export carries no pseudonym either.
 """
 
 from __future__ import annotations
@@ -44,7 +49,18 @@ class LogEntry:
 class _Epoch:
     number: int
     start: float
-    key: bytes | None
+    key: bytearray | None
+    mac: Any = None
+
+    def __post_init__(self) -> None:
+        if self.key is not None:
+            self.mac = hmac.new(self.key, digestmod=hashlib.sha256)
+
+    def destroy(self) -> None:
+        if self.key is not None:
+            self.key[:] = bytes(len(self.key))
+        self.key = None
+        self.mac = None
 
 
 class LocationLog:
@@ -56,7 +72,7 @@ class LocationLog:
         self.retention = retention
         self.max_entries = max_entries
         self._entries: deque[LogEntry] = deque()
-        self._epochs: list[_Epoch] = [_Epoch(0, now, key)]
+        self._epochs: list[_Epoch] = [_Epoch(0, now, bytearray(key))]
         self.dropped = 0
         self.purged = 0
 
@@ -81,14 +97,16 @@ class LocationLog:
         """Start a new key epoch."""
         if len(key) < 32:
             raise ValueError("the pseudonym key must be at least 256 bits")
-        self._epochs.append(_Epoch(self._epochs[-1].number + 1, now, key))
+        self._epochs.append(_Epoch(self._epochs[-1].number + 1, now, bytearray(key)))
         self._drop_unused_keys()
 
     def pseudonym(self, ip: str, epoch: _Epoch | None = None) -> bytes:
         """Return the keyed pseudonym of an IP under the current (or given) key."""
         ep = epoch or self._epochs[-1]
-        assert ep.key is not None
-        return hmac.new(ep.key, ip.encode("ascii"), hashlib.sha256).digest()[:PSEUDONYM_BYTES]
+        assert ep.mac is not None
+        mac = ep.mac.copy()
+        mac.update(ip.encode("ascii"))
+        return mac.digest()[:PSEUDONYM_BYTES]  # type: ignore[no-any-return]
 
     def record(
         self, ip: str, zone: str | None, op: str, devices: tuple[str, ...], now: float
@@ -118,7 +136,7 @@ class LocationLog:
         current = self._epochs[-1].number
         for ep in self._epochs:
             if ep.number != current and ep.number not in live:
-                ep.key = None
+                ep.destroy()
         self._epochs = [ep for ep in self._epochs if ep.key is not None]
 
     def _matching(self, ip: str) -> dict[int, bytes]:
