@@ -13,6 +13,7 @@ have ippeveprinter || need="$need cups-ipp-utils"
 have cupsd || need="$need cups-daemon"
 have lpadmin || need="$need cups-client"
 have promtool || need="$need prometheus"
+have systemd-analyze || need="$need systemd"
 have ip || need="$need iproute2"
 have unshare || need="$need util-linux"
 [ -z "$need" ] && exit 0
