@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck unit test-deps bench fuzz check clean
+.PHONY: run test lint typecheck unit test-deps bench fuzz check clean docs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,6 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .run .state .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+docs: $(STAMP)
+	$(BIN)/python scripts/config_docs.py

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 from nearestd.core.index import Entry, SpatialIndex, caps_mask
-from nearestd.core.model import Device, Placement, PlacementMethod
+from nearestd.core.model import Device, DeviceState, Placement, PlacementMethod, Zone
 from nearestd.core.quarantine import QUARANTINE_MAX, Quarantined, find_pin, quarantine_reason
 from nearestd.core.sitemap import SiteMap
 
@@ -36,7 +36,7 @@ def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> 
     if pin is not None:
         return pin.placement
     if device.geo is not None:
-        geo = _place_geo(device.geo, sitemap)
+        geo = _place_geo(device.geo, sitemap, (device.note, device.location_text))
         if geo is not None:
             return geo
     for text, method in (
@@ -56,19 +56,33 @@ def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> 
     return None
 
 
-def _place_geo(geo: tuple[float, float], sitemap: SiteMap) -> Placement | None:
-    """Place a device at a reported lat/lon when it falls inside a zone."""
-    lat, lon = geo
-    for zone in sitemap.zones.values():
-        proj = sitemap.projections[zone.site]
-        x, y = proj.forward(lon, lat)
-        import shapely
+def _place_geo(
+    geo: tuple[float, float], sitemap: SiteMap, texts: tuple[str | None, ...] = ()
+) -> Placement | None:
+    """Place a device at a reported lat/lon when it falls inside a zone.
 
+    Floors share a footprint, and a geo: URI has no floor: of the zones covering the
+    point, the one the device's note or printer-location names wins, else the lowest
+    floor at or above ground, else the highest below it.
+    """
+    import shapely
+
+    lat, lon = geo
+    covering: list[tuple[Zone, float, float]] = []
+    for zone in sitemap.zones.values():
+        x, y = sitemap.projections[zone.site].forward(lon, lat)
         if zone.polygon.covers(shapely.points(x, y)):
-            return Placement(
-                zone.site, zone.building, zone.level, zone.id, x, y, lon, lat, PlacementMethod.GEO
-            )
-    return None
+            covering.append((zone, x, y))
+    if not covering:
+        return None
+    named = {z.id for z in map(sitemap.zone_for_text, texts) if z is not None}
+    zone, x, y = min(
+        covering,
+        key=lambda c: (c[0].id not in named, c[0].level < 0, abs(c[0].level), c[0].id),
+    )
+    return Placement(
+        zone.site, zone.building, zone.level, zone.id, x, y, lon, lat, PlacementMethod.GEO
+    )
 
 
 def restriction_of(device: Device, placement: Placement | None, sitemap: SiteMap) -> int:
@@ -98,7 +112,15 @@ def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
         paper=caps.paper_rank,
         available=device.available,
         restrict=restrict,
+        state_rank=state_rank(device),
     )
+
+
+def state_rank(device: Device) -> int:
+    """Return the tie-break rank of a device's state: idle first, unavailable last."""
+    if not device.available:
+        return 2
+    return 0 if device.state == DeviceState.IDLE else 1
 
 
 class DeviceTable:

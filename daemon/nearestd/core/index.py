@@ -11,8 +11,9 @@ visited in increasing penalty. Inside a group the rtree yields devices in order 
 distance to Z's bounding box, which never exceeds the distance to Z's polygon, so
 ``bbox distance + penalty`` is a lower bound of the cost. A group (or the rest of
 one) is skipped only when that bound is strictly above the k-th best cost found so
-far: equal costs are still visited because the tie-breaks (distance to Z's
-centroid, then device id) may prefer them. Capability filters are applied to the
+far: equal costs are still visited because the tie-breaks (state: idle before
+processing or unknown; then distance to Z's centroid; then device id) may prefer
+them. Capability filters are applied to the
 candidates; when a batch runs out before the bound proves the answer, the batch is
 enlarged. The result is therefore exactly the brute-force answer, which
 ``brute_force`` computes with the same distance function and which the tests
@@ -66,6 +67,8 @@ class Entry:
     available: bool
     # Visibility rule bits a client must hold to see this device (core.visibility).
     restrict: int = 0
+    # Tie-break between equal costs: 0 idle, 1 processing or unknown, 2 not available.
+    state_rank: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,7 +339,7 @@ class SpatialIndex:
         hidden = ~visible
         mask = need_mask(need)
         paper = _need_paper(need)
-        best: list[tuple[float, float, str, float]] = []
+        best: list[tuple[float, int, float, str, float]] = []
         sites = [zone.site]
         if ranking.allow_other_sites:
             sites += sorted(s for (s, kd) in self._by_site_kind if kd == kind and s != zone.site)
@@ -388,7 +391,13 @@ class SpatialIndex:
                     cost = dist + pen
                     if cost > worst:
                         continue
-                    item = (cost, frame.centroid_distance(e.x, e.y), e.device_id, dist)
+                    item = (
+                        cost,
+                        e.state_rank,
+                        frame.centroid_distance(e.x, e.y),
+                        e.device_id,
+                        dist,
+                    )
                     bisect.insort(best, item)
                     if len(best) > k:
                         best.pop()
@@ -400,7 +409,7 @@ class SpatialIndex:
                 if visited is None:
                     visited = set(slots)
                 m *= 4
-        return [Hit(c, cd, d, p) for c, cd, d, p in best]
+        return [Hit(c, cd, d, p) for c, _, cd, d, p in best]
 
     def brute_force(
         self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
@@ -408,7 +417,7 @@ class SpatialIndex:
         """Return the answer by evaluating every device: the oracle for tests."""
         mask = need_mask(need)
         paper = _need_paper(need)
-        scored: list[tuple[float, float, str, float]] = []
+        scored: list[tuple[float, int, float, str, float]] = []
         for e in self._entries.values():
             if not matches(e, kind, need, mask, paper):
                 continue
@@ -418,6 +427,8 @@ class SpatialIndex:
                 continue
             frame = self.frames.get(zone, e.site)
             cost, dist = cost_of(e, zone, frame, ranking)
-            scored.append((cost, frame.centroid_distance(e.x, e.y), e.device_id, dist))
+            scored.append(
+                (cost, e.state_rank, frame.centroid_distance(e.x, e.y), e.device_id, dist)
+            )
         scored.sort()
-        return [Hit(c, cd, d, p) for c, cd, d, p in scored[:k]]
+        return [Hit(c, cd, d, p) for c, _, cd, d, p in scored[:k]]
