@@ -127,9 +127,11 @@ class PrefixTable:
     def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, zone_id: str) -> None:
         """Map a prefix to a zone; a later add of the same prefix replaces it."""
         tree = self._v4 if network.version == 4 else self._v6
-        if str(network) not in tree:
+        key = str(network)
+        # has_key, not ``in``: ``in`` is a longest-prefix match, true for a nested prefix.
+        if not tree.has_key(key):
             self._count += 1
-        tree[str(network)] = zone_id
+        tree[key] = zone_id
 
     def get_exact(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
         """Return the zone a prefix itself was given to, if any."""
@@ -239,6 +241,46 @@ def _check_coords(coords: Any, depth: int) -> str | None:
     return None
 
 
+class _Floors:
+    """Zones by floor with their bounding boxes: ``SiteMap.zone_containing`` without the scan."""
+
+    def __init__(self, zones: Iterable[Zone]) -> None:
+        self._floors: dict[
+            tuple[str, str, int], list[tuple[float, float, float, float, bool, Zone]]
+        ] = {}
+        for zone in zones:
+            minx, miny, maxx, maxy = zone.polygon.bounds
+            self._floors.setdefault((zone.site, zone.building, zone.level), []).append(
+                (minx, miny, maxx, maxy, _is_box(zone.polygon), zone)
+            )
+
+    def zone_containing(
+        self, site: str, building: str, level: int, x: float, y: float
+    ) -> str | None:
+        """Return the first zone (in map order) on that floor that covers the point."""
+        pt = None
+        for minx, miny, maxx, maxy, box, zone in self._floors.get((site, building, level), ()):
+            if x < minx or x > maxx or y < miny or y > maxy:
+                continue
+            if box:
+                return zone.id
+            if pt is None:
+                pt = shapely.points(x, y)
+            if zone.polygon.covers(pt):
+                return zone.id
+        return None
+
+
+def _is_box(geom: BaseGeometry) -> bool:
+    """Return whether a valid polygon is exactly its bounding box (every vertex a corner)."""
+    if not isinstance(geom, Polygon) or geom.interiors:
+        return False
+    minx, miny, maxx, maxy = geom.bounds
+    return all(
+        x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords
+    )
+
+
 class _Builder:
     """Collects features from several files, then validates them as a whole."""
 
@@ -248,6 +290,7 @@ class _Builder:
         self.raw_devices: list[tuple[str, str, dict[str, Any], tuple[float, float]]] = []
         self.extra_prefixes: list[tuple[str, str, str, str]] = []
         self.policy = PolicyBuilder()
+        self.floors: _Floors | None = None
 
     def problem(self, file: str, where: str, message: str) -> None:
         self.problems.append(Problem(file, where, message))
@@ -510,7 +553,9 @@ class _Builder:
             )
             return None
         x, y = sm.projections[site].forward(*lonlat)
-        zone = sm.zone_containing(site, building, level, x, y)
+        if self.floors is None:
+            self.floors = _Floors(sm.zones.values())
+        zone = self.floors.zone_containing(site, building, level, x, y)
         return Placement(site, building, level, zone, x, y, lonlat[0], lonlat[1], method)
 
     def _devices(self, sm: SiteMap) -> None:
