@@ -254,6 +254,30 @@ class Lan:
             self._ip("-n", ns, "link", "set", "eth0", "up")
         return self
 
+    def link_ip(self, i: int) -> str:
+        """Return host i's address on the second link (see :meth:`add_link`)."""
+        return f"198.18.{self.net + 1}.{10 + i}"
+
+    def add_link(self, i: int) -> str:
+        """Give host i an ``eth1`` on a second bridge (another link); return its address."""
+        r = subprocess.run(["ip", "-n", self.bridge_ns, "link", "show", "br1"], capture_output=True)
+        if r.returncode != 0:
+            self._ip(
+                "-n", self.bridge_ns, "link", "add", "br1", "type", "bridge", "mcast_snooping", "0"
+            )
+            self._ip("-n", self.bridge_ns, "link", "set", "br1", "up")
+        r = subprocess.run(["ip", "-n", self.ns(i), "link", "show", "eth1"], capture_output=True)
+        if r.returncode == 0:
+            return self.link_ip(i)
+        self._ip(
+            "link", "add", "eth1", "netns", self.ns(i), "type", "veth",
+            "peer", "name", f"q{i}", "netns", self.bridge_ns,
+        )  # fmt: skip
+        self._ip("-n", self.bridge_ns, "link", "set", f"q{i}", "master", "br1", "up")
+        self._ip("-n", self.ns(i), "addr", "add", f"{self.link_ip(i)}/24", "dev", "eth1")
+        self._ip("-n", self.ns(i), "link", "set", "eth1", "up")
+        return self.link_ip(i)
+
     def down(self) -> None:
         """Stop every peer, kill stragglers inside our namespaces, delete everything."""
         for peer in self.peers:
@@ -329,10 +353,10 @@ class Lan:
         return path.read_text(errors="replace") if path.exists() else ""
 
     # ---- peers ---------------------------------------------------------------------------
-    def zeroconf(self, i: int, tag: str = "") -> ZcPeer:
-        """Start a python-zeroconf responder in host i, bound to its address only."""
-        log = self.tmp / f"zc-{i}-{tag or len(self.peers)}.log"
-        peer = ZcPeer(self.exec_prefix(i), [self.ip(i)], log)
+    def zeroconf(self, i: int, iface: str | None = None) -> ZcPeer:
+        """Start a python-zeroconf responder in host i, bound to one of its addresses only."""
+        log = self.tmp / f"zc-{i}-{len(self.peers)}.log"
+        peer = ZcPeer(self.exec_prefix(i), [iface or self.ip(i)], log)
         self.peers.append(peer)
         return peer
 
