@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from nearestd.core.ipp import Value
-from nearestd.core.model import Device, DeviceState, Supply
+from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
 
 PRINTER_ATTRIBUTES = (
     "printer-state",
@@ -315,6 +315,66 @@ def scanner_live(document: bytes) -> Live:
             if reason[1] and state != DeviceState.STOPPED:
                 state = DeviceState.STOPPED
     return Live(state=state, reasons=reasons)
+
+
+# ---- what to poll -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PollTarget:
+    """Where to ask a device for its state: the protocol, the HTTP(S) URL and the IPP URI."""
+
+    protocol: str
+    url: str
+    printer_uri: str = ""
+
+    @property
+    def tls(self) -> bool:
+        """Return whether the poll goes over TLS."""
+        return self.url.startswith("https://")
+
+
+def _split_uri(uri: str) -> tuple[str, str, str] | None:
+    """Return (scheme, authority, path) of an absolute URI, or None."""
+    scheme, sep, rest = uri.partition("://")
+    if not sep or not rest or any(c in rest for c in " \t\r\n"):
+        return None
+    authority, slash, path = rest.partition("/")
+    if not authority or "@" in authority:
+        return None
+    return scheme.lower(), authority, slash + path
+
+
+def poll_target(device: Device) -> PollTarget | None:
+    """Return how to poll a device, over its best endpoint, or None if it cannot be polled.
+
+    Printers: the first ipps URI among the device's own URI and its endpoints, else
+    the first ipp URI (IPP's port 631 by default); scanners: the first https, else
+    http eSCL root, whose ``ScannerStatus`` is read. CUPS queues are not polled.
+    """
+    if device.is_queue:
+        return None
+    uris = [device.uri, *(e.uri for e in device.endpoints)]
+    order = ("ipps", "ipp") if device.kind == DeviceKind.PRINTER else ("https", "http")
+    for wanted in order:
+        for uri in uris:
+            parts = _split_uri(uri)
+            if parts is None or parts[0] != wanted:
+                continue
+            scheme, authority, path = parts
+            if device.kind == DeviceKind.PRINTER:
+                host = authority if _has_port(authority) else f"{authority}:631"
+                http = "https" if scheme == "ipps" else "http"
+                return PollTarget("ipp", f"{http}://{host}{path or '/'}", uri)
+            base = path.rstrip("/")
+            return PollTarget("escl", f"{scheme}://{authority}{base}/ScannerStatus")
+    return None
+
+
+def _has_port(authority: str) -> bool:
+    if authority.startswith("["):
+        return "]:" in authority
+    return ":" in authority
 
 
 # ---- when to poll next -----------------------------------------------------------------

@@ -1,0 +1,392 @@
+"""The poller: asks printers (IPP) and scanners (eSCL) whether they can serve, and how full.
+
+Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roots
+(scanners) is polled, discovered and static alike. Each device has its own due time:
+the first poll is spread over one interval, later ones follow
+``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
+``max_backoff``), so a cycle over many devices is a trickle, not a burst. A semaphore
+bounds the polls in flight; each poll, connection to last byte, has the configured
+timeout; replies are read up to ``max_response`` bytes. TLS certificates are not
+checked: these are status reads of printers that mostly have self-signed ones, and
+the session is used for nothing else. Results go to ``Service.set_live``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from nearestd.config import PollerConfig
+from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
+from nearestd.core.model import DeviceState
+from nearestd.core.state import (
+    MAX_ESCL_BYTES,
+    PRINTER_ATTRIBUTES,
+    Live,
+    PollTarget,
+    StatusError,
+    first_delay,
+    next_delay,
+    poll_target,
+    printer_live,
+    scanner_live,
+    unreachable,
+)
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from nearestd.app import Daemon
+    from nearestd.service import Service
+
+LOG = logging.getLogger("nearestd.poller")
+TICK_SECONDS = 0.25
+USER_AGENT = "nearestd-poller"
+# Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
+ERROR_KINDS = (
+    "timeout",
+    "connection-refused",
+    "connect-error",
+    "tls-error",
+    "http-error",
+    "bad-response",
+    "too-large",
+)
+
+
+class PollFailure(Exception):
+    """A poll did not yield a usable status; ``kind`` is one of ERROR_KINDS."""
+
+    def __init__(self, kind: str, detail: str = "") -> None:
+        super().__init__(f"{kind}: {detail}" if detail else kind)
+        self.kind = kind
+
+
+def insecure_tls_context() -> ssl.SSLContext:
+    """Return a TLS client context that accepts self-signed certificates (status reads only)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Poller:
+    """Polls every pollable device on its own schedule and hands results to the service."""
+
+    def __init__(
+        self,
+        service: Service,
+        cfg: PollerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.service = service
+        self.cfg = cfg
+        self._clock = clock
+        self._wall = wall
+        self._rand = rand
+        self._targets: dict[str, PollTarget] = {}
+        self._due: dict[str, float] = {}
+        self._failures: dict[str, int] = {}
+        self._in_flight: set[str] = set()
+        self._generation = -1
+        self._sem = asyncio.Semaphore(cfg.concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.restarting: asyncio.Task[None] | None = None
+        self._ids = itertools.count(1)
+        self.polls = 0
+        self.errors: Counter[str] = Counter()
+        self.transitions = 0
+        self.poll_seconds = 0.0
+        self.last_poll_s = 0.0
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Open the HTTP session and start the schedule."""
+        if self._runner is not None or not self.cfg.enabled:
+            return
+        import aiohttp
+
+        self._sem = asyncio.Semaphore(self.cfg.concurrency)
+        connector = aiohttp.TCPConnector(
+            limit=self.cfg.concurrency, force_close=True, ssl=insecure_tls_context()
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"User-Agent": USER_AGENT},
+            auto_decompress=False,
+            trust_env=False,
+        )
+        self._runner = asyncio.ensure_future(self._run())
+        self._runner.set_name("poller")
+        LOG.info(
+            "poller started",
+            extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
+        )
+
+    async def stop(self) -> None:
+        """Cancel the schedule and the polls in flight; close the session."""
+        tasks = [t for t in (self._runner, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._runner = None
+        self._tasks.clear()
+        self._in_flight.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def reconfigure(self, cfg: PollerConfig) -> bool:
+        """Take a new config; return whether the poller must be restarted."""
+        restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
+        self.cfg = cfg
+        return restart
+
+    # ---- schedule ------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                self.schedule(self._clock())
+            except Exception:
+                LOG.exception("poll scheduling failed")
+            await asyncio.sleep(TICK_SECONDS)
+
+    def sync_targets(self, now: float) -> None:
+        """Follow the device table: new devices get a due time, gone ones are dropped."""
+        table = self.service.table
+        if table.generation == self._generation:
+            return
+        self._generation = table.generation
+        seen: set[str] = set()
+        for rec in table.records():
+            target = poll_target(rec.device)
+            if target is None:
+                continue
+            device_id = rec.device.id
+            seen.add(device_id)
+            old = self._targets.get(device_id)
+            if old != target:
+                # A new device, or one that moved to another address: ask it soon.
+                self._targets[device_id] = target
+                self._failures.pop(device_id, None)
+                self._due[device_id] = now + first_delay(
+                    min(self.cfg.interval, 2.0) if old is not None else self.cfg.interval,
+                    self._rand(),
+                )
+        for device_id in list(self._targets):
+            if device_id not in seen:
+                del self._targets[device_id]
+                self._due.pop(device_id, None)
+                self._failures.pop(device_id, None)
+
+    def schedule(self, now: float) -> int:
+        """Start a poll for every device that is due; return how many were started."""
+        self.sync_targets(now)
+        started = 0
+        for device_id, due in self._due.items():
+            if due > now or device_id in self._in_flight:
+                continue
+            self._in_flight.add(device_id)
+            task = asyncio.ensure_future(self._poll(device_id, self._targets[device_id]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            started += 1
+        return started
+
+    async def poll_all(self) -> None:
+        """Poll every pollable device once now, and wait for all of them (tests, bench)."""
+        self.sync_targets(self._clock())
+        jobs = [
+            self._poll(device_id, target)
+            for device_id, target in list(self._targets.items())
+            if device_id not in self._in_flight
+        ]
+        self._in_flight.update(self._targets)
+        await asyncio.gather(*jobs)
+
+    # ---- one poll ------------------------------------------------------------------------
+    async def _poll(self, device_id: str, target: PollTarget) -> None:
+        try:
+            detail = ""
+            async with self._sem:
+                started = self._clock()
+                try:
+                    async with asyncio.timeout(self.cfg.timeout):
+                        live: Live | None = await self._fetch(target)
+                    failure: str | None = None
+                except PollFailure as exc:
+                    live, failure = None, exc.kind
+                    detail = str(exc)
+                except TimeoutError:
+                    live, failure, detail = None, "timeout", f"no reply in {self.cfg.timeout:g} s"
+                elapsed = self._clock() - started
+            self.polls += 1
+            self.poll_seconds += elapsed
+            self.last_poll_s = elapsed
+            if failure is not None:
+                self.errors[failure] += 1
+                live = unreachable(self.service.live.get(device_id), failure)
+                failures = self._failures.get(device_id, 0) + 1
+                self._failures[device_id] = failures
+                if failures == 1:
+                    LOG.info(
+                        "device not answering",
+                        extra={"device": device_id, "reason": failure, "detail": detail[:200]},
+                    )
+            else:
+                failures = 0
+                self._failures.pop(device_id, None)
+            assert live is not None
+            self._apply(device_id, live)
+            if device_id in self._targets:
+                self._due[device_id] = self._clock() + next_delay(
+                    failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
+                )
+        finally:
+            self._in_flight.discard(device_id)
+
+    def _apply(self, device_id: str, live: Live) -> None:
+        before = self.service.live.get(device_id)
+        result = self.service.set_live(device_id, live)
+        if result in ("added", "updated") and (
+            before is None
+            or (before.state, before.accepting_jobs) != (live.state, live.accepting_jobs)
+        ):
+            self.transitions += 1
+            LOG.info(
+                "device state",
+                extra={
+                    "device": device_id,
+                    "state": str(live.state),
+                    "accepting": live.accepting_jobs,
+                    "reasons": ",".join(live.reasons) or "none",
+                },
+            )
+
+    async def _fetch(self, target: PollTarget) -> Live:
+        if target.protocol == "ipp":
+            request_id = next(self._ids) % 0x7FFFFFFF or 1
+            body = encode_get_printer_attributes(
+                target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
+            )
+            data = await self._exchange("POST", target.url, body, self.cfg.max_response)
+            try:
+                reply = decode_response(data)
+            except IppDecodeError as exc:
+                raise PollFailure("bad-response", str(exc)) from None
+            if not reply.ok:
+                raise PollFailure("bad-response", f"IPP status 0x{reply.status:04x}")
+            if reply.request_id != request_id:
+                raise PollFailure("bad-response", "IPP request-id does not match")
+            return printer_live(reply.printer)
+        data = await self._exchange(
+            "GET", target.url, None, min(self.cfg.max_response, MAX_ESCL_BYTES)
+        )
+        try:
+            return scanner_live(data)
+        except StatusError as exc:
+            raise PollFailure("bad-response", str(exc)) from None
+
+    async def _exchange(self, method: str, url: str, body: bytes | None, limit: int) -> bytes:
+        """Send one request and read its reply, translating aiohttp's errors to PollFailure."""
+        import aiohttp
+
+        assert self._session is not None
+        headers = {"Content-Type": "application/ipp"} if body is not None else {}
+        try:
+            async with self._session.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                if resp.status != 200:
+                    raise PollFailure("http-error", f"HTTP {resp.status}")
+                if resp.content_length is not None and resp.content_length > limit:
+                    raise PollFailure("too-large", f"{resp.content_length} bytes announced")
+                data = bytearray()
+                async for chunk in resp.content.iter_chunked(16384):
+                    data += chunk
+                    if len(data) > limit:
+                        raise PollFailure("too-large", f"more than {limit} bytes")
+                return bytes(data)
+        except PollFailure:
+            raise
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise PollFailure("tls-error", str(exc)) from None
+        except aiohttp.ClientSSLError as exc:
+            raise PollFailure("tls-error", str(exc)) from None
+        except aiohttp.ClientConnectorError as exc:
+            refused = isinstance(exc.os_error, ConnectionRefusedError)
+            raise PollFailure(
+                "connection-refused" if refused else "connect-error", str(exc)
+            ) from None
+        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
+            raise PollFailure("http-error", str(exc)) from None
+        except aiohttp.ServerDisconnectedError as exc:
+            raise PollFailure("http-error", str(exc)) from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
+
+    # ---- figures -------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Return the poller's figures for ``stats`` and the metrics adapter."""
+        by_state: Counter[str] = Counter()
+        supplies: dict[str, dict[str, int]] = {}
+        for device_id in self._targets:
+            rec = self.service.table.get(device_id)
+            if rec is None:
+                continue
+            by_state[str(rec.device.state)] += 1
+            levels = {s.name: s.level for s in rec.device.supplies if s.level is not None}
+            if levels:
+                supplies[device_id] = levels
+        return {
+            "enabled": self.cfg.enabled and self._runner is not None,
+            "devices_polled": len(self._targets),
+            "devices_by_state": dict(by_state),
+            "devices_unreachable": by_state.get(str(DeviceState.UNREACHABLE), 0),
+            "in_flight": len(self._in_flight),
+            "polls_total": self.polls,
+            "poll_errors_total": {kind: self.errors.get(kind, 0) for kind in ERROR_KINDS},
+            "poll_seconds_total": round(self.poll_seconds, 6),
+            "state_changes_total": self.transitions,
+            "supply_levels": supplies,
+        }
+
+
+def attach_poller(daemon: Daemon) -> Poller:
+    """Register the poller's start, stop and reload hooks with the daemon."""
+    poller = Poller(daemon.service, daemon.service.cfg.poller)
+    daemon.service.extra_stats["poller"] = poller.stats
+
+    async def start(_: Daemon) -> None:
+        await poller.start()
+
+    async def stop(_: Daemon) -> None:
+        await poller.stop()
+
+    def reload(d: Daemon) -> None:
+        if poller.reconfigure(d.service.cfg.poller):
+
+            async def restart() -> None:
+                await poller.stop()
+                await poller.start()
+
+            poller.restarting = asyncio.ensure_future(restart())
+
+    daemon.starters.append(start)
+    daemon.stoppers.append(stop)
+    daemon.reload_hooks.append(reload)
+    return poller
