@@ -103,3 +103,20 @@ def test_example_config_and_default_server_answer_on_this_machine() -> None:
         assert "North Lobby Colour MFP" in r.stdout
     finally:
         d.stop()
+
+
+async def test_async_client_pipelines(demo_daemon: DaemonProcess) -> None:
+    from nearest_client import AsyncClient, ServerError
+
+    async with AsyncClient(tcp_url(demo_daemon.config)) as c:
+        replies = await c.request_many(
+            [{"op": "ping"}, {"op": "nearest", "kind": "scanner"}, {"op": "locate"}]
+        )
+        assert [r["ok"] for r in replies] == [True, True, True]
+        assert replies[1]["devices"][0]["id"] == "scn-n0-mailroom"
+        try:
+            await c.request({"op": "nearest", "kind": "toaster"})
+        except ServerError as exc:
+            assert exc.code == "bad-request" and "kind" in exc.message
+        else:
+            raise AssertionError("expected a ServerError")
