@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
+from nearest_client import agent
 from nearest_client.client import Client, ClientError, ServerError, Unreachable, default_server
+from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target
 from nearest_wire import PAPER_NEEDS, Need
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+# --set-default asks for this many candidates, in case the nearest is not driverless.
+SET_DEFAULT_CANDIDATES = 5
+EPILOG = """exit status: 0 found (or done), 1 nothing matches (for --set-default: no nearby
+printer can be set up driverless), 2 usage or client configuration error,
+3 the daemon or CUPS is unreachable or refused."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser."""
     p = argparse.ArgumentParser(
-        prog="nearest", description="Find the nearest printer or scanner for this machine."
+        prog="nearest",
+        description="Find the nearest printer or scanner for this machine.",
+        epilog=EPILOG,
     )
     p.add_argument(
         "--server",
@@ -45,6 +56,25 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("-k", type=int, default=1, metavar="N", help="N alternatives (1-20)")
         s.add_argument("--json", action="store_true", dest="json_sub", help="print JSON")
         s.add_argument("--server", dest="server_sub", help=argparse.SUPPRESS)
+        if kind == "printer":
+            s.add_argument(
+                "--set-default",
+                action="store_true",
+                help="make it your CUPS default (creates a driverless queue if needed)",
+            )
+            s.add_argument(
+                "--forget",
+                action="store_true",
+                help="remove the CUPS queues nearest created, and nothing else",
+            )
+            s.add_argument(
+                "--driver-timeout",
+                type=float,
+                default=30.0,
+                metavar="SECONDS",
+                help="how long CUPS may take to set up a new driverless queue (default 30)",
+            )
+    agent.add_parser(sub)
     return p
 
 
@@ -73,7 +103,45 @@ def format_answer(reply: dict[str, Any]) -> str:
         lines.append(f"   uri:   {d.get('uri')}")
         state = d.get("state")
         lines.append(f"   has:   {', '.join(flags) or 'no stated capabilities'}; state {state}")
+        if d.get("kind") == "scanner":
+            lines.extend(_scanner_lines(d))
     return "\n".join(lines)
+
+
+def sane_device(d: dict[str, Any]) -> dict[str, str] | None:
+    """Return sane-airscan strings for a scanner, or None if it has no eSCL URI.
+
+    sane-airscan (0.99.4 and later) opens ``airscan:escl:NAME:URL`` directly, without any
+    configuration; the ``[devices]`` line makes the scanner permanent in airscan.conf.
+    """
+    uri = str(d.get("uri") or "")
+    try:
+        scheme = urlsplit(uri).scheme
+    except ValueError:
+        return None
+    if scheme not in ("http", "https"):
+        return None
+    # sane-airscan splits the device string at the first two colons.
+    name = " ".join(str(d.get("name") or d.get("id") or "scanner").replace(":", " ").split())
+    device = f"airscan:escl:{name}:{uri}"
+    conf_name = name.replace('"', "'")
+    return {
+        "escl": uri,
+        "device": device,
+        "scanimage": f"scanimage -d {shlex.quote(device)} --format=png -o scan.png",
+        "airscan_conf": f'"{conf_name}" = {uri}, eSCL',
+    }
+
+
+def _scanner_lines(d: dict[str, Any]) -> list[str]:
+    sane = sane_device(d)
+    if sane is None:
+        return [f"   sane:  no eSCL (AirScan) endpoint: {d.get('uri')}"]
+    return [
+        f"   eSCL:  {sane['escl']}",
+        f"   scan:  {sane['scanimage']}",
+        f"   airscan.conf [devices]: {sane['airscan_conf']}",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,14 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     server = args.server or getattr(args, "server_sub", None)
     source = "--server"
     if not server:
-        server, source = default_server()
+        try:
+            server, source = default_server()
+        except ClientError as exc:
+            print(f"nearest: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     as_json = args.json or getattr(args, "json_sub", False)
     if args.where:
         return _where(server, source, args.timeout, as_json)
     if args.kind is None:
         parser.print_usage(sys.stderr)
-        print("nearest: say 'printer' or 'scanner'", file=sys.stderr)
+        print("nearest: say 'printer', 'scanner' or 'agent'", file=sys.stderr)
         return EXIT_USAGE
+    if args.kind == "agent":
+        return agent.run(args, server, source, args.timeout)
+    set_default = getattr(args, "set_default", False)
+    if getattr(args, "forget", False):
+        if set_default:
+            print("nearest: --forget and --set-default exclude each other", file=sys.stderr)
+            return EXIT_USAGE
+        return _forget(as_json)
     if not 1 <= args.k <= 20:
         print("nearest: -k must be from 1 to 20", file=sys.stderr)
         return EXIT_USAGE
@@ -102,9 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         paper=PAPER_NEEDS[args.paper] if getattr(args, "paper", None) else None,
         any_state=args.any_state,
     )
+    k = max(args.k, SET_DEFAULT_CANDIDATES) if set_default else args.k
     try:
         with Client(server, timeout=args.timeout) as client:
-            reply = client.nearest(args.kind, need, args.k)
+            reply = client.nearest(args.kind, need, k)
     except ServerError as exc:
         print(f"nearest: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
         return EXIT_NONE if exc.code == "unknown-location" else EXIT_UNREACHABLE
@@ -114,13 +195,85 @@ def main(argv: list[str] | None = None) -> int:
     except ClientError as exc:
         print(f"nearest: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    if set_default:
+        return _set_default(reply, as_json, args.driver_timeout)
     if as_json:
+        if args.kind == "scanner":
+            for d in reply.get("devices", []):
+                sane = sane_device(d)
+                if sane is not None:
+                    d["sane"] = sane
         print(json.dumps(reply, indent=2, ensure_ascii=False))
     elif reply.get("devices"):
         print(format_answer(reply))
     else:
         print(f"nearest: no {args.kind} matches what you asked for", file=sys.stderr)
     return EXIT_FOUND if reply.get("devices") else EXIT_NONE
+
+
+def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) -> int:
+    devices = reply.get("devices") or []
+    if not devices:
+        print(
+            "nearest: no printer matches what you asked for; the default is unchanged",
+            file=sys.stderr,
+        )
+        return EXIT_NONE
+    cups = Cups(driver_timeout=driver_timeout)
+    for i, device in enumerate(devices):
+        target = Target.from_reply(device)
+        try:
+            outcome = cups.apply(target)
+        except DeviceUnusable as exc:
+            print(f"nearest: {exc}", file=sys.stderr)
+            continue
+        except CupsError as exc:
+            print(f"nearest: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if as_json:
+            print(
+                json.dumps(
+                    {**outcome.to_json(), "rank": i + 1, "where": reply.get("where")},
+                    indent=2,
+                    ensure_ascii=False,
+                )
+            )
+            return EXIT_FOUND
+        if i > 0:
+            print(f"Using the next nearest printer, {target.name}.")
+        if outcome.action == "created":
+            print(f"Created the CUPS queue {outcome.queue} for {target.name} ({target.uri}).")
+        elif outcome.action == "updated":
+            print(f"Updated the CUPS queue {outcome.queue} for {target.name} ({target.uri}).")
+        elif outcome.action == "reused":
+            print(f"Using the existing CUPS queue {outcome.queue} for {target.name}.")
+        where = f" ({target.location})" if target.location else ""
+        if outcome.default_changed:
+            print(f"{outcome.queue} is now your default printer: {target.name}{where}.")
+        else:
+            print(f"{outcome.queue} is already your default printer: {target.name}{where}.")
+        return EXIT_FOUND
+    print(
+        f"nearest: none of the {len(devices)} nearest matching printers can be set up "
+        "driverless; the default is unchanged",
+        file=sys.stderr,
+    )
+    return EXIT_NONE
+
+
+def _forget(as_json: bool) -> int:
+    try:
+        removed = Cups().forget()
+    except CupsError as exc:
+        print(f"nearest: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if as_json:
+        print(json.dumps({"removed": removed}))
+    elif removed:
+        print(f"Removed {len(removed)} CUPS queue(s) nearest had created: {', '.join(removed)}.")
+    else:
+        print("No CUPS queues created by nearest; nothing removed.")
+    return EXIT_FOUND
 
 
 def _where(server: str, source: str, timeout: float, as_json: bool) -> int:

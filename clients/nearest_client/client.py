@@ -39,20 +39,37 @@ class ServerError(ClientError):
 
 
 def default_server(
-    env: dict[str, str] | None = None, config_file: str = CLIENT_CONFIG
+    env: dict[str, str] | None = None, config_file: str | None = None
 ) -> tuple[str, str]:
-    """Return (server URL, where it came from): env, client.toml, default socket, loopback TCP."""
+    """Return (server URL, where it came from): env, client.toml, default socket, loopback TCP.
+
+    The client config is ``$NEAREST_CLIENT_CONFIG`` or /etc/nearest/client.toml; a missing
+    file is skipped, a broken one raises ClientError naming the file and the problem.
+    """
     env = dict(os.environ) if env is None else env
     if env.get("NEAREST_SERVER"):
         return env["NEAREST_SERVER"], "NEAREST_SERVER"
+    config_file = config_file or env.get("NEAREST_CLIENT_CONFIG") or CLIENT_CONFIG
     try:
         with open(config_file, "rb") as fh:
             data = tomllib.load(fh)
-        server = data.get("server")
-        if isinstance(server, str) and server:
-            return server, config_file
-    except (OSError, tomllib.TOMLDecodeError):
-        pass
+    except FileNotFoundError:
+        data = {}
+    except OSError as exc:
+        raise ClientError(f"cannot read {config_file}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ClientError(f"{config_file}: not valid TOML: {exc}") from None
+    unknown = sorted(set(data) - {"server"})
+    if unknown:
+        raise ClientError(f"{config_file}: unknown key {unknown[0]!r} (known: server)")
+    server = data.get("server")
+    if server is not None:
+        if not isinstance(server, str) or not server.startswith(("unix://", "tcp://")):
+            raise ClientError(
+                f"{config_file}: server: expected a string tcp://HOST:PORT or unix:///PATH"
+            )
+        parse_url(server)
+        return server, config_file
     if Path(DEFAULT_SOCKET).exists():
         return f"unix://{DEFAULT_SOCKET}", "default socket"
     return DEFAULT_TCP, "default TCP port"
