@@ -15,7 +15,7 @@ from nearestd.adapters.metrics import MetricsExporter
 from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
-from nearestd.config import ConfigError
+from nearestd.config import Config, ConfigError
 from nearestd.loader import World, load_world
 from nearestd.service import Service
 
@@ -70,7 +70,7 @@ class Daemon:
         self.poller = attach_poller(self)
 
     @property
-    def config(self):  # type: ignore[no-untyped-def]
+    def config(self) -> Config:
         """Return the current config."""
         return self.service.cfg
 
