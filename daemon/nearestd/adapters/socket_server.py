@@ -211,6 +211,21 @@ class QueryProtocol(asyncio.Protocol):
         self._eof = True
         return bool(self._pending)
 
+    def finish(self) -> None:
+        """Stop reading; close once every request already received is answered (shutdown)."""
+        transport = self.transport
+        if transport is None or self._closing or transport.is_closing():
+            return
+        transport.pause_reading()
+        self._backlog_paused = False
+        self._eof = True  # as after a half-close: answer what is queued, then close
+        if not self._pending:
+            self._closing = True
+            transport.close()
+        elif not self._scheduled and not self._write_paused:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._answer)
+
     def pause_writing(self) -> None:
         """Stop reading from (and answering) a peer that does not read its replies."""
         self._write_paused = True
@@ -343,8 +358,7 @@ class SocketServers:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         for conn in list(self.conns.open):
-            if conn.transport is not None and not conn.transport.is_closing():
-                conn.transport.close()
+            conn.finish()
         while self.conns.open and loop.time() < deadline:
             await asyncio.sleep(0.02)
         for conn in list(self.conns.open):

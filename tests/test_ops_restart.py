@@ -1,0 +1,239 @@
+"""Warm restart and shutdown: the inventory snapshot, kill -9, corrupt files, SIGTERM timing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from nearest_client import Client
+from nearestd.adapters.snapshot import FILE_NAME
+from nearestd.app import STOP_BUDGET, Daemon
+from nearestd.core.inventory import Saved, decode_inventory, encode_inventory
+from nearestd.core.model import Capabilities, Device, DeviceKind, DeviceState
+from nearestd.loader import load_world
+from support import DaemonProcess, tcp_url, write_config
+
+
+def ops_device(n: int, **kw: Any) -> Device:
+    fields: dict[str, Any] = {
+        "id": f"mdns-printer-ops-{n}",
+        "kind": DeviceKind.PRINTER,
+        "name": f"Ops Printer {n}",
+        "uri": f"ipp://127.0.0.{10 + n}:631/ipp/print",
+        "capabilities": Capabilities(color=True),
+        "source": "mdns",
+        "state": DeviceState.IDLE,
+        "instance": f"Ops Printer {n}",
+        "addresses": (f"127.0.0.{10 + n}",),
+    }
+    fields.update(kw)
+    return Device(**fields)
+
+
+def seed(state_dir: Path, saved: list[Saved]) -> Path:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / FILE_NAME
+    path.write_bytes(encode_inventory(saved, time.time()))
+    return path
+
+
+def nearest_printers(d: DaemonProcess, client_ip: str = "127.0.0.1") -> dict[str, Any]:
+    with Client(f"unix://{d.config.parent / 'query.sock'}") as c:
+        reply = c.request({"op": "nearest", "kind": "printer", "k": 20, "client_ip": client_ip})
+    return {dev["id"]: dev for dev in reply["devices"]}
+
+
+def wait_until(what: str, pred: Any, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_kill_9_then_restart_answers_at_once_with_stale_devices(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    state = tmp_path / "state"
+    snapshot = seed(state, [Saved(ops_device(1), time.time() - 5)])
+    first = DaemonProcess(cfg).wait_ready()
+    try:
+        got = nearest_printers(first)["mdns-printer-ops-1"]
+        assert got["state"] == "stale" and got["stale"] is True
+        assert got["zone"] == "n0-lobby"  # placed again from the site map (subnet rule)
+        # The restore is a change: the daemon rewrites the snapshot after its debounce.
+        before = snapshot.stat().st_mtime_ns
+        wait_until("snapshot rewrite", lambda: snapshot.stat().st_mtime_ns != before)
+    finally:
+        first.kill()
+    assert sorted(p.name for p in state.iterdir()) == [FILE_NAME], "no temp file left behind"
+    assert [s.device.id for s in decode_inventory(snapshot.read_bytes())] == ["mdns-printer-ops-1"]
+    second = DaemonProcess(cfg).wait_ready()
+    try:
+        # No discovery runs in this config: the answer comes from the snapshot alone.
+        got = nearest_printers(second)["mdns-printer-ops-1"]
+        assert got["state"] == "stale"
+        with Client(f"unix://{second.admin}") as c:
+            inv = {d["id"]: d for d in c.request({"op": "devices"})["devices"]}
+        assert inv["mdns-printer-ops-1"]["source"] == "mdns"
+        assert "inventory restored" in second.logs()
+    finally:
+        second.stop()
+
+
+def test_restored_stopped_device_is_not_answered_and_unconfirmed_ones_expire(
+    tmp_path: Path,
+) -> None:
+    cfg = write_config(tmp_path, sections={"discovery": {"expire_after": "4s"}})
+    now = time.time()
+    snapshot = seed(
+        tmp_path / "state",
+        [
+            Saved(ops_device(1), now),
+            Saved(ops_device(2, state=DeviceState.STOPPED), now),
+            Saved(ops_device(3), now - 3.0),  # expires about a second after start
+        ],
+    )
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        answered = nearest_printers(d)
+        assert "mdns-printer-ops-1" in answered and "mdns-printer-ops-2" not in answered
+        wait_until("expiry of ops-3", lambda: "mdns-printer-ops-3" not in nearest_printers(d))
+        assert "mdns-printer-ops-1" in nearest_printers(d)
+
+        def saved_ids() -> set[str]:
+            return {s.device.id for s in decode_inventory(snapshot.read_bytes())}
+
+        # The expiry is a change: the snapshot follows it.
+        wait_until("snapshot without ops-3", lambda: "mdns-printer-ops-3" not in saved_ids())
+        wait_until(
+            "expiry of the rest", lambda: not nearest_printers(d).keys() & {"mdns-printer-ops-1"}
+        )
+    finally:
+        d.stop()
+    assert saved_ids() == set()
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b'{"format": "nearestd-inventory", "version": 1, "devi', "not valid JSON"),
+        (b'{"format": "nearestd-inventory", "version": 99, "devices": []}', "version 99"),
+        (b'{"format": "something else"}', "not a nearestd-inventory snapshot"),
+        (b"\x00\xff" * 100, "not valid JSON"),
+    ],
+)
+def test_a_corrupt_or_foreign_snapshot_is_ignored_with_one_log_line(
+    tmp_path: Path, content: bytes, problem: str
+) -> None:
+    cfg = write_config(tmp_path)
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / FILE_NAME).write_bytes(content)
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        assert "prn-n0-lobby" in nearest_printers(d)
+    finally:
+        assert d.stop() == 0
+    lines = [line for line in d.logs().splitlines() if "inventory snapshot" in line]
+    assert len(lines) == 1, lines
+    assert "level=warning" in lines[0] and problem in lines[0]
+
+
+def test_the_snapshot_never_holds_client_data(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    snapshot = seed(tmp_path / "state", [Saved(ops_device(1), time.time())])
+    before = snapshot.stat().st_mtime_ns
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        for i in range(5):
+            nearest_printers(d, client_ip=f"10.20.23.{100 + i}")
+        wait_until("snapshot rewrite", lambda: snapshot.stat().st_mtime_ns != before)
+    finally:
+        d.stop()
+    text = snapshot.read_text()
+    assert "10.20.23." not in text
+    doc = json.loads(text)
+    assert set(doc) == {"format", "version", "written", "devices"}
+    assert (snapshot.stat().st_mode & 0o777) == 0o600
+    assert [p.name for p in snapshot.parent.iterdir()] == [FILE_NAME]
+
+
+def _frame(obj: dict[str, Any]) -> bytes:
+    body = msgpack.packb(obj)
+    return struct.pack(">I", len(body)) + body
+
+
+def _read_replies(sock: socket.socket, n: int, timeout: float) -> list[dict[str, Any]]:
+    sock.settimeout(timeout)
+    buf = b""
+    out: list[dict[str, Any]] = []
+    while len(out) < n:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
+            size = struct.unpack(">I", buf[:4])[0]
+            out.append(msgpack.unpackb(buf[4 : 4 + size]))
+            buf = buf[4 + size :]
+    return out
+
+
+def test_sigterm_answers_in_flight_requests_and_exits_within_5s(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, sections={"metrics": {"listen": "127.0.0.1:0"}})
+    d = DaemonProcess(cfg).wait_ready()
+    host, port = tcp_url(cfg)[6:].rsplit(":", 1)
+    idle = [socket.create_connection((host, int(port))) for _ in range(5)]
+    busy = socket.create_connection((host, int(port)))
+    try:
+        n = 300
+        busy.sendall(
+            b"".join(
+                _frame({"v": 1, "id": i, "op": "nearest", "kind": "printer", "k": 3})
+                for i in range(n)
+            )
+        )
+        first = _read_replies(busy, 1, 5)  # the daemon has the burst
+        started = time.monotonic()
+        d.signal(signal.SIGTERM)
+        rest = _read_replies(busy, n - 1, 5)
+        code = d.proc.wait(10)
+        elapsed = time.monotonic() - started
+    finally:
+        for s in [*idle, busy]:
+            s.close()
+        d.stop()
+    assert code == 0
+    assert elapsed < 5.0, f"SIGTERM to exit took {elapsed:.2f}s"
+    replies = first + rest
+    assert [r["id"] for r in replies] == list(range(n))
+    assert all(r["ok"] for r in replies)
+    logs = d.logs()
+    assert "stopping" in logs and "stopped" in logs
+
+
+async def test_a_hung_adapter_cannot_hold_shutdown_past_the_budget(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    daemon = Daemon(load_world(cfg), str(cfg))
+
+    async def hang(_: Daemon) -> None:
+        await asyncio.sleep(3600)
+
+    daemon.stoppers.extend([hang, hang, hang])
+    await daemon.start()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await daemon.stop()
+    assert loop.time() - started < STOP_BUDGET + 1.0
+    assert not os.path.exists(tmp_path / "query.sock")
