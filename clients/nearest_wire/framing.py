@@ -101,12 +101,25 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     except (ValueError, msgpack.UnpackException, RecursionError, TypeError) as exc:
         raise WireError(ErrorCode.BAD_REQUEST, f"malformed MessagePack: {_why(exc)}") from None
     if not isinstance(obj, dict):
-        raise WireError(
-            ErrorCode.BAD_REQUEST, f"frame holds a {type(obj).__name__}, expected a map"
-        )
+        raise WireError(ErrorCode.BAD_REQUEST, f"frame holds {_msgpack_type(obj)}, expected a map")
     if not _depth_ok(obj, 1):
         raise WireError(ErrorCode.BAD_REQUEST, f"nesting deeper than {MAX_DEPTH} levels")
     return obj
+
+
+def _msgpack_type(obj: object) -> str:
+    """Name a decoded value by its MessagePack type, for error messages."""
+    for typ, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        (bytes, "binary data"),
+        (list, "an array"),
+    ):
+        if isinstance(obj, typ):
+            return name
+    return "nil" if obj is None else "a value of another type"
 
 
 def _why(exc: BaseException) -> str:
