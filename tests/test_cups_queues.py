@@ -31,7 +31,7 @@ from cups_peer import (
     zone,
 )
 from nearest_client import Client
-from support import DaemonProcess, free_port, tcp_url, write_config
+from support import DaemonProcess, free_port, require_tools, tcp_url, write_config
 
 pytestmark = pytest.mark.realpeer
 
@@ -350,6 +350,7 @@ def test_cups_errors_are_sentences_with_exit_3(site: Site, cups: PrivateCups) ->
 
 
 def test_a_user_without_printer_rights_is_told_so(site: Site, cups: PrivateCups) -> None:
+    require_tools("setpriv")
     home = cups.dir / "nobody-home"
     home.mkdir()
     os.chown(home, 65534, 65534)
@@ -377,3 +378,39 @@ def test_a_user_without_printer_rights_is_told_so(site: Site, cups: PrivateCups)
     assert r.returncode == 3, r.stderr
     assert "CUPS does not allow this user to manage printers" in r.stderr
     assert uris_of_or_empty(cups) == {}
+
+
+def agent(site: Site, cups: PrivateCups, state: Path) -> subprocess.CompletedProcess[str]:
+    return nearest(site, cups, "agent", "--settle", "0", "--state-dir", str(state))
+
+
+def test_the_agent_follows_the_laptop_and_keeps_the_default_when_lost(
+    tmp_path: Path, site: Site, cups: PrivateCups
+) -> None:
+    state = tmp_path / "agent"
+    r = agent(site, cups, state)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (
+        "nearest agent: default printer is now nearest-prn-a (Printer A, lab / west / level 0 / a)\n"
+    )
+    assert default_of(cups) == "system default destination: nearest-prn-a"
+    r = agent(site, cups, state)
+    assert r.stderr == "nearest agent: default printer stays nearest-prn-a (Printer A)\n"
+    site.move("b")
+    assert agent(site, cups, state).returncode == 0
+    assert default_of(cups) == "system default destination: nearest-prn-b"
+    # A network the site map does not know (e.g. at home): keep what we have.
+    site.move("nowhere")
+    r = agent(site, cups, state)
+    assert r.returncode == 0
+    assert "does not know this network; keeping the current default" in r.stderr
+    # The daemon is gone altogether: still status 0, still the same default.
+    site.stop()
+    r = agent(site, cups, state)
+    assert r.returncode == 0
+    assert r.stderr.startswith("nearest agent: cannot reach nearestd at unix://")
+    assert default_of(cups) == "system default destination: nearest-prn-b"
+    assert uris_of(cups) == {
+        "nearest-prn-a": site.printers.a.uri,
+        "nearest-prn-b": site.printers.b.uri,
+    }

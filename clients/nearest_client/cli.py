@@ -128,7 +128,7 @@ def sane_device(d: dict[str, Any]) -> dict[str, str] | None:
     return {
         "escl": uri,
         "device": device,
-        "scanimage": f"scanimage -d {shlex.quote(device)} --format=png -o scan.png",
+        "scanimage": f"scanimage -d {shlex.quote(device)} --format=png > scan.png",
         "airscan_conf": f'"{conf_name}" = {uri}, eSCL',
     }
 
@@ -281,17 +281,22 @@ def _where(server: str, source: str, timeout: float, as_json: bool) -> int:
         with Client(server, timeout=timeout) as client:
             reply = client.request({"op": "locate"})
     except ServerError as exc:
-        print(
-            f"server: {server} (from {source})\nthe daemon cannot place this machine: {exc.message}"
-        )
-        return EXIT_NONE
+        print(f"server: {server} (from {source})")
+        if exc.code == "unknown-location":
+            print(f"the daemon cannot place this machine: {exc.message}")
+            return EXIT_NONE
+        print(f"nearest: the daemon refused: {exc.message} ({exc.code})", file=sys.stderr)
+        return EXIT_UNREACHABLE
     except ClientError as exc:
-        print(f"server: {server} (from {source})\nnearest: {exc}", file=sys.stderr)
+        print(f"server: {server} (from {source})")
+        print(f"nearest: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if as_json:
         print(json.dumps({"server": server, "source": source, "where": reply["where"]}, indent=2))
     else:
-        print(f"server: {server} (from {source})\nwhere:  {_place(reply['where'])}")
+        where = reply["where"]
+        name = where.get("zone_name") or where.get("zone")
+        print(f"server: {server} (from {source})\nwhere:  {name} ({_place(where)})")
     return EXIT_FOUND
 
 
