@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 LOG = logging.getLogger("nearestd")
@@ -118,6 +119,16 @@ def _fields(record: logging.LogRecord) -> dict[str, Any]:
     }
 
 
+def error_at(record: logging.LogRecord) -> str:
+    """Return where a logged exception was raised (file:line of the innermost frame), on one line."""
+    tb = record.exc_info[2] if record.exc_info else None
+    if tb is None:
+        return "-"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}"
+
+
 def _kv_value(value: Any) -> str:
     text = str(value)
     if not text or any(c in text for c in ' "=\n\t'):
@@ -141,6 +152,7 @@ class KeyValueFormatter(logging.Formatter):
             parts.append(f"{key}={_kv_value(value)}")
         if record.exc_info and record.exc_info[0] is not None:
             parts.append(f"error={_kv_value(record.exc_info[0].__name__)}")
+            parts.append(f"error_at={_kv_value(error_at(record))}")
         return " ".join(parts)
 
 
@@ -163,6 +175,7 @@ class JsonFormatter(logging.Formatter):
         )
         if record.exc_info and record.exc_info[0] is not None:
             out["error"] = record.exc_info[0].__name__
+            out["error_at"] = error_at(record)
         return json.dumps(out, ensure_ascii=False)
 
 

@@ -1,0 +1,274 @@
+"""Reload: all or nothing, between requests, with discovered devices kept and re-placed."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from nearest_client import Client, ServerError
+from nearestd.adapters.snapshot import FILE_NAME
+from nearestd.core.inventory import Saved, encode_inventory
+from nearestd.core.model import Device, DeviceKind
+from support import DEMO_CSV, DEMO_MAP, DaemonProcess, free_port, tcp_url, write_config
+
+PROBE_ID = "prn-reload-probe"
+DISCOVERED_ID = "mdns-printer-reload"
+
+
+def extra_map(path: Path) -> Path:
+    """A second site map: one static printer, and a pin for the discovered printer."""
+    features = [
+        {
+            "type": "Feature",
+            "properties": {
+                "feature_type": "device",
+                "static": True,
+                "id": PROBE_ID,
+                "name": "Reload Probe",
+                "kind": "printer",
+                "uri": "ipp://10.20.10.99:631/ipp/print",
+                "site": "hq",
+                "building": "north",
+                "level": 0,
+            },
+            "geometry": {"type": "Point", "coordinates": [4.8947504, 52.3702337]},
+        },
+        {
+            "type": "Feature",
+            "properties": {
+                "feature_type": "device",
+                "site": "hq",
+                "building": "north",
+                "level": 1,
+                "match": {"name": "Reload Printer"},
+                "subnets": ["127.0.0.42/32"],  # where it may announce from
+            },
+            "geometry": {"type": "Point", "coordinates": [4.8951175, 52.3704583]},
+        },
+    ]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+class Setup:
+    """A daemon whose config file the test rewrites between reloads."""
+
+    def __init__(self, tmp: Path, metrics: bool = False) -> None:
+        self.tmp = tmp
+        self.extra = extra_map(tmp / "extra.geojson")
+        self.broken_map = tmp / "broken.geojson"
+        self.broken_map.write_text('{"type": "FeatureCollection", "features": [')
+        self.metrics = f"127.0.0.1:{free_port()}" if metrics else ""
+        self.cfg = self.write([str(DEMO_MAP)])
+        self.original = self.cfg.read_text()
+        state = tmp / "state"
+        state.mkdir()
+        discovered = Device(
+            id=DISCOVERED_ID,
+            kind=DeviceKind.PRINTER,
+            name="Reload Printer",
+            uri="ipp://127.0.0.42:631/ipp/print",
+            source="mdns",
+            instance="Reload Printer",
+            addresses=("127.0.0.42",),
+        )
+        (state / FILE_NAME).write_bytes(
+            encode_inventory([Saved(discovered, time.time())], time.time())
+        )
+
+    def write(self, maps: list[str], **extra: dict[str, Any]) -> Path:
+        sections: dict[str, dict[str, Any]] = {"metrics": {"listen": self.metrics}}
+        sections.update(extra)
+        cfg = write_config(self.tmp, sections=sections, maps=maps, subnets=[str(DEMO_CSV)])
+        if hasattr(self, "original"):
+            # Keep the ports of the first config: a reload does not move sockets.
+            listen = self.original.split("\n", 3)[1]
+            lines = cfg.read_text().split("\n")
+            lines[1] = listen
+            cfg.write_text("\n".join(lines))
+        return cfg
+
+    def good(self) -> None:
+        self.write([str(DEMO_MAP), str(self.extra)])
+
+    def broken_map_file(self) -> None:
+        self.write([str(DEMO_MAP), str(self.extra), str(self.broken_map)])
+
+    def broken_toml(self) -> None:
+        self.cfg.write_text(
+            self.cfg.read_text() + "\n[ranking]\nfloor_penalty_m = 'x'\nbogus = 1\n"
+        )
+
+
+def inventory(d: DaemonProcess) -> dict[str, dict[str, Any]]:
+    with Client(f"unix://{d.admin}") as c:
+        return {x["id"]: x for x in c.request({"op": "devices"})["devices"]}
+
+
+def reload(d: DaemonProcess) -> dict[str, Any]:
+    with Client(f"unix://{d.admin}") as c:
+        try:
+            return c.request({"op": "reload"})
+        except ServerError as exc:
+            return exc.reply
+
+
+def nearestctl(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nearestd.ctl", "--socket", str(d.admin), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def reload_metrics(address: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as r:
+        page = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(page):
+        for s in fam.samples:
+            if s.name.startswith("nearest_config_"):
+                key = s.name + (f"{{{s.labels['result']}}}" if "result" in s.labels else "")
+                out[key] = s.value
+    return out
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Any:
+    s = Setup(tmp_path, metrics=True)
+    d = DaemonProcess(s.cfg).wait_ready()
+    try:
+        yield s, d
+    finally:
+        d.stop()
+
+
+def test_good_reload_switches_and_keeps_discovered_devices_placing_them_again(
+    setup: tuple[Setup, DaemonProcess],
+) -> None:
+    s, d = setup
+    before = inventory(d)
+    assert PROBE_ID not in before
+    assert before[DISCOVERED_ID]["zone"] == "n0-lobby"
+    assert before[DISCOVERED_ID]["placed_by"] == "subnet"
+    m0 = reload_metrics(s.metrics)
+    s.good()
+    assert reload(d)["reloaded"] is True
+    after = inventory(d)
+    assert PROBE_ID in after
+    assert after[DISCOVERED_ID]["zone"] == "n1-finance"  # the new pin wins over the subnet
+    assert after[DISCOVERED_ID]["placed_by"] == "pin"
+    m1 = reload_metrics(s.metrics)
+    assert m1["nearest_config_reloads_total{success}"] >= 1
+    assert m1["nearest_config_last_reload_successful"] == 1
+    assert (
+        m1["nearest_config_last_reload_success_timestamp_seconds"]
+        > m0["nearest_config_last_reload_success_timestamp_seconds"]
+    )
+
+
+@pytest.mark.parametrize("breakage", ["broken_map_file", "broken_toml"])
+def test_broken_reload_keeps_the_old_state_and_reports_every_problem(
+    setup: tuple[Setup, DaemonProcess], breakage: str
+) -> None:
+    s, d = setup
+    s.good()
+    assert reload(d)["ok"]
+    getattr(s, breakage)()
+    reply = reload(d)
+    assert reply["ok"] is False and reply["error"]["code"] == "bad-request"
+    problems = reply["problems"]
+    if breakage == "broken_map_file":
+        assert len(problems) == 1 and "broken.geojson" in problems[0]
+    else:
+        assert len(problems) == 2
+        assert any("[ranking] floor_penalty_m" in p for p in problems)
+        assert any("[ranking] bogus: unknown key" in p for p in problems)
+    # Old state kept: the probe from the last good config is still served.
+    with Client(tcp_url(s.cfg)) as c:
+        ids = [x["id"] for x in c.nearest("printer", k=20)["devices"]]
+    assert PROBE_ID in ids
+    logged = [line for line in d.logs().splitlines() if "reload refused" in line]
+    assert len(logged) == len(problems)
+    assert all("level=error" in line for line in logged)
+    m = reload_metrics(s.metrics)
+    assert m["nearest_config_reloads_total{failure}"] == 1
+    assert m["nearest_config_last_reload_successful"] == 0
+    # nearestctl says the same, exits 1, and names the problems.
+    r = nearestctl(d, "reload")
+    assert r.returncode == 1
+    assert "still running the old configuration" in r.stderr
+    assert all(p in r.stderr for p in problems)
+
+
+def test_sighup_reloads(setup: tuple[Setup, DaemonProcess]) -> None:
+    s, d = setup
+    s.good()
+    d.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while PROBE_ID not in inventory(d):
+        assert time.monotonic() < deadline, "SIGHUP did not reload"
+        time.sleep(0.05)
+    assert "reloaded" in d.logs()
+
+
+QUERY_LOOP = r"""
+import json, sys, time
+from nearest_client import Client
+url, seconds = sys.argv[1], float(sys.argv[2])
+ok = failed = 0
+errors = []
+deadline = time.monotonic() + seconds
+while time.monotonic() < deadline and ok + failed < 200000:
+    try:
+        with Client(url, timeout=5) as c:  # a new connection now and then, too
+            for _ in range(50):
+                reply = c.nearest("printer", k=3)
+                ok += 1 if reply["devices"] else 0
+                failed += 0 if reply["devices"] else 1
+    except Exception as exc:
+        failed += 1
+        errors.append(repr(exc))
+    if ok == 50:
+        print("running", flush=True)
+print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}), flush=True)
+"""
+
+
+def test_reloads_under_query_load_from_another_process_lose_no_query(
+    setup: tuple[Setup, DaemonProcess],
+) -> None:
+    s, d = setup
+    child = subprocess.Popen(
+        [sys.executable, "-c", QUERY_LOOP, tcp_url(s.cfg), "4"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "running"
+        results = []
+        for step in ("good", "broken_map_file", "original", "broken_toml", "good", "original"):
+            if step == "original":
+                s.cfg.write_text(s.original)
+            else:
+                getattr(s, step)()
+            results.append(reload(d)["ok"])
+            time.sleep(0.2)
+        out, _ = child.communicate(timeout=30)
+    finally:
+        child.kill()
+    assert results == [True, False, True, False, True, True]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["failed"] == 0, report
+    assert report["ok"] > 500, report
