@@ -270,9 +270,15 @@ def zone(zid: str, building: str, x: float, subnets: list[str]) -> dict[str, Any
 
 
 def device(
-    did: str, name: str, uri: str, building: str, x: float, caps: dict[str, Any] | None = None
+    did: str,
+    name: str,
+    uri: str,
+    building: str,
+    x: float,
+    caps: dict[str, Any] | None = None,
+    kind: str = "printer",
 ) -> dict[str, Any]:
-    """Return a static printer feature inside the zone at offset ``x``."""
+    """Return a static device feature inside the zone at offset ``x``."""
     lon, lat = 4.89 + (x + 5) / 68000.0, 52.37 + 3 / 68000.0 / 1.6
     return {
         "type": "Feature",
@@ -281,7 +287,7 @@ def device(
             "static": True,
             "id": did,
             "name": name,
-            "kind": "printer",
+            "kind": kind,
             "uri": uri,
             "make_model": "ippeveprinter",
             "site": "lab",
