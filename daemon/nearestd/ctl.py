@@ -11,6 +11,11 @@ from nearest_client.client import Client, ClientError, ServerError, Unreachable
 from nearestd.config import ConfigError, load_config
 
 DEFAULT_ADMIN = "/run/nearestd/admin.sock"
+PLACEMENT_ORDER = (
+    "static (site-map position) > pin (site-map match on uuid, name, host, ip) > "
+    "geo (printer-geo-location inside a zone) > note (DNS-SD note names a zone) > "
+    "location (printer-location names a zone) > subnet (device address in a zone's subnets)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +91,10 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
         else:
             place = "UNLOCATED"
         state = str(d.get("state"))
+        if d.get("state_reasons"):
+            state += f" ({','.join(d['state_reasons'])})"
+        if d.get("accepting_jobs") is False:
+            state += " not-accepting"
         if d.get("quarantined"):
             state = f"quarantined ({d['quarantined']})"
         rows.append(
@@ -100,7 +109,11 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
             ]
         )
     unlocated = sum(1 for d in devices if not d.get("located"))
-    return _table(rows) + f"\n{len(devices)} devices, {unlocated} unlocated"
+    return (
+        _table(rows)
+        + f"\nplaced by, first that applies: {PLACEMENT_ORDER}"
+        + f"\n{len(devices)} devices, {unlocated} unlocated"
+    )
 
 
 def format_reply(cmd: str, reply: dict[str, Any]) -> str:
