@@ -46,7 +46,9 @@ TempDir {d}/tmp
 AccessLog {d}/log/access_log
 ErrorLog {d}/log/error_log
 PageLog {d}/log/page_log
-SystemGroup root
+Printcap {d}/printcap
+ServerKeychain {d}/ssl
+SystemGroup {groups}
 """
 
 CUPSD_CONF = """Listen {d}/cups.sock
@@ -150,6 +152,9 @@ class IppPrinter:
                 "off",
                 "-d",
                 str(spool),
+                # Its TLS key and certificate stay here, not in /etc/cups/ssl.
+                "-K",
+                str(directory / "ssl"),
                 "-M",
                 "Nearest",
                 "-m",
@@ -183,14 +188,16 @@ class IppPrinter:
 class PrivateCups:
     """cupsd with its own configuration, state and Unix socket; no TCP, no browsing."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, system_groups: str = "root") -> None:
         self.dir = directory
-        for sub in ("etc", "state", "cache", "spool", "tmp", "log", "home", "client"):
+        for sub in ("etc", "state", "cache", "spool", "tmp", "log", "home", "client", "ssl"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         # cupsd runs filters as lp and refuses world-unsafe paths: keep modes conventional.
         for path in [directory, *directory.iterdir()]:
             path.chmod(0o755)
-        (directory / "etc" / "cups-files.conf").write_text(CUPS_FILES_CONF.format(d=directory))
+        (directory / "etc" / "cups-files.conf").write_text(
+            CUPS_FILES_CONF.format(d=directory, groups=system_groups)
+        )
         (directory / "etc" / "cupsd.conf").write_text(CUPSD_CONF.format(d=directory))
         self.socket = directory / "cups.sock"
         self.log = directory / "log" / "stdout"

@@ -349,25 +349,25 @@ def test_cups_errors_are_sentences_with_exit_3(site: Site, cups: PrivateCups) ->
     assert "Traceback" not in r.stderr
 
 
-def test_a_user_without_printer_rights_is_told_so(site: Site, cups: PrivateCups) -> None:
+def as_nobody(site: Site, cups: PrivateCups, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `nearest` as an ordinary user (nobody), with its own HOME."""
     require_tools("setpriv")
     home = cups.dir / "nobody-home"
-    home.mkdir()
+    home.mkdir(exist_ok=True)
     os.chown(home, 65534, 65534)
     # Over TCP the laptop is 127.0.0.1 too, and needs no access to root's socket dir.
     env = {**cups.env(), "HOME": str(home), "NEAREST_SERVER": tcp_url(site.daemon.config)}
     env.pop("CUPS_SERVERROOT")
-    r = subprocess.run(
+    return subprocess.run(
         [
             "setpriv",
             "--reuid=65534",
             "--regid=65534",
-            "--clear-groups",
+            "--init-groups",
             sys.executable,
             "-m",
             "nearest_client.cli",
-            "printer",
-            "--set-default",
+            *args,
         ],
         env=env,
         capture_output=True,
@@ -375,9 +375,36 @@ def test_a_user_without_printer_rights_is_told_so(site: Site, cups: PrivateCups)
         timeout=60,
         start_new_session=True,
     )
+
+
+def test_a_user_without_printer_rights_is_told_so(site: Site, cups: PrivateCups) -> None:
+    r = as_nobody(site, cups, "printer", "--set-default")
     assert r.returncode == 3, r.stderr
-    assert "CUPS does not allow this user to manage printers" in r.stderr
+    assert r.stderr == (
+        "nearest: cannot create the queue nearest-prn-a for Printer A: CUPS does not allow this "
+        "user to manage printers (ask an administrator, or add the user to the lpadmin group).\n"
+    )
     assert uris_of_or_empty(cups) == {}
+
+
+def test_an_ordinary_user_in_the_admin_group_gets_a_personal_default(site: Site) -> None:
+    require_cups()
+    # As in Debian's lpadmin group: members may add printers without a password.
+    cups = PrivateCups(short_tempdir("ncc-"), system_groups="root nogroup")
+    try:
+        r = as_nobody(site, cups, "printer", "--set-default")
+        assert r.returncode == 0, r.stderr
+        assert "nearest-prn-a is now your default printer" in r.stdout
+        lpoptions = cups.dir / "nobody-home" / ".cups" / "lpoptions"
+        assert lpoptions.read_text().split() == ["Default", "nearest-prn-a"]
+        assert lpoptions.stat().st_uid == 65534
+        assert uris_of(cups) == {"nearest-prn-a": site.printers.a.uri}
+        r = as_nobody(site, cups, "printer", "--set-default")
+        assert r.returncode == 0 and "already your default" in r.stdout
+        # root's own default is untouched: the default is per user.
+        assert default_of(cups) == "no system default destination"
+    finally:
+        cups.stop()
 
 
 def agent(site: Site, cups: PrivateCups, state: Path) -> subprocess.CompletedProcess[str]:
