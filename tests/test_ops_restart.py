@@ -174,20 +174,30 @@ def _frame(obj: dict[str, Any]) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
-def _read_replies(sock: socket.socket, n: int, timeout: float) -> list[dict[str, Any]]:
-    sock.settimeout(timeout)
-    buf = b""
-    out: list[dict[str, Any]] = []
-    while len(out) < n:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-        while len(buf) >= 4 and len(buf) >= 4 + struct.unpack(">I", buf[:4])[0]:
-            size = struct.unpack(">I", buf[:4])[0]
-            out.append(msgpack.unpackb(buf[4 : 4 + size]))
-            buf = buf[4 + size :]
-    return out
+class Replies:
+    """Reads reply frames off a socket, keeping partial frames between calls."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.eof = False
+
+    def read(self, n: int, timeout: float) -> list[dict[str, Any]]:
+        self.sock.settimeout(timeout)
+        out: list[dict[str, Any]] = []
+        while len(out) < n:
+            while len(self.buf) >= 4 and len(self.buf) >= 4 + struct.unpack(">I", self.buf[:4])[0]:
+                size = struct.unpack(">I", self.buf[:4])[0]
+                out.append(msgpack.unpackb(self.buf[4 : 4 + size]))
+                self.buf = self.buf[4 + size :]
+                if len(out) == n:
+                    return out
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self.eof = True
+                break
+            self.buf += chunk
+        return out
 
 
 def test_sigterm_answers_in_flight_requests_and_exits_within_5s(tmp_path: Path) -> None:
@@ -204,10 +214,12 @@ def test_sigterm_answers_in_flight_requests_and_exits_within_5s(tmp_path: Path) 
                 for i in range(n)
             )
         )
-        first = _read_replies(busy, 1, 5)  # the daemon has the burst
+        replies = Replies(busy)
+        first = replies.read(1, 5)  # the daemon is answering the burst
         started = time.monotonic()
         d.signal(signal.SIGTERM)
-        rest = _read_replies(busy, n - 1, 5)
+        rest = replies.read(n - 1, 5)
+        after = replies.read(1, 5)  # then the connection closes cleanly
         code = d.proc.wait(10)
         elapsed = time.monotonic() - started
     finally:
@@ -216,9 +228,10 @@ def test_sigterm_answers_in_flight_requests_and_exits_within_5s(tmp_path: Path) 
         d.stop()
     assert code == 0
     assert elapsed < 5.0, f"SIGTERM to exit took {elapsed:.2f}s"
-    replies = first + rest
-    assert [r["id"] for r in replies] == list(range(n))
-    assert all(r["ok"] for r in replies)
+    answered = first + rest
+    assert [r["id"] for r in answered] == list(range(n))
+    assert all(r["ok"] for r in answered)
+    assert after == [] and replies.eof
     logs = d.logs()
     assert "stopping" in logs and "stopped" in logs
 
