@@ -272,3 +272,15 @@ def test_reloads_under_query_load_from_another_process_lose_no_query(
     report = json.loads(out.strip().splitlines()[-1])
     assert report["failed"] == 0, report
     assert report["ok"] > 500, report
+
+
+def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
+    setup: tuple[Setup, DaemonProcess],
+) -> None:
+    s, d = setup
+    old = s.metrics
+    s.metrics = f"127.0.0.1:{free_port()}"
+    s.good()
+    assert reload(d)["ok"]
+    assert "metrics listen changed; it takes effect at the next restart" in d.logs()
+    assert reload_metrics(old)["nearest_config_reloads_total{success}"] == 1

@@ -626,6 +626,16 @@ class MetricsExporter:
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.collector: SnapshotCollector | None = None
+        self._listen = daemon.service.cfg.metrics.listen
+        daemon.reload_hooks.append(self._on_reload)
+
+    def _on_reload(self, daemon: Daemon) -> None:
+        wanted = daemon.service.cfg.metrics.listen
+        if wanted != self._listen:
+            LOG.warning(
+                "metrics listen changed; it takes effect at the next restart",
+                extra={"listening": self._listen or "off", "configured": wanted or "off"},
+            )
 
     def build(self) -> Snapshot:
         """Return a snapshot of the daemon now (event loop only)."""
@@ -634,7 +644,7 @@ class MetricsExporter:
 
     async def start(self) -> None:
         """Bind ``[metrics] listen`` and serve from a thread; nothing when it is empty."""
-        listen = self.daemon.service.cfg.metrics.listen
+        listen = self._listen
         if not listen:
             return
         host, port = split_listen(listen)
