@@ -176,6 +176,7 @@ def test_extra_sections_map_to_named_families_and_bounded_labels() -> None:
     }
     assert fams["nearest_discovery_browser_running"].samples == (((), 1.0),)
     assert "nearest_discovery_error" not in fams
+    assert fams["nearest_discovery_browser_failed"].samples == (((), 1.0),)
     events = fams["nearest_discovery_events"]
     assert events.kind == "counter" and events.labels == ("event",)
     assert dict((lv[0], v) for lv, v in events.samples) == {"added": 4, "goodbye": 1, "other": 11}
@@ -188,6 +189,19 @@ def test_extra_sections_map_to_named_families_and_bounded_labels() -> None:
     assert mqtt["nearest_mqtt_connected"].samples == (((), 0.0),)
     assert mqtt["nearest_mqtt_reconnects"].kind == "counter"
     assert extra_families("mqtt", None) == []
+    poller = {
+        f.name: f
+        for f in extra_families(
+            "poller",
+            {
+                "polls_total": 4,
+                "poll_errors_total": {"timeout": 1, "refused": 0},
+                "supply_levels": {"mdns-printer-abc": {"black": 40}},
+            },
+        )
+    }
+    assert set(poller) == {"nearest_poller_polls", "nearest_poller_errors"}
+    assert poller["nearest_poller_errors"].labels == ("error",)
     assert extra_families("bad section!", {"x": 1})[0].name == "nearest_bad_section_x"
 
 
@@ -234,3 +248,31 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
         assert "nearest_mqtt_connected" not in fams
     finally:
         await daemon.stop()
+
+
+def test_metrics_with_discovery_running_pass_promtool(tmp_path: Path) -> None:
+    port = free_port()
+    cfg = write_config(
+        tmp_path,
+        sections={
+            "metrics": {"listen": f"127.0.0.1:{port}"},
+            "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
+        },
+    )
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        page = scrape(f"127.0.0.1:{port}")
+    finally:
+        d.stop()
+    fams = families(page)
+    assert fams["nearest_discovery_enabled"].samples[0].value == 1
+    assert fams["nearest_discovery_browser_running"].samples[0].value == 1
+    assert fams["nearest_discovery_browser_failed"].samples[0].value == 0
+    for fam in fams.values():
+        for sample in fam.samples:
+            assert not any(looks_unbounded(v) for v in sample.labels.values()), sample
+    require_tools("promtool")
+    r = subprocess.run(
+        ["promtool", "check", "metrics"], input=page.encode(), capture_output=True, timeout=30
+    )
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()

@@ -9,7 +9,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nearest_wire import (
@@ -33,7 +33,7 @@ from nearestd.core.devices import DeviceTable, Record, restriction_of
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
-from nearestd.core.model import Device, Zone
+from nearestd.core.model import Device, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
 from nearestd.core.resolve import inventory_view, rank
 from nearestd.core.sitemap import SiteMap
@@ -313,6 +313,9 @@ class Service:
         self.sitemap = sitemap
         self.ranking = ranking_of(cfg)
         self.table.set_sitemap(sitemap)
+        # Static devices come back from the new map as declared: lay the live state over again.
+        for device_id, live in list(self.live.items()):
+            self.set_live(device_id, live)
         self.log.retention = cfg.privacy.retention
         self.log.max_entries = cfg.privacy.max_entries
         d = cfg.daemon
@@ -358,15 +361,26 @@ class Service:
             self.live.pop(device_id, None)
         return removed
 
-    def set_live(self, device_id: str, live: Live) -> str:
-        """Lay a poll's finding over a device; return what changed, or 'gone'."""
+    def set_live(self, device_id: str, live: Live | None) -> str:
+        """Lay a poll's finding over a device (None: forget it); return what changed, or 'gone'."""
         rec = self.table.get(device_id)
         if rec is None:
             self.live.pop(device_id, None)
             return "gone"
-        self.live[device_id] = live
+        if live is None:
+            self.live.pop(device_id, None)
+            device = replace(
+                rec.device,
+                state=DeviceState.UNKNOWN,
+                state_reasons=(),
+                accepting_jobs=True,
+                supplies=(),
+            )
+        else:
+            self.live[device_id] = live
+            device = overlay(rec.device, live)
         # A poll is not a sighting: it must not keep a device discovery lost from expiring.
-        return self.table.upsert(overlay(rec.device, live), rec.last_seen)
+        return self.table.upsert(device, rec.last_seen)
 
     def tick(self, now: float) -> None:
         """Run time-driven upkeep: privacy purge and key rotation."""

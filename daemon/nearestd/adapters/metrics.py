@@ -149,7 +149,11 @@ def _labelled(items: Mapping[Any, Any]) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True, slots=True)
 class Spec:
-    """How one key of a known ``extra_stats`` section is exported (``kind`` "skip" drops it)."""
+    """How one key of a known ``extra_stats`` section is exported.
+
+    ``kind`` is counter or gauge; "flag" exports 1 for a truthy value (an error text, say)
+    and 0 otherwise; "skip" drops the key.
+    """
 
     name: str
     kind: str
@@ -163,6 +167,12 @@ SPECS: dict[str, dict[str, Spec]] = {
         "running": Spec(
             "nearest_discovery_browser_running", "gauge", "Whether the mDNS browsers are running."
         ),
+        "error": Spec(
+            "nearest_discovery_browser_failed",
+            "flag",
+            "Whether the mDNS browsers failed to start or stopped on an error.",
+        ),
+        "interfaces": _SKIP,
         "services": Spec(
             "nearest_discovery_services", "gauge", "DNS-SD service instances currently seen."
         ),
@@ -233,6 +243,26 @@ SPECS: dict[str, dict[str, Spec]] = {
             "Times one client asked more often than the spike threshold.",
         ),
     },
+    "poller": {
+        "enabled": Spec("nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
+        "devices_polled": Spec("nearest_poller_devices", "gauge", "Devices being polled."),
+        "devices_by_state": _SKIP,  # nearest_devices{kind,state} has them
+        "devices_unreachable": Spec(
+            "nearest_poller_devices_unreachable", "gauge", "Polled devices that do not answer."
+        ),
+        "in_flight": Spec("nearest_poller_in_flight", "gauge", "Polls under way."),
+        "polls_total": Spec("nearest_poller_polls", "counter", "Polls made."),
+        "poll_errors_total": Spec(
+            "nearest_poller_errors", "counter", "Failed polls, by kind of error.", "error"
+        ),
+        "poll_seconds_total": Spec(
+            "nearest_poller_poll_seconds", "counter", "Time spent polling, in seconds."
+        ),
+        "state_changes_total": Spec(
+            "nearest_poller_state_changes", "counter", "Device state changes found by polling."
+        ),
+        "supply_levels": _SKIP,  # per device: no device ids in labels
+    },
     # The socket counters are exported from the socket servers directly (see below).
     "connections": {
         "open": _SKIP,
@@ -271,6 +301,9 @@ def extra_families(section: str, data: Any) -> list[Family]:
     for raw_key, value in data.items():
         spec = _spec_for(section, prefix, raw_key, value)
         if spec is None or spec.kind == "skip":
+            continue
+        if spec.kind == "flag":
+            out.append(Family(spec.name, "gauge", spec.help, (), (((), float(bool(value))),)))
             continue
         n = _num(value)
         if n is not None and not spec.label:
