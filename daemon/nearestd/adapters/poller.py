@@ -150,6 +150,15 @@ class Poller:
             await self._session.close()
             self._session = None
 
+    def forget(self) -> None:
+        """Drop every live state found so far: with the poller off, states are unknown."""
+        for device_id in list(self.service.live):
+            self.service.set_live(device_id, None)
+        self._targets.clear()
+        self._due.clear()
+        self._failures.clear()
+        self._generation = -1
+
     def reconfigure(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
@@ -382,7 +391,10 @@ def attach_poller(daemon: Daemon) -> Poller:
 
             async def restart() -> None:
                 await poller.stop()
-                await poller.start()
+                if poller.cfg.enabled:
+                    await poller.start()
+                else:
+                    poller.forget()
 
             poller.restarting = asyncio.ensure_future(restart())
 
