@@ -173,8 +173,12 @@ def check_ip(value: object, field: str, rid: int | None) -> str:
         addr = ipaddress.ip_address(value)
     except ValueError:
         raise _bad(f"{field}: not an IPv4 or IPv6 address", rid) from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        return str(addr.ipv4_mapped)
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        if addr.scope_id is not None:
+            # A zone index (fe80::1%eth0) names a link of the asker, not part of the address.
+            return str(ipaddress.IPv6Address(value.split("%", 1)[0]))
     return str(addr)
 
 

@@ -319,6 +319,7 @@ def cases() -> list[dict[str, Any]]:
         ("client_ip not an address", {**base, "client_ip": "printer.local"}),
         ("client_ip with prefix", {**base, "client_ip": "10.0.0.0/8"}),
         ("client_ip of 65 bytes", {**base, "client_ip": "1" * 65}),
+        ("client_ip with a zone index", {**base, "client_ip": "fe80::1%eth0"}),
         ("client_ip is an integer", {**base, "client_ip": 167772161}),
         ("client_ip is bytes", {**base, "client_ip": b"\n\x00\x00\x01"}),
         ("zone empty", {**base, "zone": ""}),
@@ -343,6 +344,8 @@ def cases() -> list[dict[str, Any]]:
             # Valid to the codec; the daemon refuses it (admin op, unknown zone).
             if name == "zone unknown":
                 got = err("unknown-location", "zone: no such zone", 5)
+            elif name == "client_ip with a zone index":
+                got = err("unknown-location", "no zone's subnets contain this client's address", 5)
             else:
                 got = err("forbidden", f"op {obj['op']!r} is only served on the admin socket", 5)
         add("fields", name, frame(payload), [got], "open")

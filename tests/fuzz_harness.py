@@ -1,0 +1,249 @@
+"""One fuzz harness per parser; each checks invariants, not only survival.
+
+Used by tests/test_fuzz_parsers.py (hypothesis, bounded for ``make test``) and by
+bench/fuzz.py (a mutation loop of at least 10^6 inputs per harness, ``make fuzz``).
+A harness takes bytes and raises AssertionError (or anything else) on a bug:
+
+* ``frames``: a byte stream through FrameDecoder, each payload through the service as
+  a TCP client would send it; every reply is a well-formed contract map that encodes
+  and decodes again; a request the codec accepts survives encode/decode/parse.
+* ``mqtt_payloads``: a payload as an MQTT request (JSON, or MessagePack by content
+  type) with the transport keys MQTT adds; the same reply invariants.
+* ``txt_records``: a TXT record's wire form plus a service name, through the DNS-SD
+  parser and merger into the device table (placement and quarantine); device fields
+  are bounded, printable, and the inventory view encodes.
+* ``addresses``: text as a client address: the checked form is canonical and stable,
+  and the zone found by the prefix table equals a brute-force longest-prefix search.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from functools import cache
+from typing import Any
+
+from nearest_wire import (
+    ErrorCode,
+    FrameDecoder,
+    FrameTooLarge,
+    WireError,
+    decode_payload,
+    decode_reply,
+    encode_frame,
+    encode_payload,
+    parse_request,
+)
+from nearest_wire.schema import TRANSPORT_KEYS, check_ip
+from nearestd.config import parse_config
+from nearestd.core.devices import DeviceTable
+from nearestd.core.discovery import BASE_TYPES, Merger, ServiceRecord, split_txt
+from nearestd.core.resolve import inventory_view
+from nearestd.core.sitemap import SiteMap, build_sitemap
+from nearestd.service import Peer, Service
+from support import DEMO_CSV, DEMO_MAP
+
+CODES = {str(c) for c in ErrorCode}
+MAX_JSON = 64 * 1024
+NOW = 1_800_000_000.0
+TCP = Peer("tcp", "10.20.23.9", trusted=False)
+TRUSTED = Peer("tcp", "127.0.0.1", trusted=True)
+
+
+@cache
+def sitemap() -> SiteMap:
+    doc = json.loads(DEMO_MAP.read_text())
+    return build_sitemap([(str(DEMO_MAP), doc)], [(str(DEMO_CSV), DEMO_CSV.read_text())])
+
+
+@cache
+def service() -> Service:
+    cfg = parse_config("[metrics]\nlisten = ''\n[privacy]\nmax_entries = 1000\n", "fuzz.toml")
+    return Service(cfg, sitemap(), NOW, lambda: b"f" * 32)
+
+
+@cache
+def prefixes() -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
+    return [(ipaddress.ip_network(p), z) for p, z in sitemap().prefixes.items()]
+
+
+def check_reply(reply: Any) -> None:
+    """Assert a reply is a contract map that survives the wire."""
+    assert isinstance(reply, dict), reply
+    assert reply.get("v") == 1
+    assert isinstance(reply.get("ok"), bool)
+    rid = reply.get("id")
+    assert rid is None or (isinstance(rid, int) and 0 <= rid < 2**63)
+    if not reply["ok"]:
+        err = reply["error"]
+        assert err["code"] in CODES, err
+        assert isinstance(err["message"], str) and 0 < len(err["message"]) <= 600, err
+    frame = encode_frame(reply)
+    assert decode_reply(frame[4:]) == reply
+
+
+def frames(data: bytes) -> None:
+    """Harness: a byte stream of frames, cut into two reads, answered as a TCP client."""
+    svc = service()
+    for split in (len(data) // 2, 1):
+        dec = FrameDecoder(64 * 1024)
+        items = dec.feed(data[:split]) + dec.feed(data[split:])
+        assert sum(isinstance(i, FrameTooLarge) for i in items) <= 1
+        for item in items:
+            if isinstance(item, FrameTooLarge):
+                assert item.declared > item.limit
+                continue
+            assert len(item) <= 64 * 1024
+            check_reply(svc.handle_payload(item, TCP, NOW))
+            round_trip(item)
+        svc.log.purge(NOW + 10**9)
+
+
+def round_trip(payload: bytes) -> None:
+    """A payload the codec accepts decodes to the same request after re-encoding."""
+    try:
+        obj = decode_payload(payload)
+        req = parse_request(obj)
+    except WireError as exc:
+        assert str(exc.code) in CODES
+        return
+    again = decode_payload(encode_payload(obj))
+    assert again == obj
+    assert parse_request(again) == req
+
+
+def mqtt_payloads(data: bytes) -> None:
+    """Harness: a payload as an MQTT request, JSON by default, MessagePack by content type."""
+    svc = service()
+    obj: Any = None
+    if len(data) <= MAX_JSON:
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            obj = None
+    if isinstance(obj, dict):
+        check_reply(svc.handle(obj, TRUSTED, NOW, extra_keys=frozenset(TRANSPORT_KEYS)))
+    check_reply(svc.handle_payload(data[:MAX_JSON], TRUSTED, NOW))
+    svc.log.purge(NOW + 10**9)
+
+
+def _texts(device: Any) -> list[str]:
+    # What clients and operators are shown; ``instance`` stays raw, as the pin key.
+    return [device.name, device.make_model, device.note or ""]
+
+
+def txt_records(data: bytes) -> None:
+    """Harness: [type byte][name length][name][TXT wire] into a device, then the table."""
+    if len(data) < 2:
+        return
+    type_ = BASE_TYPES[data[0] % len(BASE_TYPES)]
+    n = data[1]
+    name = data[2 : 2 + n].decode("utf-8", "replace")
+    wire = data[2 + n :]
+    strings, problems = split_txt(wire)
+    assert sum(len(s) + 1 for s in strings) <= len(wire) + 1
+    assert all(len(s) <= 255 for s in strings)
+    record = ServiceRecord(
+        type=type_,
+        name=f"{name}.{type_}",
+        host="fuzz.local.",
+        port=631 if data[0] & 0x80 else 0,
+        addresses=("10.20.23.40", "fe80::1") if data[0] & 0x40 else ("10.66.0.1",),
+        txt=tuple(strings),
+        txt_problems=tuple(problems),
+        interface="lo",
+    )
+    merger = Merger(max_devices=10)
+    changes, _ = merger.upsert(record, NOW)
+    table = DeviceTable(sitemap())
+    for change in changes:
+        dev = change.device
+        if dev is None:
+            continue
+        for text in _texts(dev):
+            assert len(text) <= 1024, text[:80]
+            assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text), repr(text)
+        assert dev.uri.split(":", 1)[0] in ("ipp", "ipps", "http", "https", "socket", "lpd")
+        assert all(c.isalnum() or c in "-_." for c in dev.id), dev.id
+        result = table.upsert(dev, NOW)
+        assert result in ("added", "updated", "unchanged", "quarantined")
+        rec = table.get(dev.id)
+        if rec is not None:
+            encode_frame({"d": inventory_view(rec)})
+    merger.remove("lo", type_, record.name)
+
+
+def addresses(data: bytes) -> None:
+    """Harness: bytes as a client address string, through check_ip and the prefix table."""
+    text = data.decode("utf-8", "replace")
+    try:
+        ip = check_ip(text, "client_ip", None)
+    except WireError as exc:
+        assert exc.code == ErrorCode.BAD_REQUEST and exc.message.startswith("client_ip: ")
+        return
+    assert check_ip(ip, "client_ip", None) == ip, "canonical form is stable"
+    addr = ipaddress.ip_address(ip)
+    zone = sitemap().zone_for_ip(ip)
+    best: tuple[int, str] | None = None
+    for net, zid in prefixes():
+        if (
+            net.version == addr.version
+            and addr in net
+            and (best is None or net.prefixlen > best[0])
+        ):
+            best = (net.prefixlen, zid)
+    assert (zone.id if zone else None) == (best[1] if best else None), (ip, zone, best)
+    policy = sitemap().visibility
+    policy.client_mask(zone.id if zone else None, ip)
+
+
+HARNESSES = {
+    "frames": frames,
+    "mqtt_payloads": mqtt_payloads,
+    "txt_records": txt_records,
+    "addresses": addresses,
+}
+
+
+def seeds() -> dict[str, list[bytes]]:
+    """Return valid and near-valid inputs per harness, to start mutation from."""
+    reqs: list[dict[str, Any]] = [
+        {"v": 1, "id": 1, "op": "ping"},
+        {"v": 1, "id": 2, "op": "nearest", "kind": "printer", "k": 3, "need": {"color": True}},
+        {"v": 1, "id": 3, "op": "nearest", "kind": "scanner", "need": {"adf": True, "paper": "A3"}},
+        {"v": 1, "id": 4, "op": "locate", "client_ip": "10.20.23.9"},
+        {"v": 1, "id": 5, "op": "devices", "kind": "printer", "site": "hq"},
+        {"v": 1, "id": 6, "op": "nearest", "kind": "printer", "zone": "n1-finance", "k": 20},
+    ]
+    frame_seeds = [b"".join(encode_frame(r) for r in reqs)] + [encode_frame(r) for r in reqs]
+    frame_seeds += [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05\xdd\xff\xff\xff\xff", b"\x91" * 64]
+    mqtt = [json.dumps({**r, "reply_to": "r/1", "correlation": "c"}).encode() for r in reqs]
+    mqtt += [encode_payload(r) for r in reqs] + [b"[" * 50, b'{"v":1e999}']
+    txt = []
+    for i in range(len(BASE_TYPES)):
+        strings = [
+            b"txtvers=1",
+            b"ty=HP LaserJet",
+            b"note=Finance",
+            b"UUID=3f5e2c1a-7b1d-4c8e-9a4f-2b6d8e1f0a11",
+            b"Color=T",
+            b"Duplex=F",
+            b"PaperMax=legal-A4",
+            b"rp=ipp/print",
+            b"pdl=application/pdf",
+        ]
+        wire = b"".join(bytes([len(s)]) + s for s in strings)
+        name = b"Finance LaserJet"
+        txt.append(bytes([i | 0xC0, len(name)]) + name + wire)
+    addr = [
+        b"10.20.23.9",
+        b"2001:db8:20:23::9",
+        b"::ffff:10.20.61.4",
+        b"127.0.0.1",
+        b"fe80::1%eth0",
+        b"10.21.62.255",
+        b"2001:db8:20:51:ffff:ffff:ffff:ffff",
+        b"0.0.0.0",
+        b"::",
+    ]
+    return {"frames": frame_seeds, "mqtt_payloads": mqtt, "txt_records": txt, "addresses": addr}
