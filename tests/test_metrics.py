@@ -38,6 +38,7 @@ CONTRACT_FAMILIES = {
     "nearest_config_last_reload_successful": "gauge",
     "nearest_build_info": "gauge",
     "nearest_discovery_enabled": "gauge",
+    "nearest_mqtt_enabled": "gauge",
 }
 
 

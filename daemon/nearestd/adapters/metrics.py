@@ -485,6 +485,13 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
             (),
             (((), float(service.cfg.discovery.enabled)),),
         ),
+        Family(
+            "nearest_mqtt_enabled",
+            "gauge",
+            "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
+            (),
+            (((), float(service.cfg.mqtt is not None)),),
+        ),
     ]
     conns = daemon.sockets.conns
     fams += [
