@@ -63,6 +63,11 @@ def service() -> Service:
 
 
 @cache
+def device_table() -> DeviceTable:
+    return DeviceTable(sitemap())
+
+
+@cache
 def prefixes() -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]:
     return [(ipaddress.ip_network(p), z) for p, z in sitemap().prefixes.items()]
 
@@ -155,7 +160,7 @@ def txt_records(data: bytes) -> None:
     )
     merger = Merger(max_devices=10)
     changes, _ = merger.upsert(record, NOW)
-    table = DeviceTable(sitemap())
+    table = device_table()
     for change in changes:
         dev = change.device
         if dev is None:
@@ -170,6 +175,8 @@ def txt_records(data: bytes) -> None:
         rec = table.get(dev.id)
         if rec is not None:
             encode_frame({"d": inventory_view(rec)})
+        table.remove(dev.id)
+    assert len(table) == len(sitemap().static_devices) and not table.quarantine
     merger.remove("lo", type_, record.name)
 
 
