@@ -130,8 +130,10 @@ def site(tmp_path: Path, printers: Printers) -> Iterator[Site]:
         s.stop()
 
 
-def nearest(site: Site, cups: PrivateCups, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**cups.env(), "NEAREST_SERVER": f"unix://{site.socket}"}
+def nearest(
+    site: Site, cups: PrivateCups, *args: str, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    env = {**cups.env(), "NEAREST_SERVER": f"unix://{site.socket}", **extra}
     return subprocess.run(
         [sys.executable, "-m", "nearest_client.cli", *args],
         env=env,
@@ -193,6 +195,21 @@ def test_second_run_changes_nothing(site: Site, cups: PrivateCups) -> None:
         before_file.st_ino,
     )
     assert uris_of(cups) == {"nearest-prn-a": site.printers.a.uri}
+
+
+def test_a_printer_variable_that_masks_the_default_is_pointed_out(
+    site: Site, cups: PrivateCups
+) -> None:
+    r = nearest(site, cups, "printer", "--set-default", PRINTER="office")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == (
+        "nearest: note: $PRINTER=office overrides the CUPS default in programs that read it; "
+        "unset it to print to the nearest printer.\n"
+    )
+    # The default is still set and read from lpoptions, not from $PRINTER.
+    assert default_of(cups) == "system default destination: nearest-prn-a"
+    r = nearest(site, cups, "printer", "--set-default", PRINTER="office")
+    assert "already your default" in r.stdout
 
 
 def test_a_zone_change_moves_the_default(site: Site, cups: PrivateCups) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from typing import Any
@@ -252,6 +253,14 @@ def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) ->
             print(f"{outcome.queue} is now your default printer: {target.name}{where}.")
         else:
             print(f"{outcome.queue} is already your default printer: {target.name}{where}.")
+        for var in ("LPDEST", "PRINTER"):
+            value = os.environ.get(var)
+            if value and value != outcome.queue:
+                print(
+                    f"nearest: note: ${var}={value} overrides the CUPS default in programs "
+                    "that read it; unset it to print to the nearest printer.",
+                    file=sys.stderr,
+                )
         return EXIT_FOUND
     print(
         f"nearest: none of the {len(devices)} nearest matching printers can be set up "
