@@ -250,3 +250,18 @@ async def test_a_hung_adapter_cannot_hold_shutdown_past_the_budget(tmp_path: Pat
     await daemon.stop()
     assert loop.time() - started < STOP_BUDGET + 1.0
     assert not os.path.exists(tmp_path / "query.sock")
+
+
+def test_an_unwritable_state_dir_is_reported_once_and_not_fatal(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    cfg = write_config(tmp_path, sections={"daemon": {"state_dir": str(blocker / "state")}})
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        wait_until("a failed write", lambda: "cannot write inventory snapshot" in d.logs())
+        assert "prn-n0-lobby" in nearest_printers(d)
+    finally:
+        assert d.stop() == 0  # the shutdown flush fails the same way, quietly
+    lines = [x for x in d.logs().splitlines() if "inventory snapshot" in x]
+    assert len([x for x in lines if "cannot write" in x]) == 1, lines
+    assert all("level=error" in x for x in lines if "cannot write" in x)

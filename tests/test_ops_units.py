@@ -188,3 +188,34 @@ def test_the_snapshot_codec_covers_every_device_field() -> None:
     not_saved = {"stale", "supplies"}  # stale is set on restore; supplies are live state
     written = set(device_to_json(sample_device()))
     assert {f.name for f in fields(Device)} - not_saved == written
+
+
+async def test_watchdog_pings_stop_while_the_event_loop_is_stuck(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(str(tmp_path / "notify"))
+    rx.setblocking(False)
+
+    def drain() -> list[bytes]:
+        got = []
+        while True:
+            try:
+                got.append(rx.recv(4096))
+            except BlockingIOError:
+                return got
+
+    n = Notifier(str(tmp_path / "notify"), watchdog=0.02)
+    task = asyncio.ensure_future(n.keepalive(lambda: "status"))
+    try:
+        await asyncio.sleep(0.3)
+        assert drain().count(b"WATCHDOG=1") >= 5
+        time.sleep(0.3)  # a stuck loop: no task runs, so no ping is sent
+        assert drain() == []
+        await asyncio.sleep(0.1)
+        assert b"WATCHDOG=1" in drain()
+    finally:
+        task.cancel()
+        rx.close()
+        n.close()
