@@ -32,8 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--server",
-        help="tcp://HOST:PORT or unix:///PATH (default: $NEAREST_SERVER, "
-        "/etc/nearest/client.toml, the daemon's socket, tcp://127.0.0.1:7310)",
+        help="tcp://HOST:PORT or unix:///PATH (default: $NEAREST_SERVER, then server in "
+        "$NEAREST_CLIENT_CONFIG or /etc/nearest/client.toml, then the daemon's socket, "
+        "then tcp://127.0.0.1:7310)",
     )
     p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the daemon")
