@@ -315,7 +315,10 @@ class Poller:
         import aiohttp
 
         assert self._session is not None
-        headers = {"Content-Type": "application/ipp"} if body is not None else {}
+        # Identity encoding: replies are read as sent, and bounded by max_response as sent.
+        headers = {"Accept-Encoding": "identity"}
+        if body is not None:
+            headers["Content-Type"] = "application/ipp"
         try:
             async with self._session.request(
                 method, url, data=body, headers=headers, allow_redirects=False
