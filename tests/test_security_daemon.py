@@ -162,3 +162,21 @@ def test_admin_socket_group_mode(tmp_path: Path) -> None:
         assert st.st_gid == os.getgid()
     finally:
         d.stop()
+
+
+def test_admin_socket_works_while_query_connections_are_at_the_cap(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, {"daemon": {"max_connections": 5}})
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        held = [connect(d, "127.0.0.1") for _ in range(5)]
+        for s in held:
+            s.sendall(pings(0, 1))
+            assert read_frames(s, 1)[0]["ok"]
+        extra = connect(d, "127.0.0.1")
+        assert read_frames(extra, 1)[0]["error"]["code"] == "unavailable"
+        st = stats(d)  # the operator still gets in
+        assert st["connections"]["open"] == 5 and st["connections"]["refused_at_cap"] == 1
+        for s in held:
+            s.close()
+    finally:
+        d.stop()

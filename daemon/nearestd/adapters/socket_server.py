@@ -31,6 +31,7 @@ from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service
 
 LOG = logging.getLogger("nearestd.socket")
 WRITE_HIGH = 256 * 1024
+ADMIN_MAX_CONNECTIONS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +52,31 @@ class Connections:
         self.limits = limits
         self.clock = clock
         self.open: set[QueryProtocol] = set()
+        # Admin connections have a small cap of their own, so a flood of query
+        # connections never locks the operator out.
+        self.admin_open = 0
         self.refused = 0
         self.closed_idle = 0
         self.closed_slow = 0
         self.too_large = 0
+
+    def add(self, conn: QueryProtocol) -> bool:
+        """Count a new connection in, or return False when its cap is reached."""
+        if conn.interface == "admin":
+            if self.admin_open >= ADMIN_MAX_CONNECTIONS:
+                return False
+            self.admin_open += 1
+        elif len(self.open) - self.admin_open >= self.limits.max_connections:
+            return False
+        self.open.add(conn)
+        return True
+
+    def forget(self, conn: QueryProtocol) -> None:
+        """Count a closed connection out (idempotent)."""
+        if conn in self.open:
+            self.open.discard(conn)
+            if conn.interface == "admin":
+                self.admin_open -= 1
 
     def sweep(self) -> None:
         """Close idle connections and those whose frame is too slow to arrive."""
@@ -103,7 +125,7 @@ class QueryProtocol(asyncio.Protocol):
         """Accept the connection, or refuse it when the cap is reached."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if len(self.conns.open) >= self.conns.limits.max_connections:
+        if not self.conns.add(self):
             self.conns.refused += 1
             self._closing = True
             transport.write(
@@ -115,7 +137,6 @@ class QueryProtocol(asyncio.Protocol):
             )
             transport.close()
             return
-        self.conns.open.add(self)
         transport.set_write_buffer_limits(high=WRITE_HIGH)
         self.peer = self.peer_for(transport.get_extra_info("peername"))
         # Trusted peers ask on behalf of many clients; Unix sockets are guarded by permissions.
@@ -247,7 +268,7 @@ class QueryProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Forget the connection."""
-        self.conns.open.discard(self)
+        self.conns.forget(self)
 
     def abort(self, why: str) -> None:
         """Close the connection now."""
@@ -255,7 +276,7 @@ class QueryProtocol(asyncio.Protocol):
         self._closing = True
         if self.transport is not None:
             self.transport.abort()
-        self.conns.open.discard(self)
+        self.conns.forget(self)
 
 
 def service_clock() -> float:
@@ -285,7 +306,8 @@ class SocketServers:
         except RuntimeError:  # no running loop (a test calling in directly)
             tasks = 0
         return {
-            "open": len(c.open),
+            "open": len(c.open) - c.admin_open,
+            "admin_open": c.admin_open,
             "refused_at_cap": c.refused,
             "closed_idle": c.closed_idle,
             "closed_slow": c.closed_slow,
