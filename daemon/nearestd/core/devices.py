@@ -32,6 +32,8 @@ def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> 
     """Decide where a device is, by the contract's rules in order."""
     if static is not None:
         return static
+    if device.origin_placement is not None:
+        return place_federated(device.origin_placement, sitemap)
     pin = find_pin(device, sitemap)
     if pin is not None:
         return pin.placement
@@ -95,6 +97,18 @@ def restriction_of(device: Device, placement: Placement | None, sitemap: SiteMap
         pin = find_pin(device, sitemap)
         own = pin.restrict if pin is not None else 0
     return policy.restriction(placement.zone if placement else None, own)
+
+
+def place_federated(
+    where: tuple[str, str, int, str | None, float, float], sitemap: SiteMap
+) -> Placement | None:
+    """Place a federated device where its origin placed it, if this map knows the site."""
+    site, building, level, zone, lon, lat = where
+    proj = sitemap.projections.get(site)
+    if proj is None:
+        return None
+    x, y = proj.forward(lon, lat)
+    return Placement(site, building, level, zone, x, y, lon, lat, PlacementMethod.FEDERATED)
 
 
 def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:

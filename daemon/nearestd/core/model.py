@@ -39,6 +39,7 @@ class PlacementMethod(StrEnum):
     NOTE = "note"
     LOCATION = "location"
     SUBNET = "subnet"
+    FEDERATED = "federated"
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,8 @@ class Device:
     endpoints: tuple[Endpoint, ...] = ()
     origin: str | None = None
     is_queue: bool = False
+    # Federated devices: where the origin daemon placed them (site, building, level, zone, lon, lat).
+    origin_placement: tuple[str, str, int, str | None, float, float] | None = None
     supplies: tuple[Supply, ...] = ()
     extra: tuple[tuple[str, Any], ...] = field(default=(), compare=False)
 
