@@ -132,14 +132,16 @@ def nearest(daemon: DaemonProcess, client_ip: str, kind: str = "printer") -> lis
     return list(reply["devices"])
 
 
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 10.0) -> Any:
+def wait_for(
+    what: str, pred: Callable[[], Any], timeout: float = 10.0, show: Callable[[], Any] = str
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         value = pred()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}: {show()}")
         time.sleep(0.02)
 
 
@@ -256,7 +258,11 @@ def test_same_instance_name_on_two_links_kept_apart(lan: Lan, daemon: DaemonProc
         found = [d for d in inv if d["name"] == "Twin Printer"]
         return found if len(found) == 2 else None
 
-    uris = sorted(d["uri"] for d in wait_for("two twins", twins))
+    def show() -> Any:
+        inv = ask(daemon, {"op": "devices"}, admin=True)["devices"]
+        return [(d["id"], d["uri"]) for d in inv if "Twin" in d["name"]], daemon.logs()[-1200:]
+
+    uris = sorted(d["uri"] for d in wait_for("two twins", twins, show=show))
     assert uris == sorted([f"ipp://{lan.ip(2)}:631/", f"ipp://{lan.link_ip(8)}:631/"])
     a.close()
     b.close()

@@ -18,6 +18,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ifaddr
@@ -70,48 +71,49 @@ class DiscoveryError(Exception):
     """Discovery cannot start as configured."""
 
 
-def resolve_interfaces(names: list[str], ipv6: bool) -> dict[str, list[InterfaceSpec]]:
-    """Turn ``[discovery] interfaces`` (names or addresses) into python-zeroconf's form."""
+@dataclass(frozen=True, slots=True)
+class Link:
+    """One configured entry of ``[discovery] interfaces``: its device and addresses."""
+
+    label: str
+    device: str | None
+    specs: tuple[InterfaceSpec, ...]
+
+
+def resolve_interfaces(names: list[str], ipv6: bool) -> list[Link]:
+    """Turn ``[discovery] interfaces`` (names or addresses) into links to open."""
     adapters = ifaddr.get_adapters()
-    links: dict[str, list[InterfaceSpec]] = {}
-    for entry in names:
-        out = links.setdefault(entry, [])
+    links: list[Link] = []
+    for entry in dict.fromkeys(names):
         try:
             ip = ipaddress.ip_address(entry.split("%", 1)[0])
         except ValueError:
             ip = None
         if ip is not None:
-            if ip.version == 4:
-                out.append(str(ip))
-                continue
-            if not ipv6:
+            owner = next(
+                (a for a in adapters for i in a.ips if (i.ip if i.is_IPv4 else i.ip[0]) == str(ip)),
+                None,
+            )
+            if owner is None:
+                raise DiscoveryError(f"[discovery] interfaces: no interface has {entry!r}")
+            if ip.version == 6 and not ipv6:
                 raise DiscoveryError(
                     f"[discovery] interfaces: {entry!r} is IPv6 but [discovery] ipv6 is false"
                 )
-            index = next(
-                (
-                    a.index
-                    for a in adapters
-                    for i in a.ips
-                    if not i.is_IPv4 and isinstance(i.ip, tuple) and i.ip[0] == str(ip)
-                ),
-                None,
-            )
-            if index is None:
-                raise DiscoveryError(f"[discovery] interfaces: no interface has {entry!r}")
-            out.append(int(index))
+            spec: InterfaceSpec = str(ip) if ip.version == 4 else int(owner.index or 0)
+            links.append(Link(entry, str(owner.name), (spec,)))
             continue
         adapter = next((a for a in adapters if a.nice_name == entry or a.name == entry), None)
         if adapter is None:
             raise DiscoveryError(f"[discovery] interfaces: no interface named {entry!r}")
-        v4 = [str(i.ip) for i in adapter.ips if i.is_IPv4]
-        out.extend(v4)
+        specs: list[InterfaceSpec] = [str(i.ip) for i in adapter.ips if i.is_IPv4]
         if ipv6 and adapter.index is not None:
-            out.append(int(adapter.index))
-        elif not v4:
+            specs.append(int(adapter.index))
+        if not specs:
             raise DiscoveryError(
                 f"[discovery] interfaces: {entry!r} has no IPv4 address (and ipv6 is false)"
             )
+        links.append(Link(entry, str(adapter.name), tuple(specs)))
     if not links:
         raise DiscoveryError("[discovery] interfaces: empty; there is no default interface")
     return links
@@ -134,21 +136,33 @@ class _Heard(RecordUpdateListener):
         return None
 
 
-def open_link(specs: list[InterfaceSpec], ipv6: bool) -> AsyncZeroconf:
+def open_link(link: Link, ipv6: bool) -> AsyncZeroconf:
     """Open python-zeroconf on one link's addresses, deaf to every other link."""
     aiozc = AsyncZeroconf(
-        interfaces=specs,
+        interfaces=list(link.specs),
         ip_version=IPVersion.All if ipv6 else IPVersion.V4Only,
     )
-    # The shared wildcard socket would otherwise receive the groups joined by any socket
-    # of this host (Linux IP_MULTICAST_ALL defaults to 1), i.e. other links' traffic.
+    # python-zeroconf receives multicast on one wildcard socket. With two links, Linux
+    # steers each datagram to one socket of the SO_REUSEPORT group whatever the
+    # interface it came in on (measured on the test LAN), so bind the socket to its
+    # device; IP_MULTICAST_ALL=0 also keeps out groups joined by other sockets.
     listen = getattr(aiozc.zeroconf.engine, "_listen_socket", None)
     if isinstance(listen, socket.socket):
+        v4 = listen.family == socket.AF_INET
         with contextlib.suppress(OSError):
-            if listen.family == socket.AF_INET:
+            if v4:
                 listen.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
             else:
                 listen.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+        if link.device:
+            try:
+                listen.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, link.device.encode())
+            except OSError as exc:
+                LOG.warning(
+                    "cannot bind the mDNS socket to its interface; with several links, "
+                    "one link's services may be seen on another",
+                    extra={"interface": link.label, "error": str(exc)},
+                )
     return aiozc
 
 
@@ -189,8 +203,8 @@ class MdnsDiscovery:
             links = await loop.run_in_executor(
                 None, resolve_interfaces, list(self.cfg.interfaces), self.cfg.ipv6
             )
-            for link, specs in links.items():
-                self._links[link] = open_link(specs, self.cfg.ipv6)
+            for link in links:
+                self._links[link.label] = open_link(link, self.cfg.ipv6)
         except (DiscoveryError, OSError, ValueError) as exc:
             self.error = str(exc)
             LOG.error("discovery not started", extra={"error": self.error})
@@ -198,13 +212,13 @@ class MdnsDiscovery:
             return
         # One python-zeroconf per link: instance names are unique only per link, and one
         # shared cache would let a cache flush on one link erase a record from another.
-        for link, aiozc in self._links.items():
+        for label, aiozc in self._links.items():
             zc = aiozc.zeroconf
-            self._listeners[link] = _Heard(link, self._on_heard)
-            zc.async_add_listener(self._listeners[link], None)
+            self._listeners[label] = _Heard(label, self._on_heard)
+            zc.async_add_listener(self._listeners[label], None)
             self._browsers += [
-                AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._handler(link)]),
-                AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._flag_handler(link)]),
+                AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._handler(label)]),
+                AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._flag_handler(label)]),
             ]
         self._upkeep_task = asyncio.create_task(self._upkeep(), name="mdns-upkeep")
         LOG.info(
