@@ -516,3 +516,27 @@ def test_nearest_follows_pause_reject_and_a_dead_printer(peers: Peers, tmp_path:
     logs = daemon.logs()
     assert "device state" in logs
     assert "Traceback" not in logs
+
+
+async def test_reload_keeps_live_state_and_turning_off_forgets_it(
+    peers: Peers, tmp_path: Path
+) -> None:
+    uri = peers.ippeveprinter("Reload One", free_port())
+    svc = _service(tmp_path)
+    svc.upsert_device(Device("ipp-r", DeviceKind.PRINTER, "R", uri, source="mdns"), time.time())
+    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    await poller.start()
+    try:
+        await poller.poll_all()
+    finally:
+        await poller.stop()
+    assert svc.table.get("ipp-r").device.state == DeviceState.IDLE  # type: ignore[union-attr]
+    svc.apply(svc.cfg, svc.sitemap)
+    assert svc.table.get("ipp-r").device.state == DeviceState.IDLE  # type: ignore[union-attr]
+    # Discovery's next update (state unknown) does not wipe what the poll found.
+    svc.upsert_device(Device("ipp-r", DeviceKind.PRINTER, "R2", uri, source="mdns"), time.time())
+    rec = svc.table.get("ipp-r")
+    assert rec is not None and rec.device.state == DeviceState.IDLE and rec.device.name == "R2"
+    poller.forget()
+    rec = svc.table.get("ipp-r")
+    assert rec is not None and rec.device.state == DeviceState.UNKNOWN and not rec.device.supplies
