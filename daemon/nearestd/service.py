@@ -62,6 +62,8 @@ class Peer:
     trusted: bool
     allowed: bool = True
     admin: bool = False
+    # The transport hides the asker (MQTT): requests must name client_ip or zone.
+    anonymous: bool = False
 
 
 UNIX_PEER = Peer("unix", None, trusted=True)
@@ -218,6 +220,13 @@ class Service:
             if zone is None:
                 raise WireError(ErrorCode.UNKNOWN_LOCATION, "zone: no such zone", rid)
             return client_ip, zone
+        if client_ip is None and peer.anonymous:
+            raise WireError(
+                ErrorCode.BAD_REQUEST,
+                f"client_ip or zone: required over {peer.interface}, "
+                "which does not reveal who asks",
+                rid,
+            )
         ip = client_ip if client_ip is not None else (peer.ip or LOCAL_HOST)
         found = self.sitemap.zone_for_ip(ip)
         if found is None:
