@@ -47,10 +47,23 @@ def test_an_unreachable_daemon_is_logged_and_exits_0_at_once(tmp_path: Path) -> 
     assert last["result"] == "unreachable" and last["server"] == url
 
 
+def wait_for_trigger(state: Path, p: subprocess.Popen[str]) -> None:
+    """Wait until agent ``p`` has recorded itself as the latest trigger."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if (state / "trigger").read_text().split()[1] == str(p.pid):
+                return
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.01)
+    raise AssertionError("the agent never recorded its trigger")
+
+
 def test_a_burst_of_events_gives_one_evaluation(tmp_path: Path) -> None:
-    first = agent(tmp_path, "--settle", "1.5")
-    time.sleep(0.3)
-    second = agent(tmp_path, "--settle", "0.5")
+    first = agent(tmp_path, "--settle", "2")
+    wait_for_trigger(tmp_path, first)
+    second = agent(tmp_path, "--settle", "0.2")
     (c1, e1), (c2, e2) = finish(first), finish(second)
     assert (c1, c2) == (0, 0)
     assert e1 == "nearest agent: a newer network event took over\n"
@@ -62,8 +75,10 @@ def test_waiting_triggers_share_one_evaluation(tmp_path: Path) -> None:
     with open(tmp_path / "lock", "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         a = agent(tmp_path, "--settle", "0")
+        wait_for_trigger(tmp_path, a)
         b = agent(tmp_path, "--settle", "0")
-        time.sleep(1.0)
+        wait_for_trigger(tmp_path, b)
+        time.sleep(0.3)
         assert a.poll() is None and b.poll() is None
         fcntl.flock(lock, fcntl.LOCK_UN)
     (ca, ea), (cb, eb) = finish(a), finish(b)
