@@ -58,8 +58,8 @@ class Peer:
         original = zc.async_send
 
         def timed_send(*args: Any, **kw: Any) -> None:
+            self.sends.append(time.time())  # as the packet is handed to the kernel
             original(*args, **kw)
-            self.sends.append(time.time())
 
         zc.async_send = timed_send  # type: ignore[method-assign]
         self.background: set[asyncio.Task[Any]] = set()
@@ -131,7 +131,7 @@ async def main() -> None:
     args = p.parse_args()
     peer = Peer(args.iface)
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=64 * 1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     print(json.dumps({"ok": True, "op": "ready", "t": time.time()}), flush=True)
     try:
