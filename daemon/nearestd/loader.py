@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,32 +39,45 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
 
 def load_sitemap(cfg: Config) -> SiteMap:
     """Read and validate every site map and IPAM file the config names."""
-    problems: list[Problem] = []
-    docs: list[tuple[str, Any]] = []
-    for name in cfg.site.maps:
-        path = cfg.resolve(name)
-        text = _read(path, problems)
-        if text is None:
-            continue
-        try:
-            docs.append((str(path), json.loads(text)))
-        except json.JSONDecodeError as exc:
-            problems.append(
-                Problem(
-                    str(path), f"line {exc.lineno} column {exc.colno}", f"not valid JSON: {exc.msg}"
+    map_problems: list[Problem] = []
+
+    def docs() -> Iterator[tuple[str, Any]]:
+        # One parsed document at a time: a large map's objects are freed before the next.
+        for name in cfg.site.maps:
+            path = cfg.resolve(name)
+            text = _read(path, map_problems)
+            if text is None:
+                continue
+            try:
+                doc = json.loads(text)
+            except json.JSONDecodeError as exc:
+                map_problems.append(
+                    Problem(
+                        str(path),
+                        f"line {exc.lineno} column {exc.colno}",
+                        f"not valid JSON: {exc.msg}",
+                    )
                 )
-            )
+                continue
+            del text
+            yield str(path), doc
+            del doc
+
+    csv_problems: list[Problem] = []
     csvs: list[tuple[str, str]] = []
     for name in cfg.site.subnets:
         path = cfg.resolve(name)
-        text = _read(path, problems)
+        text = _read(path, csv_problems)
         if text is not None:
             csvs.append((str(path), text))
+    problems = map_problems
     try:
-        sitemap = build_sitemap(docs, csvs)
+        sitemap = build_sitemap(docs(), csvs)
     except SiteMapError as exc:
+        problems.extend(csv_problems)
         problems.extend(exc.problems)
         raise SiteMapError(problems) from None
+    problems.extend(csv_problems)
     if problems:
         raise SiteMapError(problems)
     return sitemap

@@ -244,6 +244,9 @@ class SpatialIndex:
         self._next_slot = 0
         self._groups: dict[tuple[str, str, str, int], _Group] = {}
         self._by_site_kind: dict[tuple[str, str], list[tuple[str, int]]] = {}
+        # The groups to visit in increasing penalty, per (site, building, level, kind,
+        # ranking) of the client's zone; dropped whenever a group is created.
+        self._plans: dict[tuple[str, str, int, str, Ranking], list[tuple[float, str, _Group]]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -262,6 +265,7 @@ class SpatialIndex:
         group = self._groups.get(key)
         if group is None:
             group = self._groups[key] = _Group()
+            self._plans.clear()
             self._by_site_kind.setdefault((entry.site, entry.kind), []).append(
                 (entry.building, entry.level)
             )
@@ -289,6 +293,7 @@ class SpatialIndex:
             group.count = len(items)
             self._groups[key] = group
             self._by_site_kind.setdefault((key[0], key[1]), []).append((key[2], key[3]))
+        self._plans.clear()
 
     def upsert(self, entry: Entry) -> None:
         """Insert a device or replace its entry."""
@@ -329,6 +334,24 @@ class SpatialIndex:
         group.tree.delete(slot, (entry.x, entry.y, entry.x, entry.y))
         group.count -= 1
 
+    def _plan(self, zone: Zone, kind: str, ranking: Ranking) -> list[tuple[float, str, _Group]]:
+        """Return the (penalty, site, group) to visit for a client in ``zone``, cheapest first."""
+        key = (zone.site, zone.building, zone.level, kind, ranking)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        sites = [zone.site]
+        if ranking.allow_other_sites:
+            sites += sorted(s for (s, kd) in self._by_site_kind if kd == kind and s != zone.site)
+        plan = []
+        for site in sites:
+            for building, level in self._by_site_kind.get((site, kind), ()):
+                pen = _penalty(site, building, level, zone, ranking)
+                plan.append((pen, site, self._groups[(site, kind, building, level)]))
+        plan.sort(key=lambda p: p[0])
+        self._plans[key] = plan
+        return plan
+
     def nearest(
         self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
     ) -> list[Hit]:
@@ -339,34 +362,27 @@ class SpatialIndex:
         hidden = ~visible
         mask = need_mask(need)
         paper = _need_paper(need)
+        any_state = need.any_state
         best: list[tuple[float, int, float, str, float]] = []
-        sites = [zone.site]
-        if ranking.allow_other_sites:
-            sites += sorted(s for (s, kd) in self._by_site_kind if kd == kind and s != zone.site)
-        plan: list[tuple[float, str, str, int, ZoneFrame]] = []
-        for site in sites:
-            groups = self._by_site_kind.get((site, kind))
-            if not groups:
-                continue
-            frame = self.frames.get(zone, site)
-            for building, level in groups:
-                pen = _penalty(site, building, level, zone, ranking)
-                plan.append((pen, site, building, level, frame))
-        plan.sort(key=lambda p: p[0])
         entries = self._entries
-        for pen, site, building, level, frame in plan:
-            worst = best[-1][0] if len(best) >= k else math.inf
+        frames = self.frames
+        hypot = math.hypot
+        inf = math.inf
+        for pen, site, group in self._plan(zone, kind, ranking):
+            worst = best[-1][0] if len(best) >= k else inf
             if pen - EPSILON > worst:
                 break
-            group = self._groups[(site, kind, building, level)]
             if group.count == 0:
                 continue
-            if _rect_distance(frame.bbox, group.bounds) + pen - EPSILON > worst:
+            frame = frames.get(zone, site)
+            bbox = frame.bbox
+            if _rect_distance(bbox, group.bounds) + pen - EPSILON > worst:
                 continue
+            minx, miny, maxx, maxy = bbox
             m = max(8, 4 * k)
             visited: set[int] | None = None
             while True:
-                slots = list(group.tree.nearest(frame.bbox, m))
+                slots = list(group.tree.nearest(bbox, m))
                 far = 0.0
                 for slot in slots:
                     if visited is not None:
@@ -374,27 +390,33 @@ class SpatialIndex:
                             continue
                         visited.add(slot)
                     e = entries[slot]
-                    lb = frame.bbox_distance(e.x, e.y)
+                    x = e.x
+                    y = e.y
+                    # ZoneFrame.bbox_distance inlined: this loop is the query's hot path.
+                    dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
+                    dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
+                    lb = dy if dx == 0.0 else (dx if dy == 0.0 else hypot(dx, dy))
                     if lb > far:
                         far = lb
                     if not (
                         (e.mask & mask) == mask
                         and e.paper >= paper
-                        and (e.available or need.any_state)
+                        and (e.available or any_state)
                         and not (e.restrict & hidden)
                     ):
                         continue
-                    worst = best[-1][0] if len(best) >= k else math.inf
+                    worst = best[-1][0] if len(best) >= k else inf
                     if lb + pen - EPSILON > worst:
                         continue
-                    dist = frame.distance(e.x, e.y)
+                    # For a rectangle the distance is the bbox distance just computed.
+                    dist = lb if frame.is_rect else frame.distance(x, y)
                     cost = dist + pen
                     if cost > worst:
                         continue
                     item = (
                         cost,
                         e.state_rank,
-                        frame.centroid_distance(e.x, e.y),
+                        frame.centroid_distance(x, y),
                         e.device_id,
                         dist,
                     )
@@ -403,7 +425,7 @@ class SpatialIndex:
                         best.pop()
                 if len(slots) < m:
                     break
-                worst = best[-1][0] if len(best) >= k else math.inf
+                worst = best[-1][0] if len(best) >= k else inf
                 if far + pen - EPSILON > worst:
                     break
                 if visited is None:

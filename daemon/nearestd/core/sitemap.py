@@ -11,6 +11,7 @@ import csv
 import io
 import ipaddress
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -271,14 +272,17 @@ class _Floors:
         return None
 
 
+def _shared(text: str) -> str:
+    """Return the one interned copy of a string many devices repeat (site, model, ...)."""
+    return sys.intern(text)
+
+
 def _is_box(geom: BaseGeometry) -> bool:
     """Return whether a valid polygon is exactly its bounding box (every vertex a corner)."""
     if not isinstance(geom, Polygon) or geom.interiors:
         return False
     minx, miny, maxx, maxy = geom.bounds
-    return all(
-        x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords
-    )
+    return all(x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords)
 
 
 class _Builder:
@@ -291,6 +295,8 @@ class _Builder:
         self.extra_prefixes: list[tuple[str, str, str, str]] = []
         self.policy = PolicyBuilder()
         self.floors: _Floors | None = None
+        # One object per distinct capability set: thousands of devices share a few.
+        self.capabilities: dict[Capabilities, Capabilities] = {}
 
     def problem(self, file: str, where: str, message: str) -> None:
         self.problems.append(Problem(file, where, message))
@@ -469,7 +475,8 @@ class _Builder:
             if zid not in sm.zones:
                 self.problem(file, where, f"zone_id: unknown zone {zid!r}")
                 continue
-            self._add_prefix(sm, prefix_owner, file, where, cidr, zid, "prefix")
+            # The zone's own id string, not the CSV's: one copy, not one per prefix.
+            self._add_prefix(sm, prefix_owner, file, where, cidr, sm.zones[zid].id, "prefix")
         sm.levels = {k: frozenset(v) for k, v in levels.items()}
         for file, where, props, _ in zones_ok:
             if "visible_to" in props and props["id"] in sm.zones:
@@ -556,7 +563,9 @@ class _Builder:
         if self.floors is None:
             self.floors = _Floors(sm.zones.values())
         zone = self.floors.zone_containing(site, building, level, x, y)
-        return Placement(site, building, level, zone, x, y, lonlat[0], lonlat[1], method)
+        return Placement(
+            _shared(site), _shared(building), level, zone, x, y, lonlat[0], lonlat[1], method
+        )
 
     def _devices(self, sm: SiteMap) -> None:
         pins: list[Pin] = []
@@ -684,7 +693,7 @@ class _Builder:
                         )
                         ok = False
                     else:
-                        parsed[key] = val
+                        parsed[key] = PAPER_CLASSES[PAPER_CLASSES.index(val)]
                 elif not isinstance(val, bool):
                     self.problem(
                         file, where, f"properties.capabilities.{key}: expected true or false"
@@ -694,13 +703,14 @@ class _Builder:
                     parsed[key] = val
         if not ok:
             return None
+        capabilities = Capabilities(**parsed)
         return Device(
             id=props["id"],
             kind=DeviceKind(str(kind)),
             name=props["name"],
             uri=props["uri"],
-            make_model=make_model,
-            capabilities=Capabilities(**parsed),
+            make_model=_shared(make_model),
+            capabilities=self.capabilities.setdefault(capabilities, capabilities),
             source="static",
         )
 
@@ -720,7 +730,7 @@ def normalise_pin(key: str, value: str) -> str:
 
 
 def build_sitemap(
-    geojson: Sequence[tuple[str, Any]], csvs: Sequence[tuple[str, str]] = ()
+    geojson: Iterable[tuple[str, Any]], csvs: Sequence[tuple[str, str]] = ()
 ) -> SiteMap:
     """Validate and combine decoded site maps; raise SiteMapError listing every problem."""
     builder = _Builder()
