@@ -32,6 +32,7 @@ from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service
 LOG = logging.getLogger("nearestd.socket")
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
+ACCEPT_BURST = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,7 +347,9 @@ class SocketServers:
             host,
             int(port),
             reuse_address=True,
-            backlog=1024,
+            # asyncio accepts up to ``backlog`` connections per wake-up; a smaller burst
+            # keeps a connection flood from stalling requests already being served.
+            backlog=ACCEPT_BURST,
         )
         self.servers.append(server)
         addr = server.sockets[0].getsockname()
