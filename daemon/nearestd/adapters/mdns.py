@@ -61,6 +61,7 @@ RESOLVE_AGAIN_AFTER = 1.2
 UPKEEP_SECONDS = 0.25
 TOUCH_SECONDS = 2.0
 LOGGED_MAX = 20000
+MAX_PENDING = 4096
 
 IP_MULTICAST_ALL = 49  # Linux <linux/in.h>
 IPV6_MULTICAST_ALL = 29  # Linux <linux/in6.h>
@@ -183,9 +184,9 @@ class MdnsDiscovery:
         self.problems: Counter[str] = Counter()
         self.error: str | None = None
         self._logged: set[tuple[ServiceKey, str]] = set()
-        self._epoch: dict[ServiceKey, int] = {}
         self._pending: dict[ServiceKey, asyncio.Task[None]] = {}
         self._again: set[ServiceKey] = set()
+        self._later: set[ServiceKey] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: dict[str, AsyncZeroconf] = {}
         self._listeners: dict[str, _Heard] = {}
@@ -246,6 +247,8 @@ class MdnsDiscovery:
             await aiozc.async_close()
         self._links = {}
         self._pending.clear()
+        self._again.clear()
+        self._later.clear()
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""
@@ -285,16 +288,19 @@ class MdnsDiscovery:
     ) -> None:
         key = (link, base_type(service_type), name.lower())
         if state_change is ServiceStateChange.Removed:
-            self._epoch[key] = self._epoch.get(key, 0) + 1
+            # Cancelling the resolve drops an answer that would land after the goodbye
+            # (python-zeroconf #1048: Updated can follow Removed).
             pending = self._pending.pop(key, None)
             if pending is not None:
                 pending.cancel()
+            self._again.discard(key)
             self.events["goodbye"] += 1
             self._apply(self.merger.remove(link, service_type, name), "removed")
             return
         self._schedule(link, service_type, name)
-        if state_change is ServiceStateChange.Updated:
-            self._spawn(self._resolve_later(link, service_type, name, self._epoch.get(key, 0)))
+        if state_change is ServiceStateChange.Updated and key not in self._later:
+            self._later.add(key)
+            self._spawn(self._resolve_later(link, service_type, name, key))
 
     def _on_heard(self, link: str, name: str) -> None:
         self.merger.hear(link, name, self.clock())
@@ -311,19 +317,25 @@ class MdnsDiscovery:
         if key in self._pending:
             self._again.add(key)
             return
+        if len(self._pending) >= MAX_PENDING:
+            # A flood of names that never resolve must not pile up tasks; a real device
+            # re-announces and is resolved then.
+            self.events["resolve_dropped"] += 1
+            return
         self._pending[key] = self._spawn(self._resolve(link, type_, name, key))
 
-    async def _resolve_later(self, link: str, type_: str, name: str, epoch: int) -> None:
-        await asyncio.sleep(RESOLVE_AGAIN_AFTER)
-        key = (link, base_type(type_), name.lower())
-        if self._epoch.get(key, 0) == epoch and key in self.merger.services:
+    async def _resolve_later(self, link: str, type_: str, name: str, key: ServiceKey) -> None:
+        try:
+            await asyncio.sleep(RESOLVE_AGAIN_AFTER)
+        finally:
+            self._later.discard(key)
+        if key in self.merger.services:
             self._schedule(link, type_, name)
 
     async def _resolve(self, link: str, type_: str, name: str, key: ServiceKey) -> None:
         try:
             while True:
-                epoch = self._epoch.get(key, 0)
-                await self._resolve_once(link, type_, name, key, epoch)
+                await self._resolve_once(link, type_, name, key)
                 if key not in self._again:
                     return
                 self._again.discard(key)
@@ -335,16 +347,12 @@ class MdnsDiscovery:
             if self._pending.get(key) is asyncio.current_task():
                 del self._pending[key]
 
-    async def _resolve_once(
-        self, link: str, type_: str, name: str, key: ServiceKey, epoch: int
-    ) -> None:
+    async def _resolve_once(self, link: str, type_: str, name: str, key: ServiceKey) -> None:
         aiozc = self._links.get(link)
         if aiozc is None:
             return
         info = AsyncServiceInfo(type_, name)
         ok = await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS)
-        if self._epoch.get(key, 0) != epoch:
-            return  # a goodbye arrived while resolving (python-zeroconf #1048)
         if not ok:
             self.events["resolve_timeout"] += 1
             return

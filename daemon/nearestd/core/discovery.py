@@ -486,6 +486,8 @@ class Merger:
     def set_flag(self, interface: str, name: str, flag: str, present: bool) -> list[Change]:
         """Note a subtype flag (``universal``, ``print``, ``cups``) for a service name."""
         fkey = (interface, name.lower())
+        if present and fkey not in self.flags and len(self.flags) >= 4 * self.max_devices:
+            return []  # bounded: a flood of subtype names must not grow memory
         current = self.flags.setdefault(fkey, set())
         if (flag in current) == present:
             if not current:
