@@ -68,6 +68,10 @@ class Daemon:
         from nearestd.adapters.poller import attach_poller
 
         self.poller = attach_poller(self)
+        if world.config.mqtt is not None:
+            from nearestd.adapters.mqtt import attach_mqtt
+
+            attach_mqtt(self)
 
     @property
     def config(self) -> Config:

@@ -1,0 +1,621 @@
+"""MQTT: queries from applications, the retained device inventory, federation between daemons.
+
+Theory of operation. One background task keeps one connection to the broker (MQTT 5,
+clean start, a stable client id ``nearestd-<instance>``, will = retained ``offline``
+on ``P/status/<instance>``). Every connection, first or after a loss, runs the same
+steps: subscribe at QoS 1 to ``P/query``, ``P/query/<instance>``, ``P/devices/+`` and
+``P/sync/<instance>`` (plus ``P/status/+`` with federation); publish a marker on the
+sync topic, which comes back after every retained record the broker replays; clear
+the retained records this instance published in an earlier life for devices it no
+longer has; republish the whole inventory; and only then publish retained ``online``.
+A requester that waits for ``online`` therefore loses no answers: the subscription is
+in place before it. Requests sent while the daemon is disconnected are not queued
+for it (clean start): requesters time out and retry, as request/response over MQTT
+expects. A loss of the broker leads to reconnection with capped exponential backoff
+and jitter; the sockets keep serving meanwhile, and each change of state is logged once.
+
+MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
+trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+With federation the query subscription is shared (``$share/nearestd/P/query``), so a
+federation answers each query once; ``P/query/<instance>`` addresses one daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from nearest_wire import ErrorCode, WireError, error_reply
+from nearest_wire.schema import request_id
+from nearestd.config import Config, MqttConfig
+from nearestd.core import federation as fed
+from nearestd.core.devices import Record
+from nearestd.core.federation import Change, Federation, Inventory, RecordError
+from nearestd.core.mqtt_payload import (
+    MSGPACK,
+    TRANSPORT_KEYS,
+    ReplyRoute,
+    decode_request,
+    encode_reply,
+    malformed_code,
+    route_v5,
+    route_v311,
+    topic_error,
+)
+from nearestd.service import Peer, Service
+
+if TYPE_CHECKING:
+    from nearestd.app import Daemon
+
+LOG = logging.getLogger("nearestd.mqtt")
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 2.0
+BACKOFF_REFUSED_MAX = 30.0
+CONNECT_TIMEOUT = 5.0
+SYNC_TIMEOUT = 3.0
+PUBLISH_TIMEOUT = 5.0
+INVENTORY_PERIOD = 0.25
+PUBLISH_BATCH = 256
+MAX_REPLY_TASKS = 1024
+MAX_QUEUED = 20000
+SHARE_GROUP = "nearestd"
+JSON_TYPE = "application/json"
+# MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
+CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
+SESSION_TAKEN_OVER = 142
+
+
+class BrokerError(Exception):
+    """The broker could not be used; ``kind`` is one of the logged states."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+def _code_of(exc: aiomqtt.MqttCodeError) -> int | None:
+    rc = exc.rc
+    if rc is None:
+        return None
+    value = getattr(rc, "value", rc)
+    return value if isinstance(value, int) else None
+
+
+def translate(exc: BaseException, connected: bool) -> BrokerError:
+    """Turn an aiomqtt/paho/OS error into a BrokerError naming what went wrong."""
+    if isinstance(exc, BrokerError):
+        return exc
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, MqttConnectError):
+        code = _code_of(exc)
+        if code in CREDENTIAL_CODES:
+            return BrokerError("refused-credentials", text)
+        return BrokerError("refused", text)
+    cause = exc.__cause__
+    if isinstance(exc, aiomqtt.MqttError) and isinstance(cause, aiomqtt.MqttCodeError):
+        exc = cause
+    if isinstance(exc, aiomqtt.MqttCodeError) and _code_of(exc) == SESSION_TAKEN_OVER:
+        return BrokerError("taken-over", "another client connected with this instance's client id")
+    if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in text or "SSL" in text:
+        return BrokerError("tls", text)
+    if connected:
+        return BrokerError("lost", text)
+    return BrokerError("unreachable", text)
+
+
+@dataclass(slots=True)
+class Counters:
+    """What the adapter has done, for ``stats`` and the metrics exporter."""
+
+    connected: bool = False
+    connections: int = 0
+    received: int = 0
+    replied: int = 0
+    malformed: int = 0
+    unanswerable: int = 0
+    records_published: int = 0
+    records_cleared: int = 0
+    federated_refused: int = 0
+    conflicts: int = 0
+
+
+def parse_url(url: str) -> tuple[str, int, bool]:
+    """Return (host, port, tls) of an mqtt:// or mqtts:// URL."""
+    parts = urlsplit(url)
+    tls = parts.scheme == "mqtts"
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (8883 if tls else 1883)
+    return host, port, tls
+
+
+class MqttAdapter:
+    """Keeps the broker connection, answers queries, publishes and reads the inventory."""
+
+    def __init__(
+        self,
+        service: Service,
+        cfg: MqttConfig,
+        config: Config,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.service = service
+        self.cfg = cfg
+        self.config = config
+        self.clock = clock
+        self.instance = socket.gethostname() if cfg.instance == "hostname" else cfg.instance
+        self.prefix = cfg.topic_prefix
+        self.host, self.port, self.tls = parse_url(cfg.url)
+        self.query_topic = f"{self.prefix}/query"
+        self.direct_topic = f"{self.prefix}/query/{self.instance}"
+        self.devices_prefix = f"{self.prefix}/devices/"
+        self.status_prefix = f"{self.prefix}/status/"
+        self.status_topic = f"{self.prefix}/status/{self.instance}"
+        self.sync_topic = f"{self.prefix}/sync/{self.instance}"
+        self.peer = Peer("mqtt", None, trusted=True, anonymous=True)
+        self.federation = Federation(self.instance) if cfg.federate else None
+        self.inventory = Inventory()
+        self.counters = Counters()
+        self._client: aiomqtt.Client | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self._state: tuple[str, str] = ("", "")
+        self._syncing = False
+        self._synced = asyncio.Event()
+        self._own_retained: set[str] = set()
+        self._generation = -1
+        self._refused_logged: set[str] = set()
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the connection task; the broker need not be up."""
+        self._stopping.clear()
+        self._task = asyncio.create_task(self._run(), name="mqtt")
+
+    async def stop(self) -> None:
+        """Publish ``offline``, disconnect cleanly and stop."""
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), PUBLISH_TIMEOUT)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for t in list(self._reply_tasks):
+            t.cancel()
+
+    def stats(self) -> dict[str, Any]:
+        """Return the adapter's figures (``connected``, ``reconnects``, ``received``...)."""
+        c = self.counters
+        return {
+            "connected": c.connected,
+            "reconnects": max(0, c.connections - 1),
+            "received": c.received,
+            "replied": c.replied,
+            "malformed": c.malformed,
+            "unanswerable": c.unanswerable,
+            "records_published": c.records_published,
+            "records_cleared": c.records_cleared,
+            "federated_devices": len(self.federation.served()) if self.federation else 0,
+            "federated_refused": self.federation.refused if self.federation else 0,
+            "federation_conflicts": c.conflicts,
+            "origins_online": len(self.federation.origins_online()) if self.federation else 0,
+        }
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        """Log a change of connection state once, not once per retry."""
+        if self._state == (state, detail):
+            return
+        self._state = (state, detail)
+        extra = {"broker": f"{self.host}:{self.port}", "instance": self.instance}
+        if detail:
+            extra["detail"] = detail[:200]
+        if state == "connected":
+            LOG.info("mqtt connected", extra={**extra, "reconnects": self.stats()["reconnects"]})
+        elif state == "refused-credentials":
+            LOG.error(
+                "mqtt broker refused the credentials; check [mqtt] username and password_file",
+                extra={**extra, "username": self.cfg.username or "(none)"},
+            )
+        elif state == "password-file":
+            LOG.error("mqtt password_file cannot be read", extra=extra)
+        elif state == "taken-over":
+            LOG.error(
+                "mqtt session taken over: another daemon uses this instance name", extra=extra
+            )
+        elif state == "lost":
+            LOG.warning("mqtt connection lost; reconnecting", extra=extra)
+        elif state == "stopped":
+            LOG.info("mqtt disconnected", extra=extra)
+        else:
+            LOG.warning(f"mqtt broker {state}; retrying", extra=extra)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            connected_before = self.counters.connections
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                err = translate(exc, self.counters.connections > connected_before)
+                self._set_state(err.kind, _stable_detail(err))
+            finally:
+                self.counters.connected = False
+                self._client = None
+            if self._stopping.is_set():
+                break
+            if self.counters.connections > connected_before:
+                attempt = 0
+            cap = BACKOFF_REFUSED_MAX if self._state[0].startswith("refused") else BACKOFF_MAX
+            delay = min(cap, BACKOFF_MIN * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt = min(attempt + 1, 16)
+            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+        self._set_state("stopped")
+
+    def _password(self) -> str | None:
+        if not self.cfg.password_file:
+            return None
+        path = self.config.resolve(self.cfg.password_file)
+        try:
+            return path.read_text(encoding="utf-8").rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BrokerError("password-file", f"{path}: {exc}") from None
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        cafile = str(self.config.resolve(self.cfg.ca_file)) if self.cfg.ca_file else None
+        try:
+            return ssl.create_default_context(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise BrokerError("tls", f"cannot load ca_file: {exc}") from None
+
+    def _new_client(self) -> aiomqtt.Client:
+        will = aiomqtt.Will(self.status_topic, fed.OFFLINE, qos=1, retain=True)
+        client = aiomqtt.Client(
+            self.host,
+            self.port,
+            username=self.cfg.username or None,
+            password=self._password(),
+            identifier=f"nearestd-{self.instance}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=will,
+            clean_start=True,
+            keepalive=self.cfg.keepalive,
+            timeout=CONNECT_TIMEOUT,
+            tls_context=self._tls_context(),
+            # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            max_queued_incoming_messages=MAX_QUEUED,
+            logger=logging.getLogger("nearestd.mqtt.client"),
+        )
+        # Many publishes in flight are by design here (inventory batches, QoS 1 replies).
+        client.pending_calls_threshold = MAX_REPLY_TASKS + PUBLISH_BATCH * 2
+        return client
+
+    async def _session(self) -> None:
+        client = self._new_client()
+        async with client:
+            self._client = client
+            self.counters.connections += 1
+            receiver = asyncio.create_task(self._receive(client), name="mqtt-receive")
+            stopper: asyncio.Task[Any] = asyncio.create_task(
+                self._stopping.wait(), name="mqtt-stop"
+            )
+            keeper: asyncio.Task[None] | None = None
+            try:
+                announce = asyncio.create_task(self._announce(client), name="mqtt-announce")
+                done, _ = await asyncio.wait(
+                    {receiver, announce, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if announce in done:
+                    announce.result()
+                    self.counters.connected = True
+                    self._set_state("connected")
+                    keeper = asyncio.create_task(self._keep_inventory(client), name="mqtt-inv")
+                    done, _ = await asyncio.wait(
+                        {receiver, keeper, stopper}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                else:
+                    announce.cancel()
+                for task in done:
+                    if task is not stopper:
+                        task.result()  # raises what ended the session
+                if self._stopping.is_set():
+                    with contextlib.suppress(Exception):
+                        await client.publish(
+                            self.status_topic, fed.OFFLINE, qos=1, retain=True, timeout=1.0
+                        )
+            finally:
+                self.counters.connected = False
+                tasks: list[asyncio.Task[Any]] = [receiver, stopper]
+                if keeper is not None:
+                    tasks.append(keeper)
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        """Subscribe, sweep our stale records, republish the inventory, then say online."""
+        self._syncing = True
+        self._synced.clear()
+        self._own_retained = set()
+        if self.federation is not None:
+            self.federation.begin_resync()
+        query = f"$share/{SHARE_GROUP}/{self.query_topic}" if self.federation else self.query_topic
+        opts = SubscribeOptions(qos=1)
+        topics: list[tuple[str, SubscribeOptions]] = [
+            (self.sync_topic, opts),
+            (f"{self.devices_prefix}+", opts),
+            (query, opts),
+            (self.direct_topic, opts),
+        ]
+        if self.federation is not None:
+            topics.append((f"{self.status_prefix}+", opts))
+        await client.subscribe(topics, timeout=PUBLISH_TIMEOUT)
+        await client.publish(self.sync_topic, b"sync", qos=1, timeout=PUBLISH_TIMEOUT)
+        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
+            await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
+        self._syncing = False
+        if self.federation is not None:
+            self._apply(self.federation.end_resync())
+        else:
+            await client.unsubscribe(
+                [f"{self.devices_prefix}+", self.sync_topic], timeout=PUBLISH_TIMEOUT
+            )
+        self.inventory = Inventory()
+        self._generation = self.service.table.generation
+        keep = {fed.device_topic_id(r.device.id) for r in self._public_records()}
+        stale = sorted(self._own_retained - keep)
+        await self._publish_records(client, [], stale)
+        await self._publish_inventory(client)
+        await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True)
+
+    def _public_records(self) -> list[Record]:
+        svc = self.service
+        return [
+            r for r in svc.table.records() if fed.is_local(r.device) and svc.is_public(r.device.id)
+        ]
+
+    async def _keep_inventory(self, client: aiomqtt.Client) -> None:
+        while True:
+            await asyncio.sleep(INVENTORY_PERIOD)
+            gen = self.service.table.generation
+            if gen != self._generation:
+                self._generation = gen
+                if self.federation is not None:
+                    self._restore_shadowed()
+                await self._publish_inventory(client)
+
+    async def _publish_inventory(self, client: aiomqtt.Client) -> None:
+        changed, gone = self.inventory.diff(self._public_records(), self.instance)
+        await self._publish_records(client, changed, gone)
+        self.inventory.mark(changed, gone)
+
+    async def _publish_records(
+        self, client: aiomqtt.Client, changed: list[tuple[str, bytes]], gone: list[str]
+    ) -> None:
+        msgs = [(level, payload) for level, payload in changed] + [(level, b"") for level in gone]
+        for i in range(0, len(msgs), PUBLISH_BATCH):
+            batch = msgs[i : i + PUBLISH_BATCH]
+            await asyncio.gather(
+                *(
+                    client.publish(
+                        self.devices_prefix + level,
+                        payload,
+                        qos=1,
+                        retain=True,
+                        timeout=PUBLISH_TIMEOUT,
+                    )
+                    for level, payload in batch
+                )
+            )
+        self.counters.records_published += len(changed)
+        self.counters.records_cleared += len(gone)
+
+    # ---- incoming ----------------------------------------------------------------------
+    async def _receive(self, client: aiomqtt.Client) -> None:
+        query, direct = self.query_topic, self.direct_topic
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload
+            if not isinstance(payload, bytes):
+                payload = b"" if payload is None else str(payload).encode()
+            if topic in (query, direct):
+                out = self.answer(payload, message.properties)
+                if out is not None:
+                    await self._reply(client, out, min(message.qos, 1))
+            elif topic.startswith(self.devices_prefix):
+                self._on_record(topic[len(self.devices_prefix) :], payload)
+            elif topic.startswith(self.status_prefix):
+                if self.federation is not None:
+                    origin = topic[len(self.status_prefix) :]
+                    self._apply(self.federation.on_status(origin, payload))
+            elif topic == self.sync_topic:
+                self._synced.set()
+
+    async def _reply(
+        self, client: aiomqtt.Client, out: tuple[str, bytes, Properties], qos: int
+    ) -> None:
+        topic, body, props = out
+        if qos == 0:
+            try:
+                await client.publish(topic, body, qos=0, properties=props)
+            except aiomqtt.MqttError as exc:
+                raise translate(exc, connected=True) from None
+            self.counters.replied += 1
+            return
+        # A QoS 1 reply waits for the broker's PUBACK: do not hold the next request for it.
+        if len(self._reply_tasks) >= MAX_REPLY_TASKS:
+            await asyncio.wait(self._reply_tasks, return_when=asyncio.FIRST_COMPLETED)
+        task = asyncio.create_task(self._publish_reply(client, topic, body, props))
+        self._reply_tasks.add(task)
+        task.add_done_callback(self._reply_tasks.discard)
+
+    async def _publish_reply(
+        self, client: aiomqtt.Client, topic: str, body: bytes, props: Properties
+    ) -> None:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await client.publish(topic, body, qos=1, properties=props, timeout=PUBLISH_TIMEOUT)
+            self.counters.replied += 1
+
+    def answer(
+        self, payload: bytes, props: Properties | None
+    ) -> tuple[str, bytes, Properties] | None:
+        """Answer one request payload; return (topic, payload, properties) or None if unanswerable."""
+        self.counters.received += 1
+        ctype = getattr(props, "ContentType", None) if props is not None else None
+        rtopic = getattr(props, "ResponseTopic", None) if props is not None else None
+        is_msgpack = ctype == MSGPACK
+        route: ReplyRoute | None = None
+        if rtopic is not None:
+            route = route_v5(rtopic, getattr(props, "CorrelationData", None), self.prefix)
+            if route is None:
+                return self._unanswerable(f"response topic: {topic_error(rtopic, self.prefix)}")
+        now = self.clock()
+        try:
+            obj = decode_request(payload, ctype, self.cfg.max_payload)
+        except WireError as exc:
+            self.counters.malformed += 1
+            self.service.stats.queries[(self.peer.interface, "invalid", str(exc.code))] += 1
+            if route is None:
+                return self._unanswerable(exc.message)
+            reply = error_reply(None, exc.code, exc.message)
+        else:
+            if route is None:
+                route, why = route_v311(obj, self.prefix)
+                if route is None:
+                    self.counters.malformed += 1
+                    self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
+                    return self._unanswerable(why or "no reply address")
+            else:
+                why = None
+            if why is not None:
+                self.counters.malformed += 1
+                self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
+                reply = error_reply(request_id(obj), ErrorCode.BAD_REQUEST, why)
+            else:
+                reply = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                if not reply.get("ok") and malformed_code(reply["error"]["code"]):
+                    self.counters.malformed += 1
+            if route.has_echo:
+                reply["correlation"] = route.echo
+        out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        out.ContentType = MSGPACK if is_msgpack else JSON_TYPE
+        if route.correlation_data is not None:
+            out.CorrelationData = route.correlation_data
+        return route.topic, encode_reply(reply, is_msgpack), out
+
+    def _unanswerable(self, why: str) -> tuple[str, bytes, Properties] | None:
+        self.counters.unanswerable += 1
+        LOG.debug("mqtt request without a usable reply address", extra={"detail": why[:200]})
+        return None
+
+    def _on_record(self, level: str, payload: bytes) -> None:
+        if self._syncing and payload and self._is_own(payload):
+            self._own_retained.add(level)
+        if self.federation is None:
+            return
+        try:
+            changes = self.federation.on_record(level, payload)
+        except RecordError as exc:
+            self.counters.federated_refused += 1
+            if level not in self._refused_logged and len(self._refused_logged) < 1000:
+                self._refused_logged.add(level)
+                LOG.warning(
+                    "federated device record refused",
+                    extra={"topic": (self.devices_prefix + level)[:200], "detail": str(exc)},
+                )
+            return
+        self._apply(changes)
+
+    def _is_own(self, payload: bytes) -> bool:
+        # Cheap pre-check before parsing: records hold "origin":"<instance>".
+        return self.instance.encode() in payload and fed.record_origin(payload) == self.instance
+
+    def _apply(self, changes: list[Change]) -> None:
+        now = self.clock()
+        table = self.service.table
+        for ch in changes:
+            rec = table.get(ch.device_id)
+            if ch.device is not None:
+                if rec is not None and fed.is_local(rec.device):
+                    # A local device with the same id wins; the foreign one stays shadowed.
+                    self.counters.conflicts += 1
+                    continue
+                self.service.upsert_device(ch.device, now)
+            elif (
+                rec is not None
+                and rec.device.source == fed.SOURCE
+                and rec.device.origin == ch.origin
+            ):
+                self.service.remove_device(ch.device_id)
+
+    def _restore_shadowed(self) -> None:
+        """Serve a foreign device again once the local device that shadowed it is gone."""
+        assert self.federation is not None
+        table = self.service.table
+        missing = [
+            Change(d.id, d.origin or "", d)
+            for d in self.federation.served()
+            if table.get(d.id) is None
+        ]
+        if missing:
+            self._apply(missing)
+
+    def on_reload(self, cfg: Config) -> None:
+        """Warn when a reload changes [mqtt]: the connection keeps its settings until a restart."""
+        self.config = cfg
+        if cfg.mqtt != self.cfg:
+            LOG.warning("mqtt settings changed; they take effect after a restart")
+
+
+def _stable_detail(err: BrokerError) -> str:
+    # Connection-refused texts carry no varying parts; keep the first clause only.
+    return err.detail.split(" (", 1)[0][:200]
+
+
+def attach_mqtt(daemon: Daemon) -> MqttAdapter:
+    """Register the MQTT adapter's start, stop and reload hooks with the daemon."""
+    cfg = daemon.service.cfg
+    assert cfg.mqtt is not None
+    adapter = MqttAdapter(daemon.service, cfg.mqtt, cfg)
+    daemon.service.extra_stats["mqtt"] = adapter.stats
+
+    async def start(_: Daemon) -> None:
+        await adapter.start()
+
+    async def stop(_: Daemon) -> None:
+        await adapter.stop()
+
+    def reload(d: Daemon) -> None:
+        adapter.on_reload(d.service.cfg)
+
+    daemon.starters.append(start)
+    daemon.stoppers.append(stop)
+    daemon.reload_hooks.append(reload)
+    return adapter
