@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lan import Lan, can_run
-from support import DaemonProcess, skip_or_fail, write_config
+from mosquitto import Mosquitto
+from support import DaemonProcess, require_tools, skip_or_fail, write_config
 
 
 @pytest.fixture
@@ -36,3 +38,20 @@ def lan() -> Iterator[Lan]:
         yield net
     finally:
         net.down()
+
+
+@pytest.fixture(scope="session")
+def mosquitto_broker() -> Iterator[Mosquitto]:
+    """One private mosquitto on a free loopback port for the session (tests/mosquitto.py)."""
+    require_tools("mosquitto")
+    broker = Mosquitto().start()
+    try:
+        yield broker
+    finally:
+        broker.close()
+
+
+@pytest.fixture
+def mqtt_prefix() -> str:
+    """A fresh topic prefix per test, so tests sharing the broker never see each other."""
+    return f"test/{uuid.uuid4().hex[:12]}"
