@@ -23,6 +23,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from nearestd.config import PollerConfig
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
@@ -42,14 +43,14 @@ from nearestd.core.state import (
 )
 
 if TYPE_CHECKING:
-    import aiohttp
-
     from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
 TICK_SECONDS = 0.25
 USER_AGENT = "nearestd-poller"
+MAX_LINE = 8192
+MAX_HEADERS = 64
 # Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
 ERROR_KINDS = (
     "timeout",
@@ -100,7 +101,7 @@ class Poller:
         self._in_flight: set[str] = set()
         self._generation = -1
         self._sem = asyncio.Semaphore(cfg.concurrency)
-        self._session: aiohttp.ClientSession | None = None
+        self._tls = insecure_tls_context()
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.restarting: asyncio.Task[None] | None = None
@@ -116,18 +117,7 @@ class Poller:
         """Open the HTTP session and start the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
-        import aiohttp
-
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
-        connector = aiohttp.TCPConnector(
-            limit=self.cfg.concurrency, force_close=True, ssl=insecure_tls_context()
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"User-Agent": USER_AGENT},
-            auto_decompress=False,
-            trust_env=False,
-        )
         self._runner = asyncio.ensure_future(self._run())
         self._runner.set_name("poller")
         LOG.info(
@@ -146,9 +136,6 @@ class Poller:
         self._runner = None
         self._tasks.clear()
         self._in_flight.clear()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
     def forget(self) -> None:
         """Drop every live state found so far: with the poller off, states are unknown."""
@@ -311,45 +298,69 @@ class Poller:
             raise PollFailure("bad-response", str(exc)) from None
 
     async def _exchange(self, method: str, url: str, body: bytes | None, limit: int) -> bytes:
-        """Send one request and read its reply, translating aiohttp's errors to PollFailure."""
-        import aiohttp
-
-        assert self._session is not None
-        # Identity encoding: replies are read as sent, and bounded by max_response as sent.
-        headers = {"Accept-Encoding": "identity"}
-        if body is not None:
-            headers["Content-Type"] = "application/ipp"
+        """Send one HTTP/1.1 request and read its reply, translating errors to PollFailure."""
         try:
-            async with self._session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                if resp.status != 200:
-                    raise PollFailure("http-error", f"HTTP {resp.status}")
-                if resp.content_length is not None and resp.content_length > limit:
-                    raise PollFailure("too-large", f"{resp.content_length} bytes announced")
-                data = bytearray()
-                async for chunk in resp.content.iter_chunked(16384):
-                    data += chunk
-                    if len(data) > limit:
-                        raise PollFailure("too-large", f"more than {limit} bytes")
-                return bytes(data)
+            return await self._http(method, url, body, limit)
         except PollFailure:
             raise
-        except aiohttp.ClientConnectorCertificateError as exc:
+        except ConnectionRefusedError as exc:
+            raise PollFailure("connection-refused", str(exc)) from None
+        except ssl.SSLError as exc:
             raise PollFailure("tls-error", str(exc)) from None
-        except aiohttp.ClientSSLError as exc:
-            raise PollFailure("tls-error", str(exc)) from None
-        except aiohttp.ClientConnectorError as exc:
-            refused = isinstance(exc.os_error, ConnectionRefusedError)
-            raise PollFailure(
-                "connection-refused" if refused else "connect-error", str(exc)
-            ) from None
-        except (aiohttp.ClientResponseError, aiohttp.ClientPayloadError) as exc:
-            raise PollFailure("http-error", str(exc)) from None
-        except aiohttp.ServerDisconnectedError as exc:
-            raise PollFailure("http-error", str(exc)) from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+            raise PollFailure("http-error", f"{type(exc).__name__}: {exc}") from None
+        except OSError as exc:
             raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
+
+    async def _http(self, method: str, url: str, body: bytes | None, limit: int) -> bytes:
+        # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
+        # close-delimited replies, every read bounded. It costs a fraction of a general
+        # client's CPU per poll, and polls are all this daemon sends.
+        parts = urlsplit(url)
+        tls = parts.scheme == "https"
+        host = parts.hostname or ""
+        port = parts.port or (443 if tls else 80)
+        reader, writer = await asyncio.open_connection(
+            host,
+            port,
+            ssl=self._tls if tls else None,
+            server_hostname=host if tls else None,
+            limit=MAX_LINE,
+        )
+        try:
+            path = parts.path or "/"
+            if parts.query:
+                path += "?" + parts.query
+            head = (
+                f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
+                "Accept-Encoding: identity\r\nConnection: close\r\n"
+            )
+            if body is not None:
+                head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+            writer.write(head.encode("latin-1") + b"\r\n" + (body or b""))
+            status, headers = await _read_head(reader)
+            while status == 100:
+                status, headers = await _read_head(reader)
+            if status != 200:
+                raise PollFailure("http-error", f"HTTP {status}")
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                return await _read_chunked(reader, limit)
+            if "content-length" in headers:
+                length = int(headers["content-length"])
+                if length < 0 or length > limit:
+                    raise PollFailure("too-large", f"{length} bytes announced")
+                return await reader.readexactly(length)
+            data = await reader.read(limit + 1)
+            while data and len(data) <= limit:
+                more = await reader.read(limit + 1 - len(data))
+                if not more:
+                    break
+                data += more
+            if len(data) > limit:
+                raise PollFailure("too-large", f"more than {limit} bytes")
+            return data
+        finally:
+            writer.close()
 
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -376,6 +387,40 @@ class Poller:
             "state_changes_total": self.transitions,
             "supply_levels": supplies,
         }
+
+
+async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """Read a status line and headers; return the status and the headers by lower-case name."""
+    line = await reader.readuntil(b"\n")
+    fields = line.split(None, 2)
+    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
+        raise PollFailure("http-error", f"not an HTTP/1.x status line: {line[:60]!r}")
+    headers: dict[str, str] = {}
+    for _ in range(MAX_HEADERS):
+        raw = await reader.readuntil(b"\n")
+        if raw in (b"\r\n", b"\n"):
+            return int(fields[1]), headers
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
+
+
+async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
+    """Read a chunked body up to ``limit`` bytes."""
+    data = bytearray()
+    while True:
+        size_line = await reader.readuntil(b"\n")
+        size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
+        if size == 0:
+            for _ in range(MAX_HEADERS):
+                if await reader.readuntil(b"\n") in (b"\r\n", b"\n"):
+                    return bytes(data)
+            raise PollFailure("http-error", "endless chunked trailer")
+        if len(data) + size > limit:
+            raise PollFailure("too-large", f"more than {limit} bytes")
+        data += await reader.readexactly(size)
+        await reader.readexactly(2)
 
 
 def attach_poller(daemon: Daemon) -> Poller:
