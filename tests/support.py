@@ -106,9 +106,10 @@ class DaemonProcess:
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
         netns: str | None = None,
+        log_path: Path | None = None,
     ) -> None:
         self.config = config
-        self.log_path = config.parent / "nearestd.log"
+        self.log_path = log_path or config.parent / "nearestd.log"
         argv = [sys.executable, "-m", "nearestd.cli", "--config", str(config), *(extra_args or [])]
         if netns:
             argv = ["ip", "netns", "exec", netns, *argv]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from support import DaemonProcess, free_port, tcp_url
 
@@ -74,7 +75,7 @@ def test_nearestctl_devices_and_locate(demo_daemon: DaemonProcess) -> None:
     assert r.returncode == 1 and "client_ip: not an IPv4 or IPv6 address" in r.stderr
 
 
-def test_example_config_and_default_server_answer_on_this_machine() -> None:
+def test_example_config_and_default_server_answer_on_this_machine(tmp_path: Path) -> None:
     """What `make run` then `nearest printer` does: the example config, no --server."""
     import os
     import socket
@@ -86,7 +87,7 @@ def test_example_config_and_default_server_answer_on_this_machine() -> None:
             import pytest
 
             pytest.skip("something already listens on 127.0.0.1:7310 (a `make run`?)")
-    d = DaemonProcess(CONFIG_DIR / "example.toml")
+    d = DaemonProcess(CONFIG_DIR / "example.toml", log_path=tmp_path / "nearestd.log")
     d.admin = CONFIG_DIR.parent / ".run" / "admin.sock"
     try:
         d.wait_ready()
