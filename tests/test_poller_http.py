@@ -1,0 +1,244 @@
+"""The poller's HTTP/1.1 client and schedule against hand-made servers on loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from nearestd.adapters.poller import Poller
+from nearestd.config import PollerConfig
+from nearestd.core.model import Device, DeviceKind, DeviceState
+from nearestd.loader import load_world
+from nearestd.service import Service
+from support import DEMO_MAP, free_port, write_config
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def attr(tag: int, name: str, value: bytes) -> bytes:
+    n = name.encode()
+    return struct.pack(">BH", tag, len(n)) + n + struct.pack(">H", len(value)) + value
+
+
+def ipp_reply(request_id: bytes, state: int = 3) -> bytes:
+    return (
+        b"\x02\x00\x00\x00"
+        + request_id
+        + b"\x01"
+        + attr(0x47, "attributes-charset", b"utf-8")
+        + b"\x04"
+        + attr(0x23, "printer-state", struct.pack(">i", state))
+        + attr(0x44, "printer-state-reasons", b"none")
+        + b"\x03"
+    )
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    return await reader.readexactly(length)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
+    servers: list[asyncio.Server] = []
+
+    async def start(handler: Handler) -> int:
+        async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                await handler(r, w)
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                w.close()
+
+        s = await asyncio.start_server(wrapped, "127.0.0.1", 0)
+        servers.append(s)
+        return int(s.sockets[0].getsockname()[1])
+
+    yield start
+    for s in servers:
+        s.close()
+        await s.wait_closed()
+
+
+def service(tmp_path: Path) -> Service:
+    data = json.loads(DEMO_MAP.read_text())
+    data["features"] = [f for f in data["features"] if not f["properties"].get("static")]
+    site = tmp_path / "site.geojson"
+    site.write_text(json.dumps(data))
+    world = load_world(str(write_config(tmp_path, maps=[str(site)])))
+    return Service(world.config, world.sitemap, time.time(), lambda: b"k" * 32)
+
+
+async def poll_once(tmp_path: Path, uri: str, **cfg: object) -> Device:
+    svc = service(tmp_path)
+    kind = DeviceKind.SCANNER if uri.startswith("http") else DeviceKind.PRINTER
+    svc.upsert_device(Device("d", kind, "D", uri, source="mdns"), time.time())
+    poller = Poller(svc, PollerConfig(enabled=True, **{"timeout": 2.0, **cfg}))  # type: ignore[arg-type]
+    await poller.start()
+    try:
+        await poller.poll_all()
+    finally:
+        await poller.stop()
+    rec = svc.table.get("d")
+    assert rec is not None
+    return rec.device
+
+
+async def test_chunked_reply_after_100_continue(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        body = await read_request(r)
+        reply = ipp_reply(body[4:8], state=4)
+        w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i in range(0, len(reply), 7):
+            chunk = reply[i : i + 7]
+            w.write(b"%x;ext=1\r\n%s\r\n" % (len(chunk), chunk))
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+
+    port = await server(handler)
+    dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print")
+    assert dev.state == DeviceState.PROCESSING
+
+
+async def test_close_delimited_reply(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        body = await read_request(r)
+        w.write(b"HTTP/1.0 200 OK\r\nContent-Type: application/ipp\r\n\r\n" + ipp_reply(body[4:8]))
+        await w.drain()
+
+    port = await server(handler)
+    assert (await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/")).state == DeviceState.IDLE
+
+
+@pytest.mark.parametrize(
+    ("response", "reason"),
+    [
+        (b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", "http-error"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "http-error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 999999999\r\n\r\n", "too-large"),
+        (b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * 5000, "too-large"),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2000\r\n" + b"x" * 8192,
+            "too-large",
+        ),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "http-error"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\x02\x00\x00\x00", "bad-response"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-A: b\r\n" * 100 + b"\r\n", "http-error"),
+        (b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", "http-error"),
+    ],
+)
+async def test_bad_replies_make_the_device_unreachable_with_a_reason(
+    server,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    response: bytes,
+    reason: str,
+) -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(response)
+        await w.drain()
+
+    port = await server(handler)
+    dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print", max_response=4096)
+    assert dev.state == DeviceState.UNREACHABLE
+    assert dev.state_reasons == (reason,)
+
+
+async def test_wrong_request_id_and_ipp_error_status(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async def wrong_id(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        reply = ipp_reply(b"\x00\x00\x99\x99")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+
+    async def error_status(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        body = await read_request(r)
+        reply = b"\x02\x00\x04\x06" + body[4:8] + b"\x01\x03"
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(reply), reply))
+
+    for handler in (wrong_id, error_status):
+        port = await server(handler)
+        dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print")
+        assert dev.state_reasons == ("bad-response",)
+
+
+async def test_a_slow_drip_is_cut_at_the_timeout(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        for _ in range(100):
+            w.write(b"\x00")
+            await w.drain()
+            await asyncio.sleep(0.1)
+
+    port = await server(handler)
+    t0 = time.monotonic()
+    dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print", timeout=0.5)
+    assert time.monotonic() - t0 < 1.5
+    assert dev.state_reasons == ("timeout",)
+
+
+async def test_escl_status_over_http(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        seen.append(await r.readuntil(b"\r\n\r\n"))
+        body = (
+            b'<?xml version="1.0"?><scan:ScannerStatus xmlns:scan="http://schemas.hp.com/imaging/'
+            b'escl/2011/05/03" xmlns:pwg="http://www.pwg.org/schemas/2010/12/sm">'
+            b"<pwg:State>Down</pwg:State></scan:ScannerStatus>"
+        )
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    port = await server(handler)
+    dev = await poll_once(tmp_path, f"http://127.0.0.1:{port}/eSCL/")
+    assert dev.state == DeviceState.STOPPED
+    assert seen[0].startswith(b"GET /eSCL/ScannerStatus HTTP/1.1\r\n")
+    assert b"Accept-Encoding: identity" in seen[0]
+
+
+async def test_refused_and_backoff_schedule(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
+    svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
+    poller = Poller(
+        svc, PollerConfig(enabled=True, interval=1.0, max_backoff=8.0), rand=lambda: 0.5
+    )
+    await poller.start()
+    try:
+        for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
+            await poller.poll_all()
+            due = poller._due["d"] - time.monotonic()
+            assert expected - 0.2 < due <= expected, (expected, due)
+    finally:
+        await poller.stop()
+    rec = svc.table.get("d")
+    assert rec is not None and rec.device.state_reasons == ("connection-refused",)
+    assert poller.stats()["poll_errors_total"]["connection-refused"] == 5
+
+
+def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    for i in range(200):
+        uri = f"ipp://127.0.0.1:9/p{i}"
+        svc.upsert_device(Device(f"d{i}", DeviceKind.PRINTER, "D", uri, source="mdns"), 0.0)
+    svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
+    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
+    poller = Poller(svc, PollerConfig(enabled=True, interval=30.0))
+    poller.sync_targets(100.0)
+    due = sorted(poller._due.values())
+    assert len(due) == 200  # the CUPS queue and the non-IPP printer are not polled
+    assert due[0] >= 100.0 and due[-1] <= 130.0
+    assert due[100] - due[0] > 5 and due[-1] - due[100] > 5
