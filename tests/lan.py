@@ -177,6 +177,14 @@ class ZcPeer:
         """Send goodbyes for a service; return when the first left."""
         return float(self.call(op="unregister", id=id)["t"])
 
+    def pause(self) -> None:
+        """SIGSTOP: a sleeping device, silent but not gone."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: the device wakes up."""
+        os.killpg(self.proc.pid, signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the peer's records stay in caches with no goodbye."""
         if self.proc.poll() is None:

@@ -384,3 +384,16 @@ def test_max_devices_bounds_new_devices_only() -> None:
     # Another service of a known device still joins it.
     changes, _ = m.upsert(rec("_ipps._tcp", "P0", host="p0.local", t={"UUID": "u0"}), 0.0)
     assert changes and len(m) == 2
+
+
+def test_an_expired_service_that_speaks_again_is_resolved_again() -> None:
+    m = Merger()
+    m.upsert(rec("_ipp._tcp", "Sleeper", host="sleeper.local"), 0.0)
+    [gone] = m.expire(10.0, 10.0)
+    assert gone.device is None
+    assert m.hear("eth1", "Sleeper._ipp._tcp.local.", 11.0) is None  # another link
+    assert m.hear("eth0", "sleeper._ipp._tcp.local.", 11.0) == (
+        "_ipp._tcp.local.",
+        "Sleeper._ipp._tcp.local.",
+    )
+    assert m.hear("eth0", "Sleeper._ipp._tcp.local.", 12.0) is None  # asked once

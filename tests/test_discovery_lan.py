@@ -208,6 +208,23 @@ def test_silent_device_expires_and_answering_one_stays(lan: Lan, daemon: DaemonP
     alive.close()
 
 
+def test_sleeping_printer_leaves_and_comes_back(lan: Lan, daemon: DaemonProcess) -> None:
+    peer = lan.zeroconf(3)
+    spec: dict[str, Any] = {"host": "zc-sleeper.local.", "addresses": [lan.ip(3)]}
+    peer.register("z", "ZC Sleeper", **spec)
+    wait_for("sleeper", lambda: "ZC Sleeper" in devices(daemon))
+    peer.pause()  # asleep: answers nothing, sends no goodbye
+    try:
+        wait_for("sleeper expired", lambda: "ZC Sleeper" not in devices(daemon), EXPIRE_AFTER + 4)
+    finally:
+        peer.resume()
+    # Its unchanged records are still in python-zeroconf's cache, so the browser stays
+    # silent when it speaks again; the daemon must notice anyway.
+    peer.update("z", "ZC Sleeper", **spec)
+    wait_for("sleeper back", lambda: named(daemon, "ZC Sleeper", lan.ip(3)), timeout=5)
+    peer.close()
+
+
 def test_one_device_across_ipp_ipps_and_lpd_placeholder(lan: Lan, daemon: DaemonProcess) -> None:
     peer = lan.zeroconf(6)
     txt = {"txtvers": "1", "rp": "ipp/print", "UUID": MERGE_UUID, "note": "Print corner"}

@@ -130,6 +130,8 @@ class _Heard(RecordUpdateListener):
     def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
         for update in records:
             rec = update.new
+            if rec.ttl == 0:
+                continue  # a goodbye: the browser reports it
             alias = getattr(rec, "alias", None)
             self._on_heard(self._link, alias if isinstance(alias, str) else rec.name)
 
@@ -303,7 +305,10 @@ class MdnsDiscovery:
             self._spawn(self._resolve_later(link, service_type, name, key))
 
     def _on_heard(self, link: str, name: str) -> None:
-        self.merger.hear(link, name, self.clock())
+        revived = self.merger.hear(link, name, self.clock())
+        if revived is not None:
+            self.events["revived"] += 1
+            self._schedule(link, *revived)
 
     # ---- resolving -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[None]:

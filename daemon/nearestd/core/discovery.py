@@ -470,6 +470,7 @@ class Merger:
     _probed: dict[ServiceKey, float] = field(default_factory=dict)
     _by_full_name: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
     _by_host: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
+    _expired: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -506,14 +507,22 @@ class Merger:
         return changes
 
     # ---- liveness ------------------------------------------------------------------------
-    def hear(self, interface: str, record_name: str, now: float) -> None:
-        """Note that a record named ``record_name`` (a service or a host) was just heard."""
+    def hear(self, interface: str, record_name: str, now: float) -> tuple[str, str] | None:
+        """Note that a record (of a service or a host) was heard.
+
+        Return (type, name) of a service this expired that speaks again: its records,
+        unchanged in python-zeroconf's cache, raise no browser event, so it must be
+        resolved anew.
+        """
         low = (interface, record_name.lower())
         keys = self._by_full_name.get(low)
         if keys is None:
             keys = self._by_host.get((interface, low[1].rstrip(".")))
-        for k in keys or ():
+        if keys is None:
+            return self._expired.pop(low, None)
+        for k in keys:
             self.heard[k] = now
+        return None
 
     def due_probes(self, now: float, interval: float) -> list[tuple[str, str, str]]:
         """Return (interface, type, name) of services silent for ``interval``, not yet asked."""
@@ -541,7 +550,11 @@ class Merger:
         for key in [k for k, t in self.heard.items() if expired(t, now, expire_after)]:
             p = self.services.get(key)
             if p is not None:
-                changes += self.remove(p.record.interface, p.record.type, p.record.name)
+                rec = p.record
+                changes += self.remove(rec.interface, rec.type, rec.name)
+                if len(self._expired) >= 4 * self.max_devices:
+                    self._expired.pop(next(iter(self._expired)))
+                self._expired[(rec.interface, rec.name.lower())] = (rec.type, rec.name)
         return changes
 
     def upsert(
@@ -561,6 +574,7 @@ class Merger:
             return [], None
         if now is not None:
             self.heard[key] = now
+        self._expired.pop((record.interface, record.name.lower()), None)
         if old is not None and old.record == record:
             return [], parsed
         affected = self._detach(key)
@@ -597,6 +611,7 @@ class Merger:
             self._probed,
             self._by_full_name,
             self._by_host,
+            self._expired,
         ):
             table.clear()
         return changes
