@@ -9,6 +9,7 @@ dbus-daemon, and no avahi, so nothing is ever advertised.
 
 from __future__ import annotations
 
+import asyncio
 import http.server
 import json
 import os
@@ -540,3 +541,70 @@ async def test_reload_keeps_live_state_and_turning_off_forgets_it(
     poller.forget()
     rec = svc.table.get("ipp-r")
     assert rec is not None and rec.device.state == DeviceState.UNKNOWN and not rec.device.supplies
+
+
+async def test_idle_beats_processing_only_on_a_tie(peers: Peers, tmp_path: Path) -> None:
+    require_tools("ipptool")
+    slow = tmp_path / "slow.sh"
+    slow.write_text("#!/bin/sh\nsleep 4\n")
+    slow.chmod(0o755)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello\n")
+    busy_uri = peers.ippeveprinter("Busy One", free_port(), "-c", str(slow), "-f", "text/plain")
+    idle_uri = peers.ippeveprinter("Calm One", free_port())
+    svc = _service(tmp_path)
+    now = time.time()
+    # Both named "Reception" in their DNS-SD note: the same point in n0-lobby, an exact tie.
+    # Without the state rule the tie goes to the lower id, "a-busy".
+    for dev_id, uri in (("a-busy", busy_uri), ("b-idle", idle_uri)):
+        svc.upsert_device(
+            Device(dev_id, DeviceKind.PRINTER, dev_id, uri, source="mdns", note="Reception"), now
+        )
+    # A third printer on the floor above costs 20 m more; being idle does not lift it.
+    far_uri = peers.ippeveprinter("Upstairs One", free_port())
+    svc.upsert_device(
+        Device("0-far", DeviceKind.PRINTER, "far", far_uri, source="mdns", note="Finance"), now
+    )
+
+    def answer() -> list[str]:
+        req = {
+            "v": 1,
+            "id": 1,
+            "op": "nearest",
+            "kind": "printer",
+            "k": 3,
+            "client_ip": "127.0.0.1",
+        }
+        return [d["id"] for d in svc.handle(req, ADMIN_PEER, time.time())["devices"]]
+
+    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    await poller.start()
+    try:
+        await poller.poll_all()
+        assert answer() == ["a-busy", "b-idle", "0-far"]
+        subprocess.run(
+            [
+                "ipptool",
+                "-tq",
+                "-f",
+                str(doc),
+                "-d",
+                "filetype=text/plain",
+                busy_uri,
+                "print-job.test",
+            ],
+            check=True,
+            timeout=10,
+        )
+        await poller.poll_all()
+        busy = svc.table.get("a-busy")
+        assert busy is not None and busy.device.state == DeviceState.PROCESSING
+        assert answer() == ["b-idle", "a-busy", "0-far"]
+        deadline = time.monotonic() + 10
+        while svc.table.get("a-busy").device.state != DeviceState.IDLE:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the job never finished"
+            await asyncio.sleep(0.3)
+            await poller.poll_all()
+        assert answer() == ["a-busy", "b-idle", "0-far"]
+    finally:
+        await poller.stop()
