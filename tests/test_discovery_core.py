@@ -397,3 +397,8 @@ def test_an_expired_service_that_speaks_again_is_resolved_again() -> None:
         "Sleeper._ipp._tcp.local.",
     )
     assert m.hear("eth0", "Sleeper._ipp._tcp.local.", 12.0) is None  # asked once
+
+
+def test_a_host_name_unfit_for_a_uri_gives_no_endpoint() -> None:
+    [d] = merged([rec("_ipp._tcp", "P", host="evil host/x.local")])
+    assert [e.uri for e in d.endpoints] == ["ipp://198.18.77.12:631/"]

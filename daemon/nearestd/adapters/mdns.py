@@ -409,6 +409,7 @@ class MdnsDiscovery:
             result = self.service.upsert_device(change.device, now)
             if result != "unchanged":
                 self.events[result] += 1
+            if result in ("added", "updated"):
                 LOG.info(
                     f"device {result}",
                     extra={"device": change.device_id, "uri": change.device.uri},

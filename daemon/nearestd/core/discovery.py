@@ -70,6 +70,7 @@ TEXT_MAX = 255
 _UUID_SAFE = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _URI_SAFE = "/-._~!$&'()*+,;=:@"
+_HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
 
 
 class Problem:
@@ -349,7 +350,7 @@ def service_uris(p: Parsed) -> list[str]:
         path = _path(p.txt.text("rp"))
     port = p.record.port
     hosts = [host_literal(a) for a in order_addresses(p.record.addresses)]
-    if p.record.host:
+    if p.record.host and _HOSTNAME.fullmatch(p.record.host):
         hosts.append(p.record.host)
     return [f"{scheme}://{h}:{port}{path}" for h in hosts]
 
