@@ -1,0 +1,401 @@
+"""The MQTT adapter against real mosquitto processes: no mocks of aiomqtt or paho.
+
+Most tests share the session's broker (each under a fresh topic prefix); the tests that
+kill, restart or lock the broker start their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+
+from mosquitto import Mosquitto
+from mqtt_helpers import asker, retained, split_map, wait_payload
+from nearest_client import Client
+from support import DaemonProcess, require_tools, tcp_url, write_config
+
+pytestmark = pytest.mark.realpeer
+
+NEAREST_LOBBY = {"v": 1, "id": 7, "op": "nearest", "kind": "printer", "zone": "n0-lobby"}
+
+
+def mqtt_daemon(
+    directory: Path,
+    broker: Mosquitto,
+    prefix: str,
+    instance: str,
+    maps: list[str] | None = None,
+    **mqtt: Any,
+) -> DaemonProcess:
+    cfg = write_config(
+        directory,
+        {"mqtt": {"url": broker.url, "topic_prefix": prefix, "instance": instance, **mqtt}},
+        maps=maps,
+    )
+    return DaemonProcess(cfg).wait_ready()
+
+
+@pytest.fixture
+def daemon(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> Iterator[DaemonProcess]:
+    d = mqtt_daemon(tmp_path, mosquitto_broker, mqtt_prefix, "solo")
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+def admin_stats(d: DaemonProcess) -> dict[str, Any]:
+    with Client(f"unix://{d.admin}") as c:
+        stats: dict[str, Any] = c.request({"op": "stats"})["stats"]
+    return stats
+
+
+async def online(broker: Mosquitto, prefix: str, instance: str, timeout: float = 10.0) -> float:
+    return await wait_payload(broker.port, f"{prefix}/status/{instance}", b"online", timeout)
+
+
+async def test_json_and_msgpack_round_trips(
+    daemon: DaemonProcess, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    await online(mosquitto_broker, mqtt_prefix, "solo")
+    async with asker(mosquitto_broker.port) as a:
+        reply = await a.ask(f"{mqtt_prefix}/query", NEAREST_LOBBY)
+        assert reply["ok"] and reply["id"] == 7
+        assert reply["where"]["zone"] == "n0-lobby"
+        assert reply["devices"][0]["id"] == "prn-n0-lobby"
+        packed = await a.ask(
+            f"{mqtt_prefix}/query",
+            {"v": 1, "id": 8, "op": "nearest", "kind": "scanner", "client_ip": "127.0.0.1"},
+            use_msgpack=True,
+        )
+        assert packed["ok"] and packed["id"] == 8
+        assert packed["devices"][0]["id"] == "scn-n0-mailroom"
+        # The instance's own topic answers too; the same maps as the socket protocol.
+        loc = await a.ask(
+            f"{mqtt_prefix}/query/solo", {"v": 1, "id": 9, "op": "locate", "zone": "s1-lab"}
+        )
+        assert loc["where"]["building"] == "south"
+        with Client(tcp_url(daemon.config)) as c:
+            assert c.nearest("printer")["devices"] == reply["devices"]
+
+
+async def test_v311_reply_to_with_correlation(
+    daemon: DaemonProcess, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    await online(mosquitto_broker, mqtt_prefix, "solo")
+    async with asker(mosquitto_broker.port, v311=True) as a:
+        reply = await a.ask(f"{mqtt_prefix}/query", NEAREST_LOBBY)
+    assert reply["ok"] and reply["devices"][0]["id"] == "prn-n0-lobby"
+    assert reply["correlation"] == "1"
+
+
+async def test_malformed_requests_get_precise_errors_and_never_break_the_subscription(
+    daemon: DaemonProcess, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    await online(mosquitto_broker, mqtt_prefix, "solo")
+    q = f"{mqtt_prefix}/query"
+    cases: list[tuple[bytes, str | None, str, str]] = [
+        (b"{not json", None, "bad-request", "malformed JSON"),
+        (b"\xff\xfe", None, "bad-request", "not UTF-8"),
+        (b"[1, 2]", None, "bad-request", "JSON array, expected an object"),
+        (b"[" * 5000 + b"]" * 5000, None, "bad-request", "nesting deeper than 8"),
+        (
+            json.dumps({"v": 1, "id": 1, "op": "ping", "x": "a" * 5000}).encode(),
+            None,
+            "bad-request",
+            "longer than 4096",
+        ),
+        (
+            json.dumps({"v": 1, "id": 1, "op": "ping", "l": list(range(2000))}).encode(),
+            None,
+            "bad-request",
+            "more than 1024 items",
+        ),
+        (b'{"v": 1, "id": 1, "op": "ping", "n": NaN}', None, "bad-request", "NaN"),
+        (b"x" * 70000, None, "too-large", "at most 65536"),
+        (b"\xc1", "application/msgpack", "bad-request", "malformed MessagePack"),
+        (
+            json.dumps({"v": 1, "id": 3, "op": "nearest", "kind": "printer"}).encode(),
+            None,
+            "bad-request",
+            "client_ip or zone: required over mqtt",
+        ),
+        (
+            json.dumps(
+                {"v": 1, "id": 4, "op": "nearest", "kind": "fax", "zone": "n0-lobby"}
+            ).encode(),
+            None,
+            "bad-request",
+            "kind:",
+        ),
+        (
+            json.dumps({"v": 2, "id": 5, "op": "ping"}).encode(),
+            None,
+            "unsupported-version",
+            "version 2",
+        ),
+        (json.dumps({"v": 1, "id": 6, "op": "stats"}).encode(), None, "forbidden", "admin socket"),
+        (
+            json.dumps(
+                {"v": 1, "id": 7, "op": "nearest", "kind": "printer", "zone": "nowhere"}
+            ).encode(),
+            None,
+            "unknown-location",
+            "no such zone",
+        ),
+    ]
+    async with asker(mosquitto_broker.port) as a:
+        for payload, ctype, code, words in cases:
+            fut = await a.send(q, payload, content_type=ctype)
+            body, _ = await asyncio.wait_for(fut, 5)
+            reply = msgpack.unpackb(body) if ctype else json.loads(body)
+            assert reply["ok"] is False, payload[:60]
+            assert reply["error"]["code"] == code, (payload[:60], reply)
+            assert words in reply["error"]["message"], (payload[:60], reply)
+        # No reply address at all, or a reply address on the daemon's own topics: dropped.
+        await a.send(q, json.dumps({"v": 1, "id": 1, "op": "ping"}).encode(), response_topic=None)
+        await a.send(q, b"garbage", response_topic=None)
+        await a.send(q, b"{}", response_topic=f"{mqtt_prefix}/status/solo")
+        async with asker(mosquitto_broker.port, v311=True) as b:
+            await b.client.publish(q, json.dumps({"v": 1, "id": 1, "op": "ping"}), qos=1)
+            await b.client.publish(
+                q, json.dumps({"v": 1, "id": 1, "op": "ping", "reply_to": "a/+/b"}), qos=1
+            )
+            bad_corr = {
+                "v": 1,
+                "id": 2,
+                "op": "ping",
+                "reply_to": b.reply_topic,
+                "correlation": [1],
+            }
+            fut2 = b.pending.setdefault(b"None", asyncio.get_running_loop().create_future())
+            await b.client.publish(q, json.dumps(bad_corr), qos=1)
+            body, _ = await asyncio.wait_for(fut2, 5)
+            assert "correlation: expected" in json.loads(body)["error"]["message"]
+        # The subscription survived all of it.
+        assert (await a.ask(q, NEAREST_LOBBY))["ok"]
+    st = admin_stats(daemon)["mqtt"]
+    assert st["connected"] is True
+    assert st["malformed"] >= len(cases) - 2 + 4  # unknown-location and forbidden are not malformed
+    assert st["unanswerable"] == 5
+    assert st["received"] >= len(cases) + 7
+    assert "Traceback" not in daemon.logs()
+
+
+async def test_mosquitto_rr_is_answered(
+    daemon: DaemonProcess, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    require_tools("mosquitto_rr")
+    await online(mosquitto_broker, mqtt_prefix, "solo")
+    out = subprocess.run(
+        [
+            "mosquitto_rr", "-h", "127.0.0.1", "-p", str(mosquitto_broker.port),
+            "-t", f"{mqtt_prefix}/query", "-e", f"{mqtt_prefix}-rr/reply",
+            "-m", json.dumps(NEAREST_LOBBY), "-W", "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["ok"] and reply["devices"][0]["id"] == "prn-n0-lobby"
+
+
+async def test_inventory_is_retained_updated_and_cleared(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    port = mosquitto_broker.port
+    devices = f"{mqtt_prefix}/devices"
+    # A record this instance published in an earlier life, for a device it no longer has.
+    ghost = {"v": 1, "id": "prn-gone", "origin": "inv", "kind": "printer"}
+    other = {"v": 1, "id": "prn-elsewhere", "origin": "another", "kind": "printer"}
+    for rec in (ghost, other):
+        subprocess.run(
+            ["mosquitto_pub", "-p", str(port), "-t", f"{devices}/{rec['id']}", "-r", "-m", json.dumps(rec)],
+            check=True,
+        )  # fmt: skip
+    both = split_map(tmp_path / "maps", {"north", "south"})
+    d = mqtt_daemon(tmp_path / "d", mosquitto_broker, mqtt_prefix, "inv", maps=[str(both)])
+    try:
+        await online(mosquitto_broker, mqtt_prefix, "inv")
+        held = await retained(port, f"{devices}/+")
+        assert f"{devices}/prn-gone" not in held  # our stale record: cleared on start
+        assert f"{devices}/prn-elsewhere" in held  # another instance's: left alone
+        ours = {t: json.loads(p) for t, p in held.items() if json.loads(p)["origin"] == "inv"}
+        assert len(ours) == 17
+        lobby = ours[f"{devices}/prn-n0-lobby"]
+        assert lobby["placement"]["zone"] == "n0-lobby" and lobby["kind"] == "printer"
+        # The south building's devices go away (reload with a smaller map): cleared.
+        both.write_text(split_map(tmp_path / "maps2", {"north"}).read_text())
+        d.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            held = await retained(port, f"{devices}/+", settle=0.3)
+            if f"{devices}/prn-s0-plotter" not in held:
+                break
+        assert f"{devices}/prn-s0-plotter" not in held
+        assert f"{devices}/prn-n0-lobby" in held
+        assert admin_stats(d)["mqtt"]["records_cleared"] >= 8
+    finally:
+        d.stop()
+
+
+async def test_status_online_offline_and_will_on_kill_9(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    status = f"{mqtt_prefix}/status/st"
+    d = mqtt_daemon(tmp_path / "a", mosquitto_broker, mqtt_prefix, "st")
+    await online(mosquitto_broker, mqtt_prefix, "st")
+    d.kill()
+    await wait_payload(mosquitto_broker.port, status, b"offline", timeout=5)
+    d = mqtt_daemon(tmp_path / "b", mosquitto_broker, mqtt_prefix, "st")
+    await online(mosquitto_broker, mqtt_prefix, "st")
+    assert d.stop() == 0
+    held = await retained(mosquitto_broker.port, status)
+    assert held[status] == b"offline"
+
+
+async def test_broker_absent_at_start_then_restarted_mid_run(
+    tmp_path: Path, mqtt_prefix: str
+) -> None:
+    require_tools("mosquitto")
+    broker = Mosquitto(tmp_path / "broker")  # not started yet
+    try:
+        d = mqtt_daemon(tmp_path / "d", broker, mqtt_prefix, "rs")
+        try:
+            with Client(tcp_url(d.config)) as c:  # sockets serve without a broker
+                assert c.nearest("printer")["devices"][0]["id"] == "prn-n0-lobby"
+            broker.start()
+            await online(broker, mqtt_prefix, "rs")
+            for cycle in range(2):
+                broker.restart()
+                waited = await online(broker, mqtt_prefix, "rs", timeout=10)
+                assert waited < 5, waited
+                async with asker(broker.port) as a:
+                    for i in range(20):
+                        r = await a.ask(f"{mqtt_prefix}/query", {**NEAREST_LOBBY, "id": i})
+                        assert r["ok"] and r["id"] == i
+                held = await retained(broker.port, f"{mqtt_prefix}/devices/+")
+                assert len(held) == 17, cycle  # the inventory was republished
+            st = admin_stats(d)["mqtt"]
+            assert st["connected"] and st["reconnects"] == 2
+            logs = d.logs()
+            # Each state change is logged once, not once per retry.
+            assert logs.count('"mqtt connected"') == 3
+            assert logs.count("mqtt connection lost") == 2
+            assert logs.count("mqtt broker unreachable") <= 3
+        finally:
+            d.stop()
+    finally:
+        broker.close()
+
+
+async def test_wrong_password_is_logged_clearly_and_sockets_still_serve(
+    tmp_path: Path, mqtt_prefix: str
+) -> None:
+    require_tools("mosquitto", "mosquitto_passwd")
+    broker = Mosquitto(tmp_path / "broker", users={"nearestd": "right"}).start()
+    try:
+        (tmp_path / "pw").write_text("Bad-Pa55word\n")
+        d = mqtt_daemon(
+            tmp_path / "d", broker, mqtt_prefix, "pw",
+            username="nearestd", password_file=str(tmp_path / "pw"),
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 10
+            while "refused the credentials" not in d.logs() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            time.sleep(1.0)  # a few more attempts
+            with Client(tcp_url(d.config)) as c:
+                assert c.nearest("printer")["devices"][0]["id"] == "prn-n0-lobby"
+            logs = d.logs()
+            assert logs.count("refused the credentials") == 1, logs
+            assert "username=nearestd" in logs and "Bad-Pa55word" not in logs
+            assert admin_stats(d)["mqtt"]["connected"] is False
+        finally:
+            d.stop()
+        # The right password connects.
+        (tmp_path / "pw").write_text("right\n")
+        d = DaemonProcess(d.config).wait_ready()
+        try:
+            deadline = time.monotonic() + 10
+            while not admin_stats(d)["mqtt"]["connected"]:
+                assert time.monotonic() < deadline, d.logs()
+                await asyncio.sleep(0.1)
+        finally:
+            d.stop()
+    finally:
+        broker.close()
+
+
+async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    north = split_map(tmp_path / "maps", {"north"})
+    south = split_map(tmp_path / "maps", {"south"})
+    a = mqtt_daemon(
+        tmp_path / "a", mosquitto_broker, mqtt_prefix, "fed-a", maps=[str(north)], federate=True
+    )
+    b = mqtt_daemon(tmp_path / "b", mosquitto_broker, mqtt_prefix, "fed-b", maps=[str(south)], federate=True)  # fmt: skip
+    try:
+        await online(mosquitto_broker, mqtt_prefix, "fed-a")
+        await online(mosquitto_broker, mqtt_prefix, "fed-b")
+        ask_south = {"v": 1, "id": 1, "op": "nearest", "kind": "printer", "zone": "s0-print-shop"}
+        ask_north = {"v": 1, "id": 2, "op": "nearest", "kind": "printer", "zone": "n0-lobby"}
+        async with asker(mosquitto_broker.port) as q:
+            deadline = time.monotonic() + 10
+            while True:
+                ra = await q.ask(f"{mqtt_prefix}/query/fed-a", ask_south)
+                rb = await q.ask(f"{mqtt_prefix}/query/fed-b", ask_north)
+                if ra["devices"][0].get("origin") and rb["devices"][0].get("origin"):
+                    break
+                assert time.monotonic() < deadline, (ra, rb)
+                await asyncio.sleep(0.1)
+            assert ra["devices"][0]["id"] == "prn-s0-print-shop"
+            assert ra["devices"][0]["origin"] == "fed-b"
+            assert ra["devices"][0]["distance_m"] == 0
+            assert rb["devices"][0]["id"] == "prn-n0-lobby"
+            assert rb["devices"][0]["origin"] == "fed-a"
+            # The shared subscription: a query on P/query is answered once, by either.
+            fut = await q.send(f"{mqtt_prefix}/query", json.dumps(ask_south).encode())
+            body, _ = await asyncio.wait_for(fut, 5)
+            assert json.loads(body)["devices"][0]["id"] == "prn-s0-print-shop"
+            await asyncio.sleep(0.3)
+            assert q.stray == []
+            # Records a daemon published itself are never read back as foreign.
+            with Client(f"unix://{a.admin}") as c:
+                inv = c.request({"op": "devices"})["devices"]
+            mine = [x for x in inv if x["source"] != "mqtt"]
+            theirs = [x for x in inv if x["source"] == "mqtt"]
+            assert len(mine) == 10 and len(theirs) == 7
+            assert {x["origin"] for x in theirs} == {"fed-b"}
+            assert {x["placed_by"] for x in theirs} == {"federated"}
+            # Taking B down removes its devices from A.
+            b.kill()
+            deadline = time.monotonic() + 10
+            while True:
+                ra = await q.ask(f"{mqtt_prefix}/query/fed-a", ask_south)
+                if "origin" not in ra["devices"][0]:
+                    break
+                assert time.monotonic() < deadline, ra
+                await asyncio.sleep(0.1)
+            assert ra["devices"][0]["building"] == "north"
+            with Client(f"unix://{a.admin}") as c:
+                inv = c.request({"op": "devices"})["devices"]
+            assert [x for x in inv if x["source"] == "mqtt"] == []
+            assert admin_stats(a)["mqtt"]["federated_devices"] == 0
+    finally:
+        a.stop()
+        b.stop()
