@@ -81,6 +81,8 @@ class Site:
     def __init__(self, directory: Path, printers: Printers, laptop_in: str) -> None:
         self.printers = printers
         directory.mkdir(parents=True, exist_ok=True)
+        # What the site map says about prn-a; a test may change it and call move().
+        self.a_name, self.a_uri = "Printer A", printers.a.uri
         self.map = directory / "site.geojson"
         self.write(laptop_in)
         cfg = write_config(directory, maps=[str(self.map)], subnets=[])
@@ -98,7 +100,7 @@ class Site:
                 zone("a", "west", 0, subnets["a"]),
                 zone("b", "east", 300, subnets["b"]),
                 zone("c", "north", 600, subnets["c"]),
-                device("prn-a", "Printer A", self.printers.a.uri, "west", 0),
+                device("prn-a", self.a_name, self.a_uri, "west", 0),
                 device("prn-b", "Printer B", self.printers.b.uri, "east", 300),
                 # The nearest device in zone c has no IPP endpoint at all.
                 device(
@@ -235,6 +237,37 @@ def test_a_zone_change_moves_the_default(site: Site, cups: PrivateCups) -> None:
     assert "Created" not in r.stdout
     assert default_of(cups) == "system default destination: nearest-prn-a"
     assert len(cups.admin_requests()) == ops
+
+
+def test_a_changed_device_updates_its_managed_queue_in_place(site: Site, cups: PrivateCups) -> None:
+    assert nearest(site, cups, "printer", "--set-default").returncode == 0
+    # The administrator renames the device and gives it another URI for the same printer.
+    site.a_name = "Printer A (2nd floor)"
+    site.a_uri = f"ipp://localhost:{site.printers.a.port}/ipp/print"
+    site.move("a")
+    r = nearest(site, cups, "printer", "--set-default")
+    assert r.returncode == 0, r.stderr
+    assert f"Updated the CUPS queue nearest-prn-a for Printer A (2nd floor) ({site.a_uri})." in (
+        r.stdout
+    )
+    assert uris_of(cups) == {"nearest-prn-a": site.a_uri}
+    attrs = cups.tool("lpoptions", "-p", "nearest-prn-a")
+    assert "printer-info='Printer A 2nd floor (managed by nearest: prn-a)'" in attrs
+    assert re.search(r"printer-make-and-model='[^']* - IPP Everywhere'", attrs), attrs
+    assert default_of(cups) == "system default destination: nearest-prn-a"
+
+
+def test_a_foreign_queue_with_our_name_is_left_alone(site: Site, cups: PrivateCups) -> None:
+    other = site.printers.b.uri
+    cups.tool("lpadmin", "-p", "nearest-prn-a", "-E", "-v", other, "-m", "everywhere")
+    r = nearest(site, cups, "printer", "--set-default")
+    assert r.returncode == 3
+    assert r.stderr == (
+        "nearest: cannot create the queue nearest-prn-a: a queue of that name already exists "
+        "and nearest does not manage it; rename or remove it first.\n"
+    )
+    assert uris_of(cups) == {"nearest-prn-a": other}
+    assert default_of(cups) == "no system default destination"
 
 
 def test_forget_removes_only_managed_queues(site: Site, cups: PrivateCups) -> None:
