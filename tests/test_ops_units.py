@@ -48,11 +48,15 @@ def sample_device(n: int = 1, **kw: object) -> Device:
 
 
 def test_inventory_round_trip_keeps_every_device_field() -> None:
-    devices = [sample_device(1), sample_device(2, kind=DeviceKind.SCANNER, geo=None)]
+    devices = [
+        sample_device(1),
+        sample_device(2, kind=DeviceKind.SCANNER, geo=None),
+        sample_device(3, origin="other-site", origin_placement=("hq", "north", 1, None, 4.9, 52.3)),
+    ]
     data = encode_inventory([Saved(d, 1000.0 + i) for i, d in enumerate(devices)], 2000.0)
     back = decode_inventory(data)
     assert [s.device for s in back] == devices
-    assert [s.last_seen for s in back] == [1000.0, 1001.0]
+    assert [s.last_seen for s in back] == [1000.0, 1001.0, 1002.0]
     # Non-scalar extras are not written; scalar ones are.
     assert back[0].device.extra == (("adminurl", "http://printer.local/"),)
 
@@ -74,6 +78,12 @@ def test_inventory_round_trip_keeps_every_device_field() -> None:
         (lambda d: d["devices"][0]["device"]["endpoints"][0].update(port=-1), "endpoints[0].port"),
         (lambda d: d["devices"][0]["device"].update(addresses=["x"] * 65), "device.addresses"),
         (lambda d: d["devices"].append(d["devices"][0]), "duplicate id"),
+        (
+            lambda d: d["devices"][0]["device"].update(
+                origin_placement=["hq", "n", "1", None, 0, 0]
+            ),
+            "device.origin_placement",
+        ),
     ],
 )
 def test_inventory_rejects_bad_snapshots_naming_the_field(mutate: object, message: str) -> None:

@@ -69,6 +69,7 @@ def device_to_json(device: Device) -> dict[str, Any]:
         ],
         "origin": device.origin,
         "is_queue": device.is_queue,
+        "origin_placement": list(device.origin_placement) if device.origin_placement else None,
         "extra": [[k, v] for k, v in device.extra if isinstance(v, _SCALARS) and _finite(v)],
     }
 
@@ -145,6 +146,7 @@ def device_from_json(obj: Any, where: str = "device") -> Device:
             raise InventoryError(f"{where}.endpoints[{i}]: expected a map")
         er = _Reader(e, f"{where}.endpoints[{i}]")
         endpoints.append(Endpoint(er.text("service"), er.text("uri"), er.port("port")))
+    origin_placement = _origin_placement(obj.get("origin_placement"), f"{where}.origin_placement")
     extra = []
     for i, pair in enumerate(r.items("extra")):
         if (
@@ -194,8 +196,25 @@ def device_from_json(obj: Any, where: str = "device") -> Device:
         endpoints=tuple(endpoints),
         origin=r.opt_text("origin"),
         is_queue=r.flag("is_queue"),
+        origin_placement=origin_placement,
         extra=tuple(extra),
     )
+
+
+def _origin_placement(v: Any, where: str) -> tuple[str, str, int, str | None, float, float] | None:
+    """Return a federated device's (site, building, level, zone, lon, lat), or None."""
+    if v is None:
+        return None
+    if (
+        not isinstance(v, list)
+        or len(v) != 6
+        or not all(isinstance(t, str) and len(t) <= MAX_STR for t in v[:2])
+        or isinstance(v[2], bool)
+        or not isinstance(v[2], int)
+        or not (v[3] is None or (isinstance(v[3], str) and len(v[3]) <= MAX_STR))
+    ):
+        raise InventoryError(f"{where}: expected [site, building, level, zone, lon, lat] or null")
+    return (v[0], v[1], v[2], v[3], _number(v[4], f"{where}[4]"), _number(v[5], f"{where}[5]"))
 
 
 def _finite(v: Any) -> bool:
