@@ -223,13 +223,16 @@ def test_sighup_reloads(setup: tuple[Setup, DaemonProcess]) -> None:
 
 
 QUERY_LOOP = r"""
-import json, sys, time
+import json, os, sys, time
 from nearest_client import Client
-url, seconds = sys.argv[1], float(sys.argv[2])
+url, stop_file = sys.argv[1], sys.argv[2]
 ok = failed = 0
+announced = False
 errors = []
-deadline = time.monotonic() + seconds
-while time.monotonic() < deadline and ok + failed < 200000:
+deadline = time.monotonic() + 30  # bounded even if the parent never says stop
+while time.monotonic() < deadline and ok + failed < 500000:
+    if os.path.exists(stop_file):
+        break
     try:
         with Client(url, timeout=5) as c:  # a new connection now and then, too
             for _ in range(50):
@@ -239,7 +242,8 @@ while time.monotonic() < deadline and ok + failed < 200000:
     except Exception as exc:
         failed += 1
         errors.append(repr(exc))
-    if ok == 50:
+    if not announced and ok >= 50:
+        announced = True
         print("running", flush=True)
 print(json.dumps({"ok": ok, "failed": failed, "errors": errors[:5]}), flush=True)
 """
@@ -249,8 +253,9 @@ def test_reloads_under_query_load_from_another_process_lose_no_query(
     setup: tuple[Setup, DaemonProcess],
 ) -> None:
     s, d = setup
+    stop = s.tmp / "stop-querying"
     child = subprocess.Popen(
-        [sys.executable, "-c", QUERY_LOOP, tcp_url(s.cfg), "4"],
+        [sys.executable, "-c", QUERY_LOOP, tcp_url(s.cfg), str(stop)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -265,13 +270,14 @@ def test_reloads_under_query_load_from_another_process_lose_no_query(
                 getattr(s, step)()
             results.append(reload(d)["ok"])
             time.sleep(0.2)
-        out, _ = child.communicate(timeout=30)
+        stop.touch()
+        out, _ = child.communicate(timeout=40)
     finally:
         child.kill()
     assert results == [True, False, True, False, True, True]
     report = json.loads(out.strip().splitlines()[-1])
     assert report["failed"] == 0, report
-    assert report["ok"] > 500, report
+    assert report["ok"] >= 100, report
 
 
 def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
