@@ -11,6 +11,7 @@ capabilities placed inside rooms.
 from __future__ import annotations
 
 import csv
+import io
 import ipaddress
 import json
 import math
@@ -273,9 +274,14 @@ def _device_feature(d: GenDevice) -> dict[str, Any]:
     }
 
 
-def write(world: World, directory: Path, subnets_in_maps: float = 0.1) -> World:
-    """Write one GeoJSON file per site (zones and devices) and an IPAM CSV of the rest."""
-    directory.mkdir(parents=True, exist_ok=True)
+def documents(
+    world: World, subnets_in_maps: float = 0.1
+) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]:
+    """Return one GeoJSON document per site (zones and devices) and the IPAM CSV rows.
+
+    About ``subnets_in_maps`` of the prefixes go into the zones' ``subnets``, the rest
+    into the CSV, as an IPAM export would hold them.
+    """
     rng = random.Random(1)
     in_map: dict[str, list[str]] = {}
     csv_rows: list[tuple[str, str]] = []
@@ -289,19 +295,34 @@ def write(world: World, directory: Path, subnets_in_maps: float = 0.1) -> World:
         by_site.setdefault(z.site, []).append(_zone_feature(z, in_map.get(z.id, [])))
     for d in world.devices:
         by_site[d.site].append(_device_feature(d))
+    docs = {
+        site: {"type": "FeatureCollection", "features": features}
+        for site, features in by_site.items()
+    }
+    return docs, csv_rows
+
+
+def csv_text(rows: list[tuple[str, str]]) -> str:
+    """Return IPAM CSV text with its header."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["prefix", "zone_id"])
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def write(world: World, directory: Path, subnets_in_maps: float = 0.1) -> World:
+    """Write one GeoJSON file per site and an IPAM CSV; record their paths in ``world``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    docs, rows = documents(world, subnets_in_maps)
     world.map_files = []
-    for site, features in by_site.items():
+    for site, doc in docs.items():
         path = directory / f"{site}.geojson"
         with open(path, "w", encoding="utf-8") as fh:
-            json.dump(
-                {"type": "FeatureCollection", "features": features}, fh, separators=(",", ":")
-            )
+            json.dump(doc, fh, separators=(",", ":"))
         world.map_files.append(path)
     path = directory / "ipam-export.csv"
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        out = csv.writer(fh)
-        out.writerow(["prefix", "zone_id"])
-        out.writerows(csv_rows)
+    path.write_text(csv_text(rows), encoding="utf-8")
     world.csv_files = [path]
     return world
 

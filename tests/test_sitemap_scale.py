@@ -6,14 +6,20 @@ scanning every zone; the prefix count ignores nested prefixes' LPM hits.
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import random
+import sys
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nearest_wire import Need
+from nearestd.core.devices import DeviceTable
+from nearestd.core.index import Ranking
 from nearestd.core.sitemap import PrefixTable, _Floors, build_sitemap
+from support import ROOT
 
 D = 0.0001
 
@@ -133,3 +139,47 @@ def test_prefix_count_includes_nested_prefixes() -> None:
     assert len(table) == 4
     assert table.lookup("10.0.0.17") == "c"
     assert table.lookup("10.0.0.1") == "a"
+
+
+def _bench_gen() -> Any:
+    # The benchmark's generator of large sites, loaded by path (bench/ is not a package
+    # on the test path).
+    spec = importlib.util.spec_from_file_location("bench_gen", ROOT / "bench" / "gen.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_gen"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_index_equals_brute_force_on_a_dense_generated_campus() -> None:
+    # Dense floors (many devices tie at distance 0 inside a zone) exercise the first
+    # batch's size and the enlargement; L-shaped rooms the exact polygon distance.
+    gen = _bench_gen()
+    world = gen.generate(seed=3, sites=2, buildings=3, devices=4000, prefixes=1500)
+    docs, rows = gen.documents(world)
+    sm = build_sitemap(list(docs.items()), [("ipam.csv", gen.csv_text(rows))])
+    assert len(sm.prefixes) == 1500
+    table = DeviceTable(sm)
+    rng = random.Random(5)
+    zones = rng.sample(list(sm.zones.values()), 40)
+    cases = [
+        ("printer", Need(color=True), 1),
+        ("printer", Need(duplex=True, paper="tabloid-A3"), 4),
+        ("scanner", Need(adf=True), 1),
+        ("printer", Need(), 20),
+        # Few devices match: the first batch cannot hold the answer, the batch grows.
+        ("printer", Need(color=True, duplex=True, secure=True, paper="tabloid-A3"), 3),
+        ("scanner", Need(adf=True, color=True, secure=True), 5),
+    ]
+    for zone in zones:
+        for kind, need, k in cases:
+            for ranking in (Ranking(), Ranking(0.0, 0.0, True)):
+                got = table.index.nearest(zone, kind, need, k, ranking)
+                assert got == table.index.brute_force(zone, kind, need, k, ranking), (
+                    zone.id,
+                    kind,
+                    need,
+                    k,
+                    ranking,
+                )

@@ -69,12 +69,25 @@ class FrameDecoder:
 
 
 def _depth_ok(obj: Any, depth: int) -> bool:
+    # Recurse into containers only (this runs on every request): a scalar fails only by
+    # sitting deeper than MAX_DEPTH, that is, inside a non-empty container at MAX_DEPTH.
     if depth > MAX_DEPTH:
         return False
     if isinstance(obj, dict):
-        return all(_depth_ok(v, depth + 1) and _depth_ok(k, depth + 1) for k, v in obj.items())
+        if obj and depth == MAX_DEPTH:
+            return False
+        for k, v in obj.items():
+            if isinstance(v, dict | list) and not _depth_ok(v, depth + 1):
+                return False
+            if isinstance(k, dict | list) and not _depth_ok(k, depth + 1):
+                return False
+        return True
     if isinstance(obj, list):
-        return all(_depth_ok(v, depth + 1) for v in obj)
+        if obj and depth == MAX_DEPTH:
+            return False
+        for v in obj:
+            if isinstance(v, dict | list) and not _depth_ok(v, depth + 1):
+                return False
     return True
 
 

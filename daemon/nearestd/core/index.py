@@ -40,6 +40,8 @@ COLOR, DUPLEX, ADF, SECURE = 1, 2, 4, 8
 # Slack for the pruning bound: bbox distances are computed differently from GEOS's
 # polygon distances, and a last-bit difference must not prune a tying device.
 EPSILON = 1e-6
+# Devices asked of a group's rtree at first; enlarged fourfold while the bound is unproven.
+FIRST_BATCH = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +204,21 @@ def _rect_distance(a: tuple[float, float, float, float], b: list[float]) -> floa
     dx = max(b[0] - a[2], a[0] - b[2], 0.0)
     dy = max(b[1] - a[3], a[1] - b[3], 0.0)
     return math.hypot(dx, dy)
+
+
+def _inside(bbox: tuple[float, float, float, float], group: _Group) -> int:
+    """Return about how many of a group's devices lie in the box, if spread evenly.
+
+    Devices inside the zone's box all tie at bound 0, so a first batch smaller than
+    their number can never prove the answer and is always enlarged: ask for more.
+    """
+    g = group.bounds
+    area = (g[2] - g[0]) * (g[3] - g[1])
+    w = min(bbox[2], g[2]) - max(bbox[0], g[0])
+    h = min(bbox[3], g[3]) - max(bbox[1], g[1])
+    if area <= 0.0 or w <= 0.0 or h <= 0.0:
+        return 0
+    return int(group.count * (w * h) / area * 1.5) + 4
 
 
 def cost_of(entry: Entry, zone: Zone, frame: ZoneFrame, ranking: Ranking) -> tuple[float, float]:
@@ -379,25 +396,26 @@ class SpatialIndex:
             if _rect_distance(bbox, group.bounds) + pen - EPSILON > worst:
                 continue
             minx, miny, maxx, maxy = bbox
-            m = max(8, 4 * k)
+            cx = frame.cx
+            cy = frame.cy
+            m = max(FIRST_BATCH, 4 * k, _inside(bbox, group))
             visited: set[int] | None = None
             while True:
                 slots = list(group.tree.nearest(bbox, m))
+                # A nearest-m answer holds no device farther than one it leaves out, so
+                # any returned device's bound is a bound for the rest; the last one's is
+                # the tightest (they come nearest first). Filtered-out devices then need
+                # no bound of their own.
                 far = 0.0
+                if slots:
+                    last = entries[slots[-1]]
+                    far = frame.bbox_distance(last.x, last.y)
                 for slot in slots:
                     if visited is not None:
                         if slot in visited:
                             continue
                         visited.add(slot)
                     e = entries[slot]
-                    x = e.x
-                    y = e.y
-                    # ZoneFrame.bbox_distance inlined: this loop is the query's hot path.
-                    dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
-                    dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
-                    lb = dy if dx == 0.0 else (dx if dy == 0.0 else hypot(dx, dy))
-                    if lb > far:
-                        far = lb
                     if not (
                         (e.mask & mask) == mask
                         and e.paper >= paper
@@ -405,6 +423,12 @@ class SpatialIndex:
                         and not (e.restrict & hidden)
                     ):
                         continue
+                    x = e.x
+                    y = e.y
+                    # ZoneFrame.bbox_distance inlined: this loop is the query's hot path.
+                    dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
+                    dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
+                    lb = dy if dx == 0.0 else (dx if dy == 0.0 else hypot(dx, dy))
                     worst = best[-1][0] if len(best) >= k else inf
                     if lb + pen - EPSILON > worst:
                         continue
@@ -416,7 +440,7 @@ class SpatialIndex:
                     item = (
                         cost,
                         e.state_rank,
-                        frame.centroid_distance(x, y),
+                        hypot(x - cx, y - cy),
                         e.device_id,
                         dist,
                     )
