@@ -201,6 +201,40 @@ SPECS: dict[str, dict[str, Spec]] = {
         "reconnects": Spec(
             "nearest_mqtt_reconnects", "counter", "Reconnections to the MQTT broker."
         ),
+        "received": Spec(
+            "nearest_mqtt_requests_received", "counter", "Requests received on the query topic."
+        ),
+        "replied": Spec("nearest_mqtt_replies", "counter", "Replies published to requests."),
+        "malformed": Spec(
+            "nearest_mqtt_requests_malformed", "counter", "Malformed requests on the query topic."
+        ),
+        "unanswerable": Spec(
+            "nearest_mqtt_requests_unanswerable",
+            "counter",
+            "Requests that could not be answered (no usable response topic).",
+        ),
+        "records_published": Spec(
+            "nearest_mqtt_device_records_published", "counter", "Retained device records published."
+        ),
+        "records_cleared": Spec(
+            "nearest_mqtt_device_records_cleared", "counter", "Retained device records cleared."
+        ),
+        "federated_devices": Spec(
+            "nearest_mqtt_federated_devices", "gauge", "Devices served from other instances."
+        ),
+        "federated_refused": Spec(
+            "nearest_mqtt_federated_records_refused",
+            "counter",
+            "Device records from other instances refused (invalid, or over the cap).",
+        ),
+        "federation_conflicts": Spec(
+            "nearest_mqtt_federation_conflicts",
+            "counter",
+            "Device records claimed by more than one instance.",
+        ),
+        "origins_online": Spec(
+            "nearest_mqtt_federation_origins_online", "gauge", "Other instances seen online."
+        ),
     },
     "security": {
         "requests_refused": Spec(
