@@ -240,11 +240,12 @@ def mqtt_capture(port: int) -> Iterator[Callable[[], dict[str, bytes]]]:
     def read() -> dict[str, bytes]:
         with lock:
             items = list(got)
-        # Replies to the asker may say where the asker is; everything else is scanned.
+        # What the daemon publishes: not the askers' own queries, and not the replies to
+        # the asker (which may say where the asker is); everything else is scanned.
         return {
-            f"mqtt:{t}": t.encode() + b"\n" + p
-            for t, p in items
-            if not t.startswith("canary-reply/")
+            f"mqtt:{t}#{i}": t.encode() + b"\n" + p
+            for i, (t, p) in enumerate(items)
+            if not t.startswith("canary-reply/") and not t.endswith("/query")
         }
 
     try:
@@ -411,6 +412,8 @@ def ask_over_mqtt(port: int, canaries: list[Canary]) -> None:
     replies: dict[str, bytes] = {}
     done = threading.Event()
     ipv6 = [c for c in canaries if c.addr.version == 6]
+    if not ipv6:
+        return
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id="canary-asker")
 
     def on_message(_c: Any, _u: Any, msg: Any) -> None:

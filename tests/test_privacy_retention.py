@@ -20,7 +20,7 @@ from support import DaemonProcess, tcp_url, write_config
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    cfg = write_config(tmp_path, {"privacy": {"retention": "2s"}})
+    cfg = write_config(tmp_path, {"privacy": {"retention": "4s"}})
     d = DaemonProcess(cfg).wait_ready()
     yield d
     d.stop()
@@ -73,7 +73,7 @@ def test_export_before_and_after_expiry(daemon: DaemonProcess) -> None:
     assert set(got[0]) == {"ts", "zone", "op", "devices"}, "no pseudonym or key in an export"
     assert len(export(daemon, "127.77.1.3")) == 1
     assert export(daemon, "127.77.1.4") == []
-    time.sleep(2.0 + 1.0)  # retention, plus the 0.5 s tick with margin
+    time.sleep(4.0 + 1.0)  # retention, plus the 0.5 s tick with margin
     assert export(daemon, "127.77.1.2") == []
     with Client(f"unix://{daemon.admin}") as c:
         st = c.request({"op": "stats"})["stats"]
