@@ -285,13 +285,27 @@ def _is_box(geom: BaseGeometry) -> bool:
     return all(x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords)
 
 
+# What a static device's placement and visibility read of its properties after _device().
+_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to")
+
+
 class _Builder:
     """Collects features from several files, then validates them as a whole."""
 
     def __init__(self) -> None:
         self.problems: list[Problem] = []
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
-        self.raw_devices: list[tuple[str, str, dict[str, Any], tuple[float, float]]] = []
+        # (file, feature, properties, lon/lat, for a static device: (the device or None
+        # if invalid, the problems found validating it)).
+        self.raw_devices: list[
+            tuple[
+                str,
+                str,
+                dict[str, Any],
+                tuple[float, float],
+                tuple[Device | None, list[Problem]] | None,
+            ]
+        ] = []
         self.extra_prefixes: list[tuple[str, str, str, str]] = []
         self.policy = PolicyBuilder()
         self.floors: _Floors | None = None
@@ -396,7 +410,17 @@ class _Builder:
             self.problem(file, where, f"geometry: {err}")
             return
         lon, lat = geom["coordinates"][:2]
-        self.raw_devices.append((file, where, props, (float(lon), float(lat))))
+        early = None
+        if props.get("static") is True:
+            # Validate a static device now, keeping only what placement needs: otherwise
+            # every device's raw properties (100,000s of dicts) are held until build().
+            # Its problems are set aside and reported where they always were.
+            held, self.problems = self.problems, []
+            device = self._static(file, where, props)
+            early = (device, self.problems)
+            self.problems = held
+            props = {k: props[k] for k in _PLACEMENT_KEYS if k in props}
+        self.raw_devices.append((file, where, props, (float(lon), float(lat)), early))
 
     def add_csv(self, file: str, text: str) -> None:
         reader = csv.reader(io.StringIO(text))
@@ -571,9 +595,10 @@ class _Builder:
         pins: list[Pin] = []
         statics: list[tuple[Device, Placement]] = []
         static_ids: dict[str, str] = {}
-        for file, where, props, lonlat in self.raw_devices:
-            if props.get("static") is True:
-                dev = self._static(file, where, props)
+        for file, where, props, lonlat, early in self.raw_devices:
+            if early is not None:
+                dev, problems = early
+                self.problems.extend(problems)
                 if dev is None:
                     continue
                 if dev.id in static_ids:
