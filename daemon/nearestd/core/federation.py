@@ -164,16 +164,16 @@ class Inventory:
 
 
 # ---- reading the others' records ---------------------------------------------------------
-def _text(obj: dict[str, Any], key: str, limit: int, required: bool = True) -> str:
+def _text(obj: dict[str, Any], key: str, limit: int, required: bool = True, where: str = "") -> str:
     value = obj.get(key)
     if value is None and not required:
         return ""
     if not isinstance(value, str) or (required and not value):
-        raise RecordError(f"{key}: expected a non-empty string")
+        raise RecordError(f"{where}{key}: expected a non-empty string")
     if len(value) > limit:
-        raise RecordError(f"{key}: longer than {limit} characters")
+        raise RecordError(f"{where}{key}: longer than {limit} characters")
     if _CONTROL.search(value):
-        raise RecordError(f"{key}: control characters are not accepted")
+        raise RecordError(f"{where}{key}: control characters are not accepted")
     return value
 
 
@@ -212,12 +212,12 @@ def _placement(value: Any) -> tuple[str, str, int, str | None, float, float] | N
         return None
     if not isinstance(value, dict):
         raise RecordError("placement: expected an object or null")
-    site = _text(value, "site", MAX_TEXT)
-    building = _text(value, "building", MAX_TEXT)
+    site = _text(value, "site", MAX_TEXT, where="placement.")
+    building = _text(value, "building", MAX_TEXT, where="placement.")
     level = value.get("level")
     if isinstance(level, bool) or not isinstance(level, int) or not -100 <= level <= 300:
         raise RecordError("placement.level: expected an integer from -100 to 300")
-    zone = _text(value, "zone", MAX_TEXT, required=False) or None
+    zone = _text(value, "zone", MAX_TEXT, required=False, where="placement.") or None
     lon = _number(value, "lon", -180.0, 180.0)
     lat = _number(value, "lat", -90.0, 90.0)
     return (site, building, level, zone, lon, lat)
