@@ -40,6 +40,14 @@ from nearest_wire import decode_reply, encode_frame  # noqa: E402
 from support import DaemonProcess, free_port, tcp_url, write_config  # noqa: E402
 
 RESULTS: list[tuple[str, str, str, bool]] = []
+PINNED_UUID = "3f5e2c1a-7b1d-4c8e-9a4f-2b6d8e1f0a11"  # pinned to s1-east (10.20.61.0/24)
+
+
+def uuid_of(rng: random.Random) -> str:
+    h = f"{rng.getrandbits(128):032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 JUNK = os.urandom(64 * 1024)
 
 
@@ -479,6 +487,8 @@ def flood_mdns(n: int, max_devices: int) -> None:
                             b"rp=ipp/print",
                             f"ty=Spoof {i}".encode(),
                             b"note=Finance",
+                            # One in ten claims the demo's pinned UUID from the wrong place.
+                            f"UUID={PINNED_UUID if i % 10 == 0 else uuid_of(rng)}".encode(),
                         )
                     )
                     out.add_answer_at_time(
@@ -518,6 +528,14 @@ def flood_mdns(n: int, max_devices: int) -> None:
             devices <= max_devices + 100,
         )
         record("mdns", "metric series", f"{series}", series <= 500)
+        sec = st["security"]
+        record(
+            "mdns",
+            "quarantine",
+            f"{sec['devices_quarantined']} held, {sec['devices_quarantined_total']} ever "
+            "(claims of the pinned UUID from the LAN)",
+            1 <= sec["devices_quarantined"] <= 512,
+        )
         growth = (top - base) / 2**20
         record("mdns", "RSS growth (peak)", f"{growth:.1f} MB", growth <= 50)
         report_legit("mdns", legit)
