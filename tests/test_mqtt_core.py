@@ -317,3 +317,24 @@ def test_federation_is_bounded_and_counts_refusals() -> None:
     assert f.refused == 2
     f.on_record("d1", rec_for("d1", "a"))  # an update of a known record still passes
     assert f.on_status("a", b"something else") == []
+
+
+def test_config_names_each_bad_mqtt_key() -> None:
+    from nearestd.config import ConfigError, parse_config
+
+    text = """
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+topic_prefix = "/bad/+/"
+instance = "a/b"
+keepalive = 1
+max_payload = 10
+password_file = "pw"
+"""
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, "x.toml")
+    problems = "\n".join(err.value.problems)
+    for key in ("topic_prefix", "instance", "keepalive", "max_payload", "password_file"):
+        assert f"x.toml: [mqtt] {key}:" in problems
+    ok = parse_config('[mqtt]\ntopic_prefix = "site/nearest/v1"\ninstance = "ws-1"\n', "y.toml")
+    assert ok.mqtt is not None and ok.mqtt.instance == "ws-1"

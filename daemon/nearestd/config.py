@@ -328,6 +328,8 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [metrics] listen: expected HOST:PORT, got {cfg.metrics.listen!r}")
     if cfg.mqtt is not None and not re.fullmatch(r"mqtts?://[^\s/]+(:\d{1,5})?/?", cfg.mqtt.url):
         problems.append(f"{file}: [mqtt] url: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+    if cfg.mqtt is not None:
+        problems.extend(f"{file}: [mqtt] {p}" for p in _mqtt_problems(cfg.mqtt))
     pc = cfg.poller
     for key in ("interval", "timeout"):
         if getattr(pc, key) <= 0:
@@ -342,6 +344,26 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
         problems.append(f"{file}: [logging] level: expected debug, info, warning or error")
+
+
+def _mqtt_problems(m: MqttConfig) -> list[str]:
+    out = []
+    if not re.fullmatch(r"[^$/+#\x00]([^+#\x00]*[^/+#\x00])?", m.topic_prefix):
+        out.append(
+            "topic_prefix: expected topic levels without '+', '#', NUL, a leading '$' or '/' "
+            f"or a trailing '/', got {_shown(m.topic_prefix)}"
+        )
+    if not re.fullmatch(r"[^/+#\x00]{1,128}", m.instance):
+        out.append(
+            f"instance: expected 1-128 characters without '/', '+' or '#', got {_shown(m.instance)}"
+        )
+    if not 5 <= m.keepalive <= 65535:
+        out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
+    if not 256 <= m.max_payload <= 16 * 1024 * 1024:
+        out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
+    if m.password_file and not m.username:
+        out.append("password_file: set, but username is empty")
+    return out
 
 
 def listen_error(url: str) -> str | None:
