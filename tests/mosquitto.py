@@ -26,6 +26,7 @@ class Mosquitto:
         directory: Path | None = None,
         port: int | None = None,
         users: dict[str, str] | None = None,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.dir = Path(directory or tempfile.mkdtemp(prefix="mosquitto-"))
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -47,6 +48,9 @@ class Mosquitto:
             "log_type notice",
             "max_queued_messages 10000",
         ]
+        if tls:
+            # (certfile, keyfile): this listener then speaks TLS only.
+            lines += [f"certfile {tls[0]}", f"keyfile {tls[1]}"]
         if users:
             pw = self.dir / "passwd"
             pw.write_text("")
@@ -64,8 +68,9 @@ class Mosquitto:
 
     @property
     def url(self) -> str:
-        """Return the mqtt:// URL of this broker."""
-        return f"mqtt://127.0.0.1:{self.port}"
+        """Return the mqtt:// (or mqtts://) URL of this broker."""
+        scheme = "mqtts" if "certfile" in self.conf.read_text() else "mqtt"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 10.0) -> Mosquitto:
         """Start the broker and wait until it accepts connections."""

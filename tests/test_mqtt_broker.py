@@ -399,3 +399,61 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
     finally:
         a.stop()
         b.stop()
+
+
+def make_certs(directory: Path) -> tuple[Path, Path, Path]:
+    """Return (ca, cert, key): a throwaway CA and a server certificate for 127.0.0.1."""
+    require_tools("openssl")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, csr = directory / "srv.crt", directory / "srv.key", directory / "srv.csr"
+    ext = directory / "ext.cnf"
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for argv in (
+        ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test-ca"],
+        ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", ext],
+    ):  # fmt: skip
+        subprocess.run(["openssl", *map(str, argv)], check=True, capture_output=True)
+    key.chmod(0o600)
+    return ca, cert, key
+
+
+async def test_mqtts_with_a_configured_ca_file(tmp_path: Path, mqtt_prefix: str) -> None:
+    require_tools("mosquitto")
+    ca, cert, key = make_certs(tmp_path / "pki")
+    broker = Mosquitto(tmp_path / "broker", tls=(cert, key)).start()
+    try:
+        assert broker.url.startswith("mqtts://")
+        d = mqtt_daemon(tmp_path / "ok", broker, mqtt_prefix, "tls-ok", ca_file=str(ca))
+        try:
+            deadline = time.monotonic() + 10
+            while not admin_stats(d)["mqtt"]["connected"]:
+                assert time.monotonic() < deadline, d.logs()
+                await asyncio.sleep(0.1)
+            out = subprocess.run(
+                ["mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(ca),
+                 "-t", f"{mqtt_prefix}/query", "-e", f"{mqtt_prefix}-rr/tls",
+                 "-m", json.dumps(NEAREST_LOBBY), "-W", "5"],
+                capture_output=True, text=True, timeout=15,
+            )  # fmt: skip
+            assert out.returncode == 0, out.stderr
+            assert json.loads(out.stdout)["devices"][0]["id"] == "prn-n0-lobby"
+        finally:
+            d.stop()
+        # The system CA store does not know our throwaway CA: a clear error, sockets serve.
+        d = mqtt_daemon(tmp_path / "no", broker, mqtt_prefix, "tls-no")
+        try:
+            deadline = time.monotonic() + 10
+            while "mqtt TLS failed" not in d.logs():
+                assert time.monotonic() < deadline, d.logs()
+                await asyncio.sleep(0.1)
+            with Client(tcp_url(d.config)) as c:
+                assert c.nearest("printer")["devices"]
+            assert admin_stats(d)["mqtt"]["connected"] is False
+        finally:
+            d.stop()
+    finally:
+        broker.close()

@@ -244,6 +244,10 @@ class MqttAdapter:
             )
         elif state == "lost":
             LOG.warning("mqtt connection lost; reconnecting", extra=extra)
+        elif state == "tls":
+            LOG.error(
+                "mqtt TLS failed; check the broker's certificate and [mqtt] ca_file", extra=extra
+            )
         elif state == "stopped":
             LOG.info("mqtt disconnected", extra=extra)
         else:
