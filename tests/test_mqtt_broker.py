@@ -11,6 +11,7 @@ import json
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from mosquitto import Mosquitto
 from mqtt_helpers import asker, retained, split_map, wait_payload
 from nearest_client import Client
-from support import DaemonProcess, require_tools, tcp_url, write_config
+from support import DaemonProcess, free_port, require_tools, tcp_url, write_config
 
 pytestmark = pytest.mark.realpeer
 
@@ -34,11 +35,15 @@ def mqtt_daemon(
     prefix: str,
     instance: str,
     maps: list[str] | None = None,
+    sections: dict[str, dict[str, Any]] | None = None,
     **mqtt: Any,
 ) -> DaemonProcess:
     cfg = write_config(
         directory,
-        {"mqtt": {"url": broker.url, "topic_prefix": prefix, "instance": instance, **mqtt}},
+        {
+            **(sections or {}),
+            "mqtt": {"url": broker.url, "topic_prefix": prefix, "instance": instance, **mqtt},
+        },
         maps=maps,
     )
     return DaemonProcess(cfg).wait_ready()
@@ -188,7 +193,7 @@ async def test_malformed_requests_get_precise_errors_and_never_break_the_subscri
     st = admin_stats(daemon)["mqtt"]
     assert st["connected"] is True
     assert st["malformed"] >= len(cases) - 2 + 4  # unknown-location and forbidden are not malformed
-    assert st["unanswerable"] == 5
+    assert st["unanswerable_total"] == 5
     assert st["received"] >= len(cases) + 7
     assert "Traceback" not in daemon.logs()
 
@@ -247,7 +252,7 @@ async def test_inventory_is_retained_updated_and_cleared(
                 break
         assert f"{devices}/prn-s0-plotter" not in held
         assert f"{devices}/prn-n0-lobby" in held
-        assert admin_stats(d)["mqtt"]["records_cleared"] >= 8
+        assert admin_stats(d)["mqtt"]["records_cleared_total"] >= 8
     finally:
         d.stop()
 
@@ -273,7 +278,10 @@ async def test_broker_absent_at_start_then_restarted_mid_run(
     require_tools("mosquitto")
     broker = Mosquitto(tmp_path / "broker")  # not started yet
     try:
-        d = mqtt_daemon(tmp_path / "d", broker, mqtt_prefix, "rs")
+        metrics = f"127.0.0.1:{free_port()}"
+        d = mqtt_daemon(
+            tmp_path / "d", broker, mqtt_prefix, "rs", sections={"metrics": {"listen": metrics}}
+        )
         try:
             with Client(tcp_url(d.config)) as c:  # sockets serve without a broker
                 assert c.nearest("printer")["devices"][0]["id"] == "prn-n0-lobby"
@@ -291,6 +299,9 @@ async def test_broker_absent_at_start_then_restarted_mid_run(
                 assert len(held) == 17, cycle  # the inventory was republished
             st = admin_stats(d)["mqtt"]
             assert st["connected"] and st["reconnects"] == 2
+            page = urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5).read().decode()
+            assert "nearest_mqtt_connected 1.0" in page
+            assert "nearest_mqtt_reconnects_total 2.0" in page
             logs = d.logs()
             # Each state change is logged once, not once per retry.
             assert logs.count('"mqtt connected"') == 3

@@ -69,6 +69,7 @@ BACKOFF_REFUSED_MAX = 30.0
 CONNECT_TIMEOUT = 5.0
 SYNC_TIMEOUT = 3.0
 PUBLISH_TIMEOUT = 5.0
+STOP_TIMEOUT = 2.5  # within the daemon's shutdown grace
 INVENTORY_PERIOD = 0.25
 PUBLISH_BATCH = 256
 MAX_REPLY_TASKS = 1024
@@ -195,7 +196,7 @@ class MqttAdapter:
         if task is None:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(task), PUBLISH_TIMEOUT)
+            await asyncio.wait_for(asyncio.shield(task), STOP_TIMEOUT)
         except TimeoutError:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -204,7 +205,7 @@ class MqttAdapter:
             t.cancel()
 
     def stats(self) -> dict[str, Any]:
-        """Return the adapter's figures (``connected``, ``reconnects``, ``received``...)."""
+        """Return the adapter's figures; counters that metrics would not know end in ``_total``."""
         c = self.counters
         return {
             "connected": c.connected,
@@ -212,12 +213,12 @@ class MqttAdapter:
             "received": c.received,
             "replied": c.replied,
             "malformed": c.malformed,
-            "unanswerable": c.unanswerable,
+            "unanswerable_total": c.unanswerable,
             "records_published": c.records_published,
-            "records_cleared": c.records_cleared,
+            "records_cleared_total": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
-            "federation_conflicts": c.conflicts,
+            "federation_conflicts_total": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
         }
 
