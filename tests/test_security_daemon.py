@@ -180,3 +180,23 @@ def test_admin_socket_works_while_query_connections_are_at_the_cap(tmp_path: Pat
             s.close()
     finally:
         d.stop()
+
+
+def test_log_ip_none_shows_nothing_of_the_address(tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        {"privacy": {"log_ip": "none", "spike_per_minute": 1}, "logging": {"level": "debug"}},
+    )
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        s = connect(d, "127.13.14.15")
+        s.sendall(b"".join(encode_frame({"v": 1, "id": i, "op": "locate"}) for i in range(3)))
+        assert all(r["ok"] for r in read_frames(s, 3))
+        deadline = time.monotonic() + 5
+        while "request rate spiked" not in d.logs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        line = next(ln for ln in d.logs().splitlines() if "request rate spiked" in ln)
+        assert "client=-" in line
+        assert "127.13.14" not in d.logs()
+    finally:
+        d.stop()
