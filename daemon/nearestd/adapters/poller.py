@@ -7,8 +7,15 @@ the first poll is spread over one interval, later ones follow
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. A semaphore
 bounds the polls in flight; each poll, connection to last byte, has the configured
 timeout; replies are read up to ``max_response`` bytes. TLS certificates are not
-checked: these are status reads of printers that mostly have self-signed ones, and
-the session is used for nothing else. Results go to ``Service.set_live``.
+checked: these are status reads of printers that mostly have self-signed ones.
+
+Where the work runs, and why (measured in ``make bench``): the exchange itself (connect,
+TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs in a
+small thread pool, because its syscalls and handshakes cost far more than its Python
+and, on the event loop, they delayed queries (an ipps cycle doubled the query p99).
+The threads touch nothing shared. Results come back to the loop and are handed to
+``Service.set_live`` in batches every half second, so state changes empty the answer
+cache at most twice a second rather than once per change.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ import contextlib
 import itertools
 import logging
 import random
+import socket
 import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -48,6 +57,9 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("nearestd.poller")
 TICK_SECONDS = 0.25
+# Poll results are applied in batches: each state change empties the answer cache, and
+# one batch per half second costs queries far less than one emptying per change.
+APPLY_SECONDS = 0.5
 USER_AGENT = "nearestd-poller"
 MAX_LINE = 8192
 MAX_HEADERS = 64
@@ -102,6 +114,7 @@ class Poller:
         self._generation = -1
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._tls = insecure_tls_context()
+        self._pool: ThreadPoolExecutor | None = None
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.restarting: asyncio.Task[None] | None = None
@@ -111,6 +124,8 @@ class Poller:
         self.transitions = 0
         self.poll_seconds = 0.0
         self.last_poll_s = 0.0
+        self._pending: dict[str, Live] = {}
+        self._applied_at = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,6 +133,7 @@ class Poller:
         if self._runner is not None or not self.cfg.enabled:
             return
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
+        self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="poll")
         self._runner = asyncio.ensure_future(self._run())
         self._runner.set_name("poller")
         LOG.info(
@@ -133,6 +149,10 @@ class Poller:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self._pool is not None:
+            # Polls still in threads end by their own deadline; nobody waits for them.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         self._runner = None
         self._tasks.clear()
         self._in_flight.clear()
@@ -156,7 +176,11 @@ class Poller:
     async def _run(self) -> None:
         while True:
             try:
-                self.schedule(self._clock())
+                now = self._clock()
+                if self._pending and now - self._applied_at >= APPLY_SECONDS:
+                    self.apply_pending()
+                    self._applied_at = now
+                self.schedule(now)
             except Exception:
                 LOG.exception("poll scheduling failed")
             await asyncio.sleep(TICK_SECONDS)
@@ -213,6 +237,7 @@ class Poller:
         ]
         self._in_flight.update(self._targets)
         await asyncio.gather(*jobs)
+        self.apply_pending()
 
     # ---- one poll ------------------------------------------------------------------------
     async def _poll(self, device_id: str, target: PollTarget) -> None:
@@ -235,7 +260,8 @@ class Poller:
             self.last_poll_s = elapsed
             if failure is not None:
                 self.errors[failure] += 1
-                live = unreachable(self.service.live.get(device_id), failure)
+                previous = self._pending.get(device_id) or self.service.live.get(device_id)
+                live = unreachable(previous, failure)
                 failures = self._failures.get(device_id, 0) + 1
                 self._failures[device_id] = failures
                 if failures == 1:
@@ -247,13 +273,19 @@ class Poller:
                 failures = 0
                 self._failures.pop(device_id, None)
             assert live is not None
-            self._apply(device_id, live)
+            self._pending[device_id] = live
             if device_id in self._targets:
                 self._due[device_id] = self._clock() + next_delay(
                     failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
                 )
         finally:
             self._in_flight.discard(device_id)
+
+    def apply_pending(self) -> None:
+        """Hand the poll results gathered since the last batch to the service."""
+        pending, self._pending = self._pending, {}
+        for device_id, live in pending.items():
+            self._apply(device_id, live)
 
     def _apply(self, device_id: str, live: Live) -> None:
         before = self.service.live.get(device_id)
@@ -274,93 +306,17 @@ class Poller:
             )
 
     async def _fetch(self, target: PollTarget) -> Live:
-        if target.protocol == "ipp":
-            request_id = next(self._ids) % 0x7FFFFFFF or 1
-            body = encode_get_printer_attributes(
-                target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
-            )
-            data = await self._exchange("POST", target.url, body, self.cfg.max_response)
-            try:
-                reply = decode_response(data)
-            except IppDecodeError as exc:
-                raise PollFailure("bad-response", str(exc)) from None
-            if not reply.ok:
-                raise PollFailure("bad-response", f"IPP status 0x{reply.status:04x}")
-            if reply.request_id != request_id:
-                raise PollFailure("bad-response", "IPP request-id does not match")
-            return printer_live(reply.printer)
-        data = await self._exchange(
-            "GET", target.url, None, min(self.cfg.max_response, MAX_ESCL_BYTES)
+        request_id = next(self._ids) % 0x7FFFFFFF or 1
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._pool,
+            fetch_live,
+            target,
+            request_id,
+            self.cfg.timeout,
+            self.cfg.max_response,
+            self._tls,
         )
-        try:
-            return scanner_live(data)
-        except StatusError as exc:
-            raise PollFailure("bad-response", str(exc)) from None
-
-    async def _exchange(self, method: str, url: str, body: bytes | None, limit: int) -> bytes:
-        """Send one HTTP/1.1 request and read its reply, translating errors to PollFailure."""
-        try:
-            return await self._http(method, url, body, limit)
-        except PollFailure:
-            raise
-        except ConnectionRefusedError as exc:
-            raise PollFailure("connection-refused", str(exc)) from None
-        except ssl.SSLError as exc:
-            raise PollFailure("tls-error", str(exc)) from None
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
-            raise PollFailure("http-error", f"{type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
-
-    async def _http(self, method: str, url: str, body: bytes | None, limit: int) -> bytes:
-        # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
-        # close-delimited replies, every read bounded. It costs a fraction of a general
-        # client's CPU per poll, and polls are all this daemon sends.
-        parts = urlsplit(url)
-        tls = parts.scheme == "https"
-        host = parts.hostname or ""
-        port = parts.port or (443 if tls else 80)
-        reader, writer = await asyncio.open_connection(
-            host,
-            port,
-            ssl=self._tls if tls else None,
-            server_hostname=host if tls else None,
-            limit=MAX_LINE,
-        )
-        try:
-            path = parts.path or "/"
-            if parts.query:
-                path += "?" + parts.query
-            head = (
-                f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
-                "Accept-Encoding: identity\r\nConnection: close\r\n"
-            )
-            if body is not None:
-                head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
-            writer.write(head.encode("latin-1") + b"\r\n" + (body or b""))
-            status, headers = await _read_head(reader)
-            while status == 100:
-                status, headers = await _read_head(reader)
-            if status != 200:
-                raise PollFailure("http-error", f"HTTP {status}")
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                return await _read_chunked(reader, limit)
-            if "content-length" in headers:
-                length = int(headers["content-length"])
-                if length < 0 or length > limit:
-                    raise PollFailure("too-large", f"{length} bytes announced")
-                return await reader.readexactly(length)
-            data = await reader.read(limit + 1)
-            while data and len(data) <= limit:
-                more = await reader.read(limit + 1 - len(data))
-                if not more:
-                    break
-                data += more
-            if len(data) > limit:
-                raise PollFailure("too-large", f"more than {limit} bytes")
-            return data
-        finally:
-            writer.close()
 
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -389,15 +345,163 @@ class Poller:
         }
 
 
-async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+def fetch_live(
+    target: PollTarget, request_id: int, timeout: float, limit: int, tls: ssl.SSLContext
+) -> Live:
+    """Poll one device (blocking, in a worker thread) and decide its live state.
+
+    Runs off the event loop: connecting, TLS handshakes and the syscalls of a poll cost
+    far more than its Python, and there they would delay queries. It touches nothing
+    shared: bytes in, an immutable ``Live`` out.
+    """
+    deadline = time.monotonic() + timeout
+    if target.protocol == "ipp":
+        body = encode_get_printer_attributes(
+            target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
+        )
+        data = exchange("POST", target.url, body, limit, deadline, tls)
+        try:
+            reply = decode_response(data)
+        except IppDecodeError as exc:
+            raise PollFailure("bad-response", str(exc)) from None
+        if not reply.ok:
+            raise PollFailure("bad-response", f"IPP status 0x{reply.status:04x}")
+        if reply.request_id != request_id:
+            raise PollFailure("bad-response", "IPP request-id does not match")
+        return printer_live(reply.printer)
+    data = exchange("GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls)
+    try:
+        return scanner_live(data)
+    except StatusError as exc:
+        raise PollFailure("bad-response", str(exc)) from None
+
+
+def exchange(
+    method: str, url: str, body: bytes | None, limit: int, deadline: float, tls: ssl.SSLContext
+) -> bytes:
+    """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure."""
+    try:
+        return _http(method, url, body, limit, deadline, tls)
+    except PollFailure:
+        raise
+    except TimeoutError:
+        raise PollFailure("timeout", "no complete reply in time") from None
+    except ConnectionRefusedError as exc:
+        raise PollFailure("connection-refused", str(exc)) from None
+    except ssl.SSLError as exc:
+        raise PollFailure("tls-error", str(exc)) from None
+    except ValueError as exc:
+        raise PollFailure("http-error", f"{type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
+
+
+class _Conn:
+    """A socket read through a buffer, every read bounded by a deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.eof = False
+
+    def _fill(self) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        self.sock.settimeout(left)
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            self.eof = True
+        self.buf += chunk
+
+    def line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n", 0, MAX_LINE + 1)
+            if end >= 0:
+                out = bytes(self.buf[: end + 1])
+                del self.buf[: end + 1]
+                return out
+            if len(self.buf) > MAX_LINE:
+                raise PollFailure("http-error", f"a header line longer than {MAX_LINE} bytes")
+            if self.eof:
+                raise PollFailure("http-error", "connection closed in the headers")
+            self._fill()
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if self.eof:
+                raise PollFailure("http-error", "connection closed in the body")
+            self._fill()
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def rest(self, limit: int) -> bytes:
+        while not self.eof:
+            if len(self.buf) > limit:
+                raise PollFailure("too-large", f"more than {limit} bytes")
+            self._fill()
+        if len(self.buf) > limit:
+            raise PollFailure("too-large", f"more than {limit} bytes")
+        return bytes(self.buf)
+
+
+def _http(
+    method: str, url: str, body: bytes | None, limit: int, deadline: float, tls: ssl.SSLContext
+) -> bytes:
+    # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
+    # close-delimited replies, every read bounded in size and by the deadline.
+    parts = urlsplit(url)
+    secure = parts.scheme == "https"
+    host = parts.hostname or ""
+    port = parts.port or (443 if secure else 80)
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    sock = socket.create_connection((host, port), timeout=left)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if secure:
+            sock = tls.wrap_socket(sock, server_hostname=host)
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
+            "Accept-Encoding: identity\r\nConnection: close\r\n"
+        )
+        if body is not None:
+            head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.sendall(head.encode("latin-1") + b"\r\n" + (body or b""))
+        conn = _Conn(sock, deadline)
+        status, headers = _read_head(conn)
+        while status == 100:
+            status, headers = _read_head(conn)
+        if status != 200:
+            raise PollFailure("http-error", f"HTTP {status}")
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            return _read_chunked(conn, limit)
+        if "content-length" in headers:
+            length = int(headers["content-length"])
+            if length < 0 or length > limit:
+                raise PollFailure("too-large", f"{length} bytes announced")
+            return conn.exactly(length)
+        return conn.rest(limit)
+    finally:
+        sock.close()
+
+
+def _read_head(conn: _Conn) -> tuple[int, dict[str, str]]:
     """Read a status line and headers; return the status and the headers by lower-case name."""
-    line = await reader.readuntil(b"\n")
+    line = conn.line()
     fields = line.split(None, 2)
     if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
         raise PollFailure("http-error", f"not an HTTP/1.x status line: {line[:60]!r}")
     headers: dict[str, str] = {}
     for _ in range(MAX_HEADERS):
-        raw = await reader.readuntil(b"\n")
+        raw = conn.line()
         if raw in (b"\r\n", b"\n"):
             return int(fields[1]), headers
         name, sep, value = raw.decode("latin-1").partition(":")
@@ -406,21 +510,21 @@ async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]
     raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
 
 
-async def _read_chunked(reader: asyncio.StreamReader, limit: int) -> bytes:
+def _read_chunked(conn: _Conn, limit: int) -> bytes:
     """Read a chunked body up to ``limit`` bytes."""
     data = bytearray()
     while True:
-        size_line = await reader.readuntil(b"\n")
+        size_line = conn.line()
         size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
         if size == 0:
             for _ in range(MAX_HEADERS):
-                if await reader.readuntil(b"\n") in (b"\r\n", b"\n"):
+                if conn.line() in (b"\r\n", b"\n"):
                     return bytes(data)
             raise PollFailure("http-error", "endless chunked trailer")
         if len(data) + size > limit:
             raise PollFailure("too-large", f"more than {limit} bytes")
-        data += await reader.readexactly(size)
-        await reader.readexactly(2)
+        data += conn.exactly(size)
+        conn.exactly(2)
 
 
 def attach_poller(daemon: Daemon) -> Poller:
