@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -487,6 +488,16 @@ def test_nearest_follows_pause_reject_and_a_dead_printer(peers: Peers, tmp_path:
             assert devices["p-dead"]["state"] == "unreachable"
             assert devices["p-dead"]["state_reasons"] == ["connection-refused"]
             assert devices["p-idle"]["state"] == "idle"
+            ctl = subprocess.run(
+                [sys.executable, "-m", "nearestd.ctl", "--socket", str(daemon.admin), "devices"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert ctl.returncode == 0, ctl.stderr
+            row = next(line for line in ctl.stdout.splitlines() if line.startswith("p-queue"))
+            assert "stopped (paused)" in row
+            assert "geo (printer-geo-location inside a zone)" in ctl.stdout
             peers.cups("cupsenable", "q1")
             _until(c, "printer", ["p-queue", "p-idle"], budget)
             # Not accepting jobs: skipped while idle.
