@@ -56,6 +56,7 @@ def test_ready_status_watchdog_and_stopping_arrive_in_order(tmp_path: Path) -> N
     assert kinds[0] == "READY" and kinds[-1] == "STOPPING"
     assert kinds.count("READY") == 1 and kinds.count("STOPPING") == 1
     assert kinds.count("WATCHDOG") >= 3
+    assert "STATUS" in kinds[1:-1]  # a STATUS update of its own, between READY and STOPPING
     status = [line for m in messages for line in m.split("\n") if line.startswith("STATUS=")]
     assert status[0] == "STATUS=serving 17 devices (0 unlocated, 0 stale) in 24 zones"
     assert "NOTIFY_SOCKET" not in d.logs()

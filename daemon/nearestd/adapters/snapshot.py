@@ -133,7 +133,11 @@ class InventorySnapshots:
             existing = table.get(item.device.id)
             if item.device.source == "static" or existing is not None:
                 continue
-            self.service.upsert_device(restored(item.device), min(item.last_seen, now))
+            try:
+                self.service.upsert_device(restored(item.device), min(item.last_seen, now))
+            except Exception:
+                LOG.exception("restored device refused", extra={"device": item.device.id})
+                continue
             n += 1
         self.restored = n
         self._ready = True
