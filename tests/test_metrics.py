@@ -207,10 +207,26 @@ def test_extra_sections_map_to_named_families_and_bounded_labels() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["10.1.2.3", "::1", "fe80::1%eth0", "ipp://printer/ipp", "a" * 60, "", "1abc"]
+    "value",
+    [
+        "10.1.2.3",
+        "::1",
+        "fe80::1%eth0",
+        "ipp://printer/ipp",
+        "a" * 60,
+        "",
+        "1abc",
+        "deadbeefcafe0123",
+        "p-3f5e2c1a7b1d4c8e",
+    ],
 )
 def test_label_values_that_could_carry_addresses_are_folded(value: str) -> None:
     assert label_value(value) == "other"
+
+
+@pytest.mark.parametrize("value", ["hq", "hq.amsterdam", "north-campus", "tcp", "bad-request"])
+def test_names_stay_label_values(value: str) -> None:
+    assert label_value(value) == value
 
 
 def test_a_stuck_loop_serves_the_last_snapshot() -> None:

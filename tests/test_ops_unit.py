@@ -95,4 +95,5 @@ def test_systemd_analyze_security_rates_the_unit_at_most_2(unit_copy: Path) -> N
         "IPAddressDeny=",
         "RootDirectory=/RootImage=",
         "DeviceAllow=",
+        "ProcSubset=",
     }, open_items

@@ -16,8 +16,8 @@ as ``SPECS`` says; any other key of a section ``S`` by these rules:
   named by ``LABELS`` (``by_X`` keys are labelled ``X``), counters by the same rule;
 * a map ``by_X`` of label value to a map of numbers becomes one family per inner key.
 
-Label values must look like names (letter first; no ``.`` or ``:``), so an address
-can never become one; other values are folded into ``other``. No label carries an
+Label values must look like names (a letter first, no ``:``, no long hex run), so an
+address or a pseudonym can never become one; other values are folded into ``other``. No label carries an
 IP address, pseudonym, URI or device id.
 """
 
@@ -56,7 +56,8 @@ LOG = logging.getLogger("nearestd.metrics")
 SNAPSHOT_TIMEOUT = 1.0
 MAX_LABEL_VALUES = 64
 MAX_EXTRA_FAMILIES = 128
-SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,47}")
+SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,47}")
+HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")  # a hash or pseudonym
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 COUNTER_KEYS = frozenset(
     (
@@ -110,7 +111,7 @@ class Snapshot:
 def label_value(value: Any) -> str:
     """Return a value fit to be a label, or ``other`` (addresses never pass)."""
     text = str(value)
-    return text if SAFE_VALUE.fullmatch(text) else "other"
+    return text if SAFE_VALUE.fullmatch(text) and not HEX_RUN.search(text) else "other"
 
 
 def _name(text: str) -> str | None:
