@@ -125,6 +125,7 @@ def test_metrics_page_has_the_contract_families_and_passes_promtool(
             for key, value in sample.labels.items():
                 assert not looks_unbounded(value), f"{sample.name} {key}={value!r}"
     assert "10.20.23" not in page and "127.0.0.1" not in page
+    assert not [n for n in fams if n.startswith("nearest_operations")]
     require_tools("promtool")
     r = subprocess.run(
         ["promtool", "check", "metrics"], input=page.encode(), capture_output=True, timeout=30

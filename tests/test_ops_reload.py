@@ -204,6 +204,8 @@ def test_broken_reload_keeps_the_old_state_and_reports_every_problem(
     m = reload_metrics(s.metrics)
     assert m["nearest_config_reloads_total{failure}"] == 1
     assert m["nearest_config_last_reload_successful"] == 0
+    stats = json.loads(nearestctl(d, "--json", "stats").stdout)["stats"]["operations"]
+    assert stats["reloads_failed"] == 1 and stats["last_reload_ok"] is False
     # nearestctl says the same, exits 1, and names the problems.
     r = nearestctl(d, "reload")
     assert r.returncode == 1

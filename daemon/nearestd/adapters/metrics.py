@@ -298,6 +298,24 @@ SPECS: dict[str, dict[str, Spec]] = {
         ),
         "supply_levels": _SKIP,  # per device: no device ids in labels
     },
+    # Exported above under their own names; this section is for ``nearestctl stats``.
+    "operations": {
+        key: _SKIP
+        for key in (
+            "reloads_ok",
+            "reloads_failed",
+            "last_reload_ok",
+            "last_reload",
+            "inventory_file",
+            "inventory_restored",
+            "inventory_writes_ok",
+            "inventory_writes_failed",
+            "inventory_last_write",
+            "stale_expired",
+            "systemd_notify",
+            "metrics",
+        )
+    },
     # The socket counters are exported from the socket servers directly (see below).
     "connections": {
         "open": _SKIP,
@@ -703,6 +721,26 @@ class MetricsExporter:
         self.collector: SnapshotCollector | None = None
         self._listen = daemon.service.cfg.metrics.listen
         daemon.reload_hooks.append(self._on_reload)
+        daemon.service.extra_stats["operations"] = self.operations_view
+
+    def operations_view(self) -> dict[str, Any]:
+        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
+        d = self.daemon
+        snaps = d.snapshots
+        return {
+            "reloads_ok": d.reloads_ok,
+            "reloads_failed": d.reloads_failed,
+            "last_reload_ok": d.last_reload_ok,
+            "last_reload": d.last_reload or d.service.stats.started,
+            "inventory_file": str(snaps.path),
+            "inventory_restored": snaps.restored,
+            "inventory_writes_ok": snaps.writes_ok,
+            "inventory_writes_failed": snaps.writes_failed,
+            "inventory_last_write": snaps.last_write,
+            "stale_expired": snaps.expired,
+            "systemd_notify": d.notifier.enabled,
+            "metrics": f"http://{self.address}/metrics" if self.address else "",
+        }
 
     def _on_reload(self, daemon: Daemon) -> None:
         wanted = daemon.service.cfg.metrics.listen
