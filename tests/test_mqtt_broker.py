@@ -468,3 +468,26 @@ async def test_mqtts_with_a_configured_ca_file(tmp_path: Path, mqtt_prefix: str)
             d.stop()
     finally:
         broker.close()
+
+
+async def test_two_daemons_with_one_instance_name_are_told_so(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    a = mqtt_daemon(tmp_path / "a", mosquitto_broker, mqtt_prefix, "twin")
+    try:
+        await online(mosquitto_broker, mqtt_prefix, "twin")
+        b = mqtt_daemon(tmp_path / "b", mosquitto_broker, mqtt_prefix, "twin")
+        try:
+            deadline = time.monotonic() + 10
+            while "another daemon seems to use this instance name" not in a.logs() + b.logs():
+                assert time.monotonic() < deadline, a.logs() + b.logs()
+                await asyncio.sleep(0.1)
+            # They do not duel at full speed: the backoff grows while the rival is there.
+            before = admin_stats(a)["mqtt"]["reconnects"] + admin_stats(b)["mqtt"]["reconnects"]
+            await asyncio.sleep(4)
+            after = admin_stats(a)["mqtt"]["reconnects"] + admin_stats(b)["mqtt"]["reconnects"]
+            assert after - before <= 14, (before, after)  # a duel at full speed: ~25
+        finally:
+            b.stop()
+    finally:
+        a.stop()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import socket
 import ssl
 import time
@@ -79,6 +80,7 @@ JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
 CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
 SESSION_TAKEN_OVER = 142
+RIVAL_SESSION = 30.0
 
 
 class BrokerError(Exception):
@@ -112,7 +114,7 @@ def translate(exc: BaseException, connected: bool) -> BrokerError:
     if isinstance(exc, aiomqtt.MqttError) and isinstance(cause, aiomqtt.MqttCodeError):
         exc = cause
     if isinstance(exc, aiomqtt.MqttCodeError) and _code_of(exc) == SESSION_TAKEN_OVER:
-        return BrokerError("taken-over", "another client connected with this instance's client id")
+        return BrokerError("lost", "session taken over")
     if isinstance(exc, ssl.SSLError) or "CERTIFICATE" in text or "SSL" in text:
         return BrokerError("tls", text)
     if connected:
@@ -182,6 +184,10 @@ class MqttAdapter:
         self._own_retained: set[str] = set()
         self._generation = -1
         self._refused_logged: set[str] = set()
+        # Tells our own ``online`` from another process's on the same status topic.
+        self.session = secrets.token_hex(8)
+        self._rival_session: str | None = None
+        self._rival = False
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -239,10 +245,6 @@ class MqttAdapter:
             )
         elif state == "password-file":
             LOG.error("mqtt password_file cannot be read", extra=extra)
-        elif state == "taken-over":
-            LOG.error(
-                "mqtt session taken over: another daemon uses this instance name", extra=extra
-            )
         elif state == "lost":
             LOG.warning("mqtt connection lost; reconnecting", extra=extra)
         elif state == "tls":
@@ -258,6 +260,7 @@ class MqttAdapter:
         attempt = 0
         while not self._stopping.is_set():
             connected_before = self.counters.connections
+            started = time.monotonic()
             try:
                 await self._session()
             except asyncio.CancelledError:
@@ -270,9 +273,13 @@ class MqttAdapter:
                 self._client = None
             if self._stopping.is_set():
                 break
-            if self.counters.connections > connected_before:
+            # A rival daemon with our client id kicks us off as soon as we are connected: then
+            # reset the backoff only after a session that lasted, so the two do not duel at speed.
+            lasted = time.monotonic() - started >= RIVAL_SESSION
+            if self.counters.connections > connected_before and (not self._rival or lasted):
                 attempt = 0
-            cap = BACKOFF_REFUSED_MAX if self._state[0].startswith("refused") else BACKOFF_MAX
+            slow = self._state[0].startswith("refused") or self._rival
+            cap = BACKOFF_REFUSED_MAX if slow else BACKOFF_MAX
             delay = min(cap, BACKOFF_MIN * 2**attempt) * random.uniform(0.5, 1.0)
             attempt = min(attempt + 1, 16)
             with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
@@ -298,7 +305,9 @@ class MqttAdapter:
             raise BrokerError("tls", f"cannot load ca_file: {exc}") from None
 
     def _new_client(self) -> aiomqtt.Client:
-        will = aiomqtt.Will(self.status_topic, fed.OFFLINE, qos=1, retain=True)
+        props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+        props.UserProperty = [("session", self.session)]
+        will = aiomqtt.Will(self.status_topic, fed.OFFLINE, qos=1, retain=True, properties=props)
         client = aiomqtt.Client(
             self.host,
             self.port,
@@ -369,6 +378,7 @@ class MqttAdapter:
         self._syncing = True
         self._synced.clear()
         self._own_retained = set()
+        self._rival_session = None
         if self.federation is not None:
             self.federation.begin_resync()
         query = f"$share/{SHARE_GROUP}/{self.query_topic}" if self.federation else self.query_topic
@@ -379,8 +389,9 @@ class MqttAdapter:
             (query, opts),
             (self.direct_topic, opts),
         ]
-        if self.federation is not None:
-            topics.append((f"{self.status_prefix}+", opts))
+        # Our own status too: finding another process's ``online`` there reveals a rival.
+        status = f"{self.status_prefix}+" if self.federation else self.status_topic
+        topics.append((status, opts))
         await client.subscribe(topics, timeout=PUBLISH_TIMEOUT)
         await client.publish(self.sync_topic, b"sync", qos=1, timeout=PUBLISH_TIMEOUT)
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
@@ -390,7 +401,8 @@ class MqttAdapter:
             self._apply(self.federation.end_resync())
         else:
             await client.unsubscribe(
-                [f"{self.devices_prefix}+", self.sync_topic], timeout=PUBLISH_TIMEOUT
+                [f"{self.devices_prefix}+", self.sync_topic, self.status_topic],
+                timeout=PUBLISH_TIMEOUT,
             )
         self.inventory = Inventory()
         self._generation = self.service.table.generation
@@ -398,7 +410,16 @@ class MqttAdapter:
         stale = sorted(self._own_retained - keep)
         await self._publish_records(client, [], stale)
         await self._publish_inventory(client)
-        await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True)
+        if self._rival_session is not None and not self._rival:
+            self._rival = True
+            LOG.error(
+                "mqtt: another daemon seems to use this instance name (its status was online "
+                "when we connected); instance names must be unique",
+                extra={"instance": self.instance, "client_id": f"nearestd-{self.instance}"},
+            )
+        online = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+        online.UserProperty = [("session", self.session)]
+        await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True, properties=online)
 
     def _public_records(self) -> list[Record]:
         svc = self.service
@@ -456,6 +477,8 @@ class MqttAdapter:
                     await self._reply(client, out, min(message.qos, 1))
             elif topic.startswith(self.devices_prefix):
                 self._on_record(topic[len(self.devices_prefix) :], payload)
+            elif topic == self.status_topic:
+                self._on_own_status(message)
             elif topic.startswith(self.status_prefix):
                 if self.federation is not None:
                     origin = topic[len(self.status_prefix) :]
@@ -539,6 +562,21 @@ class MqttAdapter:
         self.counters.unanswerable += 1
         LOG.debug("mqtt request without a usable reply address", extra={"detail": why[:200]})
         return None
+
+    def _on_own_status(self, message: aiomqtt.Message) -> None:
+        """Notice a rival: on a reconnection, our status must be ours (or gone), not another's.
+
+        Our ``online`` and our will carry this process's session id. When another process
+        with the same client id takes the session over, its own will or ``online`` is what
+        the broker holds for us when we come back. (On the first connection, another
+        session's status is just our previous life's.)
+        """
+        if not (self._syncing and message.retain) or self.counters.connections < 2:
+            return
+        pairs = getattr(message.properties, "UserProperty", None) or []
+        session = dict(p for p in pairs if isinstance(p, tuple) and len(p) == 2).get("session")
+        if session != self.session:
+            self._rival_session = str(session)
 
     def _on_record(self, level: str, payload: bytes) -> None:
         if self._syncing and payload and self._is_own(payload):
