@@ -64,6 +64,28 @@ if TYPE_CHECKING:
     from nearestd.app import Daemon
 
 LOG = logging.getLogger("nearestd.mqtt")
+CLIENT_LOG = logging.getLogger("nearestd.mqtt.client")
+
+
+class _OncePerMinute(logging.Filter):
+    """Let each distinct library message through at most once a minute (no log floods)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)[:200]
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < 60.0:
+            return False
+        if len(self._last) > 256:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+CLIENT_LOG.addFilter(_OncePerMinute())
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 2.0
 BACKOFF_REFUSED_MAX = 30.0
@@ -136,6 +158,7 @@ class Counters:
     records_cleared: int = 0
     federated_refused: int = 0
     conflicts: int = 0
+    internal_errors: int = 0
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -226,6 +249,7 @@ class MqttAdapter:
             "federated_refused": self.federation.refused if self.federation else 0,
             "federation_conflicts_total": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
+            "internal_errors_total": c.internal_errors,
         }
 
     def _set_state(self, state: str, detail: str = "") -> None:
@@ -323,7 +347,7 @@ class MqttAdapter:
             # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=MAX_QUEUED,
-            logger=logging.getLogger("nearestd.mqtt.client"),
+            logger=CLIENT_LOG,
         )
         # Many publishes in flight are by design here (inventory batches, QoS 1 replies).
         client.pending_calls_threshold = MAX_REPLY_TASKS + PUBLISH_BATCH * 2
@@ -471,20 +495,28 @@ class MqttAdapter:
             payload = message.payload
             if not isinstance(payload, bytes):
                 payload = b"" if payload is None else str(payload).encode()
-            if topic in (query, direct):
-                out = self.answer(payload, message.properties)
-                if out is not None:
-                    await self._reply(client, out, min(message.qos, 1))
-            elif topic.startswith(self.devices_prefix):
-                self._on_record(topic[len(self.devices_prefix) :], payload)
-            elif topic == self.status_topic:
-                self._on_own_status(message)
-            elif topic.startswith(self.status_prefix):
-                if self.federation is not None:
-                    origin = topic[len(self.status_prefix) :]
-                    self._apply(self.federation.on_status(origin, payload))
-            elif topic == self.sync_topic:
-                self._synced.set()
+            try:
+                if topic in (query, direct):
+                    out = self.answer(payload, message.properties)
+                    if out is not None:
+                        await self._reply(client, out, min(message.qos, 1))
+                elif topic.startswith(self.devices_prefix):
+                    self._on_record(topic[len(self.devices_prefix) :], payload)
+                elif topic == self.status_topic:
+                    self._on_own_status(message)
+                elif topic.startswith(self.status_prefix):
+                    if self.federation is not None:
+                        origin = topic[len(self.status_prefix) :]
+                        self._apply(self.federation.on_status(origin, payload))
+                elif topic == self.sync_topic:
+                    self._synced.set()
+            except BrokerError:
+                raise
+            except Exception:
+                # A bug must cost one message, never the subscription.
+                self.counters.internal_errors += 1
+                if self.counters.internal_errors <= 10:
+                    LOG.exception("mqtt message handling failed", extra={"topic": topic[:200]})
 
     async def _reply(
         self, client: aiomqtt.Client, out: tuple[str, bytes, Properties], qos: int
