@@ -6,6 +6,7 @@ need=""
 have() { command -v "$1" >/dev/null 2>&1; }
 have mosquitto || need="$need mosquitto"
 have mosquitto_rr || need="$need mosquitto-clients"
+have openssl || need="$need openssl"
 have avahi-daemon || need="$need avahi-daemon"
 have avahi-publish-service || need="$need avahi-utils"
 have dbus-daemon || need="$need dbus-daemon"
