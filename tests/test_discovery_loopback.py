@@ -125,3 +125,23 @@ def test_unknown_interface_is_reported_and_the_daemon_serves(tmp_path: Path) -> 
         assert ask(d, {"op": "ping"}, admin=False)["ok"]
     finally:
         d.stop()
+
+
+def test_reload_reopens_links_and_disabling_forgets_devices(tmp_path: Path, peer: ZcPeer) -> None:
+    d = start(tmp_path, interfaces=["nosuch0"])
+    try:
+        name = f"Reload Printer {TAG}"
+        peer.register("r", name, host=f"reload-{TAG}.local.", addresses=["127.0.0.1"])
+        wait_for("the error", lambda: ask(d, {"op": "stats"})["stats"]["discovery"]["error"])
+        text = d.config.read_text()
+        d.config.write_text(text.replace('interfaces = ["nosuch0"]', 'interfaces = ["lo"]'))
+        assert ask(d, {"op": "reload"})["ok"]
+        wait_for("found after reload", lambda: name in mine(d), show=d.logs)
+        stats = ask(d, {"op": "stats"})["stats"]["discovery"]
+        assert stats["running"] and stats["interfaces"] == ["lo"] and stats["error"] is None
+        d.config.write_text(d.config.read_text().replace("enabled = true", "enabled = false", 1))
+        assert ask(d, {"op": "reload"})["ok"]
+        wait_for("forgotten when disabled", lambda: name not in mine(d), show=d.logs)
+        assert ask(d, {"op": "stats"})["stats"]["discovery"]["running"] is False
+    finally:
+        d.stop()

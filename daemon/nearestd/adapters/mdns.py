@@ -196,6 +196,7 @@ class MdnsDiscovery:
         self._upkeep_task: asyncio.Task[None] | None = None
         self._overflow_logged = False
         self._touched = 0.0
+        self._restart_lock = asyncio.Lock()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -442,34 +443,47 @@ class MdnsDiscovery:
                 self.service.table.touch(device_id, heard)
 
     def reconfigure(self, cfg: DiscoveryConfig) -> bool:
-        """Take new limits; return whether the interfaces changed (a restart is needed)."""
-        restart = cfg.interfaces != self.cfg.interfaces or cfg.ipv6 != self.cfg.ipv6
+        """Take new limits; return whether the links changed (a restart is needed)."""
+        restart = (
+            cfg.interfaces != self.cfg.interfaces
+            or cfg.ipv6 != self.cfg.ipv6
+            or cfg.enabled != self.cfg.enabled
+        )
         self.cfg = cfg
         self.merger.max_devices = cfg.max_devices
         return restart
+
+    async def restart(self) -> None:
+        """Reopen the links after a reload; forget services of links no longer browsed."""
+        async with self._restart_lock:
+            await self.stop()
+            keep = set(self.cfg.interfaces) if self.cfg.enabled else set()
+            self._apply(self.merger.drop_links(keep), "removed")
+            if self.cfg.enabled:
+                await self.start()
 
 
 def attach_mdns(daemon: Daemon) -> MdnsDiscovery:
     """Register discovery's start, stop and reload hooks with the daemon."""
     discovery = MdnsDiscovery(daemon.service, daemon.service.cfg.discovery)
     daemon.service.extra_stats["discovery"] = discovery.stats
+    restarts: set[asyncio.Task[None]] = set()
 
     async def start(_: Daemon) -> None:
         await discovery.start()
 
     async def stop(_: Daemon) -> None:
+        for task in list(restarts):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await discovery.stop()
 
     def reload(d: Daemon) -> None:
-        cfg = d.service.cfg.discovery
-        if discovery.reconfigure(cfg):
-
-            async def restart() -> None:
-                await discovery.stop()
-                if cfg.enabled:
-                    await discovery.start()
-
-            discovery._spawn(restart())
+        if discovery.reconfigure(d.service.cfg.discovery):
+            # Not one of discovery's own tasks: stop() cancels those.
+            task = asyncio.ensure_future(discovery.restart())
+            restarts.add(task)
+            task.add_done_callback(restarts.discard)
 
     daemon.starters.append(start)
     daemon.stoppers.append(stop)

@@ -599,6 +599,16 @@ class Merger:
         self._probed.pop(key, None)
         return self._regroup(affected)
 
+    def drop_links(self, keep: set[str]) -> list[Change]:
+        """Forget every service seen on a link not in ``keep``; return the device changes."""
+        changes: list[Change] = []
+        for key, p in list(self.services.items()):
+            if key[0] not in keep:
+                changes += self.remove(key[0], p.record.type, p.record.name)
+        self.flags = {k: v for k, v in self.flags.items() if k[0] in keep}
+        self._expired = {k: v for k, v in self._expired.items() if k[0] in keep}
+        return changes
+
     def clear(self) -> list[Change]:
         """Forget everything; return the removals."""
         changes = [Change(d.id, None) for d in self._devices.values()]
