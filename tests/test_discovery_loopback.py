@@ -139,7 +139,9 @@ def test_reload_reopens_links_and_disabling_forgets_devices(tmp_path: Path, peer
         wait_for("found after reload", lambda: name in mine(d), show=d.logs)
         stats = ask(d, {"op": "stats"})["stats"]["discovery"]
         assert stats["running"] and stats["interfaces"] == ["lo"] and stats["error"] is None
-        d.config.write_text(d.config.read_text().replace("enabled = true", "enabled = false", 1))
+        on = "[discovery]\nenabled = true"
+        assert on in d.config.read_text()
+        d.config.write_text(d.config.read_text().replace(on, "[discovery]\nenabled = false"))
         assert ask(d, {"op": "reload"})["ok"]
         wait_for("forgotten when disabled", lambda: name not in mine(d), show=d.logs)
         assert ask(d, {"op": "stats"})["stats"]["discovery"]["running"] is False
