@@ -41,7 +41,7 @@ def wait_for(what: str, pred: object, timeout: float = 15.0) -> None:
 
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    require_tools("mosquitto", "mosquitto_sub")
+    require_tools("mosquitto", "mosquitto_sub", "mosquitto_rr")
     b = Mosquitto(tmp_path / "broker").start()
     try:
         yield b
@@ -87,6 +87,26 @@ def test_mqtt_state_in_metrics_and_offline_within_5s_of_sigterm(
             page = r.read()
         check = subprocess.run(["promtool", "check", "metrics"], input=page, capture_output=True)
         assert check.returncode == 0 and not (check.stdout + check.stderr).strip(), check
+        # An MQTT query lands in the same latency histogram, labelled mqtt.
+        rr = subprocess.run(
+            [
+                *("mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port)),
+                *("-t", f"{PREFIX}/query", "-e", f"{PREFIX}-reply/{instance}"),
+                *("-m", '{"v": 1, "id": 7, "op": "ping"}', "-W", "10"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+        assert '"ok": true' in rr.stdout.replace('"ok":true', '"ok": true'), rr
+        with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as r:
+            fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+        counts = {
+            s.labels["interface"]: s.value
+            for s in fams["nearest_query_duration_seconds"].samples
+            if s.name.endswith("_count")
+        }
+        assert counts["mqtt"] >= 1
         broker.restart()
         wait_for(
             "reconnected",

@@ -192,6 +192,8 @@ class MqttAdapter:
         self.devices_prefix = f"{self.prefix}/devices/"
         self.status_prefix = f"{self.prefix}/status/"
         self.status_topic = f"{self.prefix}/status/{self.instance}"
+        # Decode, answer and encode time, in the same histogram family as the sockets.
+        self.latency = service.stats.latency.for_interface("mqtt")
         self.sync_topic = f"{self.prefix}/sync/{self.instance}"
         self.peer = Peer("mqtt", None, trusted=True, anonymous=True)
         self.federation = Federation(self.instance) if cfg.federate else None
@@ -497,7 +499,9 @@ class MqttAdapter:
                 payload = b"" if payload is None else str(payload).encode()
             try:
                 if topic in (query, direct):
+                    started = time.perf_counter()
                     out = self.answer(payload, message.properties)
+                    self.latency.observe(time.perf_counter() - started)
                     if out is not None:
                         await self._reply(client, out, min(message.qos, 1))
                 elif topic.startswith(self.devices_prefix):
