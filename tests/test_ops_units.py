@@ -229,3 +229,26 @@ async def test_watchdog_pings_stop_while_the_event_loop_is_stuck(tmp_path: Path)
         task.cancel()
         rx.close()
         n.close()
+
+
+async def test_concurrent_snapshot_writes_are_serialised(tmp_path: Path) -> None:
+    import asyncio
+    import time
+
+    from nearestd.adapters.snapshot import FILE_NAME, InventorySnapshots
+    from nearestd.loader import load_world
+    from nearestd.service import Service
+    from support import write_config
+
+    world = load_world(write_config(tmp_path))
+    service = Service(world.config, world.sitemap, time.time(), lambda: b"k" * 32)
+    for i in range(200):
+        service.upsert_device(sample_device(i), time.time())
+    snaps = InventorySnapshots(service)
+    assert snaps.restore(time.time()) == 0
+    for _ in range(5):
+        assert all(await asyncio.gather(*(snaps.write() for _ in range(4))))
+    assert snaps.writes_failed == 0 and snaps.writes_ok == 20
+    saved = decode_inventory((tmp_path / "state" / FILE_NAME).read_bytes())
+    assert len(saved) == 200
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == [FILE_NAME]

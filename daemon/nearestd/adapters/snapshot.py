@@ -94,6 +94,8 @@ class InventorySnapshots:
         self._changed_at: float | None = None
         self._last_error = ""
         self._ready = False
+        # The upkeep task and the shutdown flush must not write the same temp file at once.
+        self._writing = asyncio.Lock()
 
     @property
     def path(self) -> Path:
@@ -171,6 +173,10 @@ class InventorySnapshots:
 
     async def write(self) -> bool:
         """Save the inventory now (file I/O off the event loop); return whether it worked."""
+        async with self._writing:
+            return await self._write()
+
+    async def _write(self) -> bool:
         generation = self.service.table.generation
         saved = self.collect()
         newest = max((s.last_seen for s in saved), default=0.0)
