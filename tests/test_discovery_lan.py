@@ -25,6 +25,7 @@ from support import DaemonProcess, require_tools, write_config
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
 EXPIRE_AFTER = 4.0
+LAN_PORT = 7310
 PIN_UUID = "0b9e6a52-1c1d-4f00-9a00-00000000a001"
 LIFE_UUID = "0b9e6a52-1c1d-4f00-9a00-00000000b001"
 MERGE_UUID = "0b9e6a52-1c1d-4f00-9a00-00000000c001"
@@ -99,6 +100,9 @@ def daemon(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
     cfg = write_config(
         d,
         sections={
+            "daemon": {
+                "listen": [f"tcp://{lan.ip(1)}:{LAN_PORT}", f"unix://{d}/query.sock"],
+            },
             "discovery": {
                 "enabled": True,
                 "interfaces": ["eth0", "eth1"],
@@ -184,6 +188,30 @@ def test_add_txt_update_address_change_goodbye(lan: Lan, daemon: DaemonProcess) 
     wait_for("goodbye", lambda: "ZC Lifecycle" not in devices(daemon), timeout=3)
     assert time.monotonic() - t0 < 2.0
     assert named(daemon, "ZC Lifecycle", lan.ip(4)) is None
+    peer.close()
+
+
+def test_a_client_on_another_host_is_answered_over_tcp(lan: Lan, daemon: DaemonProcess) -> None:
+    peer = lan.zeroconf(6)
+    peer.register(
+        "c",
+        "Client Visible",
+        host="client-visible.local.",
+        addresses=[lan.ip(6)],
+        txt={"txtvers": "1", "rp": "ipp/print", "Color": "T"},
+    )
+    wait_for("device", lambda: "Client Visible" in devices(daemon))
+    # The `nearest` command in host 6, located by its own address (zone z-c), over the LAN.
+    out = lan.run(
+        6,
+        [sys.executable, "-m", "nearest_client.cli", "--server", f"tcp://{lan.ip(1)}:{LAN_PORT}",
+         "--json", "printer", "--color", "-k", "5"],
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    reply = json.loads(out.stdout)
+    assert reply["where"]["zone"] == "z-c"
+    hit = next(d for d in reply["devices"] if d["name"] == "Client Visible")
+    assert hit["uri"] == f"ipp://{lan.ip(6)}:631/ipp/print" and hit["distance_m"] == 0.0
     peer.close()
 
 
