@@ -265,3 +265,17 @@ def test_an_unwritable_state_dir_is_reported_once_and_not_fatal(tmp_path: Path) 
     lines = [x for x in d.logs().splitlines() if "inventory snapshot" in x]
     assert len([x for x in lines if "cannot write" in x]) == 1, lines
     assert all("level=error" in x for x in lines if "cannot write" in x)
+
+
+async def test_a_failing_reload_hook_does_not_break_the_reload(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path)
+    daemon = Daemon(load_world(cfg), str(cfg))
+    seen: list[str] = []
+
+    def broken(_: Daemon) -> None:
+        raise RuntimeError("adapter bug")
+
+    daemon.reload_hooks[:0] = [broken]
+    daemon.reload_hooks.append(lambda d: seen.append("later hook ran"))
+    assert daemon.reload() == []
+    assert seen == ["later hook ran"] and daemon.reloads_ok == 1

@@ -138,7 +138,12 @@ class Daemon:
         self.service.apply(world.config, world.sitemap)
         self.sockets.set_policy(world.config.daemon.allow, world.config.daemon.trusted_peers)
         for hook in self.reload_hooks:
-            hook(self)
+            try:
+                hook(self)
+            except Exception:
+                # The new configuration is in force; one adapter failing to follow must
+                # not leave the others (or the counters) behind.
+                LOG.exception("reload hook failed")
         self.reloads_ok += 1
         self.last_reload_ok = True
         self.last_reload = time.time()
