@@ -34,10 +34,18 @@ from nearest_wire import (
     encode_payload,
     parse_request,
 )
-from nearest_wire.schema import TRANSPORT_KEYS, check_ip
+from nearest_wire.schema import check_ip
 from nearestd.config import parse_config
 from nearestd.core.devices import DeviceTable
 from nearestd.core.discovery import BASE_TYPES, Merger, ServiceRecord, split_txt
+from nearestd.core.federation import RecordError, parse_record
+from nearestd.core.mqtt_payload import (
+    MSGPACK,
+    TRANSPORT_KEYS,
+    decode_request,
+    encode_reply,
+    route_v311,
+)
 from nearestd.core.resolve import inventory_view
 from nearestd.core.sitemap import SiteMap, build_sitemap
 from nearestd.service import Peer, Service
@@ -118,17 +126,43 @@ def round_trip(payload: bytes) -> None:
 
 
 def mqtt_payloads(data: bytes) -> None:
-    """Harness: a payload as an MQTT request, JSON by default, MessagePack by content type."""
+    """Harness: [selector byte][payload] as the MQTT adapter sees it.
+
+    Even selectors: a request (JSON, or MessagePack for odd multiples of 4) through
+    ``decode_request`` and ``route_v311``, answered by the service and encoded back in
+    the request's encoding; JSON requests survive encode/decode. Odd selectors: a
+    federated device record through ``parse_record``.
+    """
+    if not data:
+        return
+    selector, payload = data[0], data[1:]
     svc = service()
-    obj: Any = None
-    if len(data) <= MAX_JSON:
+    if selector & 1:
         try:
-            obj = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            obj = None
-    if isinstance(obj, dict):
-        check_reply(svc.handle(obj, TRUSTED, NOW, extra_keys=frozenset(TRANSPORT_KEYS)))
-    check_reply(svc.handle_payload(data[:MAX_JSON], TRUSTED, NOW))
+            dev = parse_record(payload, topic_level=f"x{selector}")
+        except RecordError:
+            return
+        for text in _texts(dev):
+            assert len(text) <= 1024 and not any(ord(c) < 0x20 for c in text), repr(text)
+        return
+    ctype = MSGPACK if selector & 2 else None
+    try:
+        obj = decode_request(payload, ctype, MAX_JSON)
+    except WireError as exc:
+        assert str(exc.code) in CODES and exc.message
+        return
+    if ctype is None:
+        again = decode_request(json.dumps(obj).encode(), None, 10 * MAX_JSON)
+        assert again == obj
+    route, _why = route_v311(obj, "nearest/v1")
+    if route is not None and route.topic:
+        assert not route.topic.startswith(("nearest/v1/query", "nearest/v1/devices/", "$"))
+        assert "#" not in route.topic and "+" not in route.topic
+    reply = svc.handle(obj, TRUSTED, NOW, extra_keys=TRANSPORT_KEYS)
+    check_reply(reply)
+    encoded = encode_reply(reply, ctype == MSGPACK)
+    back = decode_reply(encoded) if ctype == MSGPACK else json.loads(encoded)
+    assert back == reply
     svc.log.purge(NOW + 10**9)
 
 
@@ -224,8 +258,29 @@ def seeds() -> dict[str, list[bytes]]:
     ]
     frame_seeds = [b"".join(encode_frame(r) for r in reqs)] + [encode_frame(r) for r in reqs]
     frame_seeds += [b"\xff\xff\xff\xff", b"\x00\x00\x00\x05\xdd\xff\xff\xff\xff", b"\x91" * 64]
-    mqtt = [json.dumps({**r, "reply_to": "r/1", "correlation": "c"}).encode() for r in reqs]
-    mqtt += [encode_payload(r) for r in reqs] + [b"[" * 50, b'{"v":1e999}']
+    mqtt = [
+        b"\x00" + json.dumps({**r, "reply_to": "r/1", "correlation": "c"}).encode() for r in reqs
+    ]
+    mqtt += [b"\x02" + encode_payload({**r, "reply_to": "r/2"}) for r in reqs]
+    mqtt += [b"\x00" + b"[" * 50, b'\x00{"v":1e999}', b"\x00" + b'{"v":NaN}']
+    record = {
+        "v": 1,
+        "id": "mdns-printer-1",
+        "origin": "other",
+        "kind": "printer",
+        "name": "Remote",
+        "uri": "ipp://10.20.23.5:631/ipp/print",
+        "capabilities": {"color": True},
+        "placement": {
+            "site": "hq",
+            "building": "north",
+            "level": 1,
+            "zone": "n1-finance",
+            "x": 1.0,
+            "y": 2.0,
+        },
+    }
+    mqtt += [b"\x01" + json.dumps(record).encode()]
     txt = []
     for i in range(len(BASE_TYPES)):
         strings = [

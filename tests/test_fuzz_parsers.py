@@ -78,14 +78,38 @@ def test_mqtt_payloads_structured(req: dict[str, object]) -> None:
         text = json.dumps(req).encode()
     except (TypeError, ValueError):
         text = b"{}"
-    timed(fh.mqtt_payloads, text)
-    timed(fh.mqtt_payloads, encode_payload(req))
+    timed(fh.mqtt_payloads, b"\x00" + text)
+    timed(fh.mqtt_payloads, b"\x02" + encode_payload(req))
 
 
 @FAST
 @given(st.binary(max_size=400))
 def test_mqtt_payloads_bytes(data: bytes) -> None:
     timed(fh.mqtt_payloads, data)
+
+
+@FAST
+@given(
+    st.fixed_dictionaries(
+        {"v": st.sampled_from([1, 2]), "id": st.sampled_from(["d1", "mdns-printer-x"])},
+        optional={
+            "origin": st.text(max_size=10),
+            "kind": st.sampled_from(["printer", "scanner", "fax"]),
+            "name": st.text(max_size=30),
+            "uri": st.sampled_from(["ipp://h/p", "javascript:x", "ipps://10.0.0.1/ipp"]),
+            "state": st.sampled_from(["idle", "stopped", "weird"]),
+            "state_reasons": st.lists(st.text(max_size=10), max_size=3),
+            "capabilities": st.dictionaries(st.text(max_size=8), values, max_size=3),
+            "placement": st.dictionaries(st.text(max_size=8), values, max_size=6),
+        },
+    )
+)
+def test_mqtt_federated_records(record: dict[str, object]) -> None:
+    try:
+        payload = json.dumps(record).encode()
+    except (TypeError, ValueError):
+        return
+    timed(fh.mqtt_payloads, b"\x01" + payload)
 
 
 @FAST

@@ -8,6 +8,7 @@ check whichever encoding it arrives in. Everything here is pure.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    # 1e999 would otherwise become inf, a value JSON cannot write back (found by fuzzing).
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:40]} is out of range for a JSON number")
+    return value
+
+
 def decode_json(payload: bytes) -> dict[str, Any]:
     """Decode a JSON request object under the wire limits, or raise WireError(bad-request)."""
     if not payload:
@@ -40,7 +49,7 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise _bad(f"payload is not UTF-8 (byte {exc.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except RecursionError:
         raise _bad(f"nesting deeper than {MAX_DEPTH} levels") from None
     except json.JSONDecodeError as exc:
