@@ -61,7 +61,8 @@ RESOLVE_AGAIN_AFTER = 1.2
 UPKEEP_SECONDS = 0.25
 TOUCH_SECONDS = 2.0
 LOGGED_MAX = 20000
-MAX_PENDING = 4096
+MAX_PENDING = 512
+MAX_DEFERRED = 20000
 
 IP_MULTICAST_ALL = 49  # Linux <linux/in.h>
 IPV6_MULTICAST_ALL = 29  # Linux <linux/in6.h>
@@ -189,6 +190,7 @@ class MdnsDiscovery:
         self._pending: dict[ServiceKey, asyncio.Task[None]] = {}
         self._again: set[ServiceKey] = set()
         self._later: set[ServiceKey] = set()
+        self._deferred: dict[ServiceKey, tuple[str, str, str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._links: dict[str, AsyncZeroconf] = {}
         self._listeners: dict[str, _Heard] = {}
@@ -252,6 +254,7 @@ class MdnsDiscovery:
         self._pending.clear()
         self._again.clear()
         self._later.clear()
+        self._deferred.clear()
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""
@@ -264,6 +267,7 @@ class MdnsDiscovery:
             "events": dict(self.events),
             "txt_problems": dict(self.problems),
             "refused_over_max_devices": self.merger.refused,
+            "resolves_deferred": len(self._deferred),
         }
 
     # ---- browser events --------------------------------------------------------------------
@@ -297,6 +301,7 @@ class MdnsDiscovery:
             if pending is not None:
                 pending.cancel()
             self._again.discard(key)
+            self._deferred.pop(key, None)
             self.events["goodbye"] += 1
             self._apply(self.merger.remove(link, service_type, name), "removed")
             return
@@ -324,9 +329,13 @@ class MdnsDiscovery:
             self._again.add(key)
             return
         if len(self._pending) >= MAX_PENDING:
-            # A flood of names that never resolve must not pile up tasks; a real device
-            # re-announces and is resolved then.
-            self.events["resolve_dropped"] += 1
+            # A flood of names that never resolve must not pile up tasks (or queries):
+            # defer the name, bounded, and resolve it when the backlog has drained.
+            if key not in self._deferred:
+                if len(self._deferred) >= MAX_DEFERRED:
+                    self._deferred.pop(next(iter(self._deferred)))
+                    self.events["resolve_dropped"] += 1
+                self._deferred[key] = (link, type_, name)
             return
         self._pending[key] = self._spawn(self._resolve(link, type_, name, key))
 
@@ -427,6 +436,9 @@ class MdnsDiscovery:
 
     def tick(self, now: float) -> None:
         """Expire silent services and ask the quiet ones whether they are still there."""
+        while self._deferred and len(self._pending) < MAX_PENDING // 2:
+            key = next(iter(self._deferred))
+            self._schedule(*self._deferred.pop(key))
         expire_after = float(self.cfg.expire_after)
         self._apply(self.merger.expire(now, expire_after), "expired")
         queries: dict[str, DNSOutgoing] = {}
