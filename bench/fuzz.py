@@ -4,7 +4,7 @@ Usage: python -m bench.fuzz [--inputs N] [--seed S] [HARNESS ...]
 
 The harnesses are tests/fuzz_harness.py (the same ones hypothesis drives in
 ``make test``): frames, mqtt_payloads, txt_records, addresses. Each input is a seed
-(valid and near-valid inputs) mutated 1-8 times: bit flips, random and "interesting"
+(valid and near-valid inputs), or a structure-aware random request, mutated 1-8 times: bit flips, random and "interesting"
 bytes and 32-bit lengths (0xffffffff, 2^16, ...), inserts, deletes, duplicated
 chunks, splices with other seeds, truncation. Budgets per input, as the issue sets
 them: no crash or failed invariant, at most 50 ms of wall time, at most 64 MB of
@@ -127,6 +127,10 @@ def run(name: str, inputs: int, seed: int) -> dict[str, Any]:
             data = os.urandom(rng.randint(0, 64))
         elif r < 0.04:
             data = rng.choice(corpus)
+        elif r < 0.30:
+            data = fh.structured(name, rng)
+            if r < 0.15:
+                data = mutate(rng, data, corpus)
         else:
             data = mutate(rng, rng.choice(corpus), corpus)
         t0 = time.perf_counter()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 from functools import cache
 from typing import Any
 
@@ -309,3 +310,40 @@ def seeds() -> dict[str, list[bytes]]:
         b"::",
     ]
     return {"frames": frame_seeds, "mqtt_payloads": mqtt, "txt_records": txt, "addresses": addr}
+
+
+def random_request(rng: random.Random) -> dict[str, Any]:
+    """Return a request map mixing valid and invalid fields (structure-aware inputs)."""
+    pick = rng.choice
+    req: dict[str, Any] = {"v": pick([1, 1, 1, 2, "1", None]), "id": pick([0, 1, 2**63 - 1, -1])}
+    fields: dict[str, list[Any]] = {
+        "op": ["nearest", "nearest", "locate", "devices", "ping", "stats", "x"],
+        "kind": ["printer", "scanner", "fax", 3],
+        "k": [1, 3, 20, 0, 21, "2"],
+        "need": [{}, {"color": True}, {"paper": "A3", "duplex": True}, {"adf": 1}, []],
+        "client_ip": ["10.20.23.9", "2001:db8:20:23::9", "fe80::1%eth0", "10.0.0.0/8", 7],
+        "zone": ["n1-finance", "s1-east", "", "x" * 200],
+        "site": ["hq", ""],
+        "reply_to": ["r/1", "nearest/v1/query", "a/#", "$SYS/x", "", 5],
+        "correlation": ["c", 7, b"b", "x" * 300, None],
+    }
+    for key, options in fields.items():
+        if rng.random() < 0.5:
+            req[key] = pick(options)
+    return req
+
+
+def structured(name: str, rng: random.Random) -> bytes:
+    """Return a structure-aware input for a harness (bench/fuzz mixes these in)."""
+    if name == "frames":
+        return b"".join(encode_frame(random_request(rng)) for _ in range(rng.randint(1, 4)))
+    if name == "mqtt_payloads":
+        req = random_request(rng)
+        if rng.random() < 0.5:
+            return b"\x02" + encode_payload(req)
+        return b"\x00" + json.dumps(req, default=repr).encode()
+    if name == "addresses":
+        if rng.random() < 0.5:
+            return f"10.{rng.choice([20, 21])}.{rng.randrange(256)}.{rng.randrange(256)}".encode()
+        return str(ipaddress.IPv6Address(rng.getrandbits(128))).encode()
+    return rng.choice(seeds()[name])
