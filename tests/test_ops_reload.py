@@ -292,3 +292,51 @@ def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
     assert reload(d)["ok"]
     assert "metrics listen changed; it takes effect at the next restart" in d.logs()
     assert reload_metrics(old)["nearest_config_reloads_total{success}"] == 1
+
+
+async def test_sighup_reload_parses_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big site map takes seconds to parse; queries must not wait for it."""
+    import asyncio
+
+    import nearestd.app as app
+    from nearestd.loader import load_world
+
+    s = Setup(tmp_path)
+    daemon = app.Daemon(load_world(s.cfg), str(s.cfg))
+    slow_parse = 1.0
+
+    def slow_load(path: str) -> Any:
+        time.sleep(slow_parse)  # stands in for a large campus (100k prefixes: ~4 s here)
+        return load_world(path)
+
+    monkeypatch.setattr(app, "load_world", slow_load)
+    await daemon.start()
+    try:
+        s.good()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        daemon.reload_in_background()
+        daemon.reload_in_background()  # before the parse starts: the same reload
+        await asyncio.sleep(0.1)
+        daemon.reload_in_background()  # while it parses: one more after it
+        worst = 0.0
+        while daemon.reloads_ok == 0:
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - before)
+            assert loop.time() - started < 10
+        assert worst < 0.5, f"the event loop stalled {worst:.2f}s during the reload"
+        assert loop.time() - started >= slow_parse
+        assert daemon.service.table.get(PROBE_ID) is not None
+        while daemon._reloading is not None and not daemon._reloading.done():
+            await asyncio.sleep(0.05)
+        assert daemon.reloads_ok == 2 and daemon.reloads_failed == 0
+        s.broken_toml()
+        daemon.reload_in_background()
+        while daemon.reloads_failed == 0:
+            await asyncio.sleep(0.05)
+        assert daemon.service.table.get(PROBE_ID) is not None  # old state kept
+    finally:
+        await daemon.stop()

@@ -58,6 +58,8 @@ class Daemon:
         self.stoppers: list[Callable[[Daemon], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[Daemon], None]] = []
         self.last_reload_ok = True
+        self._reloading: asyncio.Future[None] | None = None
+        self._reload_again = False
         self.notifier = Notifier.from_environment()
         self.snapshots = InventorySnapshots(self.service)
         self.metrics = MetricsExporter(self)
@@ -129,11 +131,42 @@ class Daemon:
         try:
             world = load_world(self.config_path)
         except ConfigError as exc:
-            self.reloads_failed += 1
-            self.last_reload_ok = False
-            for problem in exc.problems:
-                LOG.error("reload refused", extra={"problem": problem})
-            return exc.problems
+            return self._refuse(exc.problems)
+        return self._switch(world)
+
+    def reload_in_background(self) -> None:
+        """Reload for SIGHUP: parse in a worker thread so that queries go on, switch on the loop."""
+        self._reload_again = True
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.ensure_future(self._reload_off_loop())
+            self._tasks.append(self._reloading)
+
+    async def _reload_off_loop(self) -> None:
+        while self._reload_again:
+            self._reload_again = False
+            seen = self.reloads_ok + self.reloads_failed
+            try:
+                world = await asyncio.to_thread(load_world, self.config_path)
+            except ConfigError as exc:
+                self._refuse(exc.problems)
+                continue
+            except Exception:
+                LOG.exception("reload failed")
+                continue
+            if self.reloads_ok + self.reloads_failed != seen:
+                # Another reload finished while this one parsed: read the files again.
+                self._reload_again = True
+                continue
+            self._switch(world)
+
+    def _refuse(self, problems: list[str]) -> list[str]:
+        self.reloads_failed += 1
+        self.last_reload_ok = False
+        for problem in problems:
+            LOG.error("reload refused", extra={"problem": problem})
+        return problems
+
+    def _switch(self, world: World) -> list[str]:
         self.world = world
         self.service.apply(world.config, world.sitemap)
         self.sockets.set_policy(world.config.daemon.allow, world.config.daemon.trusted_peers)
@@ -199,7 +232,7 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_in_background)
     try:
         await daemon.start()
     except OSError as exc:
