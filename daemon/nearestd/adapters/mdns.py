@@ -65,6 +65,8 @@ MAX_PENDING = 512
 MAX_DEFERRED = 20000
 
 IP_MULTICAST_ALL = 49  # Linux <linux/in.h>
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux <asm-generic/socket.h>
+RECEIVE_BUFFER = 4 * 1024 * 1024
 IPV6_MULTICAST_ALL = 29  # Linux <linux/in6.h>
 InterfaceSpec = str | int | tuple[tuple[str, int, int], int]
 
@@ -140,6 +142,16 @@ class _Heard(RecordUpdateListener):
         return None
 
 
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """Make room for a burst of announcements (500 devices at once overflowed the default)."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # FORCE passes rmem_max, as root only
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
+
+
 def open_link(link: Link, ipv6: bool) -> AsyncZeroconf:
     """Open python-zeroconf on one link's addresses, deaf to every other link."""
     aiozc = AsyncZeroconf(
@@ -150,7 +162,11 @@ def open_link(link: Link, ipv6: bool) -> AsyncZeroconf:
     # steers each datagram to one socket of the SO_REUSEPORT group whatever the
     # interface it came in on (measured on the test LAN), so bind the socket to its
     # device; IP_MULTICAST_ALL=0 also keeps out groups joined by other sockets.
-    listen = getattr(aiozc.zeroconf.engine, "_listen_socket", None)
+    engine = aiozc.zeroconf.engine
+    for sock in [getattr(engine, "_listen_socket", None), *getattr(engine, "_respond_sockets", [])]:
+        if isinstance(sock, socket.socket):
+            _grow_receive_buffer(sock)
+    listen = getattr(engine, "_listen_socket", None)
     if isinstance(listen, socket.socket):
         v4 = listen.family == socket.AF_INET
         with contextlib.suppress(OSError):
@@ -328,6 +344,19 @@ class MdnsDiscovery:
         if key in self._pending:
             self._again.add(key)
             return
+        aiozc = self._links.get(link)
+        if aiozc is None:
+            return
+        # An announcement usually carries SRV, TXT and addresses: take them from the
+        # cache at once, so that neither a task nor a backlog of unresolvable names
+        # (a flood) stands between a real device and the answers.
+        info = AsyncServiceInfo(type_, name)
+        if info.load_from_cache(aiozc.zeroconf):
+            try:
+                self._accept(link, type_, name, key, info)
+            except Exception:  # never let it reach python-zeroconf's dispatch
+                LOG.exception("accepting a service failed", extra={"service": clean_text(name, 80)})
+            return
         if len(self._pending) >= MAX_PENDING:
             # A flood of names that never resolve must not pile up tasks (or queries):
             # defer the name, bounded, and resolve it when the backlog has drained.
@@ -371,6 +400,11 @@ class MdnsDiscovery:
         if not ok:
             self.events["resolve_timeout"] += 1
             return
+        self._accept(link, type_, name, key, info)
+
+    def _accept(
+        self, link: str, type_: str, name: str, key: ServiceKey, info: AsyncServiceInfo
+    ) -> None:
         strings, wire_problems = split_txt(info.text or b"")
         record = ServiceRecord(
             type=type_,
