@@ -438,3 +438,47 @@ def test_avahi_and_ippeveprinter_peers(lan: Lan, daemon: DaemonProcess) -> None:
         ),
         timeout=5,
     )
+
+
+def test_a_flood_of_unresolvable_names_does_not_delay_a_real_printer(
+    lan: Lan, daemon: DaemonProcess
+) -> None:
+    # Runs last in this module: the daemon keeps asking about the fake names for seconds.
+    import socket
+
+    from zeroconf._dns import DNSPointer
+    from zeroconf._protocol.outgoing import DNSOutgoing
+    from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_PTR
+
+    fakes = 700  # more than the daemon resolves at once (512)
+    with lan.netns(5) as ip:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        s.bind((ip, 5353))  # mDNS answers must come from port 5353
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(ip))
+    try:
+        for start in range(0, fakes, 50):
+            out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+            for n in range(start, start + 50):
+                ptr = DNSPointer(
+                    "_ipp._tcp.local.", _TYPE_PTR, _CLASS_IN, 120, f"Fake {n}._ipp._tcp.local."
+                )
+                out.add_answer_at_time(ptr, 0)
+            for packet in out.packets():
+                s.sendto(packet, ("224.0.0.251", 5353))
+    finally:
+        s.close()
+    wait_for(
+        "a backlog",
+        lambda: ask(daemon, {"op": "stats"}, admin=True)["stats"]["discovery"]["resolves_deferred"],
+        timeout=5,
+    )
+    peer = lan.zeroconf(5)
+    t_ann = peer.register(
+        "real", "Real During Flood", host="real-flood.local.", addresses=[lan.ip(5)]
+    )
+    wait_for("the real printer", lambda: named(daemon, "Real During Flood", lan.ip(5)), timeout=5)
+    assert time.time() - t_ann < 1.0  # from the cache at once, not behind the backlog
+    assert not any(d["name"].startswith("Fake ") for d in devices(daemon).values())
+    peer.close()
