@@ -7,6 +7,7 @@ import ipaddress
 import re
 import socket
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,24 @@ def test_extra_sections_map_to_named_families_and_bounded_labels() -> None:
     assert set(poller) == {"nearest_poller_polls", "nearest_poller_errors"}
     assert poller["nearest_poller_errors"].labels == ("error",)
     assert extra_families("bad section!", {"x": 1})[0].name == "nearest_bad_section_x"
+    odd = extra_families("odd", {"by_1x": {"a": 1}, "quantile": {"b": 2}})
+    assert [f.labels for f in odd] == [("type",), ("type",)]
+
+
+def test_a_family_prometheus_refuses_is_skipped_not_fatal() -> None:
+    from nearestd.adapters.metrics import Family
+
+    good = Family("nearest_fine", "gauge", "fine", (), (((), 1.0),))
+    bad = Family("nearest_bad", "histogram", "not histogram data", ("interface",), ((("x",), 1.0),))
+    loop = asyncio.new_event_loop()
+    try:
+        # A loop that never runs: the collector serves its last snapshot.
+        collector = SnapshotCollector(lambda: Snapshot(time.time(), ()), loop, timeout=0.01)
+        collector._last = Snapshot(time.time(), (bad, good))
+        names = [m.name for m in collector.collect()]
+    finally:
+        loop.close()
+    assert "nearest_fine" in names and "nearest_bad" not in names
 
 
 @pytest.mark.parametrize(

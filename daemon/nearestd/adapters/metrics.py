@@ -7,8 +7,9 @@ the last snapshot is served and ``nearest_metrics_snapshot_age_seconds`` grows.
 
 Adapters add sections through ``Service.extra_stats``: each is a function returning
 a map, called on the loop at scrape time. A section that is absent or fails is left
-out. Keys of the known sections (discovery, mqtt, security, connections) are exported
-as ``SPECS`` says; any other key of a section ``S`` by these rules:
+out. Keys of the known sections (discovery, mqtt, poller, security, connections,
+operations) are exported as ``SPECS`` says; any other key of a section ``S`` by these
+rules:
 
 * a boolean or number ``K`` becomes ``nearest_S_K``: a counter if ``K`` ends in
   ``_total`` or is one of ``COUNTER_KEYS``, else a gauge;
@@ -17,8 +18,8 @@ as ``SPECS`` says; any other key of a section ``S`` by these rules:
 * a map ``by_X`` of label value to a map of numbers becomes one family per inner key.
 
 Label values must look like names (a letter first, no ``:``, no long hex run), so an
-address or a pseudonym can never become one; other values are folded into ``other``. No label carries an
-IP address, pseudonym, URI or device id.
+address or a pseudonym can never become one; other values are folded into ``other``.
+No label carries an IP address, pseudonym, URI or device id.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ MAX_LABEL_VALUES = 64
 MAX_EXTRA_FAMILIES = 128
 SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,47}")
 HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")  # a hash or pseudonym
+LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 COUNTER_KEYS = frozenset(
     (
@@ -341,6 +343,8 @@ def _spec_for(section: str, prefix: str, raw_key: Any, value: Any) -> Spec | Non
     kind = "counter" if counter else "gauge"
     if isinstance(value, Mapping):
         label = key[3:] if key.startswith("by_") else LABELS.get(key, "type")
+        if not LABEL_NAME.fullmatch(label):
+            label = "type"
         return Spec(f"nearest_{prefix}_{base}", kind, f"{section} {raw_key} by {label}", label)
     return Spec(f"nearest_{prefix}_{base}", kind, f"{section} {raw_key}")
 
@@ -688,7 +692,13 @@ class SnapshotCollector:
         """Yield every family of the latest snapshot."""
         snap = self.latest()
         for fam in snap.families:
-            yield to_metric(fam)
+            try:
+                metric = to_metric(fam)
+            except (ValueError, TypeError):
+                # One bad family (say, an adapter's odd name) must not fail the whole page.
+                LOG.exception("metric family skipped", extra={"family": fam.name})
+                continue
+            yield metric
         age = GaugeMetricFamily(
             "nearest_metrics_snapshot_age_seconds",
             "Age of the snapshot served; grows while the event loop is stuck.",
