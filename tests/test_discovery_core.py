@@ -402,3 +402,14 @@ def test_an_expired_service_that_speaks_again_is_resolved_again() -> None:
 def test_a_host_name_unfit_for_a_uri_gives_no_endpoint() -> None:
     [d] = merged([rec("_ipp._tcp", "P", host="evil host/x.local")])
     assert [e.uri for e in d.endpoints] == ["ipp://198.18.77.12:631/"]
+
+
+def test_ipv6_endpoints_and_unscoped_link_local() -> None:
+    [d] = merged([rec("_ipp._tcp", "P6", addresses=("fe80::9", "2001:db8::5", "198.18.77.12"))])
+    uris = [e.uri for e in d.endpoints]
+    assert uris == [
+        "ipp://198.18.77.12:631/",
+        "ipp://[2001:db8::5]:631/",
+        "ipp://p1.local:631/",
+    ]
+    assert d.addresses == ("198.18.77.12", "2001:db8::5", "fe80::9")

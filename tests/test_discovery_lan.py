@@ -159,7 +159,7 @@ def test_add_txt_update_address_change_goodbye(lan: Lan, daemon: DaemonProcess) 
         "type": "_ipp._tcp.local.",
         "host": "zc-life.local.",
         "port": 631,
-        "addresses": [lan.ip(2)],
+        "addresses": [lan.ip(2), "2001:db8:77::12"],
         "txt": {"txtvers": "1", "rp": "ipp/print", "UUID": LIFE_UUID, "Color": "F"},
     }
     peer.register("life", "ZC Lifecycle", **spec)
@@ -169,6 +169,7 @@ def test_add_txt_update_address_change_goodbye(lan: Lan, daemon: DaemonProcess) 
     inv = devices(daemon)["ZC Lifecycle"]
     assert inv["placed_by"] == "subnet"
     assert "ipp://zc-life.local:631/ipp/print" in inv["endpoints"]
+    assert "ipp://[2001:db8:77::12]:631/ipp/print" in inv["endpoints"]  # IPv4 first
 
     spec["txt"] = {**spec["txt"], "Color": "T"}
     peer.update("life", "ZC Lifecycle", **spec)

@@ -318,6 +318,16 @@ def order_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(seen, key=address_rank))
 
 
+def _usable(addr: str) -> bool:
+    """Return False for an IPv6 link-local address without its zone: no one can connect."""
+    if "%" in addr or ":" not in addr:
+        return True
+    try:
+        return not ipaddress.ip_address(addr).is_link_local
+    except ValueError:
+        return False
+
+
 def host_literal(addr: str) -> str:
     """Return an address as a URI host: IPv6 bracketed, a zone as ``%25zone`` (RFC 6874)."""
     if ":" not in addr:
@@ -349,7 +359,7 @@ def service_uris(p: Parsed) -> list[str]:
     else:
         path = _path(p.txt.text("rp"))
     port = p.record.port
-    hosts = [host_literal(a) for a in order_addresses(p.record.addresses)]
+    hosts = [host_literal(a) for a in order_addresses(p.record.addresses) if _usable(a)]
     if p.record.host and _HOSTNAME.fullmatch(p.record.host):
         hosts.append(p.record.host)
     return [f"{scheme}://{h}:{port}{path}" for h in hosts]
