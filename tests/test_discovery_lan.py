@@ -483,3 +483,32 @@ def test_a_flood_of_unresolvable_names_does_not_delay_a_real_printer(
     assert time.time() - t_ann < 1.0  # from the cache at once, not behind the backlog
     assert not any(d["name"].startswith("Fake ") for d in devices(daemon).values())
     peer.close()
+
+
+def test_ipv6_enabled_daemon_discovers_over_both_families(
+    lan: Lan, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    d = tmp_path_factory.mktemp("disc-v6")
+    cfg = write_config(
+        d,
+        sections={"discovery": {"enabled": True, "interfaces": ["eth0"], "ipv6": True}},
+        maps=[str(write_site(lan, d / "site.geojson"))],
+        subnets=[],
+    )
+    proc = DaemonProcess(cfg, netns=lan.ns(7)).wait_ready()
+    peer = lan.zeroconf(6)
+    try:
+        peer.register("v6", "Dual Stack", host="dual.local.", addresses=[lan.ip(6)])
+
+        def found() -> Any:
+            inv = ask(proc, {"op": "devices"}, admin=True)["devices"]
+            return next((x for x in inv if x["name"] == "Dual Stack"), None)
+
+        dev = wait_for("discovered with ipv6 on", found, show=proc.logs)
+        assert dev["uri"] == f"ipp://{lan.ip(6)}:631/"
+        stats = ask(proc, {"op": "stats"}, admin=True)["stats"]["discovery"]
+        assert stats["running"] and stats["error"] is None
+        assert "cannot bind the mDNS socket" not in proc.logs()
+    finally:
+        peer.close()
+        proc.stop()
