@@ -413,3 +413,15 @@ def test_ipv6_endpoints_and_unscoped_link_local() -> None:
         "ipp://p1.local:631/",
     ]
     assert d.addresses == ("198.18.77.12", "2001:db8::5", "fe80::9")
+
+
+def test_a_service_nobody_can_reach_is_no_device_and_endpoints_are_unique() -> None:
+    assert merged([rec("_ipp._tcp", "P", host="bad host", addresses=("fe80::9",))]) == []
+    same = {"UUID": UUID_A}
+    [d] = merged(
+        [
+            rec("_ipp._tcp", "P", t=same, interface="eth0"),
+            rec("_ipp._tcp", "P", t=same, interface="eth1"),
+        ]
+    )
+    assert [e.uri for e in d.endpoints] == ["ipp://198.18.77.12:631/", "ipp://p1.local:631/"]

@@ -395,10 +395,12 @@ def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> De
     order = PRINTER_TYPES if kind is DeviceKind.PRINTER else SCANNER_TYPES
     usable.sort(key=lambda m: (order.index(m.record.base), _priority(m), m.record.name.lower()))
     best = usable[0]
-    endpoints: list[Endpoint] = []
+    endpoints: dict[str, Endpoint] = {}
     for m in usable:
         for uri in service_uris(m):
-            endpoints.append(Endpoint(ENDPOINT_NAMES[m.record.base], uri, m.record.port))
+            endpoints.setdefault(uri, Endpoint(ENDPOINT_NAMES[m.record.base], uri, m.record.port))
+    if not endpoints:
+        return None  # nothing a client could connect to (yet)
     everyone = sorted(members, key=lambda m: (m.placeholder, order.index(m.record.base)))
 
     def first_text(key: str) -> str | None:
@@ -442,7 +444,7 @@ def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> De
         id=device_id(kind, group),
         kind=kind,
         name=clean_text(best.record.instance) or best.record.host or "unnamed",
-        uri=endpoints[0].uri,
+        uri=next(iter(endpoints)),
         make_model=make_model,
         capabilities=caps,
         source=SOURCE,
@@ -451,7 +453,7 @@ def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> De
         host=best.record.host,
         addresses=addresses,
         note=first_text("note"),
-        endpoints=tuple(endpoints),
+        endpoints=tuple(endpoints.values()),
         is_queue=any(m.is_queue for m in everyone),
         extra=(("flags", tuple(flags)), ("services", len(members))),
     )
