@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+NODELAY = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
 sys.path.insert(0, str(ROOT / "tests"))
 
 SEQUENTIAL = 600
@@ -48,8 +50,6 @@ async def echo_responder(port: int, topic: str) -> None:
     import aiomqtt
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
-
-    from mqtt_helpers import NODELAY
 
     async with aiomqtt.Client(
         "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NODELAY
