@@ -393,6 +393,21 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
             assert len(mine) == 10 and len(theirs) == 7
             assert {x["origin"] for x in theirs} == {"fed-b"}
             assert {x["placed_by"] for x in theirs} == {"federated"}
+            # A device B no longer has (its record cleared) leaves A too.
+            smaller = json.loads(south.read_text())
+            smaller["features"] = [
+                f for f in smaller["features"] if f["properties"].get("id") != "prn-s0-print-shop"
+            ]
+            south.write_text(json.dumps(smaller))
+            b.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while True:
+                ra = await q.ask(f"{mqtt_prefix}/query/fed-a", ask_south)
+                if ra["devices"][0]["id"] != "prn-s0-print-shop":
+                    break
+                assert time.monotonic() < deadline, ra
+                await asyncio.sleep(0.1)
+            assert ra["devices"][0]["origin"] == "fed-b"
             # Taking B down removes its devices from A.
             b.kill()
             deadline = time.monotonic() + 10
