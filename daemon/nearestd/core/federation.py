@@ -36,6 +36,7 @@ MAX_TEXT = 256
 MAX_URI = 1024
 MAX_REASONS = 16
 MAX_FOREIGN = 10000
+MAX_RECORD = 64 * 1024
 URI_SCHEMES = ("ipp://", "ipps://", "http://", "https://", "socket://", "lpd://")
 _SAFE = "-._~"
 _TOPIC_WORD = re.compile(r"^[^/+#\x00]{1,128}$")
@@ -117,6 +118,8 @@ def is_local(device: Device) -> bool:
 
 def record_origin(payload: bytes) -> str | None:
     """Return the origin instance a record names, or None if it names none."""
+    if len(payload) > MAX_RECORD:
+        return None
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -225,6 +228,8 @@ def _placement(value: Any) -> tuple[str, str, int, str | None, float, float] | N
 
 def parse_record(payload: bytes, topic_level: str) -> Device:
     """Build the federated device a foreign record describes, or raise RecordError."""
+    if len(payload) > MAX_RECORD:
+        raise RecordError(f"record of {len(payload)} bytes; at most {MAX_RECORD}")
     try:
         obj = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
