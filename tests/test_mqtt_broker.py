@@ -506,3 +506,33 @@ async def test_two_daemons_with_one_instance_name_are_told_so(
             b.stop()
     finally:
         a.stop()
+
+
+async def test_federated_devices_restored_from_a_snapshot_leave_when_their_origin_is_gone(
+    tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
+) -> None:
+    north = split_map(tmp_path / "maps", {"north"})
+    south = split_map(tmp_path / "maps", {"south"})
+    a = mqtt_daemon(
+        tmp_path / "a", mosquitto_broker, mqtt_prefix, "snap-a", maps=[str(north)], federate=True
+    )
+    b = mqtt_daemon(tmp_path / "b", mosquitto_broker, mqtt_prefix, "snap-b", maps=[str(south)], federate=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while admin_stats(a)["mqtt"]["federated_devices"] < 7:
+            assert time.monotonic() < deadline, a.logs()
+            await asyncio.sleep(0.1)
+        assert a.stop() == 0  # writes the inventory snapshot, B's devices included
+        snapshot = tmp_path / "a" / "state" / "inventory.json"
+        assert b"snap-b" in snapshot.read_bytes()
+        b.kill()
+        await wait_payload(mosquitto_broker.port, f"{mqtt_prefix}/status/snap-b", b"offline", 5)
+        a = DaemonProcess(a.config).wait_ready()
+        await online(mosquitto_broker, mqtt_prefix, "snap-a")
+        with Client(f"unix://{a.admin}") as c:
+            inv = c.request({"op": "devices"})["devices"]
+        assert [x["id"] for x in inv if x["source"] == "mqtt"] == []
+        assert "inventory restored" in a.logs()
+    finally:
+        a.stop()
+        b.stop()

@@ -430,6 +430,7 @@ class MqttAdapter:
                 [f"{self.devices_prefix}+", self.sync_topic, self.status_topic],
                 timeout=PUBLISH_TIMEOUT,
             )
+        self._drop_unconfirmed()
         self.inventory = Inventory()
         self._generation = self.service.table.generation
         keep = {fed.device_topic_id(r.device.id) for r in self._public_records()}
@@ -653,6 +654,18 @@ class MqttAdapter:
                 and rec.device.origin == ch.origin
             ):
                 self.service.remove_device(ch.device_id)
+
+    def _drop_unconfirmed(self) -> None:
+        """Remove federated devices the broker did not confirm (e.g. restored from a snapshot)."""
+        served = {(d.id, d.origin) for d in self.federation.served()} if self.federation else set()
+        table = self.service.table
+        gone = [
+            r.device.id
+            for r in table.records()
+            if r.device.source == fed.SOURCE and (r.device.id, r.device.origin) not in served
+        ]
+        for device_id in gone:
+            self.service.remove_device(device_id)
 
     def _restore_shadowed(self) -> None:
         """Serve a foreign device again once the local device that shadowed it is gone."""
