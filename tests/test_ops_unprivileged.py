@@ -1,13 +1,18 @@
-"""The daemon as the unit runs it: an unprivileged user (as DynamicUser= gives) with only
-its state and runtime directories writable, no new privileges, and no writable+executable
-memory (what MemoryDenyWriteExecute= enforces), with discovery and metrics on."""
+"""The daemon under the unit's restrictions, without systemd to start it.
+
+An unprivileged user (as DynamicUser= gives) with only its state and runtime directories
+writable, no new privileges, and the unit's own SystemCallFilter=,
+RestrictAddressFamilies= and MemoryDenyWriteExecute= read from systemd/nearestd.service
+and applied with seccomp and prctl (tests/sandbox_exec.py); discovery and metrics on.
+"""
 
 from __future__ import annotations
 
-import ctypes
+import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -24,52 +29,101 @@ from nearest_client import Client, ClientError
 from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import Saved, decode_inventory, encode_inventory
 from nearestd.core.model import Device, DeviceKind
-from support import free_port, skip_or_fail, write_config
+from support import free_port, require_tools, skip_or_fail, write_config
 
 NOBODY = 65534
-PR_SET_MDWE = 65  # what MemoryDenyWriteExecute= uses on kernels that have it
-PR_MDWE_REFUSE_EXEC_GAIN = 1
+HERE = Path(__file__).resolve().parent
+UNIT = HERE.parent / "systemd" / "nearestd.service"
 
 
-def mdwe_supported() -> bool:
-    """Return whether this kernel has PR_SET_MDWE (Linux 6.3+)."""
-    try:
-        subprocess.run(["true"], preexec_fn=deny_write_execute, check=True, timeout=10)
-    except subprocess.SubprocessError:
-        return False
-    return True
+def unit_values(key: str) -> list[str]:
+    return [
+        line.split("=", 1)[1].strip()
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(f"{key}=")
+    ]
 
 
-def deny_write_execute() -> None:
-    """In the child before exec: refuse writable+executable memory from now on."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_MDWE)")
+def expand(group: str, seen: set[str] | None = None) -> set[str]:
+    """Return the system calls of a systemd syscall group, nested groups included."""
+    seen = set() if seen is None else seen
+    if group in seen:
+        return set()
+    seen.add(group)
+    out = subprocess.run(
+        ["systemd-analyze", "syscall-filter", group], capture_output=True, text=True, check=True
+    ).stdout
+    calls: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        calls |= expand(item, seen) if item.startswith("@") else {item}
+    return calls
 
 
-def test_the_write_execute_denial_really_applies() -> None:
-    """Negative control: under it, an anonymous W+X mapping is refused."""
-    probe = (
-        "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)"
-    )
-    try:
-        r = subprocess.run(
-            [sys.executable, "-c", probe],
-            preexec_fn=deny_write_execute,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-    except subprocess.SubprocessError as exc:
-        pytest.skip(f"this kernel has no PR_SET_MDWE (Linux 6.3+): {exc}")
-    assert r.returncode != 0 and "PermissionError" in r.stderr, r.stderr
-    assert subprocess.run([sys.executable, "-c", probe], timeout=30).returncode == 0
+def unit_sandbox(path: Path) -> Path:
+    """Write the sandbox_exec.py spec of the unit's SystemCallFilter=, families and MDWE."""
+    allow: set[str] = set()
+    for value in unit_values("SystemCallFilter"):
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for item in value.lstrip("~").split():
+            names |= expand(item) if item.startswith("@") else {item}
+        allow = allow - names if deny else allow | names
+    families = [
+        int(getattr(socket, name)) for name in unit_values("RestrictAddressFamilies")[0].split()
+    ]
+    spec = {
+        "allow": sorted(allow),
+        "families": families,
+        "mdwe": unit_values("MemoryDenyWriteExecute") == ["yes"],
+    }
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def sandboxed(spec: Path, *argv: str) -> list[str]:
+    """Return argv run as nobody, without new privileges, under the unit's filters."""
+    return [
+        *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+        "--no-new-privs",
+        *(sys.executable, str(HERE / "sandbox_exec.py"), str(spec), "--", *argv),
+    ]
+
+
+PROBES = {
+    # what must fail under the unit's restrictions, and what must still work
+    "w+x memory": (
+        "import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)",
+        "PermissionError",
+    ),
+    "packet socket": (
+        "import socket; socket.socket(socket.AF_PACKET, socket.SOCK_RAW)",
+        "Address family not supported",
+    ),
+    "@resources": ("import os; os.sched_setaffinity(0, {0})", "PermissionError"),
+    "allowed": ("import socket; socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()", ""),
+}
+
+
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_the_sandbox_really_restricts(workdir: Path, probe: str) -> None:
+    """Negative controls: the emulated unit refuses what it should, and only that."""
+    code, expected = PROBES[probe]
+    spec = unit_sandbox(workdir / "sandbox.json")
+    r = subprocess.run(sandboxed(spec, "-c", code), capture_output=True, text=True, timeout=30)
+    if expected:
+        assert r.returncode != 0 and expected in r.stderr, r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
 
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         skip_or_fail("needs root and setpriv to run the daemon as an unprivileged user")
+    require_tools("systemd-analyze")
     # Not under pytest's tmp_path: its parents are root-only.
     d = Path(tempfile.mkdtemp(prefix="nearestd-nobody-"))
     d.chmod(0o755)
@@ -109,26 +163,13 @@ def test_runs_as_an_unprivileged_user_in_its_own_directories(workdir: Path) -> N
     (state / FILE_NAME).write_bytes(encode_inventory([Saved(device, time.time())], time.time()))
     os.chown(state / FILE_NAME, NOBODY, NOBODY)
     log = (workdir / "nearestd.log").open("wb")
-    if not mdwe_supported():
-        pytest.skip("this kernel has no PR_SET_MDWE (Linux 6.3+)")
+    spec = unit_sandbox(workdir / "sandbox.json")
     peer = ZcPeer.local("127.0.0.1", log=workdir / "peer.log")
     proc = subprocess.Popen(
-        [
-            "setpriv",
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            "--no-new-privs",
-            sys.executable,
-            "-m",
-            "nearestd.cli",
-            "--config",
-            str(cfg),
-        ],
+        sandboxed(spec, "-m", "nearestd.cli", "--config", str(cfg)),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=deny_write_execute,
     )
     try:
         deadline = time.monotonic() + 15
@@ -173,6 +214,8 @@ def test_runs_as_an_unprivileged_user_in_its_own_directories(workdir: Path) -> N
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
         log.close()
+    logged = (workdir / "nearestd.log").read_text()
+    assert "level=error" not in logged and "Traceback" not in logged, logged
     snap = state / FILE_NAME
     assert snap.stat().st_uid == NOBODY and stat.S_IMODE(snap.stat().st_mode) == 0o600
     assert snap.stat().st_mtime_ns != before  # rewritten by the daemon as that user
