@@ -242,3 +242,26 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
     assert len(due) == 200  # the CUPS queue and the non-IPP printer are not polled
     assert due[0] >= 100.0 and due[-1] <= 130.0
     assert due[100] - due[0] > 5 and due[-1] - due[100] > 5
+
+
+async def test_stopping_wakes_a_poll_blocked_in_its_socket(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    closed = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        await r.read()  # never answers; returns when the poller's side goes away
+        closed.set()
+
+    port = await server(handler)
+    svc = service(tmp_path)
+    uri = f"ipp://127.0.0.1:{port}/ipp/print"
+    svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
+    poller = Poller(svc, PollerConfig(enabled=True, timeout=30.0))
+    await poller.start()
+    task = asyncio.ensure_future(poller.poll_all())
+    await asyncio.sleep(0.5)
+    t0 = time.monotonic()
+    await poller.stop()
+    task.cancel()
+    await asyncio.wait_for(closed.wait(), 2.0)
+    assert time.monotonic() - t0 < 2.0

@@ -27,6 +27,7 @@ import logging
 import random
 import socket
 import ssl
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -115,6 +116,7 @@ class Poller:
         self._sem = asyncio.Semaphore(cfg.concurrency)
         self._tls = insecure_tls_context()
         self._pool: ThreadPoolExecutor | None = None
+        self._open = OpenSockets()
         self._runner: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.restarting: asyncio.Task[None] | None = None
@@ -152,6 +154,8 @@ class Poller:
         if self._pool is not None:
             # Polls still in threads end by their own deadline; nobody waits for them.
             self._pool.shutdown(wait=False, cancel_futures=True)
+            # Wake the polls blocked in a socket, so no thread outlives the daemon's stop.
+            self._open.abort_all()
             self._pool = None
         self._runner = None
         self._tasks.clear()
@@ -316,6 +320,7 @@ class Poller:
             self.cfg.timeout,
             self.cfg.max_response,
             self._tls,
+            self._open,
         )
 
     # ---- figures -------------------------------------------------------------------------
@@ -346,7 +351,12 @@ class Poller:
 
 
 def fetch_live(
-    target: PollTarget, request_id: int, timeout: float, limit: int, tls: ssl.SSLContext
+    target: PollTarget,
+    request_id: int,
+    timeout: float,
+    limit: int,
+    tls: ssl.SSLContext,
+    open_sockets: OpenSockets | None = None,
 ) -> Live:
     """Poll one device (blocking, in a worker thread) and decide its live state.
 
@@ -359,7 +369,7 @@ def fetch_live(
         body = encode_get_printer_attributes(
             target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
         )
-        data = exchange("POST", target.url, body, limit, deadline, tls)
+        data = exchange("POST", target.url, body, limit, deadline, tls, open_sockets)
         try:
             reply = decode_response(data)
         except IppDecodeError as exc:
@@ -369,19 +379,53 @@ def fetch_live(
         if reply.request_id != request_id:
             raise PollFailure("bad-response", "IPP request-id does not match")
         return printer_live(reply.printer)
-    data = exchange("GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls)
+    data = exchange(
+        "GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls, open_sockets
+    )
     try:
         return scanner_live(data)
     except StatusError as exc:
         raise PollFailure("bad-response", str(exc)) from None
 
 
+class OpenSockets:
+    """The sockets of polls in flight, so that stopping can wake the threads blocked in them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socks: set[socket.socket] = set()
+
+    def add(self, sock: socket.socket) -> None:
+        """Note a socket a poll is using."""
+        with self._lock:
+            self._socks.add(sock)
+
+    def discard(self, sock: socket.socket) -> None:
+        """Forget a socket a poll is done with."""
+        with self._lock:
+            self._socks.discard(sock)
+
+    def abort_all(self) -> None:
+        """Shut every noted socket down: its blocked reads and writes return at once."""
+        with self._lock:
+            socks = list(self._socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 def exchange(
-    method: str, url: str, body: bytes | None, limit: int, deadline: float, tls: ssl.SSLContext
+    method: str,
+    url: str,
+    body: bytes | None,
+    limit: int,
+    deadline: float,
+    tls: ssl.SSLContext,
+    open_sockets: OpenSockets | None = None,
 ) -> bytes:
     """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure."""
     try:
-        return _http(method, url, body, limit, deadline, tls)
+        return _http(method, url, body, limit, deadline, tls, open_sockets or OpenSockets())
     except PollFailure:
         raise
     except TimeoutError:
@@ -447,23 +491,55 @@ class _Conn:
         return bytes(self.buf)
 
 
+def _connect(host: str, port: int, deadline: float, open_sockets: OpenSockets) -> socket.socket:
+    """Connect to the first address of host that answers, by the deadline."""
+    error: OSError = OSError(f"no address for {host!r}")
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock = socket.socket(family, kind, proto)
+        open_sockets.add(sock)
+        try:
+            sock.settimeout(left)
+            sock.connect(addr)
+            return sock
+        except OSError as exc:
+            open_sockets.discard(sock)
+            sock.close()
+            if isinstance(exc, (ConnectionRefusedError, TimeoutError)):
+                raise
+            error = exc
+    raise error
+
+
 def _http(
-    method: str, url: str, body: bytes | None, limit: int, deadline: float, tls: ssl.SSLContext
+    method: str,
+    url: str,
+    body: bytes | None,
+    limit: int,
+    deadline: float,
+    tls: ssl.SSLContext,
+    open_sockets: OpenSockets,
 ) -> bytes:
     # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
     # close-delimited replies, every read bounded in size and by the deadline.
     parts = urlsplit(url)
     secure = parts.scheme == "https"
-    host = parts.hostname or ""
+    # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
+    host = (parts.hostname or "").replace("%25", "%")
     port = parts.port or (443 if secure else 80)
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError
-    sock = socket.create_connection((host, port), timeout=left)
+    sock = _connect(host, port, deadline, open_sockets)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if secure:
-            sock = tls.wrap_socket(sock, server_hostname=host)
+            raw = sock
+            sock = tls.wrap_socket(
+                raw, server_hostname=host.split("%", 1)[0], do_handshake_on_connect=False
+            )
+            open_sockets.discard(raw)
+            open_sockets.add(sock)
+            sock.do_handshake()
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
@@ -490,6 +566,7 @@ def _http(
             return conn.exactly(length)
         return conn.rest(limit)
     finally:
+        open_sockets.discard(sock)
         sock.close()
 
 
