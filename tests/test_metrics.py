@@ -62,13 +62,19 @@ def looks_unbounded(value: str) -> bool:
     return "://" in value or "/" in value or re.fullmatch(r"[0-9a-f]{16,}", value) is not None
 
 
+def bound_address(d: DaemonProcess) -> str:
+    """Return the metrics address the daemon logged (port 0 in the config: no port races)."""
+    m = re.search(r"listen=http://([^/\s]+)/metrics", d.logs())
+    assert m, d.logs()
+    return m.group(1)
+
+
 @pytest.fixture
 def metrics_daemon(tmp_path: Path) -> Any:
-    port = free_port()
-    cfg = write_config(tmp_path, sections={"metrics": {"listen": f"127.0.0.1:{port}"}})
+    cfg = write_config(tmp_path, sections={"metrics": {"listen": "127.0.0.1:0"}})
     d = DaemonProcess(cfg).wait_ready()
     try:
-        yield d, f"127.0.0.1:{port}"
+        yield d, bound_address(d)
     finally:
         d.stop()
 
@@ -288,17 +294,16 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
 
 
 def test_metrics_with_discovery_running_pass_promtool(tmp_path: Path) -> None:
-    port = free_port()
     cfg = write_config(
         tmp_path,
         sections={
-            "metrics": {"listen": f"127.0.0.1:{port}"},
+            "metrics": {"listen": "127.0.0.1:0"},
             "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
         },
     )
     d = DaemonProcess(cfg).wait_ready()
     try:
-        page = scrape(f"127.0.0.1:{port}")
+        page = scrape(bound_address(d))
     finally:
         d.stop()
     fams = families(page)
