@@ -237,6 +237,7 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
     svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
     svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
     poller = Poller(svc, PollerConfig(enabled=True, interval=30.0))
+    poller._started_at = 99.0  # the poller has just started
     poller.sync_targets(100.0)
     due = sorted(poller._due.values())
     assert len(due) == 200  # the CUPS queue and the non-IPP printer are not polled
@@ -265,3 +266,47 @@ async def test_stopping_wakes_a_poll_blocked_in_its_socket(server, tmp_path: Pat
     task.cancel()
     await asyncio.wait_for(closed.wait(), 2.0)
     assert time.monotonic() - t0 < 2.0
+
+
+async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
+    svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), 1000.0)
+    poller = Poller(
+        svc, PollerConfig(enabled=True, interval=30.0, max_backoff=300.0), rand=lambda: 0.5
+    )
+    await poller.start()
+    try:
+        await poller.poll_all()
+        await poller.poll_all()
+        now = time.monotonic()
+        assert poller._due["d"] - now > 50  # backing off: two failures, 60 s
+        poller._heard_again(now)
+        assert poller._due["d"] > now + 50  # not heard since: nothing changes
+        svc.table.touch("d", 1001.0)  # discovery hears it (an announcement after a reboot)
+        poller._heard_again(now)
+        assert poller._due["d"] == now
+        await poller.poll_all()  # still refused
+        svc.table.touch("d", 1002.0)
+        later = time.monotonic()
+        poller._heard_again(later)
+        assert poller._due["d"] > later + 50  # once per failure streak
+    finally:
+        await poller.stop()
+
+
+async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
+    svc = service(tmp_path)
+    poller = Poller(svc, PollerConfig(enabled=True, interval=30.0), rand=lambda: 0.99)
+    await poller.start()
+    try:
+        now = time.monotonic()
+        svc.upsert_device(Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/"), 0.0)
+        poller.sync_targets(now)
+        assert poller._due["a"] > now + 25  # at start: spread over the interval
+        poller._started_at = now - 31
+        svc.upsert_device(Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/"), 0.0)
+        poller.sync_targets(now)
+        assert poller._due["b"] <= now + 2.0
+    finally:
+        await poller.stop()

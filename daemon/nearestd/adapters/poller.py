@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import socket
 import ssl
@@ -128,14 +129,18 @@ class Poller:
         self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._applied_at = 0.0
+        self._started_at = 0.0
+        # When discovery last heard of each failing device, as of its last failed poll.
+        self._heard: dict[str, float] = {}
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
-        """Open the HTTP session and start the schedule."""
+        """Start the thread pool and the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
         self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="poll")
+        self._started_at = self._clock()
         self._runner = asyncio.ensure_future(self._run())
         self._runner.set_name("poller")
         LOG.info(
@@ -144,7 +149,7 @@ class Poller:
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule and the polls in flight; close the session."""
+        """Cancel the schedule; wake and drop the polls in flight."""
         tasks = [t for t in (self._runner, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
@@ -152,9 +157,8 @@ class Poller:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._pool is not None:
-            # Polls still in threads end by their own deadline; nobody waits for them.
             self._pool.shutdown(wait=False, cancel_futures=True)
-            # Wake the polls blocked in a socket, so no thread outlives the daemon's stop.
+            # Wake the polls blocked in a socket, so that no thread outlives the stop.
             self._open.abort_all()
             self._pool = None
         self._runner = None
@@ -204,11 +208,13 @@ class Poller:
             seen.add(device_id)
             old = self._targets.get(device_id)
             if old != target:
-                # A new device, or one that moved to another address: ask it soon.
+                # At start, first polls are spread over an interval; later, a new device or
+                # one at a new address is asked soon.
+                starting = old is None and now - self._started_at < self.cfg.interval
                 self._targets[device_id] = target
                 self._failures.pop(device_id, None)
                 self._due[device_id] = now + first_delay(
-                    min(self.cfg.interval, 2.0) if old is not None else self.cfg.interval,
+                    self.cfg.interval if starting else min(self.cfg.interval, 2.0),
                     self._rand(),
                 )
         for device_id in list(self._targets):
@@ -216,10 +222,21 @@ class Poller:
                 del self._targets[device_id]
                 self._due.pop(device_id, None)
                 self._failures.pop(device_id, None)
+                self._heard.pop(device_id, None)
+
+    def _heard_again(self, now: float) -> None:
+        """Ask at once (once per failure streak) a failing device discovery hears from again."""
+        for device_id, heard in self._heard.items():
+            rec = self.service.table.get(device_id)
+            if rec is not None and rec.last_seen > heard:
+                self._due[device_id] = min(now, self._due.get(device_id, now))
+                self._heard[device_id] = math.inf
 
     def schedule(self, now: float) -> int:
         """Start a poll for every device that is due; return how many were started."""
         self.sync_targets(now)
+        if self._heard:
+            self._heard_again(now)
         started = 0
         for device_id, due in self._due.items():
             if due > now or device_id in self._in_flight:
@@ -269,6 +286,9 @@ class Poller:
                 failures = self._failures.get(device_id, 0) + 1
                 self._failures[device_id] = failures
                 if failures == 1:
+                    rec = self.service.table.get(device_id)
+                    self._heard[device_id] = rec.last_seen if rec is not None else 0.0
+                if failures == 1:
                     LOG.info(
                         "device not answering",
                         extra={"device": device_id, "reason": failure, "detail": detail[:200]},
@@ -276,6 +296,7 @@ class Poller:
             else:
                 failures = 0
                 self._failures.pop(device_id, None)
+                self._heard.pop(device_id, None)
             assert live is not None
             self._pending[device_id] = live
             if device_id in self._targets:
