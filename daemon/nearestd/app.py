@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import secrets
 import signal
@@ -229,6 +230,10 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
             LOG.error("configuration problem", extra={"problem": problem})
         return 2
     daemon = Daemon(world, config_path)
+    # The site map and device table live until the next reload: keep the cyclic
+    # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
+    gc.freeze()
+    daemon.reload_hooks.append(_refreeze)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, daemon.request_stop)
@@ -246,6 +251,13 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
     await daemon.stop()
     LOG.info("stopped")
     return 0
+
+
+def _refreeze(daemon: Daemon) -> None:
+    """After a reload: collect the old world's cycles, then freeze the new one."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def state_path(world: World) -> Path:
