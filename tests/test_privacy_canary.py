@@ -167,26 +167,28 @@ class Finding:
 @dataclass
 class Scanner:
     canaries: list[Canary]
-    _needles: list[tuple[str, str, re.Pattern[str] | None, bytes | None]] = field(
-        default_factory=list
-    )
+    _needles: list[tuple[str, str, str, bytes | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for c in self.canaries:
             texts, raws = encodings(c.addr)
             for t in texts:
-                # Numbers and hex only count as whole tokens; addresses as they are.
-                pat = re.compile(rf"(?<![0-9A-Za-z]){re.escape(t)}(?![0-9A-Za-z])", re.I)
-                self._needles.append((c.ip, t, pat, None))
+                self._needles.append((c.ip, t, t.lower(), None))
             for r in raws:
-                self._needles.append((c.ip, r.hex(), None, r))
+                self._needles.append((c.ip, r.hex(), "", r))
 
     def scan(self, sink: str, data: bytes) -> list[Finding]:
-        text = data.decode("utf-8", "replace")
+        lower = data.decode("utf-8", "replace").lower()
         found = []
-        for ip, label, pat, raw in self._needles:
-            if (pat is not None and pat.search(text)) or (raw is not None and raw in data):
-                found.append(Finding(sink, ip, label))
+        for ip, label, needle, raw in self._needles:
+            if raw is not None:
+                if raw in data:
+                    found.append(Finding(sink, ip, label))
+            elif needle in lower:
+                # A fast substring test first; numbers and hex only count as whole tokens.
+                pat = rf"(?<![0-9a-z]){re.escape(needle)}(?![0-9a-z])"
+                if re.search(pat, lower):
+                    found.append(Finding(sink, ip, label))
         return found
 
 
@@ -242,11 +244,12 @@ def mqtt_capture(port: int) -> Iterator[Callable[[], dict[str, bytes]]]:
             items = list(got)
         # What the daemon publishes: not the askers' own queries, and not the replies to
         # the asker (which may say where the asker is); everything else is scanned.
-        return {
-            f"mqtt:{t}#{i}": t.encode() + b"\n" + p
-            for i, (t, p) in enumerate(items)
+        kept = [
+            t.encode() + b"\n" + p
+            for t, p in items
             if not t.startswith("canary-reply/") and not t.endswith("/query")
-        }
+        ]
+        return {"mqtt: every topic": b"\n".join(kept)} if kept else {}
 
     try:
         yield read
@@ -389,6 +392,8 @@ def run_scenario(tmp_path: Path, canaries: list[Canary], leak: str = "") -> list
     assert blobs["daemon stdout+stderr"].count(b"request rate spiked") >= len(canaries)
     assert b"nearest_" in blobs["metrics"]
     assert b"level=debug" in blobs["daemon stdout+stderr"]
+    if broker is not None:
+        assert b"/status/" in blobs.get("mqtt: every topic", b""), "no daemon MQTT message seen"
     scanner = Scanner(canaries)
     findings: list[Finding] = []
     for sink, data in blobs.items():
