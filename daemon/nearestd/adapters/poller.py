@@ -4,18 +4,19 @@ Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roo
 (scanners) is polled, discovered and static alike. Each device has its own due time:
 the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
-``max_backoff``), so a cycle over many devices is a trickle, not a burst. A semaphore
-bounds the polls in flight; each poll, connection to last byte, has the configured
-timeout; replies are read up to ``max_response`` bytes. TLS certificates are not
+``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
+``concurrency`` threads bound the polls in flight; each poll, connection to last byte,
+has the configured timeout; replies are read up to ``max_response`` bytes. TLS certificates are not
 checked: these are status reads of printers that mostly have self-signed ones.
 
 Where the work runs, and why (measured in ``make bench``): the exchange itself (connect,
 TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs in a
 small thread pool, because its syscalls and handshakes cost far more than its Python
 and, on the event loop, they delayed queries (an ipps cycle doubled the query p99).
-The threads touch nothing shared. Results come back to the loop and are handed to
-``Service.set_live`` in batches every half second, so state changes empty the answer
-cache at most twice a second rather than once per change.
+The threads touch nothing shared: they put results on a queue, which the loop empties
+every quarter second (so a poll costs the loop no wakeup of its own), and the loop hands
+them to ``Service.set_live`` in batches every half second, so state changes empty the
+answer cache at most twice a second rather than once per change.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import itertools
 import logging
 import math
+import queue
 import random
 import socket
 import ssl
@@ -114,12 +116,10 @@ class Poller:
         self._failures: dict[str, int] = {}
         self._in_flight: set[str] = set()
         self._generation = -1
-        self._sem = asyncio.Semaphore(cfg.concurrency)
         self._tls = insecure_tls_context()
         self._pool: ThreadPoolExecutor | None = None
         self._open = OpenSockets()
         self._runner: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
         self.restarting: asyncio.Task[None] | None = None
         self._ids = itertools.count(1)
         self.polls = 0
@@ -128,6 +128,9 @@ class Poller:
         self.poll_seconds = 0.0
         self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
+        self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
+            queue.SimpleQueue()
+        )
         self._applied_at = 0.0
         self._started_at = 0.0
         # When discovery last heard of each failing device, as of its last failed poll.
@@ -138,7 +141,6 @@ class Poller:
         """Start the thread pool and the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
-        self._sem = asyncio.Semaphore(self.cfg.concurrency)
         self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="poll")
         self._started_at = self._clock()
         self._runner = asyncio.ensure_future(self._run())
@@ -150,20 +152,18 @@ class Poller:
 
     async def stop(self) -> None:
         """Cancel the schedule; wake and drop the polls in flight."""
-        tasks = [t for t in (self._runner, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
+        if self._runner is not None:
+            self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await self._runner
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             # Wake the polls blocked in a socket, so that no thread outlives the stop.
             self._open.abort_all()
             self._pool = None
         self._runner = None
-        self._tasks.clear()
         self._in_flight.clear()
+        self._results = queue.SimpleQueue()
 
     def forget(self) -> None:
         """Drop every live state found so far: with the poller off, states are unknown."""
@@ -185,6 +185,7 @@ class Poller:
         while True:
             try:
                 now = self._clock()
+                self.collect()
                 if self._pending and now - self._applied_at >= APPLY_SECONDS:
                     self.apply_pending()
                     self._applied_at = now
@@ -241,45 +242,59 @@ class Poller:
         for device_id, due in self._due.items():
             if due > now or device_id in self._in_flight:
                 continue
-            self._in_flight.add(device_id)
-            task = asyncio.ensure_future(self._poll(device_id, self._targets[device_id]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._submit(device_id, self._targets[device_id])
             started += 1
         return started
 
     async def poll_all(self) -> None:
         """Poll every pollable device once now, and wait for all of them (tests, bench)."""
         self.sync_targets(self._clock())
-        jobs = [
-            self._poll(device_id, target)
-            for device_id, target in list(self._targets.items())
-            if device_id not in self._in_flight
-        ]
-        self._in_flight.update(self._targets)
-        await asyncio.gather(*jobs)
+        for device_id, target in list(self._targets.items()):
+            if device_id not in self._in_flight:
+                self._submit(device_id, target)
+        while self._in_flight:
+            await asyncio.sleep(0.01)
+            self.collect()
         self.apply_pending()
 
     # ---- one poll ------------------------------------------------------------------------
-    async def _poll(self, device_id: str, target: PollTarget) -> None:
+    def _submit(self, device_id: str, target: PollTarget) -> None:
+        """Hand one poll to the pool; its result comes back through ``collect``."""
+        if self._pool is None:
+            return
+        self._in_flight.add(device_id)
+        request_id = next(self._ids) % 0x7FFFFFFF or 1
+        self._pool.submit(self._work, device_id, target, request_id)
+
+    def _work(self, device_id: str, target: PollTarget, request_id: int) -> None:
+        """Poll one device; runs in a pool thread and only puts its result on the queue."""
+        started = time.monotonic()
+        live: Live | None = None
+        failure = detail = ""
         try:
-            detail = ""
-            async with self._sem:
-                started = self._clock()
-                try:
-                    async with asyncio.timeout(self.cfg.timeout):
-                        live: Live | None = await self._fetch(target)
-                    failure: str | None = None
-                except PollFailure as exc:
-                    live, failure = None, exc.kind
-                    detail = str(exc)
-                except TimeoutError:
-                    live, failure, detail = None, "timeout", f"no reply in {self.cfg.timeout:g} s"
-                elapsed = self._clock() - started
+            live = fetch_live(
+                target, request_id, self.cfg.timeout, self.cfg.max_response, self._tls, self._open
+            )
+        except PollFailure as exc:
+            failure, detail = exc.kind, str(exc)
+        except Exception as exc:  # a bug here must not lose the device's schedule
+            failure, detail = "bad-response", f"{type(exc).__name__}: {exc}"
+        self._results.put((device_id, live, failure, detail, time.monotonic() - started))
+
+    def collect(self) -> int:
+        """Take the finished polls' results (on the loop): schedule, account, queue to apply."""
+        n = 0
+        while True:
+            try:
+                device_id, live, failure, detail, elapsed = self._results.get_nowait()
+            except queue.Empty:
+                return n
+            n += 1
+            self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
             self.last_poll_s = elapsed
-            if failure is not None:
+            if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
                 live = unreachable(previous, failure)
@@ -288,7 +303,6 @@ class Poller:
                 if failures == 1:
                     rec = self.service.table.get(device_id)
                     self._heard[device_id] = rec.last_seen if rec is not None else 0.0
-                if failures == 1:
                     LOG.info(
                         "device not answering",
                         extra={"device": device_id, "reason": failure, "detail": detail[:200]},
@@ -297,14 +311,12 @@ class Poller:
                 failures = 0
                 self._failures.pop(device_id, None)
                 self._heard.pop(device_id, None)
-            assert live is not None
+            if device_id not in self._targets or live is None:
+                continue
             self._pending[device_id] = live
-            if device_id in self._targets:
-                self._due[device_id] = self._clock() + next_delay(
-                    failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
-                )
-        finally:
-            self._in_flight.discard(device_id)
+            self._due[device_id] = self._clock() + next_delay(
+                failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
+            )
 
     def apply_pending(self) -> None:
         """Hand the poll results gathered since the last batch to the service."""
@@ -329,20 +341,6 @@ class Poller:
                     "reasons": ",".join(live.reasons) or "none",
                 },
             )
-
-    async def _fetch(self, target: PollTarget) -> Live:
-        request_id = next(self._ids) % 0x7FFFFFFF or 1
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._pool,
-            fetch_live,
-            target,
-            request_id,
-            self.cfg.timeout,
-            self.cfg.max_response,
-            self._tls,
-            self._open,
-        )
 
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
