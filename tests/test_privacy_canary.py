@@ -368,6 +368,11 @@ def run_scenario(tmp_path: Path, canaries: list[Canary], leak: str = "") -> list
     with contextlib_mqtt(broker) as mqtt_read:
         d = DaemonProcess(cfg, env=env).wait_ready()
         try:
+            if mqtt_read is not None:  # the daemon is on the broker before anyone asks
+                deadline = time.monotonic() + 15
+                while b"/status/" not in b"".join(mqtt_read().values()):
+                    assert time.monotonic() < deadline, "the daemon never published its status"
+                    time.sleep(0.05)
             drive(d, canaries)
             if mqtt_read is not None:
                 ask_over_mqtt(broker.port, canaries)  # type: ignore[union-attr]
