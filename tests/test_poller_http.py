@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -16,7 +17,7 @@ from nearestd.config import PollerConfig
 from nearestd.core.model import Device, DeviceKind, DeviceState
 from nearestd.loader import load_world
 from nearestd.service import Service
-from support import DEMO_MAP, free_port, write_config
+from support import DEMO_MAP, DaemonProcess, free_port, write_config
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -310,3 +311,50 @@ async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
         assert poller._due["b"] <= now + 2.0
     finally:
         await poller.stop()
+
+
+def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
+    # A printer that accepts and never answers, polled with a long timeout.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    data = json.loads(DEMO_MAP.read_text())
+    data["features"] = [f for f in data["features"] if not f["properties"].get("static")]
+    data["features"].append(
+        {
+            "type": "Feature",
+            "properties": {
+                "feature_type": "device",
+                "static": True,
+                "id": "hung",
+                "name": "Hung",
+                "kind": "printer",
+                "uri": f"ipp://127.0.0.1:{port}/ipp/print",
+                "site": "hq",
+                "building": "north",
+                "level": 0,
+            },
+            "geometry": {"type": "Point", "coordinates": [4.8947504, 52.3702337]},
+        }
+    )
+    site = tmp_path / "site.geojson"
+    site.write_text(json.dumps(data))
+    cfg = write_config(
+        tmp_path,
+        sections={"poller": {"enabled": True, "interval": "0.2s", "timeout": "60s"}},
+        maps=[str(site)],
+    )
+    daemon = DaemonProcess(cfg).wait_ready()
+    try:
+        conns = []
+        deadline = time.monotonic() + 5
+        listener.settimeout(5)
+        while not conns and time.monotonic() < deadline:
+            conns.append(listener.accept()[0])  # the poll is now waiting for a reply
+        t0 = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - t0 < 3.0
+    finally:
+        daemon.kill()
+        listener.close()

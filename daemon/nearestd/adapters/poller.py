@@ -6,8 +6,9 @@ the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
 ``concurrency`` threads bound the polls in flight; each poll, connection to last byte,
-has the configured timeout; replies are read up to ``max_response`` bytes. TLS certificates are not
-checked: these are status reads of printers that mostly have self-signed ones.
+has the configured timeout; replies are read up to ``max_response`` bytes. TLS
+certificates are not checked: these are status reads of printers that mostly have
+self-signed ones.
 
 Where the work runs, and why (measured in ``make bench``): the exchange itself (connect,
 TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs in a
@@ -34,7 +35,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -95,6 +95,38 @@ def insecure_tls_context() -> ssl.SSLContext:
     return ctx
 
 
+class Workers:
+    """Daemon threads that run jobs from a queue: a poll stuck in connect() cannot delay exit.
+
+    (A ThreadPoolExecutor's threads are joined when the interpreter exits, and a connect
+    to a powered-off host on the LAN blocks for seconds.)
+    """
+
+    def __init__(self, count: int) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._count = count
+        for i in range(count):
+            threading.Thread(target=self._loop, name=f"poll-{i}", daemon=True).start()
+
+    def _loop(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job for the next free thread."""
+        self._jobs.put(job)
+
+    def shutdown(self) -> None:
+        """Let each thread end after its current job; jobs not started yet are dropped."""
+        while True:
+            try:
+                self._jobs.get_nowait()
+            except queue.Empty:
+                break
+        for _ in range(self._count):
+            self._jobs.put(None)
+
+
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
@@ -103,13 +135,11 @@ class Poller:
         service: Service,
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self.service = service
         self.cfg = cfg
         self._clock = clock
-        self._wall = wall
         self._rand = rand
         self._targets: dict[str, PollTarget] = {}
         self._due: dict[str, float] = {}
@@ -117,7 +147,7 @@ class Poller:
         self._in_flight: set[str] = set()
         self._generation = -1
         self._tls = insecure_tls_context()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: Workers | None = None
         self._open = OpenSockets()
         self._runner: asyncio.Task[None] | None = None
         self.restarting: asyncio.Task[None] | None = None
@@ -141,7 +171,7 @@ class Poller:
         """Start the thread pool and the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
-        self._pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="poll")
+        self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
         self._runner = asyncio.ensure_future(self._run())
         self._runner.set_name("poller")
@@ -157,7 +187,7 @@ class Poller:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._runner
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown()
             # Wake the polls blocked in a socket, so that no thread outlives the stop.
             self._open.abort_all()
             self._pool = None
@@ -264,7 +294,7 @@ class Poller:
             return
         self._in_flight.add(device_id)
         request_id = next(self._ids) % 0x7FFFFFFF or 1
-        self._pool.submit(self._work, device_id, target, request_id)
+        self._pool.submit(lambda: self._work(device_id, target, request_id))
 
     def _work(self, device_id: str, target: PollTarget, request_id: int) -> None:
         """Poll one device; runs in a pool thread and only puts its result on the queue."""
