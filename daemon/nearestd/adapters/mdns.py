@@ -158,16 +158,22 @@ def open_link(link: Link, ipv6: bool) -> AsyncZeroconf:
         interfaces=list(link.specs),
         ip_version=IPVersion.All if ipv6 else IPVersion.V4Only,
     )
-    # python-zeroconf receives multicast on one wildcard socket. With two links, Linux
-    # steers each datagram to one socket of the SO_REUSEPORT group whatever the
-    # interface it came in on (measured on the test LAN), so bind the socket to its
-    # device; IP_MULTICAST_ALL=0 also keeps out groups joined by other sockets.
+    # python-zeroconf receives multicast on one wildcard socket per instance. Measured on
+    # the test LAN with one instance per link: by default each socket also got the other
+    # link's datagrams (Linux IP_MULTICAST_ALL), and with IP_MULTICAST_ALL=0 alone both
+    # links' datagrams went to one of the two sockets. Binding each to its device works.
     engine = aiozc.zeroconf.engine
     for sock in [getattr(engine, "_listen_socket", None), *getattr(engine, "_respond_sockets", [])]:
         if isinstance(sock, socket.socket):
             _grow_receive_buffer(sock)
     listen = getattr(engine, "_listen_socket", None)
-    if isinstance(listen, socket.socket):
+    if not isinstance(listen, socket.socket):
+        LOG.warning(
+            "cannot reach python-zeroconf's multicast socket to bind it to its interface; "
+            "with several links, one link's services may be seen on another",
+            extra={"interface": link.label},
+        )
+    else:
         v4 = listen.family == socket.AF_INET
         with contextlib.suppress(OSError):
             if v4:
