@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nearestd.core.discovery import (
     Merger,
@@ -425,3 +427,55 @@ def test_a_service_nobody_can_reach_is_no_device_and_endpoints_are_unique() -> N
         ]
     )
     assert [e.uri for e in d.endpoints] == ["ipp://198.18.77.12:631/", "ipp://p1.local:631/"]
+
+
+# ---- incremental merging equals merging from scratch -----------------------------------------
+
+TYPES = ["_ipp._tcp", "_ipps._tcp", "_printer._tcp", "_pdl-datastream._tcp", "_uscan._tcp"]
+
+
+@st.composite
+def service(draw: Any) -> ServiceRecord:
+    txt: dict[str, str | None] = {}
+    uuid = draw(st.sampled_from([None, UUID_A, UUID_B, UUID_A.upper()]))
+    if uuid:
+        txt["UUID"] = uuid
+    if draw(st.booleans()):
+        txt["note"] = draw(st.sampled_from(["Lab", "Hall"]))
+    if draw(st.integers(0, 5)) == 0:
+        txt["printer-type"] = "0x1"
+    return rec(
+        draw(st.sampled_from(TYPES)),
+        draw(st.sampled_from(["A", "B", "a"])),
+        host=draw(st.sampled_from(["h1.local", "h2.local"])),
+        port=draw(st.sampled_from([0, 631])),
+        addresses=draw(st.sampled_from([("198.18.77.12",), ("198.18.77.13", "2001:db8::1")])),
+        t=txt,
+        interface=draw(st.sampled_from(["eth0", "eth1"])),
+    )
+
+
+ops = st.lists(st.tuples(st.booleans(), service()), min_size=1, max_size=25)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops)
+def test_incremental_merge_equals_a_fresh_merge(steps: list[tuple[bool, ServiceRecord]]) -> None:
+    m = Merger()
+    shown: dict[str, Any] = {}
+    for remove, r in steps:
+        changes = m.remove(r.interface, r.type, r.name) if remove else m.upsert(r, 0.0)[0]
+        for c in changes:  # what the device table sees
+            if c.device is None:
+                shown.pop(c.device_id, None)
+            else:
+                shown[c.device_id] = c.device
+        live = [p.record for p in m.services.values()]
+        for order in (live, live[::-1]):
+            fresh = Merger()
+            for x in order:
+                fresh.upsert(x, 0.0)
+            assert sorted(fresh.devices(), key=lambda d: d.id) == sorted(
+                m.devices(), key=lambda d: d.id
+            )
+        assert shown == {d.id: d for d in m.devices()}
