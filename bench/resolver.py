@@ -431,6 +431,7 @@ def _in_process(
             }
         )
     zones = [sm.zones[z] for z in seen]
+    cold_t = _timed(lambda z: index.nearest(z, "printer", need, 1, ranking), zones)
     idx_t = _timed(lambda z: index.nearest(z, "printer", need, 1, ranking), zones)
     now = time.time()
     handle = service.handle
@@ -467,7 +468,16 @@ def _in_process(
     goal = "median < 50 µs: "
     rows.append(
         (
-            f"SpatialIndex.nearest, k=1, need color ({len(zones)} zones, no cache involved)",
+            f"SpatialIndex.nearest, k=1, need color: first query of each of {len(zones)} zones "
+            "(builds the zone's frame and floor plan)",
+            cold_t.show(),
+            goal + _verdict(cold_t.median < 50e-6),
+            ratio(cold_t),
+        )
+    )
+    rows.append(
+        (
+            "SpatialIndex.nearest, same queries again (exact search; the index caches no answers)",
             idx_t.show(),
             goal + _verdict(idx_t.median < 50e-6),
             ratio(idx_t),

@@ -32,7 +32,7 @@ import shapely
 from rtree import index as rtree_index
 from shapely.geometry.base import BaseGeometry
 
-from nearest_wire import Need
+from nearest_wire import PAPER_CLASSES, Need
 from nearestd.core.model import Zone
 from nearestd.core.sitemap import Projection
 
@@ -267,8 +267,6 @@ def matches(entry: Entry, kind: str, need: Need, mask: int, paper: int) -> bool:
 
 
 def _need_paper(need: Need) -> int:
-    from nearest_wire import PAPER_CLASSES
-
     return -1 if need.paper is None else PAPER_CLASSES.index(need.paper)
 
 
