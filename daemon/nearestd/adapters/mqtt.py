@@ -372,8 +372,6 @@ class MqttAdapter:
                 )
                 if announce in done:
                     announce.result()
-                    self.counters.connected = True
-                    self._set_state("connected")
                     keeper = asyncio.create_task(self._keep_inventory(client), name="mqtt-inv")
                     done, _ = await asyncio.wait(
                         {receiver, keeper, stopper}, return_when=asyncio.FIRST_COMPLETED
@@ -444,6 +442,9 @@ class MqttAdapter:
                 "when we connected); instance names must be unique",
                 extra={"instance": self.instance, "client_id": f"nearestd-{self.instance}"},
             )
+        # Connected from here on: a requester may act on ``online`` before its PUBACK is back.
+        self.counters.connected = True
+        self._set_state("connected")
         online = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         online.UserProperty = [("session", self.session)]
         await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True, properties=online)
