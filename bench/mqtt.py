@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -262,6 +263,8 @@ def main() -> None:
     if args[:1] == ["--echo"]:
         asyncio.run(echo_responder(int(args[1]), args[2]))
         return
+    # A timeout's SIGTERM must still stop the daemon and the broker (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cycles = CYCLES
     if "--cycles" in args:
         cycles = int(args[args.index("--cycles") + 1])

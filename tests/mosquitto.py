@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import signal
@@ -10,6 +11,19 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+# Brokers run in their own session (so a test's kill -9 cannot hit pytest): whatever a
+# failing test leaves running is stopped when the interpreter exits.
+_LIVE: set[subprocess.Popen[bytes]] = set()
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    for proc in list(_LIVE):
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    _LIVE.clear()
 
 
 def _free_port() -> int:
@@ -84,12 +98,14 @@ class Mosquitto:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+            _LIVE.add(self.proc)
             if self._wait_listening(deadline):
                 return self
             # The port may still be held by the previous incarnation: try again.
             if self.proc.poll() is None:
                 self.proc.kill()
             self.proc.wait(5)
+            self._forget()
             if time.monotonic() >= deadline:
                 raise RuntimeError(f"mosquitto did not start: {self.logs()[-2000:]}")
             time.sleep(0.05)
@@ -111,6 +127,11 @@ class Mosquitto:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            _LIVE.discard(self.proc)
 
     def stop(self) -> None:
         """Stop the broker politely."""
@@ -120,6 +141,7 @@ class Mosquitto:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
                 self.kill()
+        self._forget()
 
     def restart(self) -> None:
         """Kill -9 and start again on the same port."""
