@@ -538,6 +538,18 @@ def _wait_ready(proc: subprocess.Popen[bytes], admin: Path, timeout: float) -> N
     raise RuntimeError(f"nearestd did not answer ping within {timeout} s")
 
 
+def _daemon_counts(admin: Path) -> tuple[int, int]:
+    """Return (queries answered, location-log entries held) from the daemon's stats."""
+    from nearest_client import Client
+
+    with Client(f"unix://{admin}", timeout=10) as c:
+        stats = c.request({"op": "stats"})["stats"]
+    answered = sum(
+        n for key, n in stats["queries"].items() if key.split("/")[1:] == ["nearest", "ok"]
+    )
+    return answered, int(stats["location_log_entries"])
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -709,6 +721,7 @@ def main() -> None:
         warm_server_cpu = (_cpu_seconds(proc.pid) - c0) / max(warm_got["done"], 1)
         warm_qps = warm_got["done"] / warm_got["seconds"]
         rss_after, rss_peak = _proc_memory(proc.pid)
+        answered, log_entries = _daemon_counts(tmp / "admin.sock")
         _stop(proc)
         log.close()
         print("daemon measured", flush=True)
@@ -818,7 +831,8 @@ def main() -> None:
         )
         rows.append(
             (
-                "daemon resident memory (VmRSS): after start-up / after the runs",
+                f"daemon resident memory (VmRSS): after start-up / after the runs "
+                f"({answered:,} queries answered, {log_entries:,} location-log entries held)",
                 f"{rss_ready:.0f} MB / {rss_after:.0f} MB (peak {rss_peak:.0f} MB)",
                 f"< 300 MB: {_verdict(max(rss_ready, rss_after) < 300)}",
                 "-",
