@@ -12,10 +12,12 @@ import random
 import sys
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearest_wire import Need
+from nearestd.core import index as index_module
 from nearestd.core.devices import DeviceTable
 from nearestd.core.index import Ranking
 from nearestd.core.sitemap import PrefixTable, _Floors, build_sitemap
@@ -152,9 +154,14 @@ def _bench_gen() -> Any:
     return module
 
 
-def test_index_equals_brute_force_on_a_dense_generated_campus() -> None:
+@pytest.mark.parametrize("settle_inside", [0.0, index_module.SETTLE_INSIDE, 1e9])
+def test_index_equals_brute_force_on_a_dense_generated_campus(
+    settle_inside: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Dense floors (many devices tie at distance 0 inside a zone) exercise the first
-    # batch's size and the enlargement; L-shaped rooms the exact polygon distance.
+    # batch's size and the enlargement; L-shaped rooms the exact polygon distance. The
+    # box query that settles a floor is tried always, as tuned, and never.
+    monkeypatch.setattr(index_module, "SETTLE_INSIDE", settle_inside)
     gen = _bench_gen()
     world = gen.generate(seed=3, sites=2, buildings=3, devices=4000, prefixes=1500)
     docs, rows = gen.documents(world)

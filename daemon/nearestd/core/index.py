@@ -42,6 +42,8 @@ COLOR, DUPLEX, ADF, SECURE = 1, 2, 4, 8
 EPSILON = 1e-6
 # Devices asked of a group's rtree at first; enlarged fourfold while the bound is unproven.
 FIRST_BATCH = 8
+# Expected devices per answer wanted in the zone's box before the box query is tried first.
+SETTLE_INSIDE = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +229,7 @@ def _rect_distance(a: tuple[float, float, float, float], b: list[float]) -> floa
     return math.hypot(dx, dy)
 
 
-def _inside(bbox: tuple[float, float, float, float], group: _Group) -> int:
+def _inside(bbox: tuple[float, float, float, float], group: _Group) -> float:
     """Return about how many of a group's devices lie in the box, if spread evenly.
 
     Devices inside the zone's box all tie at bound 0, so a first batch smaller than
@@ -238,8 +240,8 @@ def _inside(bbox: tuple[float, float, float, float], group: _Group) -> int:
     w = min(bbox[2], g[2]) - max(bbox[0], g[0])
     h = min(bbox[3], g[3]) - max(bbox[1], g[1])
     if area <= 0.0 or w <= 0.0 or h <= 0.0:
-        return 0
-    return int(group.count * (w * h) / area * 1.5) + 4
+        return 0.0
+    return group.count * (w * h) / area
 
 
 def cost_of(entry: Entry, zone: Zone, frame: ZoneFrame, ranking: Ranking) -> tuple[float, float]:
@@ -417,18 +419,27 @@ class SpatialIndex:
             minx, miny, maxx, maxy = bbox
             cx = frame.cx
             cy = frame.cy
-            m = max(FIRST_BATCH, 4 * k, _inside(bbox, group))
+            expected = _inside(bbox, group)
+            m = max(FIRST_BATCH, 4 * k, int(expected * 1.5) + 4 if expected > 0.0 else 0)
             visited: set[int] | None = None
+            # On the zone's own floor (penalty 0) of a rectangular zone, every device in
+            # the zone's closed box costs exactly 0 and every other one more than 0 (no
+            # penalty to round it away): when k of those inside match, a box query (about
+            # half a nearest search) settles the group. Tried where many are expected.
+            settle = pen == 0.0 and frame.is_rect and expected >= SETTLE_INSIDE * k
             while True:
-                slots = list(group.tree.nearest(bbox, m))
-                # A nearest-m answer holds no device farther than one it leaves out, so
-                # any returned device's bound is a bound for the rest; the last one's is
-                # the tightest (they come nearest first). Filtered-out devices then need
-                # no bound of their own.
                 far = 0.0
-                if slots:
-                    last = entries[slots[-1]]
-                    far = frame.bbox_distance(last.x, last.y)
+                if settle:
+                    slots = list(group.tree.intersection(bbox))
+                else:
+                    slots = list(group.tree.nearest(bbox, m))
+                    # A nearest-m answer holds no device farther than one it leaves out,
+                    # so any returned device's bound is a bound for the rest; the last
+                    # one's is the tightest (they come nearest first). Filtered-out
+                    # devices then need no bound of their own.
+                    if slots:
+                        last = entries[slots[-1]]
+                        far = frame.bbox_distance(last.x, last.y)
                 for slot in slots:
                     if visited is not None:
                         if slot in visited:
@@ -466,6 +477,12 @@ class SpatialIndex:
                     bisect.insort(best, item)
                     if len(best) > k:
                         best.pop()
+                if settle:
+                    settle = False
+                    if len(best) >= k and best[-1][0] == 0.0:
+                        break
+                    visited = set(slots)
+                    continue
                 if len(slots) < m:
                     break
                 worst = best[-1][0] if len(best) >= k else inf
