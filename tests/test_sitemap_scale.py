@@ -154,14 +154,19 @@ def _bench_gen() -> Any:
     return module
 
 
-@pytest.mark.parametrize("settle_inside", [0.0, index_module.SETTLE_INSIDE, 1e9])
+@pytest.mark.parametrize(
+    ("settle_inside", "small_group"),
+    [(0.0, 0), (index_module.SETTLE_INSIDE, index_module.SMALL_GROUP), (1e9, 10**6)],
+)
 def test_index_equals_brute_force_on_a_dense_generated_campus(
-    settle_inside: float, monkeypatch: pytest.MonkeyPatch
+    settle_inside: float, small_group: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Dense floors (many devices tie at distance 0 inside a zone) exercise the first
     # batch's size and the enlargement; L-shaped rooms the exact polygon distance. The
-    # box query that settles a floor is tried always, as tuned, and never.
+    # box query that settles a floor is tried always, as tuned, and never; floors are
+    # all rtrees, as tuned (lists while small), and all lists.
     monkeypatch.setattr(index_module, "SETTLE_INSIDE", settle_inside)
+    monkeypatch.setattr(index_module, "SMALL_GROUP", small_group)
     gen = _bench_gen()
     world = gen.generate(seed=3, sites=2, buildings=3, devices=4000, prefixes=1500)
     docs, rows = gen.documents(world)
@@ -190,3 +195,40 @@ def test_index_equals_brute_force_on_a_dense_generated_campus(
                     k,
                     ranking,
                 )
+
+
+def test_floors_move_from_lists_to_rtrees_as_devices_come_and_go(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Tiny lists, so that upserts push floors into rtrees and removals empty them.
+    monkeypatch.setattr(index_module, "SMALL_GROUP", 2)
+    gen = _bench_gen()
+    world = gen.generate(seed=9, sites=1, buildings=2, devices=600, prefixes=200)
+    docs, rows = gen.documents(world)
+    sm = build_sitemap(list(docs.items()), [("ipam.csv", gen.csv_text(rows))])
+    table = DeviceTable(sm)
+    index = table.index
+    entries = list(index.entries())
+    rng = random.Random(11)
+    zones = list(sm.zones.values())
+    ranking = Ranking()
+
+    def check() -> None:
+        for zone in rng.sample(zones, 8):
+            for kind, need, k in (("printer", Need(color=True), 1), ("scanner", Need(), 3)):
+                assert index.nearest(zone, kind, need, k, ranking) == index.brute_force(
+                    zone, kind, need, k, ranking
+                )
+
+    rng.shuffle(entries)
+    for i, entry in enumerate(entries):
+        index.remove(entry.device_id)
+        if i % 100 == 0:
+            check()
+    assert len(index) == 0
+    check()
+    for i, entry in enumerate(entries):
+        index.upsert(entry)
+        if i % 100 == 0:
+            check()
+    check()

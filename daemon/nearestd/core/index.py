@@ -44,6 +44,10 @@ EPSILON = 1e-6
 FIRST_BATCH = 8
 # Expected devices per answer wanted in the zone's box before the box query is tried first.
 SETTLE_INSIDE = 2.0
+# A floor with at most this many devices of a kind keeps them in a list that queries scan
+# whole (cheaper than an rtree search at that size; an rtree costs ~17 KB even when
+# nearly empty); past twice as many they move into an rtree.
+SMALL_GROUP = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +208,39 @@ def _new_tree(
 
 
 class _Group:
-    __slots__ = ("bounds", "count", "tree")
+    """One (site, kind, building, level): its devices in a list while few, else an rtree."""
 
-    def __init__(self, tree: rtree_index.Index | None = None) -> None:
-        self.tree = tree if tree is not None else _new_tree()
-        self.count = 0
+    __slots__ = ("bounds", "count", "small", "tree")
+
+    def __init__(self, small: list[int] | None = None, tree: Any = None) -> None:
+        # Exactly one of the two holds the group's slots.
+        self.small = small if tree is not None or small is not None else []
+        self.tree = tree
+        self.count = 0 if self.small is None else len(self.small)
         self.bounds = [math.inf, math.inf, -math.inf, -math.inf]
+
+    def insert(self, slot: int, x: float, y: float, entries: dict[int, Entry]) -> None:
+        """Add a device, moving the group into an rtree once it outgrows a list."""
+        if self.small is not None:
+            self.small.append(slot)
+            if len(self.small) > 2 * SMALL_GROUP:
+                self.tree = _new_tree(
+                    (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None)
+                    for s in self.small
+                )
+                self.small = None
+        else:
+            self.tree.insert(slot, (x, y, x, y))
+        self.count += 1
+        self.grow(x, y)
+
+    def delete(self, slot: int, x: float, y: float) -> None:
+        """Remove a device."""
+        if self.small is not None:
+            self.small.remove(slot)
+        else:
+            self.tree.delete(slot, (x, y, x, y))
+        self.count -= 1
 
     def grow(self, x: float, y: float) -> None:
         b = self.bounds
@@ -324,11 +355,14 @@ class SpatialIndex:
             key = (entry.site, entry.kind, entry.building, entry.level)
             by_group.setdefault(key, []).append((slot, entry))
         for key, items in by_group.items():
-            stream = ((slot, (e.x, e.y, e.x, e.y), None) for slot, e in items)
-            group = _Group(_new_tree(stream))
+            if len(items) <= SMALL_GROUP:
+                group = _Group(small=[slot for slot, _ in items])
+            else:
+                stream = ((slot, (e.x, e.y, e.x, e.y), None) for slot, e in items)
+                group = _Group(tree=_new_tree(stream))
+                group.count = len(items)
             for _, e in items:
                 group.grow(e.x, e.y)
-            group.count = len(items)
             self._groups[key] = group
             self._by_site_kind.setdefault((key[0], key[1]), []).append((key[2], key[3]))
         self._plans.clear()
@@ -356,10 +390,7 @@ class SpatialIndex:
         self._next_slot += 1
         self._entries[slot] = entry
         self._slot_of[entry.device_id] = slot
-        group = self._group(entry)
-        group.tree.insert(slot, (entry.x, entry.y, entry.x, entry.y))
-        group.count += 1
-        group.grow(entry.x, entry.y)
+        self._group(entry).insert(slot, entry.x, entry.y, self._entries)
 
     def remove(self, device_id: str) -> None:
         """Remove a device if indexed."""
@@ -368,9 +399,7 @@ class SpatialIndex:
             return
         entry = self._entries.pop(slot)
         key = (entry.site, entry.kind, entry.building, entry.level)
-        group = self._groups[key]
-        group.tree.delete(slot, (entry.x, entry.y, entry.x, entry.y))
-        group.count -= 1
+        self._groups[key].delete(slot, entry.x, entry.y)
 
     def _plan(self, zone: Zone, kind: str, ranking: Ranking) -> list[tuple[float, str, _Group]]:
         """Return the (penalty, site, group) to visit for a client in ``zone``, cheapest first."""
@@ -426,10 +455,15 @@ class SpatialIndex:
             # the zone's closed box costs exactly 0 and every other one more than 0 (no
             # penalty to round it away): when k of those inside match, a box query (about
             # half a nearest search) settles the group. Tried where many are expected.
-            settle = pen == 0.0 and frame.is_rect and expected >= SETTLE_INSIDE * k
+            small = group.small
+            settle = (
+                small is None and pen == 0.0 and frame.is_rect and expected >= SETTLE_INSIDE * k
+            )
             while True:
                 far = 0.0
-                if settle:
+                if small is not None:
+                    slots = small  # a small group: every device is evaluated
+                elif settle:
                     slots = list(group.tree.intersection(bbox))
                 else:
                     slots = list(group.tree.nearest(bbox, m))
@@ -477,6 +511,8 @@ class SpatialIndex:
                     bisect.insort(best, item)
                     if len(best) > k:
                         best.pop()
+                if small is not None:
+                    break
                 if settle:
                     settle = False
                     if len(best) >= k and best[-1][0] == 0.0:
