@@ -4,11 +4,13 @@ The printers are one simulator process (its CPU is not the daemon's) listening o
 loopback ports and answering Get-Printer-Attributes with a realistic reply, echoing the
 request id; one in ten flips between idle and processing every third poll, so state
 changes (and answer-cache invalidations) happen during the cycles as on a real site.
-Two daemons run with the 500 printers as static devices, identical but for the poller;
-the bench asks both the same nearest queries in turn over TCP for a fixed window while
-the poller's cycles run, and reads their CPU time from /proc. The figures: the daemon
-CPU time per poll cycle (500 polls) above the poller-less daemon, and the median query
-latency with the poller against without (the goal: within 10%).
+Two daemons run with the 500 printers as static devices; both poll one full cycle, so
+they hold the same live state and give the same answers, then one is quiesced. The
+bench asks both the same nearest queries in turn over TCP for a fixed window while the
+other's cycles run, and reads their CPU time from /proc. The figures: the daemon CPU
+time per poll cycle (500 polls) above the quiesced daemon, and the median query latency
+while cycles run against quiesced (the goal: within 10%). A control run (neither daemon
+polling, another process making the same requests) shows the set-up's own bias.
 """
 
 from __future__ import annotations
@@ -240,55 +242,140 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
 
 
-def _scenario(interval: float, ports: list[int], base: Path, scheme: str = "ipp") -> None:
+def _paired(c_on: Any, c_off: Any, ips: list[str]) -> tuple[dict[str, list[float]], float]:
+    """Ask both daemons the same queries in turn for WINDOW_S; return latencies per daemon."""
+    rng = random.Random(3)
+    lat: dict[str, list[float]] = {"on": [], "off": []}
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < WINDOW_S:
+        req = {"op": "nearest", "kind": "printer", "k": 3, "client_ip": rng.choice(ips)}
+        order = (("on", c_on), ("off", c_off)) if n % 2 else (("off", c_off), ("on", c_on))
+        for name, client in order:
+            q0 = time.perf_counter()
+            client.request(req)
+            lat[name].append(time.perf_counter() - q0)
+            time.sleep(QUERY_GAP_S)
+        n += 1
+    return lat, time.monotonic() - t0
+
+
+def _shift(lat: dict[str, list[float]]) -> tuple[float, list[str]]:
+    """Return the median shift of "on" over "off" in percent, and the same in five slices."""
+    shift = (statistics.median(lat["on"]) / statistics.median(lat["off"]) - 1) * 100
+    n = min(len(lat["on"]), len(lat["off"]))
+    slices = []
+    for i in range(5):
+        a, b = i * n // 5, (i + 1) * n // 5
+        ratio = statistics.median(lat["on"][a:b]) / statistics.median(lat["off"][a:b])
+        slices.append(f"{(ratio - 1) * 100:+.0f}%")
+    return shift, slices
+
+
+BURNER = """
+import socket, sys, time
+ports = [int(p) for p in sys.argv[1].split(",")]
+body = bytes([1, 1, 0, 11, 0, 0, 0, 1, 3])
+end = time.monotonic() + float(sys.argv[2])
+i = 0
+while time.monotonic() < end:
+    s = socket.create_connection(("127.0.0.1", ports[i % len(ports)]))
+    i += 1
+    s.sendall(b"POST /ipp/print HTTP/1.1\\r\\nHost: p\\r\\nContent-Length: 9\\r\\n\\r\\n" + body)
+    while s.recv(65536):
+        pass
+    s.close()
+    time.sleep(1 / float(sys.argv[3]))
+"""
+
+
+def _control(ports: list[int], base: Path, rate: float) -> float:
+    """Both daemons without a poller while another process makes the same requests.
+
+    Started and asked exactly as in the scenarios (the "on" one second), so the shift
+    measured here is what the set-up alone gives; return it in percent.
+    """
+    from nearest_client import Client
+
+    directory = Path(tempfile.mkdtemp(prefix="pollbench-", dir=base))
+    site, ips = _site(directory, ports)
+    off = {"enabled": False}
+    p_a, port_a = _start(directory / "a", site, off)
+    p_b, port_b = _start(directory / "b", site, off)
+    burner = subprocess.Popen(
+        [sys.executable, "-c", BURNER, ",".join(map(str, ports)), str(WINDOW_S + 2), str(rate)]
+    )
+    try:
+        time.sleep(1.0)
+        with (
+            Client(f"tcp://127.0.0.1:{port_a}", timeout=10) as c_a,
+            Client(f"tcp://127.0.0.1:{port_b}", timeout=10) as c_b,
+        ):
+            lat, _ = _paired(c_b, c_a, ips)
+    finally:
+        burner.kill()
+        _stop(p_a)
+        _stop(p_b)
+    shift, slices = _shift(lat)
+    print(f"### control: neither daemon polls; another process makes the same {rate:g} polls/s")
+    print(
+        f"median shift between two identical daemons: {shift:+.1f}% "
+        f"(slices: {', '.join(slices)}): how far this machine alone moves it"
+    )
+    return shift
+
+
+def _scenario(
+    interval: float, ports: list[int], base: Path, scheme: str = "ipp", control: float = 0.0
+) -> None:
     from nearest_client import Client
 
     directory = Path(tempfile.mkdtemp(prefix="pollbench-", dir=base))
     site, ips = _site(directory, ports, scheme)
     on = {"enabled": True, "interval": f"{interval:g}s", "timeout": "2s", "concurrency": 16}
-    # Two daemons, identical but for the poller, asked the same queries in turn: both
-    # see the same machine at the same moments, which on a shared machine matters more
-    # than anything the poller does.
-    p_off, port_off = _start(directory / "off", site, {**on, "enabled": False})
+    # Two daemons, asked the same queries in turn: both see the same machine at the same
+    # moments, which on a shared machine matters more than anything the poller does. Both
+    # poll a first cycle, so they hold the same live state and send the same answers;
+    # then the baseline ("off") is quiesced (interval 1 h) and only "on" keeps cycling.
+    p_off, port_off = _start(directory / "off", site, on)
     p_on, port_on = _start(directory / "on", site, on)
+
+    def polls_of(admin: Any) -> int:
+        return int(admin.request({"op": "stats"})["stats"]["poller"]["polls_total"])
+
     try:
         with (
             Client(f"unix://{directory / 'on' / 'admin.sock'}", timeout=10) as admin,
+            Client(f"unix://{directory / 'off' / 'admin.sock'}", timeout=10) as admin_off,
             Client(f"tcp://127.0.0.1:{port_off}", timeout=10) as c_off,
             Client(f"tcp://127.0.0.1:{port_on}", timeout=10) as c_on,
         ):
             t0 = time.monotonic()
-            while admin.request({"op": "stats"})["stats"]["poller"]["polls_total"] < DEVICES:
+            while polls_of(admin) < DEVICES or polls_of(admin_off) < DEVICES:
                 if time.monotonic() - t0 > interval * 2 + 20:
                     raise RuntimeError("the first poll cycle did not finish")
                 time.sleep(0.2)
             first = time.monotonic() - t0
-            rng = random.Random(3)
-            polls0 = admin.request({"op": "stats"})["stats"]["poller"]["polls_total"]
+            _config(directory / "off", site, port_off, {**on, "interval": "3600s"})
+            admin_off.request({"op": "reload"})
+            # Its polls already due still happen, one interval at most; then it is quiet.
+            time.sleep(interval * 1.1 + 1.0)
+            quiet = polls_of(admin_off)
+            polls0 = polls_of(admin)
             cpu0 = {"on": _cpu(p_on.pid), "off": _cpu(p_off.pid)}
-            lat: dict[str, list[float]] = {"on": [], "off": []}
-            t0 = time.monotonic()
-            n = 0
-            while time.monotonic() - t0 < WINDOW_S:
-                req = {"op": "nearest", "kind": "printer", "k": 3, "client_ip": rng.choice(ips)}
-                order = (("on", c_on), ("off", c_off)) if n % 2 else (("off", c_off), ("on", c_on))
-                for name, client in order:
-                    q0 = time.perf_counter()
-                    client.request(req)
-                    lat[name].append(time.perf_counter() - q0)
-                    time.sleep(QUERY_GAP_S)
-                n += 1
-            seconds = time.monotonic() - t0
+            lat, seconds = _paired(c_on, c_off, ips)
             cpu = {"on": _cpu(p_on.pid) - cpu0["on"], "off": _cpu(p_off.pid) - cpu0["off"]}
             final = admin.request({"op": "stats"})["stats"]["poller"]
             polls = final["polls_total"] - polls0
+            baseline_polls = polls_of(admin_off) - quiet
     finally:
         _stop(p_on)
         _stop(p_off)
     per_poll = (cpu["on"] - cpu["off"]) / polls if polls else float("nan")
     med = {k: statistics.median(v) for k, v in lat.items()}
     p99 = {k: sorted(v)[int(len(v) * 0.99)] for k, v in lat.items()}
-    moved = (med["on"] - med["off"]) / med["off"] * 100
+    # Also in five consecutive slices of the window: the spread is the machine's own drift.
+    moved, slices = _shift(lat)
     print(f"### {scheme}, interval {interval:g} s: {DEVICES} printers, concurrency 16, timeout 2 s")
     print(
         f"first cycle complete after {first:.1f} s; states now: {final['devices_by_state']}; "
@@ -299,7 +386,7 @@ def _scenario(interval: float, ports: list[int], base: Path, scheme: str = "ipp"
     print(
         f"{seconds:.0f} s window: {polls} polls ({polls / seconds:.0f}/s, "
         f"{polls / DEVICES:.1f} cycles); daemon CPU {cpu['on']:.2f} s with the poller, "
-        f"{cpu['off']:.2f} s without, same queries"
+        f"{cpu['off']:.2f} s quiesced ({baseline_polls} polls), same queries and answers"
     )
     print(
         f"daemon CPU per poll {per_poll * 1e6:.0f} us; per poll cycle of {DEVICES} printers "
@@ -308,9 +395,11 @@ def _scenario(interval: float, ports: list[int], base: Path, scheme: str = "ipp"
     verdict = "ok" if moved <= 10 else "OVER"
     print(
         f"query latency ({len(lat['on'])} queries each): median {med['on'] * 1e6:.0f} us with "
-        f"the poller vs {med['off'] * 1e6:.0f} us without ({moved:+.1f}%, goal <= +10%: "
+        f"cycles running vs {med['off'] * 1e6:.0f} us quiesced ({moved:+.1f}%, goal <= +10%: "
         f"{verdict}); p99 {p99['on'] * 1e6:.0f} us vs {p99['off'] * 1e6:.0f} us"
     )
+    print(f"median shift in five slices of the window: {', '.join(slices)}")
+    print(f"(the control's shift, which no polling causes, was {control:+.1f}%)")
 
 
 def _simulator(count: int, certdir: str = "") -> tuple[subprocess.Popen[bytes], list[int]]:
@@ -323,38 +412,34 @@ def _simulator(count: int, certdir: str = "") -> tuple[subprocess.Popen[bytes], 
     return sim, json.loads(sim.stdout.readline())
 
 
+def _certificate(directory: Path) -> bool:
+    """Make a self-signed RSA-2048 certificate, as printers have; False without openssl."""
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=printer", "-keyout", str(directory / "key.pem")]
+    argv += ["-out", str(directory / "cert.pem")]
+    try:
+        subprocess.run(argv, check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
 def main() -> None:
     base = Path(tempfile.mkdtemp(prefix="pollbench-"))
-    # A self-signed RSA-2048 certificate, as printers have: ipps polls pay a full handshake.
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=printer",
-            "-keyout",
-            str(base / "key.pem"),
-            "-out",
-            str(base / "cert.pem"),
-        ],
-        check=True,
-        capture_output=True,
-    )
     sims = []
     try:
         sim, ports = _simulator(DEVICES)
         sims.append(sim)
-        tls_sim, tls_ports = _simulator(DEVICES, str(base))
-        sims.append(tls_sim)
+        control = _control(ports, base, 48.0)
         for interval in (10.0, 2.0):
-            _scenario(interval, ports, base)
-        _scenario(10.0, tls_ports, base, "ipps")
+            _scenario(interval, ports, base, control=control)
+        # ipps polls pay a full TLS handshake each.
+        if _certificate(base):
+            tls_sim, tls_ports = _simulator(DEVICES, str(base))
+            sims.append(tls_sim)
+            _scenario(10.0, tls_ports, base, "ipps", control=control)
+        else:
+            print("### ipps: skipped (no openssl to make a certificate)")
     finally:
         for sim in sims:
             sim.send_signal(signal.SIGTERM)
