@@ -15,9 +15,11 @@ TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs 
 small thread pool, because its syscalls and handshakes cost far more than its Python
 and, on the event loop, they delayed queries (an ipps cycle doubled the query p99).
 The threads touch nothing shared: they put results on a queue, which the loop empties
-every quarter second (so a poll costs the loop no wakeup of its own), and the loop hands
-them to ``Service.set_live`` in batches every half second, so state changes empty the
-answer cache at most twice a second rather than once per change.
+every quarter second (so a poll costs the loop no wakeup of its own). The loop hands
+them to ``Service.set_live`` in batches, since every change empties the answer cache: a
+change of what can be answered (availability) or of where a device is goes in the next
+tick's batch; one that only reorders ties or what is shown (idle/processing, reasons,
+supplies) waits up to ``LAZY_APPLY_SECONDS``.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from nearestd.core.state import (
     StatusError,
     first_delay,
     next_delay,
+    overlay,
     poll_target,
     printer_live,
     scanner_live,
@@ -61,9 +64,10 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("nearestd.poller")
 TICK_SECONDS = 0.25
-# Poll results are applied in batches: each state change empties the answer cache, and
-# one batch per half second costs queries far less than one emptying per change.
-APPLY_SECONDS = 0.5
+# Poll results are applied in batches, since each change empties the answer cache. A
+# change of what can be answered (availability, placement) goes in the next tick's batch;
+# one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
+LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
 MAX_LINE = 8192
 MAX_HEADERS = 64
@@ -158,6 +162,7 @@ class Poller:
         self.poll_seconds = 0.0
         self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
+        self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
             queue.SimpleQueue()
         )
@@ -216,7 +221,7 @@ class Poller:
             try:
                 now = self._clock()
                 self.collect()
-                if self._pending and now - self._applied_at >= APPLY_SECONDS:
+                if self._urgent or (self._pending and now - self._applied_at >= LAZY_APPLY_SECONDS):
                     self.apply_pending()
                     self._applied_at = now
                 self.schedule(now)
@@ -344,13 +349,30 @@ class Poller:
             if device_id not in self._targets or live is None:
                 continue
             self._pending[device_id] = live
+            if not self._urgent:
+                self._urgent = self._matters(device_id, live)
             self._due[device_id] = self._clock() + next_delay(
                 failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
             )
 
+    def _matters(self, device_id: str, live: Live) -> bool:
+        """Return whether a result changes what can be answered, or where the device is."""
+        rec = self.service.table.get(device_id)
+        if rec is None:
+            return False
+        new = overlay(rec.device, live)
+        old = rec.device
+        return (new.available, new.geo, new.location_text, new.uuid) != (
+            old.available,
+            old.geo,
+            old.location_text,
+            old.uuid,
+        )
+
     def apply_pending(self) -> None:
         """Hand the poll results gathered since the last batch to the service."""
         pending, self._pending = self._pending, {}
+        self._urgent = False
         for device_id, live in pending.items():
             self._apply(device_id, live)
 
