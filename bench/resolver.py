@@ -384,7 +384,11 @@ def _in_client_process(target: Callable[..., None], *args: Any) -> dict[str, Any
 
 
 def _in_process(
-    cfg: Path, queries: Queries, zone_ids: list[str], world: gen.World
+    cfg: Path,
+    queries: Queries,
+    zone_ids: list[str],
+    world: gen.World,
+    mix: list[dict[str, Any]],
 ) -> tuple[list[tuple[str, str, str, str]], list[str]]:
     """Measure the index, the service and the bare baselines on the same map, in process."""
     from nearest_wire import Need, encode_frame
@@ -444,6 +448,9 @@ def _in_process(
     for r in hot:
         handle(r, peer, now)
     warm_t = _timed(lambda r: handle(r, peer, now), hot * 5)
+    service._cache.clear()
+    mix_payloads = [msgpack.packb({**r, "id": i}, use_bin_type=True) for i, r in enumerate(mix)]
+    mix_t = _timed(lambda p: encode_frame(handle_payload(p, peer, now)), mix_payloads)
 
     import pytricia
     from rtree import index as rtree_index
@@ -498,6 +505,15 @@ def _in_process(
             full_t.show(),
             "-",
             ratio(full_t),
+        )
+    )
+    rows.append(
+        (
+            f"Service.handle_payload + encode_frame over the socket run's first {len(mix):,} "
+            "queries (18 need variants, both kinds; uncached): the server's floor",
+            mix_t.show(),
+            "-",
+            ratio(mix_t),
         )
     )
     rows.append(
@@ -727,7 +743,7 @@ def main() -> None:
         print("daemon measured", flush=True)
 
         # -- in process: the index, the service, the baselines ---------------------------
-        got_rows, got_notes = _in_process(cfg, queries, zone_ids, world)
+        got_rows, got_notes = _in_process(cfg, queries, zone_ids, world, mix[:20000])
         rows += got_rows
         notes += got_notes
         print("in-process measured", flush=True)
