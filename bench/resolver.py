@@ -1,16 +1,23 @@
 """Resolver benchmark: 100,000 devices and 100,000 prefixes, in-process and over TCP, vs Redis.
 
 Figures (each with its goal and the same run's baseline):
-- in-process latency of the exact index (``SpatialIndex.nearest``: no cache) and of
+- in-process latency of the exact index (``SpatialIndex.nearest``: it caches no answers;
+  first query per zone, which builds the zone's frame and floor plan, and again) and of
   ``Service.handle`` (parse, LPM, index, wire view, location log) with every query a
-  distinct cache key, so neither is a cache hit; the warm (cached) figure separately;
-- socket throughput from a separate client process, pipelined, and the sequential
-  round trip; daemon start-up (subprocess until the admin socket answers ping, which
-  includes reading, validating and indexing the generated maps); resident memory;
+  distinct cache key, so none is an answer-cache hit; the warm (cached) figure apart;
+- socket throughput from a separate client process, pipelined (64 in flight), over a
+  mix of distinct keys and, apart, over repeated ones; the sequential round trip;
+  daemon start-up (spawn until the admin socket answers ping, which includes reading,
+  validating and indexing the generated maps); resident memory;
+- CPU per query beside the wall-clock figures (process CPU time; the server's from
+  /proc, Redis's from INFO), which a machine shared with other work disturbs less;
 - the baseline: a bare pytricia lookup plus a bare rtree nearest over the same 100,000
   points, and the peer a user might otherwise pick, Redis GEOSEARCH over the same
-  devices from the same kind of client process;
+  devices (at two radii) from the same kind of client process;
 - the LPM library choice: pytricia vs py-radix on the same 100,000 prefixes.
+
+The world comes from ``bench.gen`` (deterministic) and is written as real GeoJSON and
+CSV files in a temporary directory, removed afterwards, as is the Redis key.
 """
 
 from __future__ import annotations
