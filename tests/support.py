@@ -169,3 +169,25 @@ class DaemonProcess:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
+
+
+def read_frame(s: Any) -> dict[str, Any] | None:
+    """Read one reply frame from a blocking socket; None when the peer closed first."""
+    import struct
+
+    from nearest_wire import decode_reply
+
+    buf = b""
+    while len(buf) < 4:
+        chunk = s.recv(4 - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    (n,) = struct.unpack(">I", buf)
+    body = b""
+    while len(body) < n:
+        chunk = s.recv(n - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return decode_reply(body)

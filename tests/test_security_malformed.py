@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,8 @@ from typing import Any
 import pytest
 
 from nearest_client import Client
-from nearest_wire import decode_reply, encode_frame
-from support import DaemonProcess, tcp_url, write_config
+from nearest_wire import encode_frame
+from support import DaemonProcess, read_frame, tcp_url, write_config
 
 CASES: list[dict[str, Any]] = json.loads(
     (Path(__file__).parent / "malformed" / "frames.json").read_text()
@@ -32,23 +31,6 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = DaemonProcess(cfg).wait_ready()
     yield d
     d.stop()
-
-
-def read_frame(s: socket.socket) -> dict[str, Any] | None:
-    buf = b""
-    while len(buf) < 4:
-        chunk = s.recv(4 - len(buf))
-        if not chunk:
-            return None
-        buf += chunk
-    (n,) = struct.unpack(">I", buf)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    return decode_reply(body)
 
 
 def outcome(reply: dict[str, Any]) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from nearest_wire import decode_reply, encode_frame
-from support import DaemonProcess, tcp_url, write_config
+from nearest_wire import encode_frame
+from support import DaemonProcess, read_frame, tcp_url, write_config
 
 
 def connect(url: str, source: str | None = None) -> socket.socket:
@@ -25,23 +25,6 @@ def connect(url: str, source: str | None = None) -> socket.socket:
     s.settimeout(5)
     s.connect((host, int(port)))
     return s
-
-
-def read_frame(s: socket.socket) -> dict[str, Any] | None:
-    head = b""
-    while len(head) < 4:
-        chunk = s.recv(4 - len(head))
-        if not chunk:
-            return None
-        head += chunk
-    (n,) = struct.unpack(">I", head)
-    body = b""
-    while len(body) < n:
-        chunk = s.recv(n - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    return decode_reply(body)
 
 
 def is_closed(s: socket.socket, timeout: float = 3.0) -> bool:
