@@ -609,6 +609,7 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
                 (((), float(snaps.expired)),),
             ),
         ]
+    fams.append(supply_family(service.table.records()))
     taken = {f.name for f in fams}
     extras = 0
     for section, fn in list(service.extra_stats.items()):
@@ -624,6 +625,44 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
             fams.append(fam)
             extras += 1
     return tuple(fams)
+
+
+DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
+IPV4_RUN = re.compile(r"\d{1,3}(?:[.\-_]\d{1,3}){3}")
+MAX_SUPPLY_SERIES = 2000
+MAX_SUPPLIES_PER_DEVICE = 16
+
+
+def device_label(device_id: str) -> str:
+    """Return a device id fit to be a label, or ``other`` (an id that holds an address)."""
+    if DEVICE_LABEL.fullmatch(device_id) and not IPV4_RUN.search(device_id):
+        return device_id
+    return "other"
+
+
+def supply_family(records: Any) -> Family:
+    """Return supply levels per device id and supply: bounded by the device count."""
+    samples: dict[tuple[str, str], float] = {}
+    for rec in records:
+        supplies = getattr(rec.device, "supplies", ())
+        if not supplies:
+            continue
+        dev = device_label(rec.device.id)
+        if dev == "other":
+            continue
+        for supply in supplies[:MAX_SUPPLIES_PER_DEVICE]:
+            if supply.level is None or len(samples) >= MAX_SUPPLY_SERIES:
+                continue
+            name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply.name).strip("_"))
+            samples.setdefault((dev, name), float(supply.level))
+    return Family(
+        "nearest_device_supply_level_percent",
+        "gauge",
+        "Supply level a polled device reports, in percent, by device id and supply name "
+        f"(at most {MAX_SUPPLY_SERIES} series).",
+        ("device", "supply"),
+        tuple(sorted(samples.items())),
+    )
 
 
 def _le(bound: float) -> str:
