@@ -41,6 +41,7 @@ from nearestd.core.discovery import (
     SUBTYPES,
     Change,
     Merger,
+    Parsed,
     ServiceKey,
     ServiceRecord,
     base_type,
@@ -48,6 +49,8 @@ from nearestd.core.discovery import (
     host_of,
     split_txt,
 )
+from nearestd.core.model import Device
+from nearestd.core.quarantine import quarantine_reason
 
 if TYPE_CHECKING:
     from nearestd.app import Daemon
@@ -204,7 +207,7 @@ class MdnsDiscovery:
         self.service = service
         self.cfg = cfg
         self.clock = clock
-        self.merger = Merger(max_devices=cfg.max_devices)
+        self.merger = Merger(max_devices=cfg.max_devices, suspect=self._suspect)
         self.events: Counter[str] = Counter()
         self.problems: Counter[str] = Counter()
         self.error: str | None = None
@@ -277,6 +280,24 @@ class MdnsDiscovery:
         self._again.clear()
         self._later.clear()
         self._deferred.clear()
+
+    def _suspect(self, parsed: Parsed) -> bool:
+        """Return whether a service claims a pinned identity from outside the pin's networks."""
+        rec = parsed.record
+        if not self.service.sitemap.pins or parsed.kind is None or not rec.addresses:
+            return False  # nothing to judge by yet: the record is judged again when resolved
+        probe = Device(
+            id="",
+            kind=parsed.kind,
+            name="",
+            uri="",
+            source="mdns",
+            uuid=parsed.uuid,
+            instance=rec.instance,
+            host=rec.host,
+            addresses=tuple(rec.addresses),
+        )
+        return quarantine_reason(probe, self.service.sitemap) is not None
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""

@@ -26,7 +26,7 @@ import hashlib
 import ipaddress
 import re
 import urllib.parse
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -484,6 +484,10 @@ class Merger:
     _by_full_name: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
     _by_host: dict[tuple[str, str], set[ServiceKey]] = field(default_factory=dict)
     _expired: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    # Says whether a service claims a pinned identity from the wrong place. Such a service
+    # is grouped on its own, so it can neither merge into (and withhold or hijack) the
+    # real device that shares its UUID or name, nor be served: the table quarantines it.
+    suspect: Callable[[Parsed], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -680,6 +684,9 @@ class Merger:
     def _group_key(self, p: Parsed) -> tuple[DeviceKind, GroupKey]:
         assert p.kind is not None
         q = "q" if p.is_queue else "d"
+        if self.suspect is not None and self.suspect(p):
+            rec = p.record
+            return (p.kind, ("r", q, rec.interface, rec.host or "", rec.instance.casefold()))
         if p.uuid:
             return (p.kind, ("u", q, p.uuid))
         uuids = sorted(s.uuid for k in self._siblings(p) if (s := self.services.get(k)) and s.uuid)
