@@ -103,3 +103,10 @@ def test_ipv6_client_ip_export(daemon: DaemonProcess) -> None:
         c.request({"op": "nearest", "kind": "printer", "client_ip": "2001:db8:20:23::abcd"})
     got = export(daemon, "2001:DB8:20:23:0:0:0:ABCD")  # any spelling of the address
     assert [e["zone"] for e in got] == ["n1-finance"]
+
+
+def test_operator_lookups_show_as_such_in_the_export(daemon: DaemonProcess) -> None:
+    code, _ = ctl(daemon, "locate", "127.79.0.5")
+    assert code == 0
+    got = export(daemon, "127.79.0.5")
+    assert [e["op"] for e in got] == ["admin.locate"]

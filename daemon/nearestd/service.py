@@ -170,7 +170,7 @@ class Service:
             return self._nearest(req, peer, now)
         if isinstance(req, LocateRequest):
             ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
-            self._remember(ip, zone, "locate", (), now)
+            self._remember(ip, zone, "admin.locate" if peer.admin else "locate", (), now)
             return {"v": 1, "id": req.id, "ok": True, "where": zone.where()}
         if isinstance(req, DevicesRequest):
             return self._devices(req, peer)
@@ -251,7 +251,9 @@ class Service:
             if len(self._cache) >= CACHE_MAX:
                 self._cache.clear()
             self._cache[key] = (gen, devices)
-        self._remember(ip, zone, "nearest", tuple(d["id"] for d in devices), now)
+        # An operator's lookup is logged as such: the person's export shows someone looked.
+        op = "admin.nearest" if peer.admin else "nearest"
+        self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
         return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
 
     def _remember(
