@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,8 @@ class LocationLog:
         self.max_entries = max_entries
         self._entries: deque[LogEntry] = deque()
         self._epochs: list[_Epoch] = [_Epoch(0, now, bytearray(key))]
+        # Entries held per key epoch, so dropping unused keys costs O(epochs), not O(entries).
+        self._per_epoch: Counter[int] = Counter()
         self.dropped = 0
         self.purged = 0
 
@@ -113,30 +115,39 @@ class LocationLog:
     ) -> bytes:
         """Add an entry; return the pseudonym used."""
         pseudo = self.pseudonym(ip)
-        self._entries.append(LogEntry(now, self._epochs[-1].number, pseudo, zone, op, devices))
-        if len(self._entries) > self.max_entries:
-            self._entries.popleft()
-            self.dropped += 1
+        self._append(LogEntry(now, self._epochs[-1].number, pseudo, zone, op, devices))
         return pseudo
+
+    def _append(self, entry: LogEntry) -> None:
+        entries = self._entries
+        entries.append(entry)
+        self._per_epoch[entry.epoch] += 1
+        if len(entries) > self.max_entries:
+            self._per_epoch[entries.popleft().epoch] -= 1
+            self.dropped += 1
 
     def purge(self, now: float) -> int:
         """Drop entries older than the retention period; return how many."""
         cutoff = now - self.retention
         n = 0
         entries = self._entries
+        per_epoch = self._per_epoch
         while entries and entries[0].ts <= cutoff:
-            entries.popleft()
+            per_epoch[entries.popleft().epoch] -= 1
             n += 1
         self.purged += n
         self._drop_unused_keys()
         return n
 
     def _drop_unused_keys(self) -> None:
-        live = {e.epoch for e in self._entries}
+        if len(self._epochs) == 1:
+            return
+        per_epoch = self._per_epoch
         current = self._epochs[-1].number
         for ep in self._epochs:
-            if ep.number != current and ep.number not in live:
+            if ep.number != current and per_epoch[ep.number] <= 0:
                 ep.destroy()
+                per_epoch.pop(ep.number, None)
         self._epochs = [ep for ep in self._epochs if ep.key is not None]
 
     def _matching(self, ip: str) -> dict[int, bytes]:
@@ -153,15 +164,13 @@ class LocationLog:
         kept = deque(e for e in self._entries if wanted.get(e.epoch) != e.pseudonym)
         n = len(self._entries) - len(kept)
         self._entries = kept
+        self._per_epoch = Counter(e.epoch for e in kept)
         self._drop_unused_keys()
         return n
 
     def record_action(self, op: str, count: int, now: float) -> None:
         """Log an admin action with its count and no IP."""
-        self._entries.append(LogEntry(now, self._epochs[-1].number, b"", None, op, (str(count),)))
-        if len(self._entries) > self.max_entries:
-            self._entries.popleft()
-            self.dropped += 1
+        self._append(LogEntry(now, self._epochs[-1].number, b"", None, op, (str(count),)))
 
     def count_recent(self, pseudonym: bytes, since: float) -> int:
         """Return how many entries a pseudonym made since ``since`` (for spike warnings)."""
