@@ -149,17 +149,10 @@ class InventorySnapshots:
     # ---- saving ------------------------------------------------------------------------
     def collect(self) -> list[Saved]:
         """Return the devices worth saving: every one not declared by a site map."""
-        return [
-            Saved(r.device, r.last_seen)
-            for r in self.service.table.records()
-            if r.device.source != "static"
-        ]
+        return [Saved(r.device, r.last_seen) for r in self.service.table.dynamic_records()]
 
     def _newest(self) -> float:
-        return max(
-            (r.last_seen for r in self.service.table.records() if r.device.source != "static"),
-            default=0.0,
-        )
+        return max((r.last_seen for r in self.service.table.dynamic_records()), default=0.0)
 
     def due(self, now: float) -> bool:
         """Return whether a write is due: a change a debounce period old, or old last-seen times."""
@@ -210,8 +203,8 @@ class InventorySnapshots:
         expire_after = float(self.service.cfg.discovery.expire_after)
         gone = [
             r.device.id
-            for r in self.service.table.records()
-            if r.device.stale and r.device.source != "static" and now - r.last_seen >= expire_after
+            for r in self.service.table.dynamic_records()
+            if r.device.stale and now - r.last_seen >= expire_after
         ]
         for device_id in gone:
             self.service.remove_device(device_id)

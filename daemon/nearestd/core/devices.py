@@ -145,6 +145,9 @@ class DeviceTable:
         self.index = SpatialIndex(sitemap.projections)
         self._records: dict[str, Record] = {}
         self._static: dict[str, Placement] = {}
+        # Ids of the records whose device is not declared by a site map (source other than
+        # 'static'), in insertion order: upkeep that only concerns them need not scan all.
+        self._dynamic: dict[str, None] = {}
         self.generation = 0
         # Rogue claims of pinned identities, by (device id, addresses); bounded, oldest out.
         self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
@@ -154,6 +157,7 @@ class DeviceTable:
         for device, placement in sitemap.static_devices:
             self._static[device.id] = placement
             self._records[device.id] = Record(device, placement, 0.0)
+            self._note_source(device)
             entries.append(entry_for(device, placement, restriction_of(device, placement, sitemap)))
         self.index.bulk_load(entries)
 
@@ -170,6 +174,17 @@ class DeviceTable:
     def records(self) -> Iterable[Record]:
         """Yield every record."""
         return self._records.values()
+
+    def dynamic_records(self) -> list[Record]:
+        """Return the records of devices not declared by a site map (source not 'static')."""
+        records = self._records
+        return [records[device_id] for device_id in self._dynamic]
+
+    def _note_source(self, device: Device) -> None:
+        if device.source != "static":
+            self._dynamic[device.id] = None
+        else:
+            self._dynamic.pop(device.id, None)
 
     def upsert(self, device: Device, now: float) -> str:
         """Add or update a device; return 'added', 'updated', 'unchanged' or 'quarantined'.
@@ -188,6 +203,7 @@ class DeviceTable:
                 return self._quarantine(device, reason, now)
         placement = place(device, self.sitemap, static)
         self._records[device.id] = Record(device, placement, now)
+        self._note_source(device)
         self._reindex(device, placement)
         self.generation += 1
         return "added" if old is None else "updated"
@@ -219,6 +235,7 @@ class DeviceTable:
         if device_id in self._static or device_id not in self._records:
             return bool(held)
         del self._records[device_id]
+        self._dynamic.pop(device_id, None)
         self.index.remove(device_id)
         self.generation += 1
         return True
@@ -268,6 +285,7 @@ class DeviceTable:
             elif q.device.id not in records:
                 records[q.device.id] = Record(q.device, place(q.device, sitemap), q.last_seen)
         self._records = records
+        self._dynamic = {i: None for i, r in records.items() if r.device.source != "static"}
         self.index.bulk_load(
             entry_for(r.device, r.placement, restriction_of(r.device, r.placement, sitemap))
             for r in records.values()
