@@ -23,12 +23,14 @@ compare against.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import shapely
+from rtree import core as rtree_core
 from rtree import index as rtree_index
 from shapely.geometry.base import BaseGeometry
 
@@ -254,6 +256,36 @@ class _Group:
             b[3] = y
 
 
+_BOX = ctypes.c_double * 2
+_I64 = ctypes.c_int64
+_U64 = ctypes.c_uint64
+_VOID_P = ctypes.POINTER(ctypes.c_void_p)
+_INTERSECTS = rtree_core.rt.Index_Intersects_id
+_NEAREST = rtree_core.rt.Index_NearestNeighbors_id
+_FREE = rtree_core.rt.Index_Free
+_byref = ctypes.byref
+_pointer = ctypes.pointer
+_cast = ctypes.cast
+
+
+def _tree_ids(tree: Any, bbox: tuple[float, float, float, float], n: int) -> list[int]:
+    """Return the ids in ``bbox`` (n == 0) or the ``n`` nearest to it, as rtree would.
+
+    The same libspatialindex calls as ``Index.intersection`` / ``Index.nearest`` on a 2-D
+    interleaved index, without their per-call property reads and per-id generator: on
+    the query's hot path those cost more than the search itself.
+    """
+    mins = _BOX(bbox[0], bbox[1])
+    maxs = _BOX(bbox[2], bbox[3])
+    it = _pointer(_I64())
+    count = _U64(n)
+    (_NEAREST if n else _INTERSECTS)(tree.handle, mins, maxs, 2, _byref(it), _byref(count))
+    try:
+        return it[: count.value]
+    finally:
+        _FREE(_cast(it, _VOID_P))
+
+
 def _rect_distance(a: tuple[float, float, float, float], b: list[float]) -> float:
     dx = max(b[0] - a[2], a[0] - b[2], 0.0)
     dy = max(b[1] - a[3], a[1] - b[3], 0.0)
@@ -464,9 +496,9 @@ class SpatialIndex:
                 if small is not None:
                     slots = small  # a small group: every device is evaluated
                 elif settle:
-                    slots = list(group.tree.intersection(bbox))
+                    slots = _tree_ids(group.tree, bbox, 0)
                 else:
-                    slots = list(group.tree.nearest(bbox, m))
+                    slots = _tree_ids(group.tree, bbox, m)
                     # A nearest-m answer holds no device farther than one it leaves out,
                     # so any returned device's bound is a bound for the rest; the last
                     # one's is the tightest (they come nearest first). Filtered-out
