@@ -271,7 +271,7 @@ def flood_connection_cap(d: DaemonProcess, cap: int) -> None:
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline:
                 st = admin_stats(d)
-                if st["connections"]["open"] == base_open and fds_of(pid) == base_fds:
+                if st["connections"]["open"] == base_open and fds_of(pid) <= base_fds:
                     break
                 time.sleep(0.05)
             fds, tasks = fds_of(pid), st["connections"]["tasks"]
@@ -280,7 +280,9 @@ def flood_connection_cap(d: DaemonProcess, cap: int) -> None:
                 f"cycle {cycle + 1}: back to baseline",
                 f"fds {fds} (base {base_fds}), tasks {tasks} (base {base_tasks}), "
                 f"open {st['connections']['open']} (base {base_open})",
-                fds == base_fds and tasks == base_tasks and st["connections"]["open"] == base_open,
+                # Fewer fds than the baseline is no leak: the baseline may have caught the
+                # admin connection that asked for the stats still open.
+                fds <= base_fds and tasks == base_tasks and st["connections"]["open"] == base_open,
             )
     report_legit("cap", legit)
 
