@@ -12,10 +12,9 @@ from typing import Any
 
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable
-from nearestd.core.discovery import Merger, Parsed, ServiceRecord
+from nearestd.core.discovery import Merger, ServiceRecord
 from nearestd.core.index import Ranking
-from nearestd.core.model import Device
-from nearestd.core.quarantine import quarantine_reason
+from nearestd.core.quarantine import service_is_suspect
 from nearestd.core.sitemap import build_sitemap
 from support import DEMO_MAP
 
@@ -27,24 +26,7 @@ def sitemap() -> Any:
 
 
 def suspect_for(sm: Any):  # type: ignore[no-untyped-def]
-    def suspect(p: Parsed) -> bool:
-        rec = p.record
-        if p.kind is None or not rec.addresses:
-            return False
-        probe = Device(
-            id="",
-            kind=p.kind,
-            name="",
-            uri="",
-            source="mdns",
-            uuid=p.uuid,
-            instance=rec.instance,
-            host=rec.host,
-            addresses=rec.addresses,
-        )
-        return quarantine_reason(probe, sm) is not None
-
-    return suspect
+    return lambda p: service_is_suspect(p, sm)
 
 
 def service(name: str, host: str, addr: str, type_: str = "_ipp._tcp.local.") -> ServiceRecord:

@@ -49,8 +49,7 @@ from nearestd.core.discovery import (
     host_of,
     split_txt,
 )
-from nearestd.core.model import Device
-from nearestd.core.quarantine import quarantine_reason
+from nearestd.core.quarantine import service_is_suspect
 
 if TYPE_CHECKING:
     from nearestd.app import Daemon
@@ -283,21 +282,7 @@ class MdnsDiscovery:
 
     def _suspect(self, parsed: Parsed) -> bool:
         """Return whether a service claims a pinned identity from outside the pin's networks."""
-        rec = parsed.record
-        if not self.service.sitemap.pins or parsed.kind is None or not rec.addresses:
-            return False  # nothing to judge by yet: the record is judged again when resolved
-        probe = Device(
-            id="",
-            kind=parsed.kind,
-            name="",
-            uri="",
-            source="mdns",
-            uuid=parsed.uuid,
-            instance=rec.instance,
-            host=rec.host,
-            addresses=tuple(rec.addresses),
-        )
-        return quarantine_reason(probe, self.service.sitemap) is not None
+        return service_is_suspect(parsed, self.service.sitemap)
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""

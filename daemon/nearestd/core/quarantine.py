@@ -18,6 +18,7 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from nearestd.core.discovery import Parsed
 from nearestd.core.model import Device
 from nearestd.core.sitemap import Pin, SiteMap, normalise_pin
 
@@ -120,3 +121,26 @@ def _inside(addresses: Sequence[str], nets: Sequence[Network]) -> bool:
         elif not addr.is_link_local:
             return False
     return some
+
+
+def service_is_suspect(parsed: Parsed, sitemap: SiteMap) -> bool:
+    """Return whether one discovered service claims a pinned identity from the wrong place.
+
+    The merger keeps such a service out of the real device's group; a service with no
+    address yet is not judged (it is judged again once resolved).
+    """
+    rec = parsed.record
+    if not sitemap.pins or parsed.kind is None or not rec.addresses:
+        return False
+    probe = Device(
+        id="",
+        kind=parsed.kind,
+        name="",
+        uri="",
+        source="mdns",
+        uuid=parsed.uuid,
+        instance=rec.instance,
+        host=rec.host,
+        addresses=tuple(rec.addresses),
+    )
+    return quarantine_reason(probe, sitemap) is not None
