@@ -191,3 +191,22 @@ def read_frame(s: Any) -> dict[str, Any] | None:
             return None
         body += chunk
     return decode_reply(body)
+
+
+def ask(daemon: DaemonProcess, req: dict[str, Any], admin: bool = False) -> dict[str, Any]:
+    """Send one request over the daemon's query (or admin) Unix socket; return the reply."""
+    from nearest_client import Client
+
+    sock = daemon.admin if admin else daemon.config.parent / "query.sock"
+    with Client(f"unix://{sock}", timeout=5) as c:
+        return c.request(req)
+
+
+def wait_for(what: str, pred: Any, timeout: float = 10.0, show: Any = str) -> Any:
+    """Poll ``pred`` until it returns something true; fail naming ``what`` (and ``show()``)."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {show()}")
+        time.sleep(0.02)
+    return value

@@ -12,15 +12,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lan import Lan
-from nearest_client import Client
-from support import DaemonProcess, require_tools, write_config
+from support import DaemonProcess, ask, require_tools, wait_for, write_config
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -120,12 +119,6 @@ def daemon(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
         proc.stop()
 
 
-def ask(daemon: DaemonProcess, req: dict[str, Any], admin: bool = False) -> dict[str, Any]:
-    sock = daemon.admin if admin else daemon.config.parent / "query.sock"
-    with Client(f"unix://{sock}", timeout=5) as c:
-        return c.request(req)
-
-
 def devices(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
     reply = ask(daemon, {"op": "devices"}, admin=True)
     return {d["name"]: d for d in reply["devices"] if d["source"] == "mdns"}
@@ -134,19 +127,6 @@ def devices(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
 def nearest(daemon: DaemonProcess, client_ip: str, kind: str = "printer") -> list[dict[str, Any]]:
     reply = ask(daemon, {"op": "nearest", "kind": kind, "k": 20, "client_ip": client_ip})
     return list(reply["devices"])
-
-
-def wait_for(
-    what: str, pred: Callable[[], Any], timeout: float = 10.0, show: Callable[[], Any] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show()}")
-        time.sleep(0.02)
 
 
 def named(daemon: DaemonProcess, name: str, client_ip: str) -> dict[str, Any] | None:

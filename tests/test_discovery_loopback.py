@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import pytest
 
 from lan import ZcPeer
 from nearest_client import Client
-from support import DaemonProcess, write_config
+from support import DaemonProcess, wait_for, write_config
 
 TAG = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"  # other runs may share loopback
 
@@ -26,17 +26,6 @@ def ask(d: DaemonProcess, req: dict[str, Any], admin: bool = True) -> dict[str, 
 
 def mine(d: DaemonProcess) -> dict[str, dict[str, Any]]:
     return {x["name"]: x for x in ask(d, {"op": "devices"})["devices"] if TAG in x["name"]}
-
-
-def wait_for(
-    what: str, pred: Callable[[], Any], timeout: float = 10.0, show: Callable[[], Any] = str
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show()}")
-        time.sleep(0.02)
-    return value
 
 
 def start(tmp_path: Path, **discovery: Any) -> DaemonProcess:

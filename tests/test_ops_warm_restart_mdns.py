@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,10 @@ from lan import ZcPeer
 from nearest_client import Client
 from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import decode_inventory
-from support import DaemonProcess, write_config
+from support import DaemonProcess, wait_for, write_config
 
 TAG = f"{os.getpid()}-{int(time.time() * 1000) % 100000}"  # other runs may share loopback
 NAME = f"Warm Printer {TAG}"
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := pred()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value
 
 
 def answered(d: DaemonProcess) -> dict[str, Any] | None:
@@ -61,7 +51,7 @@ def test_kill_9_restart_serves_discovered_devices_stale_until_rediscovered(
     first = DaemonProcess(cfg).wait_ready()
     try:
         advertise(peer)
-        live = wait_for("discovery", lambda: answered(first))
+        live = wait_for("discovery", lambda: answered(first), 15.0)
         assert live["state"] != "stale" and live["zone"] == "n0-lobby"
         wait_for(
             "snapshot with the printer",
@@ -69,6 +59,7 @@ def test_kill_9_restart_serves_discovered_devices_stale_until_rediscovered(
                 snapshot.exists()
                 and NAME in {s.device.name for s in decode_inventory(snapshot.read_bytes())}
             ),
+            15.0,
         )
     finally:
         first.kill()  # SIGKILL: no shutdown flush, no goodbyes
@@ -82,7 +73,9 @@ def test_kill_9_restart_serves_discovered_devices_stale_until_rediscovered(
         assert got["id"] == live["id"] and got["capabilities"]["color"] is True
         advertise(peer)
         fresh = wait_for(
-            "rediscovery", lambda: (x := answered(second)) is not None and not x["stale"] and x
+            "rediscovery",
+            lambda: (x := answered(second)) is not None and not x["stale"] and x,
+            15.0,
         )
         assert fresh["id"] == live["id"] and fresh["state"] != "stale"
     finally:

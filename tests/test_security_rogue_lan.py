@@ -13,15 +13,14 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from lan import Lan
-from nearest_client import Client
-from support import DaemonProcess, write_config
+from support import DaemonProcess, ask, wait_for, write_config
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -95,12 +94,6 @@ def daemon(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
         proc.stop()
 
 
-def ask(daemon: DaemonProcess, req: dict[str, Any], admin: bool = False) -> dict[str, Any]:
-    sock = daemon.admin if admin else daemon.config.parent / "query.sock"
-    with Client(f"unix://{sock}", timeout=5) as c:
-        return c.request(req)
-
-
 def inventory(daemon: DaemonProcess) -> list[dict[str, Any]]:
     return list(ask(daemon, {"op": "devices"}, admin=True)["devices"])
 
@@ -108,17 +101,6 @@ def inventory(daemon: DaemonProcess) -> list[dict[str, Any]]:
 def answered(daemon: DaemonProcess, client_ip: str) -> list[str]:
     reply = ask(daemon, {"op": "nearest", "kind": "printer", "k": 20, "client_ip": client_ip})
     return [d["name"] for d in reply["devices"]]
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def spec(lan: Lan, host: int, hostname: str, txt: dict[str, str]) -> dict[str, Any]:
@@ -140,6 +122,7 @@ def test_rogue_claims_are_quarantined_and_real_devices_accepted(
     held = wait_for(
         "two quarantined claims",
         lambda: (q := [d for d in inventory(daemon) if d.get("quarantined")]) and len(q) >= 2 and q,
+        timeout=15.0,
     )
     reasons = {d["name"]: d["quarantined"] for d in held}
     assert f"from {lan.ip(5)}, outside {lan.ip(2)}/32" in reasons[NAME]
@@ -169,8 +152,8 @@ def test_rogue_claims_are_quarantined_and_real_devices_accepted(
     real.register("name", NAME, **spec(lan, 2, "fin-lj.local.", {"ty": "HP LaserJet"}))
     lab = lan.zeroconf(3)
     lab.register("uuid", "Lab Plotter", **spec(lan, 3, "lab-pl.local.", {"UUID": PINNED_UUID}))
-    wait_for("the real finance printer", lambda: NAME in answered(daemon, lan.ip(2)))
-    wait_for("the real lab plotter", lambda: "Lab Plotter" in answered(daemon, lan.ip(3)))
+    wait_for("the real finance printer", lambda: NAME in answered(daemon, lan.ip(2)), 15.0)
+    wait_for("the real lab plotter", lambda: "Lab Plotter" in answered(daemon, lan.ip(3)), 15.0)
     placed = {d["name"]: d for d in inventory(daemon) if not d.get("quarantined")}
     assert placed[NAME]["placed_by"] == "pin" and placed[NAME]["zone"] == "z-fin"
     assert placed["Lab Plotter"]["placed_by"] == "pin" and placed["Lab Plotter"]["zone"] == "z-lab"
