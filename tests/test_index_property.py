@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
@@ -140,13 +141,12 @@ def test_index_equals_brute_force(
     zones = world.pop("_zones")
     sm = build_sitemap([("random.geojson", world)])
     table = DeviceTable(sm)
-    # Some devices change state or leave, through the incremental path.
+    # A third of the devices leave and come back stopped under a new id: this exercises
+    # the index's incremental remove and insert, which the public API keeps for
+    # discovered devices (static ones cannot be removed).
     for rec in list(table.records()):
-        change = data.draw(st.sampled_from(["keep", "keep", "stop", "move"]))
-        if change == "stop":
+        if data.draw(st.sampled_from(["keep", "keep", "stop"])) == "stop":
             table._records.pop(rec.device.id)
-            from dataclasses import replace
-
             table._static.pop(rec.device.id)
             table.index.remove(rec.device.id)
             table.upsert(
@@ -222,7 +222,6 @@ def test_dynamic_devices_follow_upserts_and_removals() -> None:
     assert [h.device_id for h in table.index.nearest(zone, "printer", Need(color=True), 2, r)] == [
         "near"
     ]
-    from dataclasses import replace
 
     assert table.upsert(replace(near, state=DeviceState.STOPPED), 2.0) == "updated"
     assert [h.device_id for h in table.index.nearest(zone, "printer", Need(), 2, r)] == ["far"]
