@@ -10,7 +10,6 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from nearestd.adapters.metrics import MetricsExporter
 from nearestd.adapters.snapshot import InventorySnapshots
@@ -258,8 +257,3 @@ def _refreeze(daemon: Daemon) -> None:
     gc.unfreeze()
     gc.collect()
     gc.freeze()
-
-
-def state_path(world: World) -> Path:
-    """Return the state directory of a config."""
-    return world.config.resolve(world.config.daemon.state_dir)

@@ -29,7 +29,7 @@ import msgpack
 
 from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
 from nearestd.core.netset import NetSet, normalise_peer
-from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service
+from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
 # One packer for every reply (the loop is single-threaded): ``encode_frame`` without
@@ -173,7 +173,7 @@ class QueryProtocol(asyncio.Protocol):
         if n == 0:
             return
         service = self.service
-        wall = service_clock()
+        wall = wall_clock()
         granted = n
         if self._limited and peer.ip is not None:
             granted = service.limiter.take(peer.ip, n, wall)
@@ -287,13 +287,6 @@ class QueryProtocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
         self.conns.forget(self)
-
-
-def service_clock() -> float:
-    """Return wall-clock seconds, the ``now`` the service works in."""
-    import time
-
-    return time.time()
 
 
 class SocketServers:
