@@ -16,8 +16,10 @@ SECTIONS = ["resolver", "discovery", "mqtt", "floods", "poller"]
 
 def main(argv: list[str]) -> int:
     wanted = argv or SECTIONS
-    print(f"# nearest-peripheral bench on {platform.node()} ({platform.processor() or platform.machine()}), "
-          f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    print(
+        f"# nearest-peripheral bench on {platform.node()} ({platform.processor() or platform.machine()}), "
+        f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    )
     failed = []
     for name in wanted:
         try:
