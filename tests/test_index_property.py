@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nearest_wire import PAPER_CLASSES, Need
+from nearestd.core import index as index_module
 from nearestd.core.devices import DeviceTable
 from nearestd.core.index import Ranking
 from nearestd.core.model import Capabilities, Device, DeviceKind, DeviceState
@@ -138,25 +139,61 @@ rankings = st.builds(
 def test_index_equals_brute_force(
     world: dict[str, Any], need: Need, k: int, ranking: Ranking, kind: str, data: Any
 ) -> None:
+    # Every floor is searched one way: Python lists, numpy arrays, rtrees, or as tuned.
+    tiny, large = data.draw(
+        st.sampled_from(
+            [
+                (10**6, 10**6),
+                (0, 10**6),
+                (0, 0),
+                (index_module.TINY_GROUP, index_module.LARGE_GROUP),
+            ]
+        )
+    )
+    saved = (index_module.TINY_GROUP, index_module.LARGE_GROUP)
+    index_module.TINY_GROUP, index_module.LARGE_GROUP = tiny, large
+    try:
+        _check_index_equals_brute_force(world, need, k, ranking, kind, data)
+    finally:
+        index_module.TINY_GROUP, index_module.LARGE_GROUP = saved
+
+
+def _check_index_equals_brute_force(
+    world: dict[str, Any], need: Need, k: int, ranking: Ranking, kind: str, data: Any
+) -> None:
     zones = world.pop("_zones")
     sm = build_sitemap([("random.geojson", world)])
     table = DeviceTable(sm)
+    index = table.index
+    for zid in zones[:1]:  # builds the arrays, so the changes below update them in place
+        index.nearest(sm.zones[zid], kind, need, k, ranking)
     # A third of the devices leave and come back stopped under a new id: this exercises
     # the index's incremental remove and insert, which the public API keeps for
-    # discovered devices (static ones cannot be removed).
+    # discovered devices (static ones cannot be removed). Others change state or gain
+    # visibility rules in place, as a poll or a reload does.
     for rec in list(table.records()):
-        if data.draw(st.sampled_from(["keep", "keep", "stop"])) == "stop":
+        change = data.draw(st.sampled_from(["keep", "keep", "stop", "state", "restrict"]))
+        if change == "stop":
             table._records.pop(rec.device.id)
             table._static.pop(rec.device.id)
-            table.index.remove(rec.device.id)
+            index.remove(rec.device.id)
             table.upsert(
                 replace(rec.device, id=rec.device.id + "x", state=DeviceState.STOPPED), 1.0
             )
+        elif change in ("state", "restrict"):
+            entry = index.get(rec.device.id)
+            assert entry is not None
+            if change == "state":
+                entry = replace(entry, available=not entry.available, state_rank=2)
+            else:
+                entry = replace(entry, restrict=data.draw(st.sampled_from([1, 2, 3, 1 << 70])))
+            index.upsert(entry)
+    visible = data.draw(st.sampled_from([-1, 0, 1, 2, (1 << 70) | 1]))
     for zid in zones:
         zone = sm.zones[zid]
-        got = table.index.nearest(zone, kind, need, k, ranking)
-        want = table.index.brute_force(zone, kind, need, k, ranking)
-        assert got == want, (zid, need, k, ranking)
+        got = index.nearest(zone, kind, need, k, ranking, visible)
+        want = index.brute_force(zone, kind, need, k, ranking, visible)
+        assert got == want, (zid, need, k, ranking, visible)
 
 
 def test_dynamic_devices_follow_upserts_and_removals() -> None:

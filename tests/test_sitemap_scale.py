@@ -155,18 +155,26 @@ def _bench_gen() -> Any:
 
 
 @pytest.mark.parametrize(
-    ("settle_inside", "small_group"),
-    [(0.0, 0), (index_module.SETTLE_INSIDE, index_module.SMALL_GROUP), (1e9, 10**6)],
+    ("settle_inside", "tiny_group", "large_group"),
+    [
+        (0.0, 0, 0),
+        (1e9, 0, 0),
+        (index_module.SETTLE_INSIDE, index_module.TINY_GROUP, index_module.LARGE_GROUP),
+        (index_module.SETTLE_INSIDE, 10**6, 10**6),
+        (index_module.SETTLE_INSIDE, 0, 10**6),
+    ],
+    ids=["rtrees-settle-always", "rtrees-settle-never", "as-tuned", "lists", "arrays"],
 )
 def test_index_equals_brute_force_on_a_dense_generated_campus(
-    settle_inside: float, small_group: int, monkeypatch: pytest.MonkeyPatch
+    settle_inside: float, tiny_group: int, large_group: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Dense floors (many devices tie at distance 0 inside a zone) exercise the first
-    # batch's size and the enlargement; L-shaped rooms the exact polygon distance. The
-    # box query that settles a floor is tried always, as tuned, and never; floors are
-    # all rtrees, as tuned (lists while small), and all lists.
+    # Dense floors (many devices tie at distance 0 inside a zone) exercise the rtree's
+    # first batch and its enlargement; L-shaped rooms the exact polygon distance. Every
+    # floor is searched one way: rtrees (the box query that settles a floor tried always
+    # or never), as tuned, Python lists only, numpy arrays only.
     monkeypatch.setattr(index_module, "SETTLE_INSIDE", settle_inside)
-    monkeypatch.setattr(index_module, "SMALL_GROUP", small_group)
+    monkeypatch.setattr(index_module, "TINY_GROUP", tiny_group)
+    monkeypatch.setattr(index_module, "LARGE_GROUP", large_group)
     gen = _bench_gen()
     world = gen.generate(seed=3, sites=2, buildings=3, devices=4000, prefixes=1500)
     docs, rows = gen.documents(world)
@@ -197,11 +205,13 @@ def test_index_equals_brute_force_on_a_dense_generated_campus(
                 )
 
 
-def test_floors_move_from_lists_to_rtrees_as_devices_come_and_go(
+def test_floors_move_between_lists_arrays_and_rtrees_as_devices_come_and_go(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Tiny lists, so that upserts push floors into rtrees and removals empty them.
-    monkeypatch.setattr(index_module, "SMALL_GROUP", 2)
+    # Small limits, so that upserts push floors from lists into arrays into rtrees, and
+    # removals bring them back.
+    monkeypatch.setattr(index_module, "TINY_GROUP", 2)
+    monkeypatch.setattr(index_module, "LARGE_GROUP", 8)
     gen = _bench_gen()
     world = gen.generate(seed=9, sites=1, buildings=2, devices=600, prefixes=200)
     docs, rows = gen.documents(world)

@@ -33,7 +33,7 @@ from nearestd.core.devices import DeviceTable, Record, restriction_of
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
-from nearestd.core.model import Device, DeviceState, Zone
+from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
 from nearestd.core.resolve import inventory_view, rank
 from nearestd.core.sitemap import SiteMap
@@ -111,6 +111,11 @@ class Service:
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
         self.extra_stats["security"] = self.security_view
+        self.warm()
+
+    def warm(self) -> None:
+        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
     def handle_payload(self, payload: bytes, peer: Peer, now: float) -> dict[str, Any]:
@@ -334,6 +339,7 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
+        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.

@@ -1,23 +1,33 @@
-"""Exact k-nearest devices under the contract's cost, with rtree pruning.
+"""Exact k-nearest devices under the contract's cost: neighbour lists, then floor search.
 
 Theory of operation. A device D answers a client in zone Z at
 
     cost = dist(D, Z.polygon) + |D.level - Z.level| * floor_penalty
            + (D.building != Z.building) * building_penalty
 
-The penalty is constant for all devices on one (site, building, level), so devices
-are grouped that way, one rtree per (site, kind, building, level). Groups are
-visited in increasing penalty. Inside a group the rtree yields devices in order of
-distance to Z's bounding box, which never exceeds the distance to Z's polygon, so
-``bbox distance + penalty`` is a lower bound of the cost. A group (or the rest of
-one) is skipped only when that bound is strictly above the k-th best cost found so
-far: equal costs are still visited because the tie-breaks (state: idle before
-processing or unknown; then distance to Z's centroid; then device id) may prefer
-them. Capability filters are applied to the
-candidates; when a batch runs out before the bound proves the answer, the batch is
-enlarged. The result is therefore exactly the brute-force answer, which
-``brute_force`` computes with the same distance function and which the tests
-compare against.
+Clients only ever ask from zones, and zones are few and fixed by the site map, so each
+(zone, kind, ranking) keeps a *neighbour list*: the NEAR_LIST cheapest devices of the
+zone's cheapest non-empty floor in cost order, whatever their capabilities or state,
+and a ``bound`` that every device left out costs at least (the next device of that
+floor, and for every other floor its penalty plus the distance between the zone's box
+and the floor's box). A query walks the list, filters, and stops at the first cost
+above its k-th best. The answer is proven when that k-th best is below ``bound``;
+otherwise (a rare capability, a large k) the floors are searched. A list is dated by
+the moves (devices added, moved, removed) of its site; a change of state or visibility
+only changes what the walk filters, so it keeps the lists. ``SpatialIndex.warm``
+builds them all when the map loads.
+
+The floor search: the penalty is constant for all devices on one (site, building,
+level), so devices are grouped that way per kind, and groups are visited in
+increasing penalty. A group whose box is farther than the k-th best cost is skipped.
+A tiny group is scanned in Python; a medium one is evaluated whole with numpy; a
+large one is searched through its rtree, which yields devices in order of distance
+to Z's bounding box, a lower bound of the distance to Z's polygon, in batches
+enlarged until the bound proves the answer. Equal costs are always visited, because
+the tie-breaks (state: idle before processing or unknown; then distance to Z's
+centroid; then device id) may prefer them. Every path computes distances with the
+same operations, rounded the same way, so the result is exactly the brute-force
+answer, which ``brute_force`` computes and which the tests compare against.
 """
 
 from __future__ import annotations
@@ -25,10 +35,12 @@ from __future__ import annotations
 import bisect
 import ctypes
 import math
+from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import shapely
 from rtree import core as rtree_core
 from rtree import index as rtree_index
@@ -46,10 +58,20 @@ EPSILON = 1e-6
 FIRST_BATCH = 8
 # Expected devices per answer wanted in the zone's box before the box query is tried first.
 SETTLE_INSIDE = 2.0
-# A floor with at most this many devices of a kind keeps them in a list that queries scan
-# whole (cheaper than an rtree search at that size; an rtree costs ~17 KB even when
-# nearly empty); past twice as many they move into an rtree.
-SMALL_GROUP = 32
+# A floor with at most this many devices of a kind is scanned in Python; up to
+# LARGE_GROUP it is evaluated whole with numpy (a dozen array operations cost less than
+# one rtree call at that size, and keep no 17 KB tree per floor); past LARGE_GROUP it
+# moves into an rtree, and back into arrays once it has shrunk to half that.
+TINY_GROUP = 8
+LARGE_GROUP = 4096
+# Per (zone, kind, ranking), the cost order of this many cheapest devices is kept, with
+# no filter applied; a query walks it and, when the walk cannot prove its answer (a
+# rare capability), searches the floors. Up to NEAR_CACHE such lists are kept.
+NEAR_LIST = 16
+NEAR_CACHE = 65536
+# Filter word layout (word_of): capability bits, then one bit per paper class, then state.
+PAPER_SHIFT = 4
+AVAILABLE = 1 << (PAPER_SHIFT + len(PAPER_CLASSES))
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,11 +157,9 @@ class ZoneFrame:
         minx, miny, maxx, maxy = self.bbox
         dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
         dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
-        if dx == 0.0:
-            return dy
-        if dy == 0.0:
-            return dx
-        return math.hypot(dx, dy)
+        # sqrt of the sum of squares, as the numpy search computes it: every step is
+        # rounded the same way, so both give the same metres to the last bit.
+        return math.sqrt(dx * dx + dy * dy)
 
     def distance(self, x: float, y: float) -> float:
         """Return the planar distance from the point to the polygon (0 inside)."""
@@ -153,8 +173,6 @@ class ZoneFrame:
 
 
 def _reproject(geom: BaseGeometry, src: Projection, dst: Projection) -> BaseGeometry:
-    import numpy as np
-
     def fn(coords: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         out = np.empty_like(coords)
         lon = coords[:, 0] / src.kx + src.lon0
@@ -210,39 +228,71 @@ def _new_tree(
 
 
 class _Group:
-    """One (site, kind, building, level): its devices in a list while few, else an rtree."""
+    """One (site, kind, building, level): its devices, searched as a list, arrays or an rtree.
 
-    __slots__ = ("bounds", "count", "small", "tree")
+    ``members`` (slots in position order) and ``pos`` are always kept. Queries scan the
+    members of a tiny group in Python, evaluate a medium one with numpy over arrays built
+    from the entries on first use after a change, and search a large one's rtree.
+    """
 
-    def __init__(self, small: list[int] | None = None, tree: Any = None) -> None:
-        # Exactly one of the two holds the group's slots.
-        self.small = small if tree is not None or small is not None else []
-        self.tree = tree
-        self.count = 0 if self.small is None else len(self.small)
+    __slots__ = ("arrays", "bounds", "count", "members", "pos", "tree")
+
+    def __init__(self, members: list[int], entries: dict[int, Entry]) -> None:
+        self.members = members
+        self.pos = {slot: i for i, slot in enumerate(members)}
+        self.count = len(members)
         self.bounds = [math.inf, math.inf, -math.inf, -math.inf]
+        self.arrays: _Arrays | None = None
+        self.tree: Any = None
+        for slot in members:
+            e = entries[slot]
+            self.grow(e.x, e.y)
+        if self.count > LARGE_GROUP:
+            self.tree = _new_tree(
+                (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None) for s in members
+            )
 
     def insert(self, slot: int, x: float, y: float, entries: dict[int, Entry]) -> None:
-        """Add a device, moving the group into an rtree once it outgrows a list."""
-        if self.small is not None:
-            self.small.append(slot)
-            if len(self.small) > 2 * SMALL_GROUP:
-                self.tree = _new_tree(
-                    (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None)
-                    for s in self.small
-                )
-                self.small = None
-        else:
-            self.tree.insert(slot, (x, y, x, y))
+        """Add a device, moving the group into an rtree once it outgrows the arrays."""
+        self.pos[slot] = len(self.members)
+        self.members.append(slot)
         self.count += 1
+        self.arrays = None
         self.grow(x, y)
+        if self.tree is not None:
+            self.tree.insert(slot, (x, y, x, y))
+        elif self.count > LARGE_GROUP:
+            self.tree = _new_tree(
+                (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None)
+                for s in self.members
+            )
 
     def delete(self, slot: int, x: float, y: float) -> None:
-        """Remove a device."""
-        if self.small is not None:
-            self.small.remove(slot)
-        else:
-            self.tree.delete(slot, (x, y, x, y))
+        """Remove a device; a shrunken large group leaves its rtree for arrays."""
+        i = self.pos.pop(slot)
+        last = self.members.pop()
+        if last != slot:
+            self.members[i] = last
+            self.pos[last] = i
         self.count -= 1
+        self.arrays = None
+        if self.tree is not None:
+            if self.count <= LARGE_GROUP // 2:
+                self.tree = None
+            else:
+                self.tree.delete(slot, (x, y, x, y))
+
+    def update(self, slot: int, entry: Entry) -> None:
+        """Refresh a device's filter word in place after a change of state or visibility."""
+        arrays = self.arrays
+        if arrays is None:
+            return
+        i = self.pos[slot]
+        arrays.words[i] = word_of(entry)
+        if entry.restrict or arrays.restricted.get(i):
+            arrays.restricted[i] = entry.restrict
+            if not entry.restrict:
+                del arrays.restricted[i]
 
     def grow(self, x: float, y: float) -> None:
         b = self.bounds
@@ -254,6 +304,46 @@ class _Group:
             b[2] = x
         if y > b[3]:
             b[3] = y
+
+    def build(self, entries: dict[int, Entry]) -> _Arrays:
+        """Return the group's arrays, building them from the entries if a change dropped them."""
+        arrays = self.arrays
+        if arrays is None:
+            members = self.members
+            n = len(members)
+            es = [entries[s] for s in members]
+            arrays = self.arrays = _Arrays(
+                np.fromiter((e.x for e in es), np.float64, n),
+                np.fromiter((e.y for e in es), np.float64, n),
+                np.fromiter((word_of(e) for e in es), np.int64, n),
+                {i: e.restrict for i, e in enumerate(es) if e.restrict},
+            )
+        return arrays
+
+
+@dataclass(slots=True)
+class _Arrays:
+    """A medium group's devices as numpy arrays, in the order of ``_Group.members``."""
+
+    xs: np.ndarray[Any, np.dtype[np.float64]]
+    ys: np.ndarray[Any, np.dtype[np.float64]]
+    # Capability bits, paper classes as a thermometer and availability: see word_of.
+    words: np.ndarray[Any, np.dtype[np.int64]]
+    # Position -> visibility rule bits, for the few devices that have any.
+    restricted: dict[int, int]
+
+
+def word_of(entry: Entry) -> int:
+    """Return a device's filter word: a request matches when it holds every bit it needs."""
+    paper = ((1 << (entry.paper + 1)) - 1) << PAPER_SHIFT if entry.paper >= 0 else 0
+    return entry.mask | paper | (AVAILABLE if entry.available else 0)
+
+
+def need_word(mask: int, paper: int, any_state: bool) -> int:
+    """Return the filter word bits a request needs (see ``word_of``)."""
+    return (
+        mask | (1 << (PAPER_SHIFT + paper) if paper >= 0 else 0) | (0 if any_state else AVAILABLE)
+    )
 
 
 _BOX = ctypes.c_double * 2
@@ -335,6 +425,22 @@ def _need_paper(need: Need) -> int:
     return -1 if need.paper is None else PAPER_CLASSES.index(need.paper)
 
 
+@dataclass(frozen=True, slots=True)
+class _Near:
+    """A zone's cheapest devices of one kind, in cost order, as of ``version``."""
+
+    version: int
+    costs: array[float]
+    dists: array[float]
+    cds: array[float]
+    slots: array[int]
+    # Every device left out costs at least this (inf: none was left out).
+    bound: float
+
+
+_ANY = Need(any_state=True)
+
+
 class SpatialIndex:
     """Devices by (site, kind, building, level) in rtrees; exact k-nearest queries."""
 
@@ -348,6 +454,10 @@ class SpatialIndex:
         # The groups to visit in increasing penalty, per (site, building, level, kind,
         # ranking) of the client's zone; dropped whenever a group is created.
         self._plans: dict[tuple[str, str, int, str, Ranking], list[tuple[float, str, _Group]]] = {}
+        # Devices added, moved or removed, per site and in all: what dates a _Near list.
+        self._moves: dict[str, int] = {}
+        self._all_moves = 0
+        self._near: dict[tuple[str, str, Ranking], _Near] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -365,7 +475,7 @@ class SpatialIndex:
         key = (entry.site, entry.kind, entry.building, entry.level)
         group = self._groups.get(key)
         if group is None:
-            group = self._groups[key] = _Group()
+            group = self._groups[key] = _Group([], self._entries)
             self._plans.clear()
             self._by_site_kind.setdefault((entry.site, entry.kind), []).append(
                 (entry.building, entry.level)
@@ -373,10 +483,10 @@ class SpatialIndex:
         return group
 
     def bulk_load(self, entries: Iterable[Entry]) -> None:
-        """Load many entries at once into an empty index (stream bulk loading)."""
+        """Load many entries at once into an empty index (rtrees stream bulk-loaded)."""
         if self._entries:
             raise ValueError("bulk_load needs an empty index")
-        by_group: dict[tuple[str, str, str, int], list[tuple[int, Entry]]] = {}
+        by_group: dict[tuple[str, str, str, int], list[int]] = {}
         for entry in entries:
             if entry.device_id in self._slot_of:
                 raise ValueError(f"duplicate device id {entry.device_id!r}")
@@ -385,19 +495,14 @@ class SpatialIndex:
             self._entries[slot] = entry
             self._slot_of[entry.device_id] = slot
             key = (entry.site, entry.kind, entry.building, entry.level)
-            by_group.setdefault(key, []).append((slot, entry))
-        for key, items in by_group.items():
-            if len(items) <= SMALL_GROUP:
-                group = _Group(small=[slot for slot, _ in items])
-            else:
-                stream = ((slot, (e.x, e.y, e.x, e.y), None) for slot, e in items)
-                group = _Group(tree=_new_tree(stream))
-                group.count = len(items)
-            for _, e in items:
-                group.grow(e.x, e.y)
-            self._groups[key] = group
+            by_group.setdefault(key, []).append(slot)
+        for key, members in by_group.items():
+            self._groups[key] = _Group(members, self._entries)
             self._by_site_kind.setdefault((key[0], key[1]), []).append((key[2], key[3]))
         self._plans.clear()
+        self._all_moves += 1
+        for site in {key[0] for key in by_group}:
+            self._moves[site] = self._moves.get(site, 0) + 1
 
     def upsert(self, entry: Entry) -> None:
         """Insert a device or replace its entry."""
@@ -416,6 +521,9 @@ class SpatialIndex:
             )
             if same_place:
                 self._entries[old_slot] = entry
+                self._groups[(entry.site, entry.kind, entry.building, entry.level)].update(
+                    old_slot, entry
+                )
                 return
             self.remove(entry.device_id)
         slot = self._next_slot
@@ -423,15 +531,22 @@ class SpatialIndex:
         self._entries[slot] = entry
         self._slot_of[entry.device_id] = slot
         self._group(entry).insert(slot, entry.x, entry.y, self._entries)
+        self._moved(entry.site)
 
     def remove(self, device_id: str) -> None:
         """Remove a device if indexed."""
         slot = self._slot_of.pop(device_id, None)
         if slot is None:
             return
-        entry = self._entries.pop(slot)
+        entry = self._entries[slot]
         key = (entry.site, entry.kind, entry.building, entry.level)
         self._groups[key].delete(slot, entry.x, entry.y)
+        del self._entries[slot]
+        self._moved(entry.site)
+
+    def _moved(self, site: str) -> None:
+        self._moves[site] = self._moves.get(site, 0) + 1
+        self._all_moves += 1
 
     def _plan(self, zone: Zone, kind: str, ranking: Ranking) -> list[tuple[float, str, _Group]]:
         """Return the (penalty, site, group) to visit for a client in ``zone``, cheapest first."""
@@ -458,14 +573,128 @@ class SpatialIndex:
 
         ``visible`` holds the visibility rule bits the client satisfies (-1: all).
         """
-        hidden = ~visible
+        near = self._neighbours(zone, kind, ranking)
         mask = need_mask(need)
         paper = _need_paper(need)
         any_state = need.any_state
+        hidden = ~visible
         best: list[tuple[float, int, float, str, float]] = []
         entries = self._entries
-        frames = self.frames
+        for cost, dist, cd, slot in zip(near.costs, near.dists, near.cds, near.slots, strict=True):
+            if len(best) >= k and cost > best[-1][0]:
+                break
+            e = entries[slot]
+            if (
+                (e.mask & mask) == mask
+                and e.paper >= paper
+                and (e.available or any_state)
+                and not (e.restrict & hidden)
+            ):
+                bisect.insort(best, (cost, e.state_rank, cd, e.device_id, dist))
+                if len(best) > k:
+                    best.pop()
+        # Every device the list leaves out costs at least ``bound`` (inf: it leaves none
+        # out), so only an answer cheaper than that is proven; else search the floors.
+        bound = near.bound
+        if bound != math.inf and not (len(best) >= k and best[-1][0] < bound):
+            return self.search(zone, kind, need, k, ranking, visible)
+        return [Hit(c, cd, d, p) for c, _, cd, d, p in best]
+
+    def warm(self, zones: Iterable[Zone], kinds: Iterable[str], ranking: Ranking) -> int:
+        """Prepare every zone's frame and neighbour lists now; return how many lists.
+
+        Queries build what they miss on first use; warming at load time makes the first
+        client of each zone as quick as the rest.
+        """
+        kinds = tuple(kinds)
+        n = 0
+        for zone in zones:
+            for kind in kinds:
+                self._neighbours(zone, kind, ranking)
+                n += 1
+        return n
+
+    def _neighbours(self, zone: Zone, kind: str, ranking: Ranking) -> _Near:
+        """Return the cheapest devices of the zone's cheapest floor, whatever their state."""
+        version = self._all_moves if ranking.allow_other_sites else self._moves.get(zone.site, 0)
+        key = (zone.id, kind, ranking)
+        near = self._near.get(key)
+        if near is not None and near.version == version:
+            return near
+        near = self._near_list(zone, kind, ranking, version)
+        if len(self._near) >= NEAR_CACHE:
+            self._near.clear()
+        self._near[key] = near
+        return near
+
+    def _near_list(self, zone: Zone, kind: str, ranking: Ranking, version: int) -> _Near:
+        """Order the first non-empty floor of the zone's plan; bound every other device."""
+        plan = self._plan(zone, kind, ranking)
+        first = next((i for i, p in enumerate(plan) if p[2].count), None)
+        if first is None:
+            return _Near(version, array("d"), array("d"), array("d"), array("q"), math.inf)
+        pen, site, group = plan[first]
+        frame = self.frames.get(zone, site)
+        arrays = group.build(self._entries)
+        xs = arrays.xs
+        ys = arrays.ys
+        members = group.members
+        n = len(members)
+        if frame.is_rect:
+            minx, miny, maxx, maxy = frame.bbox
+            dx = np.maximum(minx - xs, xs - maxx)
+            np.maximum(dx, 0.0, out=dx)
+            dy = np.maximum(miny - ys, ys - maxy)
+            np.maximum(dy, 0.0, out=dy)
+            dx *= dx
+            dy *= dy
+            dx += dy
+            dist = np.sqrt(dx)
+        else:
+            dist = shapely.distance(frame.polygon, shapely.points(xs, ys))
+        order = np.argsort(dist, kind="stable")
+        bound = math.inf
+        if n > NEAR_LIST:
+            bound = float(dist[order[NEAR_LIST]]) + pen
+            order = order[:NEAR_LIST]
+        # Any device on another floor costs at least its floor's penalty plus the
+        # distance from the zone's box to the floor's box.
+        for other_pen, other_site, other in plan[first + 1 :]:
+            if other_pen - EPSILON >= bound:
+                break
+            if not other.count:
+                continue
+            box = self.frames.get(zone, other_site).bbox
+            bound = min(bound, _rect_distance(box, other.bounds) + other_pen - EPSILON)
+        dists = dist[order].tolist()
+        cx = frame.cx
+        cy = frame.cy
         hypot = math.hypot
+        return _Near(
+            version,
+            array("d", [d + pen for d in dists]),
+            array("d", dists),
+            array(
+                "d",
+                [
+                    hypot(x - cx, y - cy)
+                    for x, y in zip(xs[order].tolist(), ys[order].tolist(), strict=True)
+                ],
+            ),
+            array("q", [members[i] for i in order.tolist()]),
+            bound,
+        )
+
+    def search(
+        self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
+    ) -> list[Hit]:
+        """Return what ``nearest`` returns by searching the floors, cheapest first."""
+        hidden = ~visible
+        mask = need_mask(need)
+        paper = _need_paper(need)
+        word = need_word(mask, paper, need.any_state)
+        best: list[tuple[float, int, float, str, float]] = []
+        frames = self.frames
         inf = math.inf
         for pen, site, group in self._plan(zone, kind, ranking):
             worst = best[-1][0] if len(best) >= k else inf
@@ -474,92 +703,182 @@ class SpatialIndex:
             if group.count == 0:
                 continue
             frame = frames.get(zone, site)
-            bbox = frame.bbox
-            if _rect_distance(bbox, group.bounds) + pen - EPSILON > worst:
+            if _rect_distance(frame.bbox, group.bounds) + pen - EPSILON > worst:
                 continue
-            minx, miny, maxx, maxy = bbox
-            cx = frame.cx
-            cy = frame.cy
-            expected = _inside(bbox, group)
-            m = max(FIRST_BATCH, 4 * k, int(expected * 1.5) + 4 if expected > 0.0 else 0)
-            visited: set[int] | None = None
-            # On the zone's own floor (penalty 0) of a rectangular zone, every device in
-            # the zone's closed box costs exactly 0 and every other one more than 0 (no
-            # penalty to round it away): when k of those inside match, a box query (about
-            # half a nearest search) settles the group. Tried where many are expected.
-            small = group.small
-            settle = (
-                small is None and pen == 0.0 and frame.is_rect and expected >= SETTLE_INSIDE * k
-            )
-            while True:
-                far = 0.0
-                if small is not None:
-                    slots = small  # a small group: every device is evaluated
-                elif settle:
-                    slots = _tree_ids(group.tree, bbox, 0)
-                else:
-                    slots = _tree_ids(group.tree, bbox, m)
-                    # A nearest-m answer holds no device farther than one it leaves out,
-                    # so any returned device's bound is a bound for the rest; the last
-                    # one's is the tightest (they come nearest first). Filtered-out
-                    # devices then need no bound of their own.
-                    if slots:
-                        last = entries[slots[-1]]
-                        far = frame.bbox_distance(last.x, last.y)
-                for slot in slots:
-                    if visited is not None:
-                        if slot in visited:
-                            continue
-                        visited.add(slot)
-                    e = entries[slot]
-                    if not (
-                        (e.mask & mask) == mask
-                        and e.paper >= paper
-                        and (e.available or any_state)
-                        and not (e.restrict & hidden)
-                    ):
-                        continue
-                    x = e.x
-                    y = e.y
-                    # ZoneFrame.bbox_distance inlined: this loop is the query's hot path.
-                    dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
-                    dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
-                    lb = dy if dx == 0.0 else (dx if dy == 0.0 else hypot(dx, dy))
-                    worst = best[-1][0] if len(best) >= k else inf
-                    if lb + pen - EPSILON > worst:
-                        continue
-                    # For a rectangle the distance is the bbox distance just computed.
-                    dist = lb if frame.is_rect else frame.distance(x, y)
-                    cost = dist + pen
-                    if cost > worst:
-                        continue
-                    item = (
-                        cost,
-                        e.state_rank,
-                        hypot(x - cx, y - cy),
-                        e.device_id,
-                        dist,
-                    )
-                    bisect.insort(best, item)
-                    if len(best) > k:
-                        best.pop()
-                if small is not None:
-                    break
-                if settle:
-                    settle = False
-                    if len(best) >= k and best[-1][0] == 0.0:
-                        break
-                    visited = set(slots)
-                    continue
-                if len(slots) < m:
-                    break
-                worst = best[-1][0] if len(best) >= k else inf
-                if far + pen - EPSILON > worst:
-                    break
-                if visited is None:
-                    visited = set(slots)
-                m *= 4
+            if group.count <= TINY_GROUP or group.tree is not None:
+                self._search(group, frame, pen, k, best, mask, paper, need.any_state, hidden)
+            else:
+                self._evaluate(group, frame, pen, k, best, word, hidden)
         return [Hit(c, cd, d, p) for c, _, cd, d, p in best]
+
+    def _evaluate(
+        self,
+        group: _Group,
+        frame: ZoneFrame,
+        pen: float,
+        k: int,
+        best: list[tuple[float, int, float, str, float]],
+        word: int,
+        hidden: int,
+    ) -> None:
+        """Offer a medium group's cheapest matches to ``best``, computed over its arrays."""
+        arrays = group.build(self._entries)
+        ok = (arrays.words & word) == word
+        if hidden and arrays.restricted:
+            for i, restrict in arrays.restricted.items():
+                if restrict & hidden:
+                    ok[i] = False
+        minx, miny, maxx, maxy = frame.bbox
+        xs = arrays.xs
+        ys = arrays.ys
+        # ZoneFrame.bbox_distance, squared, over the whole group.
+        dx = np.maximum(minx - xs, xs - maxx)
+        np.maximum(dx, 0.0, out=dx)
+        dy = np.maximum(miny - ys, ys - maxy)
+        np.maximum(dy, 0.0, out=dy)
+        dx *= dx
+        dy *= dy
+        dx += dy
+        d2 = np.where(ok, dx, np.inf)
+        n = len(d2)
+        inf = math.inf
+        worst = best[-1][0] if len(best) >= k else inf
+        if frame.is_rect:
+            # The bbox distance is the cost: the k smallest, and any within a rounding of
+            # the k-th (adding the penalty may make them tie), are all that can rank.
+            kth = float(
+                d2.min() if k == 1 else (np.partition(d2, k - 1)[k - 1] if n > k else d2.max())
+            )
+            limit = min(math.sqrt(kth), worst - pen) + EPSILON
+            picked = np.flatnonzero(ok) if limit == inf else np.flatnonzero(d2 <= limit * limit)
+        else:
+            # The bbox distance only bounds the polygon's: evaluate in its order until the
+            # bound passes the k-th best cost.
+            picked = np.argsort(d2, kind="stable")
+        members = group.members
+        entries = self._entries
+        cx = frame.cx
+        cy = frame.cy
+        is_rect = frame.is_rect
+        sqrt = math.sqrt
+        hypot = math.hypot
+        for i, sq in zip(picked.tolist(), d2[picked].tolist(), strict=True):
+            if sq == inf:
+                break
+            lb = sqrt(sq)
+            worst = best[-1][0] if len(best) >= k else inf
+            if lb + pen - EPSILON > worst:
+                if is_rect:
+                    continue
+                break
+            e = entries[members[i]]
+            dist = lb if is_rect else frame.distance(e.x, e.y)
+            cost = dist + pen
+            if cost > worst:
+                continue
+            bisect.insort(best, (cost, e.state_rank, hypot(e.x - cx, e.y - cy), e.device_id, dist))
+            if len(best) > k:
+                best.pop()
+
+    def _search(
+        self,
+        group: _Group,
+        frame: ZoneFrame,
+        pen: float,
+        k: int,
+        best: list[tuple[float, int, float, str, float]],
+        mask: int,
+        paper: int,
+        any_state: bool,
+        hidden: int,
+    ) -> None:
+        """Offer a tiny group's (every device) or a large group's (its rtree's) matches."""
+        entries = self._entries
+        hypot = math.hypot
+        sqrt = math.sqrt
+        inf = math.inf
+        worst = best[-1][0] if len(best) >= k else inf
+        bbox = frame.bbox
+        minx, miny, maxx, maxy = bbox
+        cx = frame.cx
+        cy = frame.cy
+        expected = _inside(bbox, group)
+        m = max(FIRST_BATCH, 4 * k, int(expected * 1.5) + 4 if expected > 0.0 else 0)
+        visited: set[int] | None = None
+        # On the zone's own floor (penalty 0) of a rectangular zone, every device in
+        # the zone's closed box costs exactly 0 and every other one more than 0 (no
+        # penalty to round it away): when k of those inside match, a box query (about
+        # half a nearest search) settles the group. Tried where many are expected.
+        small = group.members if group.tree is None else None
+        settle = small is None and pen == 0.0 and frame.is_rect and expected >= SETTLE_INSIDE * k
+        while True:
+            far = 0.0
+            if small is not None:
+                slots = small  # a small group: every device is evaluated
+            elif settle:
+                slots = _tree_ids(group.tree, bbox, 0)
+            else:
+                slots = _tree_ids(group.tree, bbox, m)
+                # A nearest-m answer holds no device farther than one it leaves out,
+                # so any returned device's bound is a bound for the rest; the last
+                # one's is the tightest (they come nearest first). Filtered-out
+                # devices then need no bound of their own.
+                if slots:
+                    last = entries[slots[-1]]
+                    far = frame.bbox_distance(last.x, last.y)
+            for slot in slots:
+                if visited is not None:
+                    if slot in visited:
+                        continue
+                    visited.add(slot)
+                e = entries[slot]
+                if not (
+                    (e.mask & mask) == mask
+                    and e.paper >= paper
+                    and (e.available or any_state)
+                    and not (e.restrict & hidden)
+                ):
+                    continue
+                x = e.x
+                y = e.y
+                # ZoneFrame.bbox_distance inlined: this loop is the query's hot path.
+                dx = minx - x if x < minx else (x - maxx if x > maxx else 0.0)
+                dy = miny - y if y < miny else (y - maxy if y > maxy else 0.0)
+                lb = sqrt(dx * dx + dy * dy)
+                worst = best[-1][0] if len(best) >= k else inf
+                if lb + pen - EPSILON > worst:
+                    continue
+                # For a rectangle the distance is the bbox distance just computed.
+                dist = lb if frame.is_rect else frame.distance(x, y)
+                cost = dist + pen
+                if cost > worst:
+                    continue
+                item = (
+                    cost,
+                    e.state_rank,
+                    hypot(x - cx, y - cy),
+                    e.device_id,
+                    dist,
+                )
+                bisect.insort(best, item)
+                if len(best) > k:
+                    best.pop()
+            if small is not None:
+                break
+            if settle:
+                settle = False
+                if len(best) >= k and best[-1][0] == 0.0:
+                    break
+                visited = set(slots)
+                continue
+            if len(slots) < m:
+                break
+            worst = best[-1][0] if len(best) >= k else inf
+            if far + pen - EPSILON > worst:
+                break
+            if visited is None:
+                visited = set(slots)
+            m *= 4
 
     def brute_force(
         self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
