@@ -67,7 +67,7 @@ LARGE_GROUP = 4096
 # Per (zone, kind, ranking), the cost order of this many cheapest devices is kept, with
 # no filter applied; a query walks it and, when the walk cannot prove its answer (a
 # rare capability), searches the floors. Up to NEAR_CACHE such lists are kept.
-NEAR_LIST = 16
+NEAR_LIST = 32
 NEAR_CACHE = 65536
 # Filter word layout (word_of): capability bits, then one bit per paper class, then state.
 PAPER_SHIFT = 4
@@ -430,9 +430,12 @@ class _Near:
     """A zone's cheapest devices of one kind, in cost order, as of ``version``."""
 
     version: int
-    costs: array[float]
+    # The floor's penalty and the centroid of the zone in the floor's site frame.
+    pen: float
+    cx: float
+    cy: float
+    # Planar distances, ascending, and the devices' slots.
     dists: array[float]
-    cds: array[float]
     slots: array[int]
     # Every device left out costs at least this (inf: none was left out).
     bound: float
@@ -580,7 +583,12 @@ class SpatialIndex:
         hidden = ~visible
         best: list[tuple[float, int, float, str, float]] = []
         entries = self._entries
-        for cost, dist, cd, slot in zip(near.costs, near.dists, near.cds, near.slots, strict=True):
+        pen = near.pen
+        cx = near.cx
+        cy = near.cy
+        hypot = math.hypot
+        for dist, slot in zip(near.dists, near.slots, strict=True):
+            cost = dist + pen
             if len(best) >= k and cost > best[-1][0]:
                 break
             e = entries[slot]
@@ -590,7 +598,9 @@ class SpatialIndex:
                 and (e.available or any_state)
                 and not (e.restrict & hidden)
             ):
-                bisect.insort(best, (cost, e.state_rank, cd, e.device_id, dist))
+                bisect.insort(
+                    best, (cost, e.state_rank, hypot(e.x - cx, e.y - cy), e.device_id, dist)
+                )
                 if len(best) > k:
                     best.pop()
         # Every device the list leaves out costs at least ``bound`` (inf: it leaves none
@@ -632,7 +642,7 @@ class SpatialIndex:
         plan = self._plan(zone, kind, ranking)
         first = next((i for i, p in enumerate(plan) if p[2].count), None)
         if first is None:
-            return _Near(version, array("d"), array("d"), array("d"), array("q"), math.inf)
+            return _Near(version, 0.0, 0.0, 0.0, array("d"), array("i"), math.inf)
         pen, site, group = plan[first]
         frame = self.frames.get(zone, site)
         arrays = group.build(self._entries)
@@ -666,22 +676,13 @@ class SpatialIndex:
                 continue
             box = self.frames.get(zone, other_site).bbox
             bound = min(bound, _rect_distance(box, other.bounds) + other_pen - EPSILON)
-        dists = dist[order].tolist()
-        cx = frame.cx
-        cy = frame.cy
-        hypot = math.hypot
         return _Near(
             version,
-            array("d", [d + pen for d in dists]),
-            array("d", dists),
-            array(
-                "d",
-                [
-                    hypot(x - cx, y - cy)
-                    for x, y in zip(xs[order].tolist(), ys[order].tolist(), strict=True)
-                ],
-            ),
-            array("q", [members[i] for i in order.tolist()]),
+            pen,
+            frame.cx,
+            frame.cy,
+            array("d", dist[order].tolist()),
+            array("i", [members[i] for i in order.tolist()]),
             bound,
         )
 
