@@ -38,7 +38,7 @@ import math
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import shapely
@@ -103,8 +103,7 @@ class Entry:
     state_rank: int = 1
 
 
-@dataclass(frozen=True, slots=True)
-class Hit:
+class Hit(NamedTuple):
     """One ranked answer: the device id, its cost and the tie-break distance."""
 
     cost: float

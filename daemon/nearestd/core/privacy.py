@@ -19,14 +19,13 @@ import hashlib
 import hmac
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 PSEUDONYM_BYTES = 16
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
-    """One answered request, without the IP."""
+class LogEntry(NamedTuple):
+    """One answered request, without the IP (a tuple: one is made per query)."""
 
     ts: float
     epoch: int
