@@ -19,7 +19,7 @@ HEADER = struct.Struct(">I")
 DEFAULT_MAX_FRAME = 64 * 1024
 MAX_STR = 4096
 MAX_ITEMS = 1024
-MAX_DEPTH = 8
+MAX_DEPTH = 8  # at least 3: _request_depth_ok relies on it
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,26 +68,49 @@ class FrameDecoder:
         return out
 
 
+_CONTAINERS = (dict, list)
+# What msgpack decodes besides maps and arrays (exact types: a subclass takes the slow path).
+_SCALARS = frozenset((str, int, bool, float, bytes, type(None)))
+
+
 def _depth_ok(obj: Any, depth: int) -> bool:
-    # Recurse into containers only (this runs on every request): a scalar fails only by
-    # sitting deeper than MAX_DEPTH, that is, inside a non-empty container at MAX_DEPTH.
+    # Recurse into containers only: a scalar fails only by sitting deeper than MAX_DEPTH,
+    # that is, inside a non-empty container at MAX_DEPTH. Map keys are never looked at:
+    # a dict's keys are hashable, so never a map or an array.
     if depth > MAX_DEPTH:
         return False
     if isinstance(obj, dict):
-        if obj and depth == MAX_DEPTH:
-            return False
-        for k, v in obj.items():
-            if isinstance(v, dict | list) and not _depth_ok(v, depth + 1):
-                return False
-            if isinstance(k, dict | list) and not _depth_ok(k, depth + 1):
-                return False
+        items: Any = obj.values()
+    elif isinstance(obj, list):
+        items = obj
+    else:
         return True
-    if isinstance(obj, list):
-        if obj and depth == MAX_DEPTH:
+    if items and depth == MAX_DEPTH:
+        return False
+    for v in items:  # noqa: SIM110 (all() over a generator is slower)
+        if isinstance(v, _CONTAINERS) and not _depth_ok(v, depth + 1):
             return False
-        for v in obj:
-            if isinstance(v, dict | list) and not _depth_ok(v, depth + 1):
-                return False
+    return True
+
+
+def _request_depth_ok(obj: dict[str, Any]) -> bool:
+    """Return ``_depth_ok(obj, 1)``, answering the usual request shape without recursion.
+
+    That shape is a map whose values are scalars, or maps and arrays of scalars: nothing
+    sits deeper than level 3, which MAX_DEPTH allows. Anything else takes the full check.
+    """
+    for v in obj.values():
+        t = type(v)
+        if t is dict:
+            for x in v.values():
+                if type(x) not in _SCALARS:
+                    return _depth_ok(obj, 1)
+        elif t is list:
+            for x in v:
+                if type(x) not in _SCALARS:
+                    return _depth_ok(obj, 1)
+        elif t not in _SCALARS:
+            return _depth_ok(obj, 1)
     return True
 
 
@@ -115,7 +138,7 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
         raise WireError(ErrorCode.BAD_REQUEST, f"malformed MessagePack: {_why(exc)}") from None
     if not isinstance(obj, dict):
         raise WireError(ErrorCode.BAD_REQUEST, f"frame holds {_msgpack_type(obj)}, expected a map")
-    if not _depth_ok(obj, 1):
+    if not _request_depth_ok(obj):
         raise WireError(ErrorCode.BAD_REQUEST, f"nesting deeper than {MAX_DEPTH} levels")
     return obj
 

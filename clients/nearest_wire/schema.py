@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from nearest_wire.errors import ErrorCode, WireError
@@ -164,6 +164,9 @@ def request_id(obj: dict[str, Any]) -> int | None:
     return None
 
 
+_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
 def check_ip(value: object, field: str, rid: int | None) -> str:
     """Return a normalised IP address string or raise bad-request naming ``field``."""
     if not isinstance(value, str):
@@ -179,6 +182,19 @@ def check_ip(value: object, field: str, rid: int | None) -> str:
             pass
         else:
             return value
+    else:
+        # Fast path for IPv6 without a zone index: glibc's inet_pton accepts exactly what
+        # ipaddress does, and inet_ntop writes the same RFC 5952 text unless it embeds an
+        # IPv4 address (mapped or compatible), which ipaddress prints otherwise. Both
+        # claims are checked against ipaddress in tests/test_wire_fastpaths.py.
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, value)
+        except (OSError, ValueError, UnicodeError):
+            pass
+        else:
+            text = socket.inet_ntop(socket.AF_INET6, packed)
+            if "." not in text and packed[:12] != _MAPPED_PREFIX:
+                return text
     try:
         addr = ipaddress.ip_address(value)
     except ValueError:
@@ -212,9 +228,63 @@ def _kind(value: object, rid: int | None, required: bool) -> str | None:
     return str(value)
 
 
+# Every valid need is one of these few values, numbered by _need's fast path: a bit for
+# each of NEED_FLAGS, one for any_state, then 1 + the PaperMax class index (0: no paper).
+_FLAG_BITS = {flag: 1 << i for i, flag in enumerate(NEED_FLAGS)}
+_ANY_STATE = 1 << len(NEED_FLAGS)
+_PAPER_SHIFT = len(NEED_FLAGS) + 1
+_PAPER_CODES = {
+    paper: (1 + PAPER_CLASSES.index(cls)) << _PAPER_SHIFT for paper, cls in PAPER_NEEDS.items()
+}
+_NEEDS = {
+    flags | paper | any_state: Need(
+        paper=PAPER_CLASSES[(paper >> _PAPER_SHIFT) - 1] if paper else None,
+        any_state=bool(any_state),
+        **{f: bool(flags & bit) for f, bit in _FLAG_BITS.items()},
+    )
+    for flags in range(1 << len(NEED_FLAGS))
+    for paper in (0, *_PAPER_CODES.values())
+    for any_state in (0, _ANY_STATE)
+}
+_NO_NEED = _NEEDS[0]
+
+
 def _need(value: object, rid: int | None) -> Need:
+    """Return the need a request names: a shared value, built once at import."""
     if value is None:
-        return Need()
+        return _NO_NEED
+    if type(value) is not dict:
+        return _parse_need(value, rid)
+    # Fast path: exact types only, so anything unusual and every error takes the full
+    # check below, which also words the error.
+    code = 0
+    for key, val in value.items():
+        if type(key) is not str:
+            return _parse_need(value, rid)
+        if val is True:
+            bit = _FLAG_BITS.get(key)
+            if bit is None:
+                return _parse_need(value, rid)
+            code |= bit
+        elif val is False:
+            if key not in _FLAG_BITS:
+                return _parse_need(value, rid)
+        elif key == "paper":
+            if val is None:
+                continue
+            if type(val) is not str or val not in _PAPER_CODES:
+                return _parse_need(value, rid)
+            code |= _PAPER_CODES[val]
+        elif key == "state" and type(val) is str and val in ("any", "available"):
+            if val == "any":
+                code |= _ANY_STATE
+        else:
+            return _parse_need(value, rid)
+    return _NEEDS[code]
+
+
+def _parse_need(value: object, rid: int | None) -> Need:
+    """Validate a need map the plain way; every error about a need is worded here."""
     if not isinstance(value, dict):
         raise _bad(f"need: expected a map, got {_type_name(value)}", rid)
     flags: dict[str, bool] = {}
@@ -241,22 +311,53 @@ def _need(value: object, rid: int | None) -> Need:
     return Need(paper=paper, any_state=any_state, **flags)
 
 
+# NearestRequest is built for every query, and its frozen __init__ sets each field
+# through object.__setattr__. Setting the slots directly builds the same value faster.
+_NEAREST_FIELDS = ("id", "kind", "k", "need", "client_ip", "zone", "op")
+if tuple(f.name for f in fields(NearestRequest)) != _NEAREST_FIELDS:  # pragma: no cover
+    raise ImportError("NearestRequest's fields changed: update _NEAREST_FIELDS")
+_set_id, _set_kind, _set_k, _set_need, _set_client_ip, _set_zone, _set_op = (
+    vars(NearestRequest)[name].__set__ for name in _NEAREST_FIELDS
+)
+
+
+def _nearest_request(
+    rid: int, kind: str, k: int, need: Need, client_ip: str | None, zone: str | None
+) -> NearestRequest:
+    """Return ``NearestRequest(rid, kind, k, need, client_ip, zone)``."""
+    req = object.__new__(NearestRequest)
+    _set_id(req, rid)
+    _set_kind(req, kind)
+    _set_k(req, k)
+    _set_need(req, need)
+    _set_client_ip(req, client_ip)
+    _set_zone(req, zone)
+    _set_op(req, "nearest")
+    return req
+
+
 def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset()) -> Request:
     """Validate a decoded map and return the typed request, or raise WireError."""
-    rid = request_id(obj)
-    if "id" not in obj:
-        raise _bad("id: missing; expected an integer", None)
-    if rid is None:
-        raise _bad(f"id: expected an integer from 0 to {MAX_ID}", None)
+    # Each check first accepts the usual value by its exact type; anything else goes
+    # through the full check, which words the error. The order of the checks is the
+    # order in which errors are reported.
+    rid = obj.get("id")
+    if type(rid) is not int or not 0 <= rid <= MAX_ID:
+        rid = request_id(obj)
+        if "id" not in obj:
+            raise _bad("id: missing; expected an integer", None)
+        if rid is None:
+            raise _bad(f"id: expected an integer from 0 to {MAX_ID}", None)
     v = obj.get("v")
-    if v is None:
-        raise _bad("v: missing; expected 1", rid)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise _bad(f"v: expected the integer 1, got {_type_name(v)}", rid)
-    if v != VERSION:
-        raise WireError(
-            ErrorCode.UNSUPPORTED_VERSION, f"v: version {v} is not supported; this is 1", rid
-        )
+    if type(v) is not int or v != VERSION:
+        if v is None:
+            raise _bad("v: missing; expected 1", rid)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise _bad(f"v: expected the integer 1, got {_type_name(v)}", rid)
+        if v != VERSION:
+            raise WireError(
+                ErrorCode.UNSUPPORTED_VERSION, f"v: version {v} is not supported; this is 1", rid
+            )
     op = obj.get("op")
     if not isinstance(op, str):
         raise _bad(f"op: expected a string, got {_type_name(op)}", rid)
@@ -264,9 +365,10 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
     if allowed is None:
         ops = ", ".join(PUBLIC_OPS + ADMIN_OPS)
         raise _bad(f"op: unknown operation {op[:40]!r}; expected one of {ops}", rid)
-    for key in obj:
-        if key not in allowed and key not in extra_keys:
-            raise _bad(f"{str(key)[:40]}: unknown field for op {op!r}", rid)
+    if not obj.keys() <= allowed:
+        for key in obj:
+            if key not in allowed and key not in extra_keys:
+                raise _bad(f"{str(key)[:40]}: unknown field for op {op!r}", rid)
     client_ip = obj.get("client_ip")
     if client_ip is not None:
         client_ip = check_ip(client_ip, "client_ip", rid)
@@ -274,16 +376,15 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         k = obj.get("k", 1)
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise _bad(f"k: expected an integer from 1 to {MAX_K}", rid)
-        kind = _kind(obj.get("kind"), rid, required=True)
-        assert kind is not None
-        return NearestRequest(
-            id=rid,
-            kind=kind,
-            k=k,
-            need=_need(obj.get("need"), rid),
-            client_ip=client_ip,
-            zone=_opt_str(obj, "zone", rid),
-        )
+        kind = obj.get("kind")
+        if type(kind) is not str or kind not in KINDS:
+            kind = _kind(kind, rid, required=True)
+            assert kind is not None
+        need = _need(obj.get("need"), rid)
+        zone = obj.get("zone")
+        if zone is not None:
+            zone = _opt_str(obj, "zone", rid)
+        return _nearest_request(rid, kind, k, need, client_ip, zone)
     if op == "locate":
         return LocateRequest(id=rid, client_ip=client_ip, zone=_opt_str(obj, "zone", rid))
     if op == "devices":
