@@ -2,7 +2,8 @@
 
 Figures (each with its goal and the same run's baseline):
 - in-process latency of the exact index (``SpatialIndex.nearest``: it caches no answers;
-  first query per zone, which builds the zone's frame and floor plan, and again) and of
+  it walks the zone's neighbour list, warmed when the map loads; and ``search``, the
+  floor search alone that a query falls back to) and of
   ``Service.handle`` (parse, LPM, index, wire view, location log) with every query a
   distinct cache key, so none is an answer-cache hit; the warm (cached) figure apart;
 - socket throughput from a separate client process, pipelined (64 in flight), over a
