@@ -14,8 +14,10 @@ and the floor's box). A query walks the list, filters, and stops at the first co
 above its k-th best. The answer is proven when that k-th best is below ``bound``;
 otherwise (a rare capability, a large k) the floors are searched. A list is dated by
 the moves (devices added, moved, removed) of its site; a change of state or visibility
-only changes what the walk filters, so it keeps the lists. ``SpatialIndex.warm``
-builds them all when the map loads.
+only changes what the walk filters, so it keeps the lists, and only their copies of
+the devices' filter words (capabilities, paper class, availability in one integer,
+so the walk touches an entry only when it matches) are read again. ``SpatialIndex.warm``
+builds the lists when the map loads.
 
 The floor search: the penalty is constant for all devices on one (site, building,
 level), so devices are grouped that way per kind, and groups are visited in
@@ -424,7 +426,7 @@ def _need_paper(need: Need) -> int:
     return -1 if need.paper is None else PAPER_CLASSES.index(need.paper)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Near:
     """A zone's cheapest devices of one kind, in cost order, as of ``version``."""
 
@@ -438,6 +440,12 @@ class _Near:
     slots: array[int]
     # Every device left out costs at least this (inf: none was left out).
     bound: float
+    # The devices' filter words (word_of) as of ``words_at`` (SpatialIndex._changes), so
+    # that the walk reads an entry only for a device that matches; and whether any of
+    # them has visibility rules.
+    words: array[int]
+    words_at: int
+    restricted: bool
 
 
 _ANY = Need(any_state=True)
@@ -459,6 +467,9 @@ class SpatialIndex:
         # Devices added, moved or removed, per site and in all: what dates a _Near list.
         self._moves: dict[str, int] = {}
         self._all_moves = 0
+        # Entries replaced in place (a change of state or visibility): what dates the
+        # filter words of a _Near list.
+        self._changes = 0
         self._near: dict[tuple[str, str, Ranking], _Near] = {}
 
     def __len__(self) -> int:
@@ -523,6 +534,7 @@ class SpatialIndex:
             )
             if same_place:
                 self._entries[old_slot] = entry
+                self._changes += 1
                 self._groups[(entry.site, entry.kind, entry.building, entry.level)].update(
                     old_slot, entry
                 )
@@ -576,32 +588,31 @@ class SpatialIndex:
         ``visible`` holds the visibility rule bits the client satisfies (-1: all).
         """
         near = self._neighbours(zone, kind, ranking)
+        if near.words_at != self._changes:
+            self._refresh(near)
         mask = need_mask(need)
         paper = _need_paper(need)
-        any_state = need.any_state
+        want = need_word(mask, paper, need.any_state)
         hidden = ~visible
+        screen = bool(hidden) and near.restricted
         best: list[tuple[float, int, float, str, float]] = []
         entries = self._entries
         pen = near.pen
         cx = near.cx
         cy = near.cy
         hypot = math.hypot
-        for dist, slot in zip(near.dists, near.slots, strict=True):
+        for dist, slot, word in zip(near.dists, near.slots, near.words, strict=True):
             cost = dist + pen
             if len(best) >= k and cost > best[-1][0]:
                 break
+            if word & want != want:
+                continue
             e = entries[slot]
-            if (
-                (e.mask & mask) == mask
-                and e.paper >= paper
-                and (e.available or any_state)
-                and not (e.restrict & hidden)
-            ):
-                bisect.insort(
-                    best, (cost, e.state_rank, hypot(e.x - cx, e.y - cy), e.device_id, dist)
-                )
-                if len(best) > k:
-                    best.pop()
+            if screen and e.restrict & hidden:
+                continue
+            bisect.insort(best, (cost, e.state_rank, hypot(e.x - cx, e.y - cy), e.device_id, dist))
+            if len(best) > k:
+                best.pop()
         # Every device the list leaves out costs at least ``bound`` (inf: it leaves none
         # out), so only an answer cheaper than that is proven; else search the floors.
         bound = near.bound
@@ -641,7 +652,9 @@ class SpatialIndex:
         plan = self._plan(zone, kind, ranking)
         first = next((i for i, p in enumerate(plan) if p[2].count), None)
         if first is None:
-            return _Near(version, 0.0, 0.0, 0.0, array("d"), array("i"), math.inf)
+            return _Near(
+                version, 0.0, 0.0, 0.0, array("d"), array("i"), math.inf, array("H"), 0, False
+            )
         pen, site, group = plan[first]
         frame = self.frames.get(zone, site)
         arrays = group.build(self._entries)
@@ -675,7 +688,7 @@ class SpatialIndex:
                 continue
             box = self.frames.get(zone, other_site).bbox
             bound = min(bound, _rect_distance(box, other.bounds) + other_pen - EPSILON)
-        return _Near(
+        near = _Near(
             version,
             pen,
             frame.cx,
@@ -683,7 +696,20 @@ class SpatialIndex:
             array("d", dist[order].tolist()),
             array("i", [members[i] for i in order.tolist()]),
             bound,
+            array("H"),
+            -1,
+            False,
         )
+        self._refresh(near)
+        return near
+
+    def _refresh(self, near: _Near) -> None:
+        """Read a list's filter words from the entries again, after changes in place."""
+        entries = self._entries
+        listed = [entries[slot] for slot in near.slots]
+        near.words = array("H", [word_of(e) for e in listed])
+        near.restricted = any(e.restrict for e in listed)
+        near.words_at = self._changes
 
     def search(
         self, zone: Zone, kind: str, need: Need, k: int, ranking: Ranking, visible: int = -1
