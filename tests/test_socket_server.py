@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
@@ -132,6 +133,43 @@ def test_idle_and_slow_connections_are_closed(daemon: DaemonProcess) -> None:
     t0 = time.monotonic()
     assert is_closed(idle, 5) and is_closed(slow, 5)
     assert time.monotonic() - t0 < 4
+
+
+def test_a_steady_stream_cut_mid_frame_is_not_a_slow_frame(daemon: DaemonProcess) -> None:
+    # Frames sent for twice the 1 s frame deadline, each send ending in the middle of a
+    # frame: every read leaves a partial frame, yet frames keep completing.
+    s = connect(tcp_url(daemon.config))
+    frames = [encode_frame({"v": 1, "id": i, "op": "ping"}) for i in range(1000)]
+    half = 8
+    buf = b""
+    s.setblocking(False)
+    s.sendall(frames[0][:half])
+    sent = 0
+    t_end = time.monotonic() + 2.2
+    while time.monotonic() < t_end and sent < len(frames) - 1:
+        s.sendall(frames[sent][half:] + frames[sent + 1][:half])
+        sent += 1
+        time.sleep(0.005)
+        with contextlib.suppress(BlockingIOError):
+            buf += s.recv(1 << 16)
+    assert sent < len(frames) - 1, "the stream must outlast the deadline"
+    s.setblocking(True)
+    s.settimeout(5)
+    s.sendall(frames[sent][half:])
+    want = sent + 1
+    replies = 0
+    while replies < want:
+        size = int.from_bytes(buf[:4], "big") if len(buf) >= 4 else -1
+        if size >= 0 and len(buf) >= 4 + size:
+            reply = msgpack.unpackb(buf[4 : 4 + size])
+            assert reply["ok"] is True and reply["id"] == replies, reply
+            replies += 1
+            buf = buf[4 + size :]
+            continue
+        data = s.recv(1 << 16)
+        assert data, f"closed after {replies} of {want} replies"
+        buf += data
+    assert not is_closed(s, 0.2)
 
 
 def test_forbidden_outside_allow_and_client_ip_only_from_trusted(daemon: DaemonProcess) -> None:

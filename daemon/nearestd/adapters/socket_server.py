@@ -157,7 +157,12 @@ class QueryProtocol(asyncio.Protocol):
         items = self.decoder.feed(data)
         if items:
             self._pending.extend(items)
-        self.frame_started = (self.frame_started or now) if self.decoder.pending else None
+        # The frame deadline times the frame in progress: a read that completed frames
+        # started a new one, so a steady stream cut mid-frame by every read is on time.
+        if not self.decoder.pending:
+            self.frame_started = None
+        elif items or self.frame_started is None:
+            self.frame_started = now
         if not self._scheduled:
             self._answer()
 
