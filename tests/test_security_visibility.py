@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearest_wire import Need
+from nearestd import service as service_module
 from nearestd.config import parse_config
 from nearestd.core.devices import DeviceTable
 from nearestd.core.index import Ranking
@@ -148,6 +149,21 @@ def test_pin_rule_and_cache_never_leak_across_clients() -> None:
     assert "mdns-printer-fin" in nearest_ids(svc, "10.20.23.10")
     assert not svc.is_public("mdns-printer-fin")
     assert svc.is_public("prn-n1-hr")
+
+
+def test_answer_cache_is_bounded_and_drops_its_oldest_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(service_module, "CACHE_MAX", 3)
+    svc = service(demo())
+    fresh = service(demo())
+    for k in range(1, 7):
+        assert nearest_ids(svc, "10.20.23.9", k) == nearest_ids(fresh, "10.20.23.9", k)
+        assert len(svc._cache) == min(k, 3)
+    assert [key[3] for key in svc._cache] == [4, 5, 6]
+    for k in range(1, 7):  # dropped or kept, every answer is still the right one
+        fresh._cache.clear()
+        assert nearest_ids(svc, "10.20.23.9", k) == nearest_ids(fresh, "10.20.23.9", k)
 
 
 @pytest.mark.parametrize(
