@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -102,7 +102,9 @@ class Service:
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: dict[tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]] = {}
+        self._cache: OrderedDict[
+            tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]
+        ] = OrderedDict()
         self.reloader: Callable[[], list[str]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
         # What the poller last found per device; laid over every update from discovery.
@@ -255,8 +257,9 @@ class Service:
             devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking, visible)
             if len(self._cache) >= CACHE_MAX:
                 # Oldest out, one at a time: clearing 8,192 answers at once stalls the loop
-                # for milliseconds, a spike in every client's latency.
-                del self._cache[next(iter(self._cache))]
+                # for milliseconds, a spike in every client's latency. (An OrderedDict: a
+                # plain dict finds its oldest key by skipping every deleted slot first.)
+                self._cache.popitem(last=False)
             self._cache[key] = (gen, devices)
         # An operator's lookup is logged as such: the person's export shows someone looked.
         op = "admin.nearest" if peer.admin else "nearest"
