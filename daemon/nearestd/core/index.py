@@ -162,6 +162,20 @@ class ZoneFrame:
         # rounded the same way, so both give the same metres to the last bit.
         return math.sqrt(dx * dx + dy * dy)
 
+    def bbox_distances_sq(
+        self, xs: np.ndarray[Any, np.dtype[np.float64]], ys: np.ndarray[Any, np.dtype[np.float64]]
+    ) -> np.ndarray[Any, np.dtype[np.float64]]:
+        """Return ``bbox_distance`` squared for many points, each step rounded as it rounds."""
+        minx, miny, maxx, maxy = self.bbox
+        dx: np.ndarray[Any, np.dtype[np.float64]] = np.maximum(minx - xs, xs - maxx)
+        np.maximum(dx, 0.0, out=dx)
+        dy = np.maximum(miny - ys, ys - maxy)
+        np.maximum(dy, 0.0, out=dy)
+        dx *= dx
+        dy *= dy
+        dx += dy
+        return dx
+
     def distance(self, x: float, y: float) -> float:
         """Return the planar distance from the point to the polygon (0 inside)."""
         if self.is_rect:
@@ -249,9 +263,7 @@ class _Group:
             e = entries[slot]
             self.grow(e.x, e.y)
         if self.count > LARGE_GROUP:
-            self.tree = _new_tree(
-                (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None) for s in members
-            )
+            self.tree = self._build_tree(entries)
 
     def insert(self, slot: int, x: float, y: float, entries: dict[int, Entry]) -> None:
         """Add a device, moving the group into an rtree once it outgrows the arrays."""
@@ -263,10 +275,14 @@ class _Group:
         if self.tree is not None:
             self.tree.insert(slot, (x, y, x, y))
         elif self.count > LARGE_GROUP:
-            self.tree = _new_tree(
-                (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None)
-                for s in self.members
-            )
+            self.tree = self._build_tree(entries)
+
+    def _build_tree(self, entries: dict[int, Entry]) -> Any:
+        """Return an rtree bulk-loaded with the group's devices."""
+        return _new_tree(
+            (s, (entries[s].x, entries[s].y, entries[s].x, entries[s].y), None)
+            for s in self.members
+        )
 
     def delete(self, slot: int, x: float, y: float) -> None:
         """Remove a device; a shrunken large group leaves its rtree for arrays."""
@@ -663,15 +679,7 @@ class SpatialIndex:
         members = group.members
         n = len(members)
         if frame.is_rect:
-            minx, miny, maxx, maxy = frame.bbox
-            dx = np.maximum(minx - xs, xs - maxx)
-            np.maximum(dx, 0.0, out=dx)
-            dy = np.maximum(miny - ys, ys - maxy)
-            np.maximum(dy, 0.0, out=dy)
-            dx *= dx
-            dy *= dy
-            dx += dy
-            dist = np.sqrt(dx)
+            dist = np.sqrt(frame.bbox_distances_sq(xs, ys))
         else:
             dist = shapely.distance(frame.polygon, shapely.points(xs, ys))
         order = np.argsort(dist, kind="stable")
@@ -754,18 +762,7 @@ class SpatialIndex:
             for i, restrict in arrays.restricted.items():
                 if restrict & hidden:
                     ok[i] = False
-        minx, miny, maxx, maxy = frame.bbox
-        xs = arrays.xs
-        ys = arrays.ys
-        # ZoneFrame.bbox_distance, squared, over the whole group.
-        dx = np.maximum(minx - xs, xs - maxx)
-        np.maximum(dx, 0.0, out=dx)
-        dy = np.maximum(miny - ys, ys - maxy)
-        np.maximum(dy, 0.0, out=dy)
-        dx *= dx
-        dy *= dy
-        dx += dy
-        d2 = np.where(ok, dx, np.inf)
+        d2 = np.where(ok, frame.bbox_distances_sq(arrays.xs, arrays.ys), np.inf)
         n = len(d2)
         inf = math.inf
         worst = best[-1][0] if len(best) >= k else inf
