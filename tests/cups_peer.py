@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import free_port, require_tools, skip_or_fail
+from support import free_port, require_tools, skip_or_fail, zone_feature
 
 CUPS_TOOLS = ("cupsd", "lpadmin", "lpoptions", "lpstat", "ippeveprinter", "dbus-daemon")
 
@@ -261,19 +261,7 @@ def zone(zid: str, building: str, x: float, subnets: list[str]) -> dict[str, Any
     """Return a 10 m square zone feature at longitude offset ``x`` (metres, roughly)."""
     lon, lat, d = 4.89 + x / 68000.0, 52.37, 10 / 68000.0
     ring = [[lon, lat], [lon + d, lat], [lon + d, lat + d / 1.6], [lon, lat + d / 1.6], [lon, lat]]
-    return {
-        "type": "Feature",
-        "properties": {
-            "feature_type": "zone",
-            "id": zid,
-            "site": "lab",
-            "building": building,
-            "level": 0,
-            "name": f"Zone {zid}",
-            "subnets": subnets,
-        },
-        "geometry": {"type": "Polygon", "coordinates": [ring]},
-    }
+    return zone_feature(zid, ring, subnets, building=building, name=f"Zone {zid}")
 
 
 def device(

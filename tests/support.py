@@ -171,6 +171,41 @@ class DaemonProcess:
             self.proc.wait(5)
 
 
+def zone_feature(
+    zid: str,
+    ring: list[list[float]],
+    subnets: list[str],
+    *,
+    building: str = "main",
+    level: int = 0,
+    name: str | None = None,
+    aliases: list[str] | None = None,
+) -> dict[str, Any]:
+    """Return a GeoJSON zone feature on the test site ``lab`` (aliases only when given)."""
+    props: dict[str, Any] = {
+        "feature_type": "zone",
+        "id": zid,
+        "site": "lab",
+        "building": building,
+        "level": level,
+        "name": zid if name is None else name,
+        "subnets": subnets,
+    }
+    if aliases is not None:
+        props["aliases"] = aliases
+    return {
+        "type": "Feature",
+        "properties": props,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+    }
+
+
+def lab_square(k: int) -> list[list[float]]:
+    """Return the ring of the k-th of a row of 0.0002° squares on the test site."""
+    lon, lat, w = 4.9 + k * 0.0003, 52.37, 0.0002
+    return [[lon, lat], [lon + w, lat], [lon + w, lat + w], [lon, lat + w], [lon, lat]]
+
+
 def read_frame(s: Any) -> dict[str, Any] | None:
     """Read one reply frame from a blocking socket; None when the peer closed first."""
     import struct

@@ -19,7 +19,15 @@ from typing import Any
 import pytest
 
 from lan import Lan
-from support import DaemonProcess, ask, require_tools, wait_for, write_config
+from support import (
+    DaemonProcess,
+    ask,
+    lab_square,
+    require_tools,
+    wait_for,
+    write_config,
+    zone_feature,
+)
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -33,27 +41,8 @@ IP_PINNED = "198.18.77.200"
 NOWHERE = "198.18.77.201"
 
 
-def square(k: int) -> list[list[list[float]]]:
-    lon, lat = 4.9 + k * 0.0003, 52.37
-    w = 0.0002
-    return [[[lon, lat], [lon + w, lat], [lon + w, lat + w], [lon, lat + w], [lon, lat]]]
-
-
 def zone(k: int, zid: str, name: str, subnets: list[str], aliases: list[str] | None = None) -> Any:
-    return {
-        "type": "Feature",
-        "properties": {
-            "feature_type": "zone",
-            "id": zid,
-            "site": "lab",
-            "building": "main",
-            "level": 0,
-            "name": name,
-            "aliases": aliases or [],
-            "subnets": subnets,
-        },
-        "geometry": {"type": "Polygon", "coordinates": square(k)},
-    }
+    return zone_feature(zid, lab_square(k), subnets, name=name, aliases=aliases or [])
 
 
 def pin(match: dict[str, str], subnets: list[str]) -> Any:

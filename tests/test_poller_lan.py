@@ -21,7 +21,7 @@ import pytest
 
 from lan import Lan
 from nearest_client import Client
-from support import DaemonProcess, require_tools, write_config
+from support import DaemonProcess, require_tools, write_config, zone_feature
 
 pytestmark = [pytest.mark.realpeer, pytest.mark.lan]
 
@@ -33,24 +33,8 @@ LAT, LON = 52.37015, 4.90015
 def _zone(zid: str, level: int, subnets: list[str]) -> dict[str, Any]:
     d = 0.0003
     lon, lat = 4.9, 52.37
-    return {
-        "type": "Feature",
-        "properties": {
-            "feature_type": "zone",
-            "id": zid,
-            "site": "lab",
-            "building": "tower",
-            "level": level,
-            "name": zid.title(),
-            "subnets": subnets,
-        },
-        "geometry": {
-            "type": "Polygon",
-            "coordinates": [
-                [[lon, lat], [lon + d, lat], [lon + d, lat + d], [lon, lat + d], [lon, lat]]
-            ],
-        },
-    }
+    ring = [[lon, lat], [lon + d, lat], [lon + d, lat + d], [lon, lat + d], [lon, lat]]
+    return zone_feature(zid, ring, subnets, building="tower", level=level, name=zid.title())
 
 
 def _wait(what: str, pred: Callable[[], Any], timeout: float, show: Callable[[], Any]) -> Any:

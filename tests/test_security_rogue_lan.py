@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from lan import Lan
-from support import DaemonProcess, ask, wait_for, write_config
+from support import DaemonProcess, ask, lab_square, wait_for, write_config, zone_feature
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -28,26 +28,9 @@ PINNED_UUID = "0b9e6a52-1c1d-4f00-9a00-0000000e0001"
 NAME = "Finance LaserJet"
 
 
-def square(k: int) -> list[list[list[float]]]:
-    lon, lat, w = 4.9 + k * 0.0003, 52.37, 0.0002
-    return [[[lon, lat], [lon + w, lat], [lon + w, lat + w], [lon, lat + w], [lon, lat]]]
-
-
 def site(lan: Lan) -> dict[str, Any]:
     def zone(k: int, zid: str, subnets: list[str]) -> Any:
-        return {
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": square(k)},
-            "properties": {
-                "feature_type": "zone",
-                "id": zid,
-                "site": "lab",
-                "building": "main",
-                "level": 0,
-                "name": zid,
-                "subnets": subnets,
-            },
-        }
+        return zone_feature(zid, lab_square(k), subnets)
 
     def pin(k: int, match: dict[str, str], **extra: Any) -> Any:
         lon, lat = 4.9 + k * 0.0003 + 0.0001, 52.3701
@@ -169,7 +152,7 @@ def test_site_map_pin_subnets_are_validated(tmp_path: Path) -> None:
         "features": [
             {
                 "type": "Feature",
-                "geometry": {"type": "Polygon", "coordinates": square(0)},
+                "geometry": {"type": "Polygon", "coordinates": [lab_square(0)]},
                 "properties": {
                     "feature_type": "zone",
                     "id": "z",
