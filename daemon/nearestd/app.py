@@ -11,6 +11,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 
+from nearestd.adapters.component import Component
 from nearestd.adapters.metrics import MetricsExporter
 from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
@@ -57,6 +58,8 @@ class Daemon:
         self.starters: list[Callable[[Daemon], Awaitable[None]]] = []
         self.stoppers: list[Callable[[Daemon], Awaitable[None]]] = []
         self.reload_hooks: list[Callable[[Daemon], None]] = []
+        # Edges built as components (adapters/component.py): started in order, stopped in reverse.
+        self.components: list[Component] = []
         self.last_reload_ok = True
         self._reloading: asyncio.Future[None] | None = None
         self._reload_again = False
@@ -101,6 +104,9 @@ class Daemon:
         await self.metrics.start()
         for starter in self.starters:
             await starter(self)
+        for component in self.components:
+            await component.start()
+            self.service.extra_stats[component.name] = component.stats
         LOG.info(
             "serving",
             extra={
@@ -170,6 +176,11 @@ class Daemon:
         self.world = world
         self.service.apply(world.config, world.sitemap)
         self.sockets.set_policy(world.config.daemon.allow, world.config.daemon.trusted_peers)
+        for component in self.components:
+            try:
+                component.reconfigure(world.config)
+            except Exception:
+                LOG.exception("component reconfigure failed", extra={"component": component.name})
         for hook in self.reload_hooks:
             try:
                 hook(self)
@@ -205,6 +216,12 @@ class Daemon:
             await asyncio.wait_for(self.snapshots.flush(), 1.0)
         except Exception:
             LOG.exception("inventory snapshot not written at shutdown")
+        for component in reversed(self.components):
+            try:
+                grace = min(SHUTDOWN_GRACE, deadline - loop.time())
+                await asyncio.wait_for(component.stop(), max(0.1, grace))
+            except Exception:
+                LOG.exception("component stop failed", extra={"component": component.name})
         for stopper in reversed(self.stoppers):
             try:
                 grace = min(SHUTDOWN_GRACE, deadline - loop.time())
