@@ -5,9 +5,8 @@ tuples, built by ``snapshot_families``) and turns it into metric families; it ne
 touches the service itself. If the loop does not answer within a second (it is stuck),
 the last snapshot is served and ``nearest_metrics_snapshot_age_seconds`` grows.
 
-Adapters add sections through ``Service.extra_stats``: each is a function returning
-a map, called on the loop at scrape time. A section that is absent or fails is left
-out. Keys of the known sections (discovery, mqtt, poller, security, connections,
+The app hands the exporter its components' figures (``stats()`` by component name),
+read on the loop at scrape time. A section that is absent or fails is left out. Keys of the known sections (discovery, mqtt, poller, security, connections,
 operations) are exported as ``SPECS`` says; any other key of a section ``S`` by these
 rules:
 
@@ -51,7 +50,8 @@ from prometheus_client.process_collector import ProcessCollector
 from nearestd import __version__
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
+    from nearestd.config import Config
+    from nearestd.service import Sections, Service
 
 LOG = logging.getLogger("nearestd.metrics")
 SNAPSHOT_TIMEOUT = 1.0
@@ -401,10 +401,16 @@ def extra_families(section: str, data: Any) -> list[Family]:
     return out
 
 
-def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
-    """Return every family, read from the daemon; call on the event loop only."""
-    service = daemon.service
+# Sections whose figures are exported under their own names below (or not at all).
+EXPLICIT_SECTIONS = frozenset(("operations", "inventory", "systemd", "metrics"))
+
+
+def snapshot_families(
+    service: Service, sections: Mapping[str, Mapping[str, Any]], now: float
+) -> tuple[Family, ...]:
+    """Return every family, read from the service and the sections; event loop only."""
     stats = service.stats
+    ops = sections.get("operations", {})
     fams: list[Family] = [
         Family(
             "nearest_build_info",
@@ -517,8 +523,8 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
             "Reloads of the configuration and site maps, by result.",
             ("result",),
             (
-                (("success",), float(daemon.reloads_ok)),
-                (("failure",), float(daemon.reloads_failed)),
+                (("success",), float(ops.get("reloads_ok", 0))),
+                (("failure",), float(ops.get("reloads_failed", 0))),
             ),
         ),
         Family(
@@ -526,14 +532,14 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
             "gauge",
             "Whether the last reload succeeded (1 before any reload).",
             (),
-            (((), float(getattr(daemon, "last_reload_ok", True))),),
+            (((), float(ops.get("last_reload_ok", True))),),
         ),
         Family(
             "nearest_config_last_reload_success_timestamp_seconds",
             "gauge",
             "When the configuration in use was loaded, seconds since the epoch.",
             (),
-            (((), daemon.last_reload or stats.started),),
+            (((), float(ops.get("last_reload") or stats.started)),),
         ),
         Family(
             "nearest_discovery_enabled",
@@ -550,38 +556,41 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
             (((), float(service.cfg.mqtt is not None)),),
         ),
     ]
-    conns = daemon.sockets.conns
+    conns = sections.get("connections", {})
     fams += [
         Family(
             "nearest_connections_open",
             "gauge",
             "Open client connections over every socket.",
             (),
-            (((), float(len(conns.open))),),
+            (((), float(conns.get("open", 0) + conns.get("admin_open", 0))),),
         ),
         Family(
             "nearest_connections_refused",
             "counter",
             "Connections refused because the connection cap was reached.",
             (),
-            (((), float(conns.refused)),),
+            (((), float(conns.get("refused_at_cap", 0))),),
         ),
         Family(
             "nearest_connections_closed",
             "counter",
             "Connections closed by the daemon, by reason.",
             ("reason",),
-            ((("idle",), float(conns.closed_idle)), (("slow_frame",), float(conns.closed_slow))),
+            (
+                (("idle",), float(conns.get("closed_idle", 0))),
+                (("slow_frame",), float(conns.get("closed_slow", 0))),
+            ),
         ),
         Family(
             "nearest_frames_too_large",
             "counter",
             "Frames refused for announcing more than the frame limit.",
             (),
-            (((), float(conns.too_large)),),
+            (((), float(conns.get("frames_too_large", 0))),),
         ),
     ]
-    snaps = getattr(daemon, "snapshots", None)
+    snaps = sections.get("inventory")
     if snaps is not None:
         fams += [
             Family(
@@ -590,8 +599,8 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
                 "Writes of the warm-restart inventory snapshot, by result.",
                 ("result",),
                 (
-                    (("success",), float(snaps.writes_ok)),
-                    (("failure",), float(snaps.writes_failed)),
+                    (("success",), float(snaps["writes_ok"])),
+                    (("failure",), float(snaps["writes_failed"])),
                 ),
             ),
             Family(
@@ -599,24 +608,21 @@ def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
                 "gauge",
                 "Devices restored (as stale) from the snapshot at start.",
                 (),
-                (((), float(snaps.restored)),),
+                (((), float(snaps["restored"])),),
             ),
             Family(
                 "nearest_inventory_stale_expired",
                 "counter",
                 "Restored devices dropped because discovery did not confirm them in time.",
                 (),
-                (((), float(snaps.expired)),),
+                (((), float(snaps["stale_expired"])),),
             ),
         ]
     fams.append(supply_family(service.table.records()))
     taken = {f.name for f in fams}
     extras = 0
-    for section, fn in list(service.extra_stats.items()):
-        try:
-            data = fn()
-        except Exception:
-            LOG.exception("metrics section failed", extra={"section": section})
+    for section, data in [("security", service.security_view()), *sections.items()]:
+        if section in EXPLICIT_SECTIONS:
             continue
         for fam in extra_families(section, data):
             if fam.name in taken or extras >= MAX_EXTRA_FAMILIES:
@@ -761,38 +767,25 @@ def split_listen(listen: str) -> tuple[str, int]:
 class MetricsExporter:
     """The HTTP endpoint on ``[metrics] listen``, with a registry of its own."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    name = "metrics"
+
+    def __init__(self, service: Service, sections: Sections) -> None:
+        self.service = service
+        self.sections = sections
         self.registry = CollectorRegistry()
         self.address = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.collector: SnapshotCollector | None = None
-        self._listen = daemon.service.cfg.metrics.listen
-        daemon.reload_hooks.append(self._on_reload)
-        daemon.service.extra_stats["operations"] = self.operations_view
+        self._listen = service.cfg.metrics.listen
 
-    def operations_view(self) -> dict[str, Any]:
-        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
-        d = self.daemon
-        snaps = d.snapshots
-        return {
-            "reloads_ok": d.reloads_ok,
-            "reloads_failed": d.reloads_failed,
-            "last_reload_ok": d.last_reload_ok,
-            "last_reload": d.last_reload or d.service.stats.started,
-            "inventory_file": str(snaps.path),
-            "inventory_restored": snaps.restored,
-            "inventory_writes_ok": snaps.writes_ok,
-            "inventory_writes_failed": snaps.writes_failed,
-            "inventory_last_write": snaps.last_write,
-            "stale_expired": snaps.expired,
-            "systemd_notify": d.notifier.enabled,
-            "metrics": f"http://{self.address}/metrics" if self.address else "",
-        }
+    def stats(self) -> dict[str, Any]:
+        """Return where the page is served (empty when off)."""
+        return {"url": f"http://{self.address}/metrics" if self.address else ""}
 
-    def _on_reload(self, daemon: Daemon) -> None:
-        wanted = daemon.service.cfg.metrics.listen
+    def reconfigure(self, cfg: Config) -> None:
+        """Say that a new ``[metrics] listen`` waits for a restart."""
+        wanted = cfg.metrics.listen
         if wanted != self._listen:
             LOG.warning(
                 "metrics listen changed; it takes effect at the next restart",
@@ -802,7 +795,7 @@ class MetricsExporter:
     def build(self) -> Snapshot:
         """Return a snapshot of the daemon now (event loop only)."""
         now = time.time()
-        return Snapshot(now, snapshot_families(self.daemon, now))
+        return Snapshot(now, snapshot_families(self.service, self.sections(), now))
 
     async def start(self) -> None:
         """Bind ``[metrics] listen`` and serve from a thread; nothing when it is empty."""

@@ -32,7 +32,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -59,9 +59,6 @@ from nearestd.core.mqtt_payload import (
     topic_error,
 )
 from nearestd.service import Peer, Service
-
-if TYPE_CHECKING:
-    from nearestd.app import Daemon
 
 LOG = logging.getLogger("nearestd.mqtt")
 CLIENT_LOG = logging.getLogger("nearestd.mqtt.client")
@@ -172,6 +169,8 @@ def parse_url(url: str) -> tuple[str, int, bool]:
 
 class MqttAdapter:
     """Keeps the broker connection, answers queries, publishes and reads the inventory."""
+
+    name = "mqtt"
 
     def __init__(
         self,
@@ -585,7 +584,10 @@ class MqttAdapter:
                 self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
                 reply = error_reply(request_id(obj), ErrorCode.BAD_REQUEST, why)
             else:
-                reply = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                answer = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                # Only admin peers get a reply that comes later (reload); MQTT's never is one.
+                assert isinstance(answer, dict)
+                reply = answer
                 if not reply.get("ok") and malformed_code(reply["error"]["code"]):
                     self.counters.malformed += 1
             if route.has_echo:
@@ -680,7 +682,7 @@ class MqttAdapter:
         if missing:
             self._apply(missing)
 
-    def on_reload(self, cfg: Config) -> None:
+    def reconfigure(self, cfg: Config) -> None:
         """Warn when a reload changes [mqtt]: the connection keeps its settings until a restart."""
         self.config = cfg
         if cfg.mqtt != self.cfg:
@@ -690,25 +692,3 @@ class MqttAdapter:
 def _stable_detail(err: BrokerError) -> str:
     # Connection-refused texts carry no varying parts; keep the first clause only.
     return err.detail.split(" (", 1)[0][:200]
-
-
-def attach_mqtt(daemon: Daemon) -> MqttAdapter:
-    """Register the MQTT adapter's start, stop and reload hooks with the daemon."""
-    cfg = daemon.service.cfg
-    assert cfg.mqtt is not None
-    adapter = MqttAdapter(daemon.service, cfg.mqtt, cfg)
-    daemon.service.extra_stats["mqtt"] = adapter.stats
-
-    async def start(_: Daemon) -> None:
-        await adapter.start()
-
-    async def stop(_: Daemon) -> None:
-        await adapter.stop()
-
-    def reload(d: Daemon) -> None:
-        adapter.on_reload(d.service.cfg)
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return adapter

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from nearestd.config import PollerConfig
+from nearestd.config import Config, PollerConfig
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
 from nearestd.core.state import (
@@ -59,7 +59,6 @@ from nearestd.core.state import (
 )
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
@@ -134,6 +133,8 @@ class Workers:
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
+    name = "poller"
+
     def __init__(
         self,
         service: Service,
@@ -186,7 +187,15 @@ class Poller:
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule; wake and drop the polls in flight."""
+        """Cancel the schedule (and a restart under way); wake and drop the polls in flight."""
+        restarting, self.restarting = self.restarting, None
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -209,7 +218,19 @@ class Poller:
         self._failures.clear()
         self._generation = -1
 
-    def reconfigure(self, cfg: PollerConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
+        if self.follow(cfg.poller):
+            self.restarting = asyncio.ensure_future(self._restart())
+
+    async def _restart(self) -> None:
+        await self._halt()
+        if self.cfg.enabled:
+            await self.start()
+        else:
+            self.forget()
+
+    def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         self.cfg = cfg
@@ -673,32 +694,3 @@ def _read_chunked(conn: _Conn, limit: int) -> bytes:
             raise PollFailure("too-large", f"more than {limit} bytes")
         data += conn.exactly(size)
         conn.exactly(2)
-
-
-def attach_poller(daemon: Daemon) -> Poller:
-    """Register the poller's start, stop and reload hooks with the daemon."""
-    poller = Poller(daemon.service, daemon.service.cfg.poller)
-    daemon.service.extra_stats["poller"] = poller.stats
-
-    async def start(_: Daemon) -> None:
-        await poller.start()
-
-    async def stop(_: Daemon) -> None:
-        await poller.stop()
-
-    def reload(d: Daemon) -> None:
-        if poller.reconfigure(d.service.cfg.poller):
-
-            async def restart() -> None:
-                await poller.stop()
-                if poller.cfg.enabled:
-                    await poller.start()
-                else:
-                    poller.forget()
-
-            poller.restarting = asyncio.ensure_future(restart())
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return poller
