@@ -196,13 +196,13 @@ class Daemon:
         """Reload for SIGHUP: the same path as ``reload``, nobody waiting for the answer."""
         self._request_reload()
 
-    async def reload(self) -> list[str]:
+    def reload(self) -> asyncio.Future[list[str]]:
         """Load config and site maps again; switch only if all of it is valid; return problems.
 
-        Requests that come while a reload reads the files get the next one: each asker's
-        answer is about files read after it asked.
+        Asked at once, awaited by the caller. Requests that come while a reload reads
+        the files get the next one: each asker's answer is about files read after it asked.
         """
-        return await asyncio.shield(self._request_reload())
+        return asyncio.shield(self._request_reload())
 
     def _request_reload(self) -> asyncio.Future[list[str]]:
         waiter: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()

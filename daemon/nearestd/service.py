@@ -56,7 +56,7 @@ Reply = dict[str, Any]
 Answer = Reply | Awaitable[Reply]
 # Figures of the daemon's edges by section name, read when ``stats`` is asked.
 Sections = Callable[[], Mapping[str, Mapping[str, Any]]]
-# Reloads config and site maps and returns the problems found (none: switched).
+# Starts (or joins) a reload of config and site maps; resolves to the problems (none: switched).
 Reload = Callable[[], Awaitable[list[str]]]
 
 
@@ -227,7 +227,8 @@ class Service:
         if isinstance(req, ReloadRequest):
             if self._reload is None:
                 raise WireError(ErrorCode.UNAVAILABLE, "reload is not wired in", req.id)
-            return self._reloaded(req.id, self._reload)
+            # Asked now (the files are read after this request), answered when done.
+            return self._reloaded(req.id, self._reload())
         if isinstance(req, StatsRequest):
             return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
         if isinstance(req, PrivacyRequest):
@@ -241,8 +242,8 @@ class Service:
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
 
     @staticmethod
-    async def _reloaded(rid: int, reload: Reload) -> Reply:
-        problems = await reload()
+    async def _reloaded(rid: int, reloading: Awaitable[list[str]]) -> Reply:
+        problems = await reloading
         if problems:
             return {
                 "v": 1,

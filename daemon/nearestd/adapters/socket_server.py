@@ -98,6 +98,8 @@ class Connections:
         """Close idle connections and those whose frame is too slow to arrive."""
         now = self.clock()
         for conn in list(self.open):
+            if conn.waiting:
+                continue  # not idle: the daemon is working on its request (a reload)
             if (
                 conn.frame_started is not None
                 and now - conn.frame_started > self.limits.frame_timeout
@@ -269,6 +271,11 @@ class QueryProtocol(asyncio.Protocol):
             self._closing = True
             transport.close()
 
+    @property
+    def waiting(self) -> bool:
+        """Return whether a reply that comes later is awaited (a reload under way)."""
+        return self._waiting is not None
+
     def _wait_for(self, reply: Awaitable[Reply]) -> None:
         """Send a reply that comes later when it comes, then answer the frames after it."""
         waiting = asyncio.ensure_future(reply)
@@ -277,6 +284,7 @@ class QueryProtocol(asyncio.Protocol):
 
     def _deferred_done(self, waiting: asyncio.Future[Reply]) -> None:
         self._waiting = None
+        self.last_activity = self.conns.clock()
         transport = self.transport
         if waiting.cancelled() or transport is None or self._closing or transport.is_closing():
             return
