@@ -48,6 +48,7 @@ from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
 from nearestd.core.mqtt_payload import (
+    JSON,
     MSGPACK,
     TRANSPORT_KEYS,
     ReplyRoute,
@@ -95,7 +96,6 @@ PUBLISH_BATCH = 256
 MAX_REPLY_TASKS = 1024
 MAX_QUEUED = 20000
 SHARE_GROUP = "nearestd"
-JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
 CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
 SESSION_TAKEN_OVER = 142
@@ -153,7 +153,6 @@ class Counters:
     unanswerable: int = 0
     records_published: int = 0
     records_cleared: int = 0
-    federated_refused: int = 0
     conflicts: int = 0
     internal_errors: int = 0
 
@@ -593,7 +592,7 @@ class MqttAdapter:
             if route.has_echo:
                 reply["correlation"] = route.echo
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        out.ContentType = MSGPACK if is_msgpack else JSON_TYPE
+        out.ContentType = MSGPACK if is_msgpack else JSON
         if route.correlation_data is not None:
             out.CorrelationData = route.correlation_data
         return route.topic, encode_reply(reply, is_msgpack), out
@@ -626,7 +625,6 @@ class MqttAdapter:
         try:
             changes = self.federation.on_record(level, payload)
         except RecordError as exc:
-            self.counters.federated_refused += 1
             if level not in self._refused_logged and len(self._refused_logged) < 1000:
                 self._refused_logged.add(level)
                 LOG.warning(

@@ -161,7 +161,6 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self.transitions = 0
         self.poll_seconds = 0.0
-        self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
@@ -349,7 +348,6 @@ class Poller:
             self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
-            self.last_poll_s = elapsed
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)

@@ -134,12 +134,6 @@ class PrefixTable:
             self._count += 1
         tree[key] = zone_id
 
-    def get_exact(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
-        """Return the zone a prefix itself was given to, if any."""
-        tree = self._v4 if network.version == 4 else self._v6
-        key = str(network)
-        return tree[key] if tree.has_key(key) else None
-
     def lookup(self, ip: str) -> str | None:
         """Return the zone of the longest prefix containing ``ip`` (a valid address)."""
         if ":" not in ip:
