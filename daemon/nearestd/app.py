@@ -79,22 +79,25 @@ class Daemon:
         cfg = world.config
         # Started in this order, stopped in reverse: the saved inventory is back before
         # discovery starts, the sockets open when everything answers, READY=1 comes last.
-        self.snapshots = InventorySnapshots(service)
+        spawn = self.spawn
+        self.snapshots = InventorySnapshots(service, spawn=spawn)
         self.components: list[Component] = [self.snapshots]
         if cfg.discovery.enabled:
             from nearestd.adapters.mdns import MdnsDiscovery
 
-            self.components.append(MdnsDiscovery(service, cfg.discovery))
-        self.components.append(Poller(service, cfg.poller))
+            self.components.append(MdnsDiscovery(service, cfg.discovery, spawn=spawn))
+        self.components.append(Poller(service, cfg.poller, spawn=spawn))
         if cfg.mqtt is not None:
             from nearestd.adapters.mqtt import MqttAdapter
 
-            self.components.append(MqttAdapter(service, cfg.mqtt, cfg))
+            self.components.append(MqttAdapter(service, cfg.mqtt, cfg, spawn=spawn))
         self.metrics = MetricsExporter(service, self.sections)
         self.components.append(self.metrics)
         self.sockets = SocketServers(service)
         self.components.append(self.sockets)
-        self.notifier = Notifier.from_environment(status_of=lambda: status_line(self.service))
+        self.notifier = Notifier.from_environment(
+            status_of=lambda: status_line(self.service), spawn=spawn
+        )
         self.components.append(self.notifier)
 
     @property

@@ -34,6 +34,7 @@ from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
 
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, DiscoveryConfig
 from nearestd.core.discovery import (
     BASE_TYPES,
@@ -203,8 +204,10 @@ class MdnsDiscovery:
         service: Service,
         cfg: DiscoveryConfig,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn_long = spawn
         self.cfg = cfg
         self.clock = clock
         self.merger = Merger(max_devices=cfg.max_devices, suspect=self._suspect)
@@ -253,7 +256,7 @@ class MdnsDiscovery:
                 AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._handler(label)]),
                 AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._flag_handler(label)]),
             ]
-        self._upkeep_task = asyncio.create_task(self._upkeep(), name="mdns-upkeep")
+        self._upkeep_task = self._spawn_long(self._upkeep(), "mdns-upkeep")
         LOG.info(
             "discovery started",
             extra={"interfaces": ",".join(self._links), "types": len(BASE_TYPES)},
@@ -512,7 +515,7 @@ class MdnsDiscovery:
     def reconfigure(self, cfg: Config) -> None:
         """Follow a reload: new limits now; new links (or none) by a restart in the background."""
         if self.follow(cfg.discovery):
-            task = asyncio.ensure_future(self.restart())
+            task = self._spawn_long(self.restart(), "mdns-restart")
             self._restarts.add(task)
             task.add_done_callback(self._restarts.discard)
 

@@ -43,6 +43,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from nearest_wire import ErrorCode, WireError, error_reply
 from nearest_wire.schema import request_id
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
@@ -177,8 +178,10 @@ class MqttAdapter:
         cfg: MqttConfig,
         config: Config,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self.config = config
         self.clock = clock
@@ -216,7 +219,7 @@ class MqttAdapter:
     async def start(self) -> None:
         """Start the connection task; the broker need not be up."""
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="mqtt")
+        self._task = self._spawn(self._run(), "mqtt")
 
     async def stop(self) -> None:
         """Publish ``offline``, disconnect cleanly and stop."""

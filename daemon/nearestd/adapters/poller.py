@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, PollerConfig
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
@@ -141,8 +142,10 @@ class Poller:
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
@@ -178,8 +181,7 @@ class Poller:
             return
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
-        self._runner = asyncio.ensure_future(self._run())
-        self._runner.set_name("poller")
+        self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
             extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
@@ -220,7 +222,7 @@ class Poller:
     def reconfigure(self, cfg: Config) -> None:
         """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
         if self.follow(cfg.poller):
-            self.restarting = asyncio.ensure_future(self._restart())
+            self.restarting = self._spawn(self._restart(), "poller-restart")
 
     async def _restart(self) -> None:
         await self._halt()

@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config
 from nearestd.core.inventory import (
     MAX_BYTES,
@@ -84,8 +85,10 @@ class InventorySnapshots:
         clock: Callable[[], float] = time.time,
         debounce: float = DEBOUNCE,
         refresh: float = REFRESH,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.clock = clock
         self.debounce = debounce
         self.refresh = refresh
@@ -107,7 +110,7 @@ class InventorySnapshots:
     async def start(self) -> None:
         """Restore the saved devices (stale), then keep the file current in the background."""
         self.restore(self.clock())
-        self._task = asyncio.create_task(self.run(), name="snapshots")
+        self._task = self._spawn(self.run(), "snapshots")
 
     async def stop(self) -> None:
         """Stop the upkeep and write what changed since the last write (bounded in time)."""

@@ -18,6 +18,7 @@ import socket
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import Any
 
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config
 from nearestd.service import Service
 
@@ -59,8 +60,10 @@ class Notifier:
         address: str | None,
         watchdog: float | None = None,
         status_of: Callable[[], str] | None = None,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.address = address
+        self._spawn = spawn
         self.watchdog = watchdog if address else None
         self.sent = 0
         self.failed = 0
@@ -73,7 +76,7 @@ class Notifier:
         """Say READY=1 and keep the watchdog fed (nothing outside systemd)."""
         if not self.enabled:
             return
-        self._task = asyncio.create_task(self.keepalive(self._status_of), name="watchdog")
+        self._task = self._spawn(self.keepalive(self._status_of), "watchdog")
         self.ready(self._status_of())
 
     async def stop(self) -> None:
@@ -100,6 +103,7 @@ class Notifier:
         cls,
         env: MutableMapping[str, str] | None = None,
         status_of: Callable[[], str] | None = None,
+        spawn: Spawn = spawn_task,
     ) -> Notifier:
         """Read and unset ``NOTIFY_SOCKET`` and the watchdog variables (children must not inherit them)."""
         if env is None:
@@ -111,7 +115,7 @@ class Notifier:
         address = notify_address(raw) if raw else None
         if raw and address is None:
             LOG.warning("NOTIFY_SOCKET not understood; not notifying", extra={"value": raw[:80]})
-        return cls(address, watchdog, status_of)
+        return cls(address, watchdog, status_of, spawn)
 
     @property
     def enabled(self) -> bool:
