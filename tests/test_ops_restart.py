@@ -298,3 +298,29 @@ async def test_a_component_failing_to_follow_a_reload_does_not_break_it(tmp_path
     finally:
         daemon.components = [c for c in daemon.components if not isinstance(c, Hung)]
         await daemon.stop()
+
+
+async def test_a_background_task_that_fails_is_logged_and_the_daemon_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = write_config(tmp_path)
+    daemon = Daemon(load_world(cfg), str(cfg))
+    await daemon.start()
+    try:
+
+        async def broken() -> None:
+            raise RuntimeError("adapter bug")
+
+        failed = daemon.spawn(broken(), "broken")
+        await asyncio.wait_for(asyncio.shield(failed), 10)
+        assert any(
+            r.getMessage() == "background task failed" and getattr(r, "task", "") == "broken"
+            for r in caplog.records
+        )
+        # The task group is intact: the other tasks run and the daemon still reloads.
+        ticker = next(t for t in asyncio.all_tasks() if t.get_name() == "ticker")
+        assert not ticker.done()
+        assert await asyncio.wait_for(daemon.reload(), 30) == []
+    finally:
+        await daemon.stop()
+    assert ticker.done()
