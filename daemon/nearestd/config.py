@@ -136,6 +136,15 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
+    foreign_grace: Duration = _doc(
+        "How long other instances' devices stay served, marked stale, after their origin goes "
+        "offline or the link to it (this daemon's broker, or a bridge) goes down.",
+        Duration(60.0),
+    )
+    max_foreign: int = _doc("Most devices of other instances held, over all sites.", 10000)
+    max_foreign_per_site: int = _doc(
+        "Most devices of other instances held per site this daemon serves.", 2000
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +370,12 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
     if not 256 <= m.max_payload <= 16 * 1024 * 1024:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
+    if not 0 <= m.foreign_grace <= 86400:
+        out.append(f"foreign_grace: expected 0s to 24h, got {float(m.foreign_grace):g} seconds")
+    if not 1 <= m.max_foreign <= 1_000_000:
+        out.append(f"max_foreign: expected 1 to 1000000, got {m.max_foreign}")
+    if not 1 <= m.max_foreign_per_site <= 1_000_000:
+        out.append(f"max_foreign_per_site: expected 1 to 1000000, got {m.max_foreign_per_site}")
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out
