@@ -476,16 +476,16 @@ class MqttAdapter:
         online.UserProperty = [("session", self.session)]
         await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True, properties=online)
 
-    def _interest(self) -> frozenset[str] | None:
-        """Return the sites whose records this daemon needs (None: every site)."""
-        if self.config.ranking.allow_other_sites:
-            return None
+    def _interest(self) -> frozenset[str]:
+        """Return the sites whose records this daemon needs: those of its site maps.
+
+        A foreign device can be placed, and so answered, only on a site whose map this
+        daemon has; with ``allow_other_sites`` the operator gives it the neighbours' maps.
+        """
         return frozenset(self.service.sitemap.projections)
 
-    def _foreign_cap(self, sites: frozenset[str] | None) -> int:
+    def _foreign_cap(self, sites: frozenset[str]) -> int:
         """Return the cap on foreign devices: per site served, never above the overall cap."""
-        if sites is None:
-            return self.cfg.max_foreign
         return min(self.cfg.max_foreign, self.cfg.max_foreign_per_site * max(1, len(sites)))
 
     async def _expire(self) -> None:
