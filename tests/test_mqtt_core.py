@@ -385,6 +385,31 @@ def test_a_second_link_down_keeps_devices_stale_until_both_are_up() -> None:
     assert [c.device.stale for c in f.link_up("bridge:hub", T + 3) if c.device] == [False]
 
 
+def test_an_origin_whose_heartbeats_stop_is_cut_off_and_revives_with_the_next() -> None:
+    f = Federation("me", grace=10.0)
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/a1", rec_for("a1", "a"), T)
+    assert f.on_heartbeat("a", b"2", T) == []
+    assert f.next_wakeup() == T + 6  # three of its own intervals
+    assert f.on_heartbeat("a", b"2", T + 2) == [] and f.tick(T + 7.9) == []
+    changes = f.tick(T + 8)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("a1", True)
+    ]
+    assert f.next_wakeup() == T + 18  # the grace runs from when it fell silent
+    assert [c.device is None for c in f.tick(T + 18)] == [True]
+    changes = f.on_heartbeat("a", b"2", T + 30)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("a1", False)
+    ]
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", b"0", b"-1", b"nan", b"99999", "\u00e9".encode()])
+def test_a_malformed_heartbeat_is_ignored(payload: bytes) -> None:
+    f = Federation("me")
+    assert f.on_heartbeat("a", payload, T) == [] and f.heard == {}
+
+
 def test_only_the_served_sites_are_held() -> None:
     f = Federation("me", sites=frozenset({"hq"}))
     f.on_status("a", ONLINE, T)

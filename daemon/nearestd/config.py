@@ -141,6 +141,11 @@ class MqttConfig:
         "offline or the link to it (this daemon's broker, or a bridge) goes down.",
         Duration(60.0),
     )
+    heartbeat: Duration = _doc(
+        "With federate: how often to publish a heartbeat on P/alive/<instance>; an origin "
+        "silent for three of its intervals counts as cut off. 0s: none.",
+        Duration(5.0),
+    )
     max_foreign: int = _doc("Most devices of other instances held, over all sites.", 10000)
     max_foreign_per_site: int = _doc(
         "Most devices of other instances held per site this daemon serves.", 2000
@@ -372,6 +377,10 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
     if not 0 <= m.foreign_grace <= 86400:
         out.append(f"foreign_grace: expected 0s to 24h, got {float(m.foreign_grace):g} seconds")
+    if float(m.heartbeat) != 0.0 and not 0.1 <= m.heartbeat <= 3600:
+        out.append(
+            f"heartbeat: expected 0s (none) or 0.1s to 1h, got {float(m.heartbeat):g} seconds"
+        )
     if not 1 <= m.max_foreign <= 1_000_000:
         out.append(f"max_foreign: expected 1 to 1000000, got {m.max_foreign}")
     if not 1 <= m.max_foreign_per_site <= 1_000_000:

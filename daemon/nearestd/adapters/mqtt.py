@@ -191,6 +191,8 @@ class MqttAdapter:
         self.direct_topic = f"{self.prefix}/query/{self.instance}"
         self.devices_prefix = f"{self.prefix}/devices/"
         self.bridge_prefix = f"{self.prefix}/bridge/"
+        self.alive_prefix = f"{self.prefix}/alive/"
+        self.alive_topic = f"{self.prefix}/alive/{self.instance}"
         self.status_prefix = f"{self.prefix}/status/"
         self.status_topic = f"{self.prefix}/status/{self.instance}"
         # Decode, answer and encode time, in the same histogram family as the sockets.
@@ -263,6 +265,7 @@ class MqttAdapter:
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
             "federated_stale": self.federation.stale_count() if self.federation else 0,
+            "origins_silent": len(self.federation.silent) if self.federation else 0,
             "federated_expired": self.federation.expired if self.federation else 0,
             "federated_other_site": self.federation.other_site if self.federation else 0,
             "federated_legacy_records": self.federation.legacy if self.federation else 0,
@@ -443,6 +446,7 @@ class MqttAdapter:
         topics.append((status, opts))
         if self.federation is not None:
             topics.append((f"{self.bridge_prefix}+", opts))
+            topics.append((f"{self.alive_prefix}+", SubscribeOptions(qos=0)))
         await client.subscribe(topics, timeout=PUBLISH_TIMEOUT)
         await client.publish(self.sync_topic, b"sync", qos=1, timeout=PUBLISH_TIMEOUT)
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
@@ -504,7 +508,14 @@ class MqttAdapter:
         ]
 
     async def _keep_inventory(self, client: aiomqtt.Client) -> None:
+        beat = float(self.cfg.heartbeat)
+        payload = f"{beat:g}".encode()
+        next_beat = 0.0
         while True:
+            if beat > 0 and time.monotonic() >= next_beat:
+                # Lets the others tell a silent path from a quiet one (docs/sites.md).
+                next_beat = time.monotonic() + beat
+                await client.publish(self.alive_topic, payload, qos=0)
             await asyncio.sleep(INVENTORY_PERIOD)
             gen = self.service.table.generation
             if gen != self._generation:
@@ -556,6 +567,10 @@ class MqttAdapter:
                         await self._reply(client, out, min(message.qos, 1))
                 elif topic.startswith(self.devices_prefix):
                     self._on_record(topic[len(self.devices_prefix) :], payload)
+                elif topic.startswith(self.alive_prefix):
+                    if self.federation is not None:
+                        origin = topic[len(self.alive_prefix) :]
+                        self._apply(self.federation.on_heartbeat(origin, payload, self.clock()))
                 elif topic.startswith(self.bridge_prefix):
                     self._on_bridge(topic[len(self.bridge_prefix) :], payload)
                 elif topic == self.status_topic:

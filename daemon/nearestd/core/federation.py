@@ -38,6 +38,9 @@ MAX_REASONS = 16
 MAX_FOREIGN = 10000
 MAX_RECORD = 64 * 1024
 UNLOCATED = "_"
+# An origin whose heartbeats stop for this many of its own intervals is treated as cut off.
+SILENCE_FACTOR = 3.0
+MIN_HEARTBEAT, MAX_HEARTBEAT = 0.1, 3600.0
 URI_SCHEMES = ("ipp://", "ipps://", "http://", "https://", "socket://", "lpd://")
 _SAFE = "-._~"
 _TOPIC_WORD = re.compile(r"^[^/+#\x00]{1,128}$")
@@ -331,7 +334,10 @@ class Federation:
     every link to the broker (the daemon's own connection and any bridge that reports its
     state) is up. When the origin goes offline or a link goes down, its devices stay served,
     marked stale, for ``grace`` seconds, then leave the table; the records themselves are
-    kept, so a link or an origin that comes back brings them back without a replay.
+    kept, so a link or an origin that comes back brings them back without a replay. An
+    origin that sends heartbeats and then falls silent for ``SILENCE_FACTOR`` of its own
+    interval counts as cut off too: that catches a path that fails without any broker
+    saying so (a bridge that reconnects without a notification, a partitioned cluster).
     ``shown`` mirrors what the table holds (key -> stale?), so every event yields only the
     table changes it causes.
     """
@@ -345,6 +351,8 @@ class Federation:
     offline_since: dict[str, float] = field(default_factory=dict)
     down: dict[str, float] = field(default_factory=dict)
     shown: dict[str, bool] = field(default_factory=dict)
+    heard: dict[str, tuple[float, float]] = field(default_factory=dict)
+    silent: set[str] = field(default_factory=set)
     refused: int = 0
     legacy: int = 0
     other_site: int = 0
@@ -362,6 +370,9 @@ class Federation:
             since = self.offline_since.get(origin)
             if since is None:
                 return None
+        elif origin in self.silent:
+            at, limit = self.heard[origin]
+            since = at + limit
         if self.down:
             first = min(self.down.values())
             since = first if since is None else min(since, first)
@@ -457,6 +468,22 @@ class Federation:
             return []
         return self._sync_all(now, origin)
 
+    def on_heartbeat(self, origin: str, payload: bytes, now: float) -> list[Change]:
+        """Take an origin's heartbeat (its interval in seconds, as text); a silent one revives."""
+        if origin == self.instance:
+            return []
+        try:
+            interval = float(payload.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return []
+        if not MIN_HEARTBEAT <= interval <= MAX_HEARTBEAT:
+            return []
+        self.heard[origin] = (now, SILENCE_FACTOR * interval)
+        if origin in self.silent:
+            self.silent.discard(origin)
+            return self._sync_all(now, origin)
+        return []
+
     def link_down(self, link: str, now: float) -> list[Change]:
         """A link to the origins went down (the broker, or a bridge): their devices turn stale."""
         if link in self.down:
@@ -471,17 +498,25 @@ class Federation:
         return self._sync_all(now)
 
     def tick(self, now: float) -> list[Change]:
-        """Drop what has been stale for longer than the grace."""
+        """Mark origins that fell silent; drop what has been stale for longer than the grace."""
+        changes: list[Change] = []
+        for origin, (at, limit) in self.heard.items():
+            if origin not in self.silent and now >= at + limit:
+                self.silent.add(origin)
+                changes += self._sync_all(now, origin)
         if self._deadline is None or now < self._deadline:
-            return []
+            return changes
         before = len(self.shown)
-        changes = self._sync_all(now)
+        changes += self._sync_all(now)
         self.expired += max(0, before - len(self.shown))
         return changes
 
     def next_wakeup(self) -> float | None:
         """Return when ``tick`` next has work, or None."""
-        return self._deadline
+        times = [at + limit for o, (at, limit) in self.heard.items() if o not in self.silent]
+        if self._deadline is not None:
+            times.append(self._deadline)
+        return min(times, default=None)
 
     def begin_resync(self) -> None:
         """Start a reconnection: what the broker does not replay by ``end_resync`` is gone."""
