@@ -116,8 +116,10 @@ class Daemon:
             },
         )
         if self.notifier.enabled:
-            self._spawn(self.notifier.keepalive(lambda: status_line(self.service)), "watchdog")
-            self.notifier.ready(status_line(self.service))
+            self._spawn(
+                self.notifier.keepalive(lambda: status_line(self.service, time.time())), "watchdog"
+            )
+            self.notifier.ready(status_line(self.service, time.time()))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -191,7 +193,7 @@ class Daemon:
         self.reloads_ok += 1
         self.last_reload_ok = True
         self.last_reload = time.time()
-        self.notifier.status(status_line(self.service))
+        self.notifier.status(status_line(self.service, time.time()))
         LOG.info(
             "reloaded",
             extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
