@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -457,8 +457,15 @@ class Service:
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},
         }
         for key, fn in self.extra_stats.items():
-            out[key] = fn()
+            out[key] = _plain(fn())
         return out
+
+
+def _plain(value: Any) -> Any:
+    """Return a stats value as the wire encodes it: read-only mappings become dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 _OPS = frozenset(
