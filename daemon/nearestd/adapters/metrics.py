@@ -196,6 +196,13 @@ SPECS: dict[str, dict[str, Spec]] = {
             "counter",
             "Announcements refused because the discovered-device cap was reached.",
         ),
+        "services_refused": Spec(
+            "nearest_discovery_services_refused",
+            "counter",
+            "Services refused or trimmed for what a peer announced (bad name, address, "
+            "claimed UUID, per-source cap), each counted once per service and reason.",
+            "reason",
+        ),
     },
     "mqtt": {
         "connected": Spec(
@@ -299,6 +306,12 @@ SPECS: dict[str, dict[str, Spec]] = {
             "nearest_poller_state_changes", "counter", "Device state changes found by polling."
         ),
         "supply_levels": _SKIP,  # per device: no device ids in labels
+        "refused_targets": Spec(
+            "nearest_poller_refused_targets",
+            "counter",
+            "Devices never polled for their address (loopback, this host's own, ...), by reason.",
+            "reason",
+        ),
     },
     # Exported above under their own names; this section is for ``nearestctl stats``.
     "operations": {
