@@ -158,6 +158,11 @@ class PollerConfig:
     )
     jitter: float = _doc("Fraction by which each wait is randomly shortened or lengthened.", 0.1)
     max_response: int = _doc("Largest status reply read from a device, in bytes.", 262144)
+    poll_this_host: bool = _doc(
+        "Also poll devices at this host's own or loopback addresses (a local CUPS); off, "
+        "such addresses (and unspecified, multicast, link-local) are never polled.",
+        False,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -517,6 +517,15 @@ FAMILIES: tuple[Family, ...] = (
         "Problems found in advertised TXT records, by problem.",
         "problem",
     ),
+    by_label(
+        "discovery",
+        "services_refused",
+        "nearest_discovery_services_refused_total",
+        "counter",
+        "Services refused or trimmed for what a peer announced (bad name, address, "
+        "claimed UUID, per-source cap), each counted once per service and reason.",
+        "reason",
+    ),
     stat(
         "discovery",
         "refused_over_max_devices",
@@ -662,6 +671,14 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_poller_state_changes_total",
         "counter",
         "Device state changes found by polling.",
+    ),
+    by_label(
+        "poller",
+        "refused_targets",
+        "nearest_poller_refused_targets_total",
+        "counter",
+        "Devices never polled for their address (loopback, this host's own, ...), by reason.",
+        "reason",
     ),
     # The exporter itself.
     always(
