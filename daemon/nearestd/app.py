@@ -45,7 +45,13 @@ class Daemon:
         self.sockets = SocketServers(
             self.service,
             Limits(
-                d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout, d.max_in_flight
+                d.max_connections,
+                d.max_frame,
+                d.idle_timeout,
+                d.frame_timeout,
+                d.max_in_flight,
+                max_per_source=d.max_connections_per_source,
+                reserved=d.reserved_connections,
             ),
             time.monotonic,
         )

@@ -8,6 +8,7 @@ expected type; every problem in a file is reported at once.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -67,12 +68,18 @@ class DaemonConfig:
     )
     state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
     max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
+    max_connections_per_source: int = _doc(
+        "Open connections at most from one untrusted TCP address (IPv6: from one /64).", 64
+    )
+    reserved_connections: int = _doc(
+        "Of max_connections, kept for trusted peers and Unix sockets (at most half).", 64
+    )
     max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
     max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
     idle_timeout: Duration = _doc("Close connections idle this long.", Duration(60.0))
     frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
-    rate: float = _doc("Requests per second allowed per client address.", 200.0)
-    burst: int = _doc("Token-bucket burst per client address.", 400)
+    rate: float = _doc("Requests per second allowed per client address (IPv6: per /64).", 200.0)
+    burst: int = _doc("Token-bucket burst per client address (IPv6: per /64).", 400)
     rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
 
 
@@ -136,6 +143,9 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
+    rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
+    burst: int = _doc("Token-bucket burst per asker.", 200)
+    max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,10 +320,15 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         "max_in_flight": d.max_in_flight,
         "burst": d.burst,
         "rate_clients": d.rate_clients,
+        "max_connections_per_source": d.max_connections_per_source,
     }
     for key, val in positive.items():
         if val < 1:
             problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
+    if d.reserved_connections < 0:
+        problems.append(
+            f"{file}: [daemon] reserved_connections: expected 0 or more, got {d.reserved_connections}"
+        )
     if d.max_frame > 16 * 1024 * 1024:
         problems.append(f"{file}: [daemon] max_frame: at most 16777216 bytes")
     if d.rate <= 0:
@@ -366,6 +381,12 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
     if not 256 <= m.max_payload <= 16 * 1024 * 1024:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
+    if not (math.isfinite(m.rate) and 0 < m.rate <= 1e6):
+        out.append(f"rate: expected a number above 0 and at most 1000000, got {m.rate}")
+    if not 1 <= m.burst <= 1_000_000:
+        out.append(f"burst: expected 1 to 1000000, got {m.burst}")
+    if not 16 <= m.max_queued <= 1_000_000:
+        out.append(f"max_queued: expected 16 to 1000000 requests, got {m.max_queued}")
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out

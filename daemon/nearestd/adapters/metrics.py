@@ -632,6 +632,41 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "MQTT requests that failed inside the daemon (a bug: see the log).",
     ),
+    stat(
+        "mqtt",
+        "requests_rate_limited",
+        "nearest_mqtt_requests_rate_limited_total",
+        "counter",
+        "MQTT requests refused because their asker (reply topic) exceeded its rate.",
+    ),
+    stat(
+        "mqtt",
+        "requests_dropped",
+        "nearest_mqtt_requests_dropped_total",
+        "counter",
+        "MQTT requests dropped unanswered because the inbound queue was full.",
+    ),
+    stat(
+        "mqtt",
+        "requests_queued",
+        "nearest_mqtt_requests_queued",
+        "gauge",
+        "MQTT requests read from the broker and waiting to be answered.",
+    ),
+    stat(
+        "mqtt",
+        "askers",
+        "nearest_mqtt_askers",
+        "gauge",
+        "Distinct MQTT askers (reply topics) with a rate bucket held.",
+    ),
+    stat(
+        "mqtt",
+        "messages_dropped",
+        "nearest_mqtt_messages_dropped_total",
+        "counter",
+        "Other MQTT messages (records, statuses) dropped because the inbound queue was full.",
+    ),
     # IPP/eSCL polling.
     stat("poller", "enabled", "nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
     stat(
