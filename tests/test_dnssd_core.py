@@ -192,7 +192,7 @@ CASES = [
     (D, AXFR, None, REFUSED, []),
     (D, IXFR, None, REFUSED, []),
     (D, ANY, None, NOERROR, ["RFC8482 "]),
-    (f"_ipp._tcp.z-a.{D}", ANY, None, NOERROR, [f"Printer._ipp._tcp.z-a.{D}"]),
+    (f"_ipp._tcp.z-a.{D}", ANY, None, NOERROR, ["RFC8482 "]),
 ]
 
 

@@ -77,6 +77,10 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(self.service, world.config.dnssd))
 
     @property
     def config(self) -> Config:

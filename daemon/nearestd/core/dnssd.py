@@ -444,7 +444,9 @@ class Publisher:
         st = _TYPE_BY_LABEL[r[1]]
         rest = r[2:]
         if not rest or (len(rest) == 2 and rest[0] == b"_sub" and rest[1] in st.subtypes):
-            if qtype not in (PTR, ANY):
+            if qtype == ANY:
+                return self._any(qname)
+            if qtype != PTR:
                 return self._nodata(zid)
             found = self.published(zone, st, table, sitemap, ranking)
             if not found:
