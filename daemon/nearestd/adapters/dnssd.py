@@ -162,6 +162,7 @@ class DnssdServer:
         self.limiter = RateLimiter(RATE, BURST, RATE_KEYS)
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
         self.cache_bytes = 0
+        self.cache_max = CACHE_MAX
         self._generation = -1
         self._sitemap: Any = None
         self.queries: Counter[str] = Counter()
@@ -289,7 +290,7 @@ class DnssdServer:
                 self.malformed += 1
                 self.rcodes["FORMERR"] += 1
                 return _header_only(data, 1)
-            if len(self.cache) >= CACHE_MAX:
+            if len(self.cache) >= self.cache_max:
                 _, old = self.cache.popitem(last=False)
                 self.cache_bytes -= len(old.udp) + len(old.tcp) + len(data)
             self.cache[key] = entry
