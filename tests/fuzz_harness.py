@@ -91,7 +91,7 @@ def check_reply(reply: Any) -> None:
     assert reply.get("v") == 1
     assert isinstance(reply.get("ok"), bool)
     rid = reply.get("id")
-    assert rid is None or (isinstance(rid, int) and 0 <= rid < 2**63)
+    assert rid is None or (isinstance(rid, int) and -(2**63) <= rid < 2**64)
     if not reply["ok"]:
         err = reply["error"]
         assert err["code"] in CODES, err

@@ -10,9 +10,10 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nearestd.adapters.component import Component
-from nearestd.adapters.metrics import MetricsExporter
+from nearestd.adapters.metrics import MetricsExporter, read_sections
 from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
@@ -65,7 +66,9 @@ class Daemon:
         self._reload_again = False
         self.notifier = Notifier.from_environment()
         self.snapshots = InventorySnapshots(self.service)
-        self.metrics = MetricsExporter(self)
+        self.metrics = MetricsExporter(self.service, self.stats_sections)
+        self.service.extra_stats["operations"] = self.operations_stats
+        self.components.append(self.metrics)
         if world.config.discovery.enabled:
             from nearestd.adapters.mdns import attach_mdns
 
@@ -81,6 +84,28 @@ class Daemon:
             from nearestd.adapters.dnssd import DnssdServer
 
             self.components.append(DnssdServer(self.service, world.config.dnssd))
+
+    def stats_sections(self) -> dict[str, Any]:
+        """Return every stats section (the service's and each component's) for the metrics."""
+        return read_sections(self.service.extra_stats)
+
+    def operations_stats(self) -> dict[str, Any]:
+        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
+        snaps = self.snapshots
+        return {
+            "reloads_ok": self.reloads_ok,
+            "reloads_failed": self.reloads_failed,
+            "last_reload_ok": self.last_reload_ok,
+            "last_reload": self.last_reload or self.service.stats.started,
+            "inventory_file": str(snaps.path),
+            "inventory_restored": snaps.restored,
+            "inventory_writes_ok": snaps.writes_ok,
+            "inventory_writes_failed": snaps.writes_failed,
+            "inventory_last_write": snaps.last_write,
+            "stale_expired": snaps.expired,
+            "systemd_notify": self.notifier.enabled,
+            "metrics": f"http://{self.metrics.address}/metrics" if self.metrics.address else "",
+        }
 
     @property
     def config(self) -> Config:
@@ -105,7 +130,6 @@ class Daemon:
             )
         self._spawn(self._ticker(), "ticker")
         self._spawn(self.snapshots.run(), "snapshots")
-        await self.metrics.start()
         for starter in self.starters:
             await starter(self)
         for component in self.components:
@@ -120,8 +144,10 @@ class Daemon:
             },
         )
         if self.notifier.enabled:
-            self._spawn(self.notifier.keepalive(lambda: status_line(self.service)), "watchdog")
-            self.notifier.ready(status_line(self.service))
+            self._spawn(
+                self.notifier.keepalive(lambda: status_line(self.service, time.time())), "watchdog"
+            )
+            self.notifier.ready(status_line(self.service, time.time()))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -195,7 +221,7 @@ class Daemon:
         self.reloads_ok += 1
         self.last_reload_ok = True
         self.last_reload = time.time()
-        self.notifier.status(status_line(self.service))
+        self.notifier.status(status_line(self.service, time.time()))
         LOG.info(
             "reloaded",
             extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
@@ -233,7 +259,6 @@ class Daemon:
             except Exception:
                 LOG.exception("adapter stop failed")
         await self.sockets.drain(max(0.1, min(1.0, deadline - loop.time())))
-        await self.metrics.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

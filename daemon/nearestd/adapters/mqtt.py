@@ -236,7 +236,7 @@ class MqttAdapter:
             t.cancel()
 
     def stats(self) -> dict[str, Any]:
-        """Return the adapter's figures; counters that metrics would not know end in ``_total``."""
+        """Return the adapter's figures for ``stats`` and the metrics families."""
         c = self.counters
         return {
             "connected": c.connected,
@@ -244,14 +244,14 @@ class MqttAdapter:
             "received": c.received,
             "replied": c.replied,
             "malformed": c.malformed,
-            "unanswerable_total": c.unanswerable,
+            "unanswerable": c.unanswerable,
             "records_published": c.records_published,
-            "records_cleared_total": c.records_cleared,
+            "records_cleared": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
-            "federation_conflicts_total": c.conflicts,
+            "federation_conflicts": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
-            "internal_errors_total": c.internal_errors,
+            "internal_errors": c.internal_errors,
         }
 
     def _set_state(self, state: str, detail: str = "") -> None:
