@@ -86,6 +86,10 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(self.service, world.config.dnssd))
 
     def stats_sections(self) -> dict[str, Any]:
         """Return every stats section (the service's and each component's) for the metrics."""

@@ -269,6 +269,14 @@ class Service:
         self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
         return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
 
+    def remember_lookup(
+        self, ip: str, zone_id: str, op: str, devices: tuple[str, ...], now: float
+    ) -> None:
+        """Note a lookup another protocol answered (DNS-SD) in the location log."""
+        zone = self.sitemap.zones.get(zone_id)
+        if zone is not None:
+            self._remember(ip, zone, op, devices, now)
+
     def _remember(
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
     ) -> None:
