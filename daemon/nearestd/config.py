@@ -161,6 +161,18 @@ class PollerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: the read-only web view for operators; absent means off."""
+
+    listen: str = _doc("HOST:PORT to serve the pages on.", "127.0.0.1:9465")
+    token_file: str = _doc(
+        "File holding the bearer token every request must carry; required when listen is "
+        "not a loopback address.",
+        "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: one line per event to stderr."""
 
@@ -181,6 +193,7 @@ class Config:
     mqtt: MqttConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     poller: PollerConfig = field(default_factory=PollerConfig)
+    web: WebConfig | None = None
     path: str = ""
 
     @property
@@ -203,6 +216,7 @@ SECTIONS = {
     "mqtt": MqttConfig,
     "logging": LoggingConfig,
     "poller": PollerConfig,
+    "web": WebConfig,
 }
 
 
@@ -340,6 +354,8 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
     if pc.max_response < 1024:
         problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
+    if cfg.web is not None:
+        problems.extend(f"{file}: [web] {p}" for p in _web_problems(cfg.web))
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -364,6 +380,29 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out
+
+
+def _web_problems(w: WebConfig) -> list[str]:
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
+    if not m or int(m.group(2)) > 65535:
+        return [f"listen: expected HOST:PORT, got {_shown(w.listen)}"]
+    if not w.token_file and not is_loopback_host(m.group(1)):
+        return [
+            f"listen: {_shown(w.listen)} is not a loopback address; set token_file so that "
+            "every request must carry a bearer token"
+        ]
+    return []
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return whether a listen host (an address, [v6] or 'localhost') is loopback only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_error(url: str) -> str | None:
