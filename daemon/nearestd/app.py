@@ -77,6 +77,10 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(self.service, world.config))
 
     @property
     def config(self) -> Config:

@@ -71,7 +71,6 @@ def page(title: str, body: str, events: str | None, version: str, lookup: str = 
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{text(title)} - nearestd</title>"
         '<link rel="stylesheet" href="/static/web.css">'
-        '<link rel="icon" href="data:,">'
         '<script src="/static/live.js" defer></script></head>'
         f"<body{live}><header><nav>"
         '<a href="/">Sites</a> <a href="/devices">Unlocated and quarantined</a></nav>'
