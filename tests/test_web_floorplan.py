@@ -175,8 +175,10 @@ def test_hostile_names_stay_text(sitemap: SiteMap, name: str) -> None:
     rec = table.get(dev.id)
     html = floor_page(sitemap, "hq", "south", 0, marks, rec, dev.id, "v")
     html += lists_page([replace(rec, placement=None)] if rec else [], [], "v")  # type: ignore[arg-type]
-    assert "<img" not in html and "<script>" not in html and "onerror=alert" not in html.replace(
-        "onerror=alert(1)&gt;", ""
+    assert (
+        "<img" not in html
+        and "<script>" not in html
+        and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
     )
     assert "&lt;img src=x onerror=alert(1)&gt;" in html or "<img" not in name
 
@@ -238,7 +240,13 @@ def test_map_op_draws_the_floor_and_refuses_an_unknown_one() -> None:
         0.0,
     )
     root = _parse(ok["svg"])
-    assert set(_ids(root, "data-zone")) == {"n1-west", "n1-east", "n1-hr", "n1-finance", "n1-meeting"}
+    assert set(_ids(root, "data-zone")) == {
+        "n1-west",
+        "n1-east",
+        "n1-hr",
+        "n1-finance",
+        "n1-meeting",
+    }
     bad = svc.handle(
         {"v": 1, "id": 2, "op": "map", "site": "hq", "building": "north", "level": 9},
         ADMIN_PEER,

@@ -274,7 +274,9 @@ def mark_svg(mark: Mark, frame: Frame, link: Callable[[str], str] | None = None)
 
 def zone_svg(zone: Zone, frame: Frame, here: bool = False) -> str:
     """Return one zone's element: its outline and its name, ``data-zone`` set to its id."""
-    cx, cy = frame.point(*zone.representative)
+    minx, _, maxx, maxy = zone.polygon.bounds
+    # The name along the zone's top edge, clear of the devices placed at its middle.
+    cx, cy = frame.point((minx + maxx) / 2, maxy)
     u = frame.unit
     fill = "#fff3b0" if here else "#f4f4f4"
     stroke = "#b8860b" if here else "#9a9a9a"
@@ -284,7 +286,7 @@ def zone_svg(zone: Zone, frame: Frame, here: bool = False) -> str:
         f"<title>{text(zone.name)} ({text(zone.id)})</title>"
         f'<path d="{_path(zone.polygon, frame)}" fill="{fill}" stroke="{stroke}" '
         f'stroke-width="{u / (2.5 if here else 6):.2f}" fill-rule="evenodd"/>'
-        f'<text x="{cx:g}" y="{cy + 2.2 * u:g}" font-size="{u * 1.1:.2f}" text-anchor="middle" '
+        f'<text x="{cx:g}" y="{cy + 1.8 * u:g}" font-size="{u * 1.1:.2f}" text-anchor="middle" '
         f'fill="#333" font-family="sans-serif">{text(zone.name)}</text></g>'
     )
 
