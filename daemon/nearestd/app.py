@@ -90,6 +90,10 @@ class Daemon:
             from nearestd.adapters.dnssd import DnssdServer
 
             self.components.append(DnssdServer(self.service, world.config.dnssd))
+        if world.config.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(self.service, world.config))
 
     def stats_sections(self) -> dict[str, Any]:
         """Return every stats section (the service's and each component's) for the metrics."""

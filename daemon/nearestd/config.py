@@ -193,6 +193,18 @@ class DnssdConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: the read-only web view for operators; absent means off."""
+
+    listen: str = _doc("HOST:PORT to serve the pages on.", "127.0.0.1:9465")
+    token_file: str = _doc(
+        "File holding the bearer token every request must carry; required when listen is "
+        "not a loopback address.",
+        "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: one line per event to stderr."""
 
@@ -214,6 +226,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     poller: PollerConfig = field(default_factory=PollerConfig)
     dnssd: DnssdConfig | None = None
+    web: WebConfig | None = None
     path: str = ""
 
     @property
@@ -237,6 +250,7 @@ SECTIONS = {
     "logging": LoggingConfig,
     "poller": PollerConfig,
     "dnssd": DnssdConfig,
+    "web": WebConfig,
 }
 
 
@@ -381,6 +395,8 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
     if cfg.dnssd is not None:
         problems.extend(f"{file}: [dnssd] {p}" for p in _dnssd_problems(cfg.dnssd))
+    if cfg.web is not None:
+        problems.extend(f"{file}: [web] {p}" for p in _web_problems(cfg.web))
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -468,6 +484,27 @@ def _dnssd_problems(c: DnssdConfig) -> list[str]:
         except ValueError:
             out.append(f"trusted_resolvers[{i}]: expected a CIDR prefix, got {_shown(cidr)}")
     return out
+def _web_problems(w: WebConfig) -> list[str]:
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
+    if not m or int(m.group(2)) > 65535:
+        return [f"listen: expected HOST:PORT, got {_shown(w.listen)}"]
+    if not w.token_file and not is_loopback_host(m.group(1)):
+        return [
+            f"listen: {_shown(w.listen)} is not a loopback address; set token_file so that "
+            "every request must carry a bearer token"
+        ]
+    return []
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return whether a listen host (an address, [v6] or 'localhost') is loopback only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_error(url: str) -> str | None:
