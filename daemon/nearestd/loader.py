@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
 
@@ -20,6 +21,8 @@ class World:
 
     config: Config
     sitemap: SiteMap
+    # Writes the compiled site map to the cache (None: loaded from it, or no cache wanted).
+    save_cache: Callable[[], None] | None = field(default=None, compare=False)
 
 
 def _read(path: Path, problems: list[Problem]) -> str | None:
@@ -35,6 +38,21 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
     except OSError as exc:
         problems.append(Problem(str(path), "file", f"cannot read: {exc.strerror or exc}"))
     return None
+
+
+def _cache_key(cfg: Config) -> bytes | None:
+    """Return the cache key of the config's map files, or None when one cannot be read."""
+    files: list[tuple[str, bytes]] = []
+    for kind, names in (("map", cfg.site.maps), ("csv", cfg.site.subnets)):
+        for name in names:
+            path = cfg.resolve(name)
+            try:
+                if path.stat().st_size > MAX_MAP_BYTES:
+                    return None
+                files.append((f"{kind}:{path}", path.read_bytes()))
+            except OSError:
+                return None
+    return mapcache.cache_key(files)
 
 
 def load_sitemap(cfg: Config) -> SiteMap:
@@ -83,11 +101,29 @@ def load_sitemap(cfg: Config) -> SiteMap:
     return sitemap
 
 
-def load_world(path: str | Path) -> World:
-    """Load config and site maps; raise ConfigError listing every problem found."""
+def load_world(path: str | Path, use_cache: bool = False) -> World:
+    """Load config and site maps; raise ConfigError listing every problem found.
+
+    With ``use_cache``, a compiled map in ``state_dir`` made from the very same files is
+    used instead of validating them again; otherwise the returned world can write one.
+    """
     cfg = load_config(path)
+    key = _cache_key(cfg) if use_cache and cfg.site.maps else None
+    state_dir = cfg.resolve(cfg.daemon.state_dir)
+    if key is not None:
+        cached = mapcache.load(state_dir, key)
+        if cached is not None:
+            return World(cfg, cached)
     try:
         sitemap = load_sitemap(cfg)
     except SiteMapError as exc:
         raise ConfigError([str(p) for p in exc.problems]) from None
-    return World(cfg, sitemap)
+    if key is None:
+        return World(cfg, sitemap)
+
+    def save() -> None:
+        # The files may have changed while they were validated: then this map is not theirs.
+        if _cache_key(cfg) == key:
+            mapcache.save(state_dir, key, sitemap)
+
+    return World(cfg, sitemap, save)

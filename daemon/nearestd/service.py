@@ -113,10 +113,11 @@ class Service:
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
         self.extra_stats["security"] = self.security_view
-        self.warm()
+        # Neighbour lists are built per zone on its first query (well under a millisecond
+        # each): building all of them here would delay start-up on large maps.
 
     def warm(self) -> None:
-        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
@@ -344,7 +345,6 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
-        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
