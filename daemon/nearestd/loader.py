@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
@@ -40,6 +42,18 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
     return None
 
 
+def _parse_json(text: str) -> Any:
+    """Parse JSON with orjson (several times faster); the standard module decides the rest.
+
+    orjson refuses what Python's json accepts (NaN, integers beyond 64 bits): then, and
+    for every error, the standard parser runs so that results and messages stay its own.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
 def _cache_key(cfg: Config) -> bytes | None:
     """Return the cache key of the config's map files, or None when one cannot be read."""
     files: list[tuple[str, bytes]] = []
@@ -67,7 +81,7 @@ def load_sitemap(cfg: Config) -> SiteMap:
             if text is None:
                 continue
             try:
-                doc = json.loads(text)
+                doc = _parse_json(text)
             except json.JSONDecodeError as exc:
                 map_problems.append(
                     Problem(
