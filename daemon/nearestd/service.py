@@ -117,10 +117,11 @@ class Service:
         self.extra_stats["security"] = self.security_view
         self._census: Census | None = None
         self._census_key = (-1, -1)
-        self.warm()
+        # Neighbour lists are built per zone on its first query (well under a millisecond
+        # each): building all of them here would delay start-up on large maps.
 
     def warm(self) -> None:
-        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
@@ -393,7 +394,6 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
-        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
