@@ -484,6 +484,8 @@ def _dnssd_problems(c: DnssdConfig) -> list[str]:
         except ValueError:
             out.append(f"trusted_resolvers[{i}]: expected a CIDR prefix, got {_shown(cidr)}")
     return out
+
+
 def _web_problems(w: WebConfig) -> list[str]:
     m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
     if not m or int(m.group(2)) > 65535:
