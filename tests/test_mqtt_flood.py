@@ -109,8 +109,9 @@ async def test_one_flooding_asker_is_limited_and_an_honest_one_is_answered(
             figures
         )
         assert lost == 0, figures
-        # Budgets in the bench: p99 under 500 ms, RSS growth under 8 MB; 10x headroom here.
-        # (Before the per-asker limit: RSS +105 MB and honest requests lost.)
+        # Budgets in the bench: p99 under 2 s, RSS growth under 8 MB; 2.5x and 10x headroom
+        # here (a lost request, over 10 s, fails above). Before the per-asker limit: RSS
+        # +105 MB and honest requests lost.
         assert p99 < 5.0, figures
         assert growth < 80, figures
         assert st["requests_queued"] <= 1024
