@@ -284,3 +284,22 @@ def test_ipv6_rate_limit_counts_one_64_as_one_client(tmp_path: Path, v6_lan: Lan
             s.close()
     finally:
         d.stop()
+
+
+def test_open_file_limit_is_raised_to_cover_the_connection_cap(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        skip_or_fail(f"needs a hard open-file limit of 2048, it is {hard}")
+    cfg = write_config(tmp_path, {"daemon": {"max_connections": 1024}})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits 256
+    try:
+        d = DaemonProcess(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        d.wait_ready()
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
+        assert int(line.split()[3]) >= 1024 + 16 + 256, line
+    finally:
+        d.stop()
