@@ -295,7 +295,7 @@ class MqttAdapter:
             t.cancel()
 
     def stats(self) -> dict[str, Any]:
-        """Return the adapter's figures; counters that metrics would not know end in ``_total``."""
+        """Return the adapter's figures for ``stats`` and the metrics families."""
         c = self.counters
         return {
             "connected": c.connected,
@@ -303,20 +303,19 @@ class MqttAdapter:
             "received": c.received,
             "replied": c.replied,
             "malformed": c.malformed,
-            "unanswerable_total": c.unanswerable,
+            "unanswerable": c.unanswerable,
             "records_published": c.records_published,
-            "records_cleared_total": c.records_cleared,
+            "records_cleared": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
-            "federation_conflicts_total": c.conflicts,
+            "federation_conflicts": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
-            "internal_errors_total": c.internal_errors,
-            "requests_rate_limited_total": c.rate_limited,
-            "requests_dropped_total": c.dropped + (self._inbox.dropped if self._inbox else 0),
+            "internal_errors": c.internal_errors,
+            "requests_rate_limited": c.rate_limited,
+            "requests_dropped": c.dropped + (self._inbox.dropped if self._inbox else 0),
             "requests_queued": self._inbox.requests if self._inbox else 0,
             "askers": len(self.askers),
-            "messages_dropped_total": c.dropped_other
-            + (self._inbox.dropped_other if self._inbox else 0),
+            "messages_dropped": c.dropped_other + (self._inbox.dropped_other if self._inbox else 0),
         }
 
     def _set_state(self, state: str, detail: str = "") -> None:
