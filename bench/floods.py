@@ -549,12 +549,16 @@ def _mqtt_flood_run(port: int, prefix: str, n: int) -> tuple[float, list[float],
         latencies: list[float] = []
         lost = 0
         async with asker(port) as honest:
-            flooding = asyncio.create_task(
-                asyncio.to_thread(flood, port, f"{prefix}/query", n, request, "flood/replies")
+            took: list[float] = []
+            flooding = threading.Thread(
+                target=lambda: took.append(
+                    flood(port, f"{prefix}/query", n, request, "flood/replies")
+                )
             )
+            flooding.start()
             settle: float | None = None
             while settle is None or time.monotonic() < settle:
-                if settle is None and flooding.done():
+                if settle is None and not flooding.is_alive():
                     settle = time.monotonic() + 1.0
                 t0 = time.monotonic()
                 try:
@@ -564,7 +568,8 @@ def _mqtt_flood_run(port: int, prefix: str, n: int) -> tuple[float, list[float],
                 else:
                     latencies.append(time.monotonic() - t0)
                 await asyncio.sleep(0.05)
-            return await flooding, latencies, lost
+            flooding.join()
+            return took[0], latencies, lost
 
     return asyncio.run(run())
 

@@ -229,6 +229,7 @@ def v6_lan() -> Iterator[Lan]:
         lan.down()
 
 
+@pytest.mark.lan
 def test_ipv6_rate_limit_counts_one_64_as_one_client(tmp_path: Path, v6_lan: Lan) -> None:
     rate, burst = 20.0, 40
     cfg = write_config(
