@@ -304,3 +304,32 @@ def test_open_file_limit_is_raised_to_cover_the_connection_cap(tmp_path: Path) -
         assert int(line.split()[3]) >= 1024 + 16 + 256, line
     finally:
         d.stop()
+
+
+def test_a_reload_changes_the_share_per_source(tmp_path: Path) -> None:
+    sections = {"daemon": {"trusted_peers": [f"{TRUSTED}/32"], "max_connections_per_source": 2}}
+    cfg = write_config(tmp_path, sections)
+    d = DaemonProcess(cfg).wait_ready()
+    url = tcp_url(cfg)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            held.append(connect(url, HOG))
+            held[-1].sendall(PING)
+            assert (read_frame(held[-1]) or {}).get("ok")
+        third = connect(url, HOG)
+        assert (read_frame(third) or {}).get("error", {}).get("code") == "unavailable"
+        third.close()
+        text = cfg.read_text().replace(
+            "max_connections_per_source = 2", "max_connections_per_source = 3"
+        )
+        cfg.write_text(text)
+        with Client(f"unix://{d.admin}", timeout=10) as c:
+            assert c.request({"op": "reload"})["ok"]
+        held.append(connect(url, HOG))
+        held[-1].sendall(PING)
+        assert (read_frame(held[-1]) or {}).get("ok")
+    finally:
+        for s in held:
+            s.close()
+        d.stop()
