@@ -16,7 +16,9 @@ from nearest_wire.errors import ErrorCode, WireError
 VERSION = 1
 KINDS = ("printer", "scanner")
 MAX_K = 20
-MAX_ID = 2**63 - 1
+# Any integer MessagePack carries: int64 and uint64.
+MIN_ID = -(2**63)
+MAX_ID = 2**64 - 1
 # Bonjour PaperMax classes, smallest first; a device's class is its index here.
 PAPER_CLASSES = ("<legal-A4", "legal-A4", "tabloid-A3", "isoC-A2", ">isoC-A2")
 # What a request's need.paper asks for: the smallest acceptable PaperMax class.
@@ -172,7 +174,7 @@ def _type_name(value: object) -> str:
 def request_id(obj: dict[str, Any]) -> int | None:
     """Return the request's id if it is a valid one, for echoing in an error."""
     rid = obj.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+    if isinstance(rid, int) and not isinstance(rid, bool) and MIN_ID <= rid <= MAX_ID:
         return rid
     return None
 
@@ -355,12 +357,12 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
     # through the full check, which words the error. The order of the checks is the
     # order in which errors are reported.
     rid = obj.get("id")
-    if type(rid) is not int or not 0 <= rid <= MAX_ID:
+    if type(rid) is not int or not MIN_ID <= rid <= MAX_ID:
         rid = request_id(obj)
         if "id" not in obj:
             raise _bad("id: missing; expected an integer", None)
         if rid is None:
-            raise _bad(f"id: expected an integer from 0 to {MAX_ID}", None)
+            raise _bad(f"id: expected an integer from {MIN_ID} to {MAX_ID}", None)
     v = obj.get("v")
     if type(v) is not int or v != VERSION:
         if v is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -29,6 +29,7 @@ from nearest_wire import (
 from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
+from nearestd.core.census import Census, census
 from nearestd.core.devices import DeviceTable, Record, restriction_of
 from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
 from nearestd.core.histogram import Latencies
@@ -114,10 +115,13 @@ class Service:
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
         self.extra_stats["security"] = self.security_view
-        self.warm()
+        self._census: Census | None = None
+        self._census_key = (-1, -1)
+        # Neighbour lists are built per zone on its first query (well under a millisecond
+        # each): building all of them here would delay start-up on large maps.
 
     def warm(self) -> None:
-        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
@@ -269,6 +273,14 @@ class Service:
         self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
         return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
 
+    def remember_lookup(
+        self, ip: str, zone_id: str, op: str, devices: tuple[str, ...], now: float
+    ) -> None:
+        """Note a lookup another protocol answered (DNS-SD) in the location log."""
+        zone = self.sitemap.zones.get(zone_id)
+        if zone is not None:
+            self._remember(ip, zone, op, devices, now)
+
     def _remember(
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
     ) -> None:
@@ -382,7 +394,6 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
-        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
@@ -463,18 +474,27 @@ class Service:
         out["pseudonym_spikes"] = self.spikes.spikes
         return out
 
+    def census(self, now: float) -> Census:
+        """Return the census of the device table, counted again only after it changed."""
+        cached = self._census
+        # A poll result that changes nothing in the table still adds a polled device.
+        key = (self.table.generation, len(self.live))
+        if cached is None or self._census_key != key:
+            self._census_key = key
+            cached = self._census = census(self.table.records(), now, self.live)
+        return replace(cached, taken=now) if cached.taken != now else cached
+
     def stats_view(self, now: float) -> dict[str, Any]:
-        """Return counters and sizes for ``stats`` and the metrics adapter."""
-        records = list(self.table.records())
-        by_kind_state: Counter[str] = Counter()
-        for rec in records:
-            by_kind_state[f"{rec.device.kind}/{rec.device.state}"] += 1
+        """Return counters and sizes for ``stats``."""
+        c = self.census(now)
         out: dict[str, Any] = {
             "version": __version__,
             "uptime_s": round(now - self.stats.started, 3),
-            "devices": len(records),
-            "unlocated": sum(1 for r in records if r.placement is None),
-            "devices_by_kind_state": dict(by_kind_state),
+            "devices": c.total,
+            "unlocated": c.unlocated,
+            "stale": c.stale,
+            "devices_by_kind_state": {f"{k}/{s}": n for (k, s), n in c.by_kind_state},
+            "devices_by_site": {f"{site}/{k}": n for (site, k), n in c.by_site_kind},
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
@@ -483,8 +503,15 @@ class Service:
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},
         }
         for key, fn in self.extra_stats.items():
-            out[key] = fn()
+            out[key] = _plain(fn())
         return out
+
+
+def _plain(value: Any) -> Any:
+    """Return a stats value as the wire encodes it: read-only mappings become dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 _OPS = frozenset(
