@@ -91,12 +91,20 @@ class Daemon:
             from nearestd.adapters.mqtt import MqttAdapter
 
             self.components.append(MqttAdapter(service, cfg.mqtt, cfg, spawn=spawn))
+        if cfg.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(service, cfg.dnssd))
+        if cfg.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(service, cfg))
         self.metrics = MetricsExporter(service, self.sections)
         self.components.append(self.metrics)
         self.sockets = SocketServers(service)
         self.components.append(self.sockets)
         self.notifier = Notifier.from_environment(
-            status_of=lambda: status_line(self.service), spawn=spawn
+            status_of=lambda: status_line(self.service, time.time()), spawn=spawn
         )
         self.components.append(self.notifier)
 
@@ -235,25 +243,45 @@ class Daemon:
             gc.disable()
         try:
             try:
-                prepared = await in_thread(self._prepare, carry)
+                prepared, save_cache = await in_thread(self._prepare, carry)
             except ConfigError as exc:
                 return self._refuse(exc.problems)
             old = self._switch(prepared)
+            del prepared
             try:
                 await in_thread(release, old)
             except Exception:
                 LOG.exception("freeing the old world failed")
             del old
+            if save_cache is not None:
+                try:
+                    await in_thread(save_cache)
+                except Exception:
+                    LOG.exception("site map cache not written")
         finally:
             if freeze:
                 gc.freeze()
                 gc.enable()
         return []
 
-    def _prepare(self, carry: Carry) -> Prepared:
+    def _prepare(self, carry: Carry) -> tuple[Prepared, Callable[[], None] | None]:
         """Read, validate and build the new world (worker thread: touches nothing in use)."""
-        world = load_world(self.config_path)
-        return prepare(world.config, world.sitemap, carry)
+        world = load_world(self.config_path, use_cache=True)
+        return prepare(world.config, world.sitemap, carry), world.save_cache
+
+    def save_map_cache(self, world: World) -> None:
+        """Write the compiled site map in a worker thread, if the world was not read from it."""
+        save = world.save_cache
+        if save is None:
+            return
+
+        async def run() -> None:
+            try:
+                await in_thread(save)
+            except Exception:
+                LOG.exception("site map cache not written")
+
+        self.spawn(run(), "map-cache")
 
     def _refuse(self, problems: list[str]) -> list[str]:
         self.reloads_failed += 1
@@ -370,16 +398,21 @@ def release(old: list[object]) -> None:
 
 async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads. Return the exit status."""
+    # Loading creates hundreds of thousands of objects and no garbage cycles worth a
+    # pass over them: the collector would only add seconds to a large map's start-up.
+    gc.disable()
     try:
-        world = load_world(config_path)
+        world = load_world(config_path, use_cache=True)
+        daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             LOG.error("configuration problem", extra={"problem": problem})
         return 2
-    daemon = Daemon(world, config_path)
-    # The site map and device table live until the next reload: keep the cyclic
-    # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
-    gc.freeze()
+    finally:
+        # The site map and device table live until the next reload: keep the cyclic
+        # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
+        gc.freeze()
+        gc.enable()
     daemon.freeze_gc = True
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -391,6 +424,8 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         LOG.error("cannot listen", extra={"error": str(exc)})
         await daemon.stop()
         return 1
+    # Written once serving: a cold start answers as soon as the map is valid.
+    daemon.save_map_cache(world)
     if on_ready is not None:
         on_ready(daemon)
     await daemon.wait_stopped()
