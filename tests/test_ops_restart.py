@@ -238,7 +238,7 @@ def test_sigterm_answers_in_flight_requests_and_exits_within_5s(tmp_path: Path) 
 
 async def test_a_hung_adapter_cannot_hold_shutdown_past_the_budget(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
 
     async def hang(_: Daemon) -> None:
         await asyncio.sleep(3600)
@@ -267,7 +267,7 @@ def test_an_unwritable_state_dir_is_reported_once_and_not_fatal(tmp_path: Path) 
     assert all("level=error" in x for x in lines if "cannot write" in x)
 
 
-async def test_a_failing_reload_hook_does_not_break_the_reload(tmp_path: Path) -> None:
+def test_a_failing_reload_hook_does_not_break_the_reload(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
     daemon = Daemon(load_world(cfg), str(cfg))
     seen: list[str] = []
