@@ -45,7 +45,13 @@ class Daemon:
         self.sockets = SocketServers(
             self.service,
             Limits(
-                d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout, d.max_in_flight
+                d.max_connections,
+                d.max_frame,
+                d.idle_timeout,
+                d.frame_timeout,
+                d.max_in_flight,
+                max_per_source=d.max_connections_per_source,
+                reserved=d.reserved_connections,
             ),
             time.monotonic,
         )
@@ -80,6 +86,14 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(self.service, world.config.dnssd))
+        if world.config.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(self.service, world.config))
 
     def stats_sections(self) -> dict[str, Any]:
         """Return every stats section (the service's and each component's) for the metrics."""
@@ -161,10 +175,27 @@ class Daemon:
     def reload(self) -> list[str]:
         """Load the config and site maps again; switch only if all of it is valid."""
         try:
-            world = load_world(self.config_path)
+            world = load_world(self.config_path, use_cache=True)
         except ConfigError as exc:
             return self._refuse(exc.problems)
+        self.save_map_cache(world)
         return self._switch(world)
+
+    def save_map_cache(self, world: World) -> None:
+        """Write the compiled site map in a worker thread, if the world was not read from it."""
+        save = world.save_cache
+        if save is None:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(save)
+            except Exception:
+                LOG.exception("site map cache not written")
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to write it on
+            asyncio.get_running_loop()
+            self._spawn(run(), "map-cache")
 
     def reload_in_background(self) -> None:
         """Reload for SIGHUP: parse in a worker thread so that queries go on, switch on the loop."""
@@ -178,7 +209,7 @@ class Daemon:
             self._reload_again = False
             seen = self.reloads_ok + self.reloads_failed
             try:
-                world = await asyncio.to_thread(load_world, self.config_path)
+                world = await asyncio.to_thread(load_world, self.config_path, True)
             except ConfigError as exc:
                 self._refuse(exc.problems)
                 continue
@@ -189,6 +220,7 @@ class Daemon:
                 # Another reload finished while this one parsed: read the files again.
                 self._reload_again = True
                 continue
+            self.save_map_cache(world)
             self._switch(world)
 
     def _refuse(self, problems: list[str]) -> list[str]:
@@ -264,16 +296,21 @@ class Daemon:
 
 async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads. Return the exit status."""
+    # Loading creates hundreds of thousands of objects and no garbage cycles worth a
+    # pass over them: the collector would only add seconds to a large map's start-up.
+    gc.disable()
     try:
-        world = load_world(config_path)
+        world = load_world(config_path, use_cache=True)
+        daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             LOG.error("configuration problem", extra={"problem": problem})
         return 2
-    daemon = Daemon(world, config_path)
-    # The site map and device table live until the next reload: keep the cyclic
-    # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
-    gc.freeze()
+    finally:
+        # The site map and device table live until the next reload: keep the cyclic
+        # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
+        gc.freeze()
+        gc.enable()
     daemon.reload_hooks.append(_refreeze)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -285,6 +322,8 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         LOG.error("cannot listen", extra={"error": str(exc)})
         await daemon.stop()
         return 1
+    # Written once serving: a cold start answers as soon as the map is valid.
+    daemon.save_map_cache(world)
     if on_ready is not None:
         on_ready(daemon)
     await daemon.wait_stopped()

@@ -26,13 +26,14 @@ from nearest_wire import (
     error_reply,
     parse_request,
 )
-from nearest_wire.schema import ADMIN_OPS, request_id
+from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
 from nearestd.core.devices import DeviceTable, Record, restriction_of
+from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
 from nearestd.core.histogram import Latencies
-from nearestd.core.index import Ranking
+from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
@@ -116,10 +117,11 @@ class Service:
         self.extra_stats["security"] = self.security_view
         self._census: Census | None = None
         self._census_key = (-1, -1)
-        self.warm()
+        # Neighbour lists are built per zone on its first query (well under a millisecond
+        # each): building all of them here would delay start-up on large maps.
 
     def warm(self) -> None:
-        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
@@ -205,6 +207,8 @@ class Service:
             return {"v": 1, "id": req.id, "ok": True, "reloaded": True}
         if isinstance(req, StatsRequest):
             return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
+        if isinstance(req, MapRequest):
+            return {"v": 1, "id": req.id, "ok": True, "svg": self.floor_drawing(req)}
         if isinstance(req, PrivacyRequest):
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
@@ -269,6 +273,14 @@ class Service:
         self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
         return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
 
+    def remember_lookup(
+        self, ip: str, zone_id: str, op: str, devices: tuple[str, ...], now: float
+    ) -> None:
+        """Note a lookup another protocol answered (DNS-SD) in the location log."""
+        zone = self.sitemap.zones.get(zone_id)
+        if zone is not None:
+            self._remember(ip, zone, op, devices, now)
+
     def _remember(
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
     ) -> None:
@@ -283,6 +295,41 @@ class Service:
                         "per_minute_over": self.spikes.threshold,
                     },
                 )
+
+    def floor_drawing(self, req: MapRequest) -> str:
+        """Return one floor as a standalone SVG document, or refuse an unknown floor."""
+        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+            raise WireError(
+                ErrorCode.UNKNOWN_LOCATION,
+                "site, building, level: no zone of the site maps is on that floor",
+                req.id,
+            )
+        marks = floor_marks(
+            self.table.records(),
+            self.table.quarantine.values(),
+            self.sitemap,
+            req.site,
+            req.building,
+            req.level,
+        )
+        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+
+    def explain(
+        self, client_ip: str, kind: str, k: int, now: float
+    ) -> tuple[Zone, list[tuple[Record, Hit]]]:
+        """Answer an operator's lookup: the zone and what ``nearest`` answers, with each hit.
+
+        Ranked by the same index call as ``nearest`` (no need, the client's visibility),
+        and logged like ``nearestctl locate``: a location-log entry of op ``admin.locate``.
+        Raises WireError for an unplaceable address.
+        """
+        ip, zone = self._locate(client_ip, None, ADMIN_PEER, 0)
+        policy = self.sitemap.visibility
+        visible = policy.client_mask(zone.id, ip) if policy.active else -1
+        hits = self.table.index.nearest(zone, kind, Need(), k, self.ranking, visible)
+        out = [(rec, hit) for hit in hits if (rec := self.table.get(hit.device_id)) is not None]
+        self._remember(ip, zone, "admin.locate", tuple(r.device.id for r, _ in out), now)
+        return zone, out
 
     def _viewer(self, req: DevicesRequest, peer: Peer) -> int | None:
         """Return the visibility bits of whoever a listing is for (None: sees everything)."""
@@ -347,7 +394,6 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
-        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
@@ -469,7 +515,17 @@ def _plain(value: Any) -> Any:
 
 
 _OPS = frozenset(
-    ("nearest", "locate", "devices", "ping", "reload", "stats", "privacy.export", "privacy.erase")
+    (
+        "nearest",
+        "locate",
+        "devices",
+        "ping",
+        "reload",
+        "stats",
+        "privacy.export",
+        "privacy.erase",
+        "map",
+    )
 )
 
 

@@ -385,7 +385,21 @@ FAMILIES: tuple[Family, ...] = (
         "refused_at_cap",
         "nearest_connections_refused_total",
         "counter",
-        "Connections refused because the connection cap was reached.",
+        "Connections refused at a cap: the total, the trusted reserve or one source's share.",
+    ),
+    stat(
+        "connections",
+        "refused_per_source",
+        "nearest_connections_refused_per_source_total",
+        "counter",
+        "Of the refused connections, those over one source's share (an address or IPv6 /64).",
+    ),
+    stat(
+        "connections",
+        "untrusted_sources",
+        "nearest_connections_untrusted_sources",
+        "gauge",
+        "Untrusted client sources (addresses or IPv6 /64s) holding connections.",
     ),
     Family(
         "nearest_connections_closed_total",
@@ -517,6 +531,15 @@ FAMILIES: tuple[Family, ...] = (
         "Problems found in advertised TXT records, by problem.",
         "problem",
     ),
+    by_label(
+        "discovery",
+        "services_refused",
+        "nearest_discovery_services_refused_total",
+        "counter",
+        "Services refused or trimmed for what a peer announced (bad name, address, "
+        "claimed UUID, per-source cap), each counted once per service and reason.",
+        "reason",
+    ),
     stat(
         "discovery",
         "refused_over_max_devices",
@@ -611,6 +634,42 @@ FAMILIES: tuple[Family, ...] = (
     ),
     stat(
         "mqtt",
+        "federated_stale",
+        "nearest_mqtt_federated_stale",
+        "gauge",
+        "Devices of other instances served stale: their origin or the link to it is gone, "
+        "within foreign_grace.",
+    ),
+    stat(
+        "mqtt",
+        "federated_expired",
+        "nearest_mqtt_federated_expired_total",
+        "counter",
+        "Devices of other instances dropped after foreign_grace without their origin or link.",
+    ),
+    stat(
+        "mqtt",
+        "federated_other_site",
+        "nearest_mqtt_federated_other_site_total",
+        "counter",
+        "Device records ignored because their site is not in this daemon's maps.",
+    ),
+    stat(
+        "mqtt",
+        "federated_legacy_records",
+        "nearest_mqtt_federated_legacy_records_total",
+        "counter",
+        "Device records read on the previous version's one-level topic layout.",
+    ),
+    stat(
+        "mqtt",
+        "origins_silent",
+        "nearest_mqtt_federation_origins_silent",
+        "gauge",
+        "Other instances whose heartbeats stopped for three of their intervals.",
+    ),
+    stat(
+        "mqtt",
         "origins_online",
         "nearest_mqtt_federation_origins_online",
         "gauge",
@@ -622,6 +681,41 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_mqtt_internal_errors_total",
         "counter",
         "MQTT requests that failed inside the daemon (a bug: see the log).",
+    ),
+    stat(
+        "mqtt",
+        "requests_rate_limited",
+        "nearest_mqtt_requests_rate_limited_total",
+        "counter",
+        "MQTT requests refused because their asker (reply topic) exceeded its rate.",
+    ),
+    stat(
+        "mqtt",
+        "requests_dropped",
+        "nearest_mqtt_requests_dropped_total",
+        "counter",
+        "MQTT requests dropped unanswered because the inbound queue was full.",
+    ),
+    stat(
+        "mqtt",
+        "requests_queued",
+        "nearest_mqtt_requests_queued",
+        "gauge",
+        "MQTT requests read from the broker and waiting to be answered.",
+    ),
+    stat(
+        "mqtt",
+        "askers",
+        "nearest_mqtt_askers",
+        "gauge",
+        "Distinct MQTT askers (reply topics) with a rate bucket held.",
+    ),
+    stat(
+        "mqtt",
+        "messages_dropped",
+        "nearest_mqtt_messages_dropped_total",
+        "counter",
+        "Other MQTT messages (records, statuses) dropped because the inbound queue was full.",
     ),
     # IPP/eSCL polling.
     stat("poller", "enabled", "nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
@@ -662,6 +756,14 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_poller_state_changes_total",
         "counter",
         "Device state changes found by polling.",
+    ),
+    by_label(
+        "poller",
+        "refused_targets",
+        "nearest_poller_refused_targets_total",
+        "counter",
+        "Devices never polled for their address (loopback, this host's own, ...), by reason.",
+        "reason",
     ),
     # The exporter itself.
     always(
