@@ -329,7 +329,7 @@ class Figures:
 async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path, sections={"metrics": {"listen": f"[::1]:{port}"}})
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
     mqtt = Figures("mqtt", {"connected": True, "reconnects": 3})
     daemon.components += [mqtt, Figures("broken", None)]
     try:
@@ -350,8 +350,12 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
     finally:
         await daemon.stop()
     require_tools("promtool")
-    r = subprocess.run(
-        ["promtool", "check", "metrics"], input=page.encode(), capture_output=True, timeout=30
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=page.encode(),
+        capture_output=True,
+        timeout=30,
     )
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()
 

@@ -304,7 +304,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     from nearestd.loader import load_world
 
     s = Setup(tmp_path)
-    daemon = app.Daemon(load_world(s.cfg), str(s.cfg))
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
     def slow_load(path: str) -> Any:

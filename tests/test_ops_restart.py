@@ -261,7 +261,7 @@ class Hung:
 
 async def test_a_hung_adapter_cannot_hold_shutdown_past_the_budget(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
     daemon.components[1:1] = [Hung(), Hung(), Hung()]
     await daemon.start()
     loop = asyncio.get_running_loop()
@@ -288,7 +288,7 @@ def test_an_unwritable_state_dir_is_reported_once_and_not_fatal(tmp_path: Path) 
 
 async def test_a_component_failing_to_follow_a_reload_does_not_break_it(tmp_path: Path) -> None:
     cfg = write_config(tmp_path)
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
     seen: list[str] = []
     daemon.components[:0] = [Hung()]
     daemon.components.append(Hung(seen))
@@ -304,7 +304,7 @@ async def test_a_background_task_that_fails_is_logged_and_the_daemon_goes_on(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = write_config(tmp_path)
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
     await daemon.start()
     try:
 
