@@ -594,3 +594,10 @@ def test_a_bad_request_path_gives_no_device_and_a_problem(type_: str, key: str, 
     changes, parsed = m.upsert(rec(type_, "P", t={key: value}), 0.0)
     assert changes == [] and m.devices() == []
     assert parsed is not None and Problem.BAD_PATH in {k for k, _ in parsed.problems}
+
+
+@pytest.mark.parametrize("mark", ["\u202e", "\u202a", "\u2066", "\u2069", "\u200e", "\u200f"])
+def test_bidi_controls_are_stripped_from_names_like_control_characters(mark: str) -> None:
+    [d] = merged([rec("_ipp._tcp", f"Finance{mark}txt.exe", t={"note": f"Lab{mark}7"})])
+    assert mark not in d.name and d.name == "Finance txt.exe"
+    assert d.note == "Lab 7"

@@ -8,6 +8,7 @@ expected type; every problem in a file is reported at once.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -35,14 +36,29 @@ def parse_duration(text: str) -> float:
     """Return seconds for a duration string, or raise ValueError."""
     m = DURATION.match(text)
     if not m:
-        raise ValueError(f'expected a duration like "90s", "10m" or "24h", got {text!r}')
-    return float(m.group(1)) * UNITS[m.group(2)]
+        raise ValueError(f'expected a duration like "90s", "10m" or "24h", got {_shown(text)}')
+    seconds = float(m.group(1)) * UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration, got {_shown(text)}")
+    return seconds
 
 
-def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+YEAR = 365 * 86400.0
+
+
+def _doc(
+    text: str,
+    default: Any = MISSING,
+    factory: Any = MISSING,
+    within: tuple[float, float] | None = None,
+) -> Any:
+    """Return a dataclass field with its docstring and, for numbers, its allowed range."""
+    meta: dict[str, Any] = {"doc": text}
+    if within is not None:
+        meta["range"] = within
     if factory is not MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,14 +82,26 @@ class DaemonConfig:
         factory=lambda: ["127.0.0.1/32", "::1/128"],
     )
     state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
-    max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
-    max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
-    max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
-    idle_timeout: Duration = _doc("Close connections idle this long.", Duration(60.0))
-    frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
-    rate: float = _doc("Requests per second allowed per client address.", 200.0)
-    burst: int = _doc("Token-bucket burst per client address.", 400)
-    rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
+    max_connections: int = _doc(
+        "Open connections at most, over all sockets.", 1024, within=(1, 1_000_000)
+    )
+    max_frame: int = _doc("Largest frame accepted, in bytes.", 65536, within=(1, 16 * 1024 * 1024))
+    max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64, within=(1, 65536))
+    idle_timeout: Duration = _doc(
+        "Close connections idle this long.", Duration(60.0), within=(0.001, YEAR)
+    )
+    frame_timeout: Duration = _doc(
+        "Close a connection whose frame takes longer.", Duration(5.0), within=(0.001, YEAR)
+    )
+    rate: float = _doc(
+        "Requests per second allowed per client address; more than 0.",
+        200.0,
+        within=(0.0, 1e9),
+    )
+    burst: int = _doc("Token-bucket burst per client address.", 400, within=(1, 1_000_000_000))
+    rate_clients: int = _doc(
+        "Client addresses tracked by the rate limiter.", 16384, within=(1, 100_000_000)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +112,10 @@ class DiscoveryConfig:
     interfaces: list[str] = _doc(
         "Interface names or addresses to browse on; required when enabled.", factory=list
     )
-    expire_after: Duration = _doc("Grace before a silent device is dropped.", Duration(600.0))
-    max_devices: int = _doc("Discovered devices kept at most.", 5000)
+    expire_after: Duration = _doc(
+        "Grace before a silent device is dropped.", Duration(600.0), within=(0.1, YEAR)
+    )
+    max_devices: int = _doc("Discovered devices kept at most.", 5000, within=(1, 10_000_000))
     ipv6: bool = _doc("Also browse over IPv6.", False)
 
 
@@ -101,8 +131,12 @@ class SiteConfig:
 class RankingConfig:
     """[ranking]: the cost formula's parameters."""
 
-    floor_penalty_m: float = _doc("Metres added per floor of difference.", 20.0)
-    building_penalty_m: float = _doc("Metres added for another building.", 100.0)
+    floor_penalty_m: float = _doc(
+        "Metres added per floor of difference.", 20.0, within=(0.0, 1_000_000.0)
+    )
+    building_penalty_m: float = _doc(
+        "Metres added for another building.", 100.0, within=(0.0, 1_000_000.0)
+    )
     allow_other_sites: bool = _doc("Answer with devices of other sites.", False)
 
 
@@ -112,8 +146,10 @@ class PrivacyConfig:
 
     retention: Duration = _doc("How long location-log entries live.", Duration(86400.0))
     log_ip: str = _doc("'truncated' (/24 or /48 in logs) or 'none'.", "truncated")
-    max_entries: int = _doc("Location-log entries held at most.", 100000)
-    spike_per_minute: int = _doc("Warn when one pseudonym asks more often.", 600)
+    max_entries: int = _doc("Location-log entries held at most.", 100000, within=(1, 100_000_000))
+    spike_per_minute: int = _doc(
+        "Warn when one pseudonym asks more often.", 600, within=(1, 1_000_000_000)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +191,14 @@ class PollerConfig:
     max_backoff: Duration = _doc(
         "Longest wait between polls of an unreachable device (doubling per failure).",
         Duration(300.0),
+        within=(0.0, YEAR),
     )
     jitter: float = _doc("Fraction by which each wait is randomly shortened or lengthened.", 0.1)
-    max_response: int = _doc("Largest status reply read from a device, in bytes.", 262144)
+    max_response: int = _doc(
+        "Largest status reply read from a device, in bytes.",
+        262144,
+        within=(1024, 1024 * 1024 * 1024),
+    )
     poll_this_host: bool = _doc(
         "Also poll devices at this host's own or loopback addresses (a local CUPS); off, "
         "such addresses (and unspecified, multicast, link-local) are never polled.",
@@ -244,7 +285,10 @@ def _convert(value: Any, t: Any) -> Any:
     if t is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {_shown(value)}")
+        return number
     if t is str:
         if not isinstance(value, str):
             raise TypeError
@@ -255,6 +299,10 @@ def _convert(value: Any, t: Any) -> Any:
         inner = get_args(t)[0]
         return [_convert(v, inner) for v in value]
     raise TypeError  # pragma: no cover
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) and not x.is_integer() else f"{int(x)}"
 
 
 def _shown(value: Any) -> str:
@@ -268,6 +316,7 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
         return cls()
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    ranges = {f.name: f.metadata["range"] for f in fields(cls) if "range" in f.metadata}
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
@@ -278,6 +327,13 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
         t = hints[key]
         try:
             values[key] = _convert(value, t)
+            if key in ranges and not ranges[key][0] <= values[key] <= ranges[key][1]:
+                lo, hi = ranges[key]
+                problems.append(
+                    f"{file}: [{name}] {key}: expected {_type_name(t)} from {_num(lo)} to "
+                    f"{_num(hi)}, got {_shown(value)}"
+                )
+                del values[key]
         except ValueError as exc:
             problems.append(f"{file}: [{name}] {key}: {exc}")
         except TypeError:
@@ -304,18 +360,6 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
     for key in ("admin_mode", "socket_mode"):
         if not re.fullmatch(r"0?[0-7]{3}", getattr(d, key)):
             problems.append(f'{file}: [daemon] {key}: expected octal permissions like "0600"')
-    positive = {
-        "max_connections": d.max_connections,
-        "max_frame": d.max_frame,
-        "max_in_flight": d.max_in_flight,
-        "burst": d.burst,
-        "rate_clients": d.rate_clients,
-    }
-    for key, val in positive.items():
-        if val < 1:
-            problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
-    if d.max_frame > 16 * 1024 * 1024:
-        problems.append(f"{file}: [daemon] max_frame: at most 16777216 bytes")
     if d.rate <= 0:
         problems.append(f"{file}: [daemon] rate: expected a positive number")
     if cfg.discovery.enabled and not cfg.discovery.interfaces:
@@ -343,8 +387,6 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] concurrency: expected an integer from 1 to 1024")
     if not 0 <= pc.jitter <= 0.5:
         problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
-    if pc.max_response < 1024:
-        problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -381,12 +423,35 @@ def listen_error(url: str) -> str | None:
     return None
 
 
+MAX_INT_DIGITS = 4300
+
+
+def _deepest_line(text: str) -> str:
+    """Return " (line N)" where brackets first nest 100 deep, ignoring quoting; or ""."""
+    depth = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        for ch in line:
+            depth += 1 if ch in "[{" else -1 if ch in "]}" else 0
+            if depth >= 100:
+                return f" (line {lineno})"
+    return ""
+
+
 def parse_config(text: str, file: str) -> Config:
     """Parse TOML text into a Config, or raise ConfigError listing every problem."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (CPython's limit)
+        m = re.search(r"\d{" + str(MAX_INT_DIGITS + 1) + ",}", text)
+        where = f" (line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+        what = f"an integer longer than {MAX_INT_DIGITS} digits" if m else str(exc)
+        raise ConfigError([f"{file}: not valid TOML{where}: {what}"]) from None
+    except RecursionError:
+        raise ConfigError(
+            [f"{file}: not valid TOML{_deepest_line(text)}: arrays or tables nested too deeply"]
+        ) from None
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -406,7 +471,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8").removeprefix("\ufeff")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
@@ -421,6 +486,10 @@ def section_docs() -> dict[str, list[tuple[str, str, Any]]]:
         rows = []
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
-            rows.append((f.name, f.metadata.get("doc", ""), default))
+            doc = f.metadata.get("doc", "")
+            if "range" in f.metadata:
+                lo, hi = f.metadata["range"]
+                doc += f" From {_num(lo)} to {_num(hi)}."
+            rows.append((f.name, doc, default))
         out[name] = rows
     return out

@@ -69,7 +69,10 @@ ENDPOINT_NAMES = {
 SECURE_TYPES = frozenset(("_ipps._tcp", "_uscans._tcp"))
 TEXT_MAX = 255
 _UUID_SAFE = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and the bidirectional controls that can make a name read as
+# another (U+200E/F marks, U+202A-202E embeddings and overrides, U+2066-2069 isolates).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = CONTROL_CHARS
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
 # What a plain path segment of a TXT ``rp`` or ``rs`` may not hold: '%', '?', '#', '\\',
 # control characters ('.' and '..' are refused separately).
