@@ -215,7 +215,9 @@ async def test_refused_and_backoff_schedule(tmp_path: Path) -> None:
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
     poller = Poller(
-        svc, PollerConfig(enabled=True, poll_this_host=True, interval=1.0, max_backoff=8.0), rand=lambda: 0.5
+        svc,
+        PollerConfig(enabled=True, poll_this_host=True, interval=1.0, max_backoff=8.0),
+        rand=lambda: 0.5,
     )
     await poller.start()
     try:
@@ -274,7 +276,9 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), 1000.0)
     poller = Poller(
-        svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0, max_backoff=300.0), rand=lambda: 0.5
+        svc,
+        PollerConfig(enabled=True, poll_this_host=True, interval=30.0, max_backoff=300.0),
+        rand=lambda: 0.5,
     )
     await poller.start()
     try:
@@ -298,7 +302,9 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
 
 async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     svc = service(tmp_path)
-    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), rand=lambda: 0.99)
+    poller = Poller(
+        svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), rand=lambda: 0.99
+    )
     await poller.start()
     try:
         now = time.monotonic()
@@ -342,7 +348,14 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
     site.write_text(json.dumps(data))
     cfg = write_config(
         tmp_path,
-        sections={"poller": {"enabled": True, "poll_this_host": True, "interval": "0.2s", "timeout": "60s"}},
+        sections={
+            "poller": {
+                "enabled": True,
+                "poll_this_host": True,
+                "interval": "0.2s",
+                "timeout": "60s",
+            }
+        },
         maps=[str(site)],
     )
     daemon = DaemonProcess(cfg).wait_ready()
