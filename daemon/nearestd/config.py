@@ -85,6 +85,12 @@ class DaemonConfig:
     max_connections: int = _doc(
         "Open connections at most, over all sockets.", 1024, within=(1, 1_000_000)
     )
+    max_connections_per_source: int = _doc(
+        "Open connections at most from one untrusted TCP address (IPv6: from one /64).", 64
+    )
+    reserved_connections: int = _doc(
+        "Of max_connections, kept for trusted peers and Unix sockets (at most half).", 64
+    )
     max_frame: int = _doc("Largest frame accepted, in bytes.", 65536, within=(1, 16 * 1024 * 1024))
     max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64, within=(1, 65536))
     idle_timeout: Duration = _doc(
@@ -94,11 +100,13 @@ class DaemonConfig:
         "Close a connection whose frame takes longer.", Duration(5.0), within=(0.001, YEAR)
     )
     rate: float = _doc(
-        "Requests per second allowed per client address; more than 0.",
+        "Requests per second allowed per client address (IPv6: per /64); more than 0.",
         200.0,
         within=(0.0, 1e9),
     )
-    burst: int = _doc("Token-bucket burst per client address.", 400, within=(1, 1_000_000_000))
+    burst: int = _doc(
+        "Token-bucket burst per client address (IPv6: per /64).", 400, within=(1, 1_000_000_000)
+    )
     rate_clients: int = _doc(
         "Client addresses tracked by the rate limiter.", 16384, within=(1, 100_000_000)
     )
@@ -172,6 +180,9 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
+    rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
+    burst: int = _doc("Token-bucket burst per asker.", 200)
+    max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +218,35 @@ class PollerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DnssdConfig:
+    """[dnssd]: absent means off; unicast DNS-SD answered per location (docs/dnssd.md)."""
+
+    listen: list[str] = _doc(
+        "HOST:PORT addresses to serve DNS on, each over UDP and TCP.",
+        factory=lambda: ["127.0.0.1:8053"],
+    )
+    domain: str = _doc("The DNS-SD domain delegated to nearestd; required.", "")
+    per_type: int = _doc("Devices published per service type and zone.", 4)
+    ttl: Duration = _doc("TTL of every record and the SOA MINIMUM; at most 10s.", Duration(10.0))
+    trusted_resolvers: list[str] = _doc(
+        "CIDRs of resolvers whose EDNS Client Subnet option is honoured (and not rate-limited).",
+        factory=list,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: the read-only web view for operators; absent means off."""
+
+    listen: str = _doc("HOST:PORT to serve the pages on.", "127.0.0.1:9465")
+    token_file: str = _doc(
+        "File holding the bearer token every request must carry; required when listen is "
+        "not a loopback address.",
+        "",
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class LoggingConfig:
     """[logging]: one line per event to stderr."""
 
@@ -227,6 +267,8 @@ class Config:
     mqtt: MqttConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     poller: PollerConfig = field(default_factory=PollerConfig)
+    dnssd: DnssdConfig | None = None
+    web: WebConfig | None = None
     path: str = ""
 
     @property
@@ -249,6 +291,8 @@ SECTIONS = {
     "mqtt": MqttConfig,
     "logging": LoggingConfig,
     "poller": PollerConfig,
+    "dnssd": DnssdConfig,
+    "web": WebConfig,
 }
 
 
@@ -360,6 +404,14 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
     for key in ("admin_mode", "socket_mode"):
         if not re.fullmatch(r"0?[0-7]{3}", getattr(d, key)):
             problems.append(f'{file}: [daemon] {key}: expected octal permissions like "0600"')
+    positive = {"max_connections_per_source": d.max_connections_per_source}
+    for key, val in positive.items():
+        if val < 1:
+            problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
+    if d.reserved_connections < 0:
+        problems.append(
+            f"{file}: [daemon] reserved_connections: expected 0 or more, got {d.reserved_connections}"
+        )
     if d.rate <= 0:
         problems.append(f"{file}: [daemon] rate: expected a positive number")
     if cfg.discovery.enabled and not cfg.discovery.interfaces:
@@ -387,6 +439,10 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] concurrency: expected an integer from 1 to 1024")
     if not 0 <= pc.jitter <= 0.5:
         problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
+    if cfg.dnssd is not None:
+        problems.extend(f"{file}: [dnssd] {p}" for p in _dnssd_problems(cfg.dnssd))
+    if cfg.web is not None:
+        problems.extend(f"{file}: [web] {p}" for p in _web_problems(cfg.web))
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -408,9 +464,95 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
     if not 256 <= m.max_payload <= 16 * 1024 * 1024:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
+    if not (math.isfinite(m.rate) and 0 < m.rate <= 1e6):
+        out.append(f"rate: expected a number above 0 and at most 1000000, got {m.rate}")
+    if not 1 <= m.burst <= 1_000_000:
+        out.append(f"burst: expected 1 to 1000000, got {m.burst}")
+    if not 16 <= m.max_queued <= 1_000_000:
+        out.append(f"max_queued: expected 16 to 1000000 requests, got {m.max_queued}")
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
+def domain_error(name: str) -> str | None:
+    """Return why a DNS domain name is not usable (LDH labels, 253 bytes at most), or None."""
+    text = name.removesuffix(".")
+    if not text:
+        return 'required: the DNS-SD domain delegated to nearestd, like "print.example.org"'
+    if len(text) > 253:
+        return f"expected at most 253 characters, got {len(text)}"
+    for label in text.split("."):
+        if not _DNS_LABEL.fullmatch(label):
+            return (
+                f"expected a domain name of letters, digits and hyphens (labels of 1-63 "
+                f"characters, none starting or ending with a hyphen), got {_shown(name)}"
+            )
+    if text.lower().endswith((".in-addr.arpa", ".ip6.arpa", ".local")) or text.lower() in (
+        "arpa",
+        "local",
+    ):
+        return f"expected a domain outside .local and the reverse-mapping trees, got {_shown(name)}"
+    return None
+
+
+def _dnssd_problems(c: DnssdConfig) -> list[str]:
+    out = []
+    if not c.listen:
+        out.append("listen: expected at least one HOST:PORT")
+    for i, addr in enumerate(c.listen):
+        m = re.fullmatch(r"(\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})", addr)
+        host = m and (m.group(2) or m.group(3))
+        try:
+            if not m or not 0 <= int(m.group(4)) <= 65535:
+                raise ValueError
+            ipaddress.ip_address(host or "")
+        except ValueError:
+            out.append(
+                f"listen[{i}]: expected IP:PORT or [IPv6]:PORT (an address, not a host name), "
+                f"got {_shown(addr)}"
+            )
+    err = domain_error(c.domain)
+    if err:
+        out.append(f"domain: {err}")
+    if not 1 <= c.per_type <= 32:
+        out.append(f"per_type: expected an integer from 1 to 32, got {c.per_type}")
+    if not 0 < c.ttl <= 10:
+        out.append(
+            f"ttl: expected a duration above 0 and at most 10s (RFC 8766 5.5.1), got {c.ttl:g}s"
+        )
+    for i, cidr in enumerate(c.trusted_resolvers):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            out.append(f"trusted_resolvers[{i}]: expected a CIDR prefix, got {_shown(cidr)}")
+    return out
+
+
+def _web_problems(w: WebConfig) -> list[str]:
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
+    if not m or int(m.group(2)) > 65535:
+        return [f"listen: expected HOST:PORT, got {_shown(w.listen)}"]
+    if not w.token_file and not is_loopback_host(m.group(1)):
+        return [
+            f"listen: {_shown(w.listen)} is not a loopback address; set token_file so that "
+            "every request must carry a bearer token"
+        ]
+    return []
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return whether a listen host (an address, [v6] or 'localhost') is loopback only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_error(url: str) -> str | None:

@@ -434,20 +434,16 @@ class Poller:
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Return the poller's figures for ``stats`` and the metrics adapter."""
-        by_state: Counter[str] = Counter()
+        census = self.service.census(time.time())
+        running = self.cfg.enabled and self._runner is not None
+        by_state = dict(census.polled_by_state) if running else {}
         supplies: dict[str, dict[str, int]] = {}
-        for device_id in self._targets:
-            rec = self.service.table.get(device_id)
-            if rec is None:
-                continue
-            by_state[str(rec.device.state)] += 1
-            levels = {s.name: s.level for s in rec.device.supplies if s.level is not None}
-            if levels:
-                supplies[device_id] = levels
+        for device_id, name, level in census.supplies:
+            supplies.setdefault(device_id, {})[name] = level
         return {
-            "enabled": self.cfg.enabled and self._runner is not None,
-            "devices_polled": len(self._targets),
-            "devices_by_state": dict(by_state),
+            "enabled": running,
+            "devices_polled": sum(by_state.values()),
+            "devices_by_state": by_state,
             "devices_unreachable": by_state.get(str(DeviceState.UNREACHABLE), 0),
             "in_flight": len(self._in_flight),
             "polls_total": self.polls,

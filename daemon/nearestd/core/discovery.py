@@ -540,7 +540,14 @@ def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> De
         note=first_text("note"),
         endpoints=tuple(endpoints.values()),
         is_queue=any(m.is_queue for m in everyone),
-        extra=(("flags", tuple(flags)), ("services", len(members))),
+        extra=(
+            ("flags", tuple(flags)),
+            ("services", len(members)),
+            # Republished by unicast DNS-SD (core/dnssd.py) as the device said them.
+            ("pdl", first_text("pdl")),
+            ("urf", first_text("urf")),
+            ("adminurl", first_text("adminurl")),
+        ),
     )
 
 
