@@ -124,6 +124,11 @@ class DiscoveryConfig:
         "Grace before a silent device is dropped.", Duration(600.0), within=(0.1, YEAR)
     )
     max_devices: int = _doc("Discovered devices kept at most.", 5000, within=(1, 10_000_000))
+    max_devices_per_source: int = _doc(
+        "Discovered devices one address may announce at most (a print server's queues count).",
+        256,
+        within=(1, 10_000_000),
+    )
     ipv6: bool = _doc("Also browse over IPv6.", False)
 
 
