@@ -385,7 +385,21 @@ FAMILIES: tuple[Family, ...] = (
         "refused_at_cap",
         "nearest_connections_refused_total",
         "counter",
-        "Connections refused because the connection cap was reached.",
+        "Connections refused at a cap: the total, the trusted reserve or one source's share.",
+    ),
+    stat(
+        "connections",
+        "refused_per_source",
+        "nearest_connections_refused_per_source_total",
+        "counter",
+        "Of the refused connections, those over one source's share (an address or IPv6 /64).",
+    ),
+    stat(
+        "connections",
+        "untrusted_sources",
+        "nearest_connections_untrusted_sources",
+        "gauge",
+        "Untrusted client sources (addresses or IPv6 /64s) holding connections.",
     ),
     Family(
         "nearest_connections_closed_total",

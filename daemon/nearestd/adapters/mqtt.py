@@ -272,6 +272,8 @@ class MqttAdapter:
         self.session = secrets.token_hex(8)
         self._rival_session: str | None = None
         self._rival = False
+        # Built once, in a worker thread: loading the CA store takes about 0.2 s.
+        self._tls: ssl.SSLContext | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -409,7 +411,7 @@ class MqttAdapter:
             clean_start=True,
             keepalive=self.cfg.keepalive,
             timeout=CONNECT_TIMEOUT,
-            tls_context=self._tls_context(),
+            tls_context=self._tls,
             # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=MAX_QUEUED,
@@ -451,6 +453,8 @@ class MqttAdapter:
         return reply_to if isinstance(reply_to, str) else ""
 
     async def _session(self) -> None:
+        if self.tls and self._tls is None:
+            self._tls = await asyncio.to_thread(self._tls_context)
         client = self._new_client()
         async with client:
             self._client = client
