@@ -709,18 +709,18 @@ class Merger:
             return [], None
         conflict = self._uuid_conflict(key, parsed)
         was_conflict = key in self._conflicts
+        if old is None:
+            full = self._would_overflow(parsed, conflict is not None)
+            if full is not None:
+                self.refused += 1
+                self._refusal(key, full)
+                return [], None
         if conflict is None:
             self._conflicts.pop(key, None)
         else:
             if key not in self._conflicts:
                 self._refusal(key, "uuid-conflict")
             self._conflicts[key] = conflict
-        if old is None:
-            full = self._would_overflow(parsed)
-            if full is not None:
-                self.refused += 1
-                self._refusal(key, full)
-                return [], None
         if now is not None:
             self.heard[key] = now
         self._expired.pop((record.interface, record.name.lower()), None)
@@ -790,16 +790,23 @@ class Merger:
         self._refusals[mark] = None
         self.refused_by[reason] += 1
 
-    def _would_overflow(self, parsed: Parsed) -> str | None:
+    def _would_overflow(self, parsed: Parsed, conflict: bool = False) -> str | None:
         """Return why a new service may not make a new device ('table-full', ...), or None.
 
         Joining an existing device is always allowed, and so is a device seen before or
         one a site-map pin names: a flood can neither evict nor lock out known devices.
         """
-        g = self._group_key(parsed)
+        g: tuple[DeviceKind, GroupKey]
+        if conflict:
+            rec = parsed.record
+            q = "q" if parsed.is_queue else "d"
+            assert parsed.kind is not None
+            g = (parsed.kind, ("c", q, rec.interface, rec.host or "", rec.instance.casefold()))
+        else:
+            g = self._group_key(parsed)
         if g in self._groups or g in self._known:
             return None
-        if self.pinned is not None and self.pinned(parsed):
+        if self.pinned is not None and self.pinned(parsed) and not conflict:
             return None
         if len(self._devices) >= self.max_devices:
             return "table-full"
