@@ -260,23 +260,25 @@ async def test_inventory_is_retained_updated_and_cleared(
     d = await started(tmp_path / "d", mosquitto_broker, mqtt_prefix, "inv", maps=[str(both)])
     try:
         await online(mosquitto_broker, mqtt_prefix, "inv")
-        held = await retained(port, f"{devices}/+")
-        assert f"{devices}/prn-gone" not in held  # our stale record: cleared on start
-        assert f"{devices}/prn-elsewhere" in held  # another instance's: left alone
+        held = await retained(port, f"{devices}/#")
+        # An earlier version's one-level record of ours: cleared; another instance's: left.
+        assert f"{devices}/prn-gone" not in held
+        assert f"{devices}/prn-elsewhere" in held
         ours = {t: json.loads(p) for t, p in held.items() if json.loads(p)["origin"] == "inv"}
         assert len(ours) == 17
-        lobby = ours[f"{devices}/prn-n0-lobby"]
+        # The site is a topic level: a bridge or a daemon subscribes to its sites only.
+        lobby = ours[f"{devices}/hq/prn-n0-lobby"]
         assert lobby["placement"]["zone"] == "n0-lobby" and lobby["kind"] == "printer"
         # The south building's devices go away (reload with a smaller map): cleared.
         both.write_text(split_map(tmp_path / "maps2", {"north"}).read_text())
         d.signal(signal.SIGHUP)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            held = await retained(port, f"{devices}/+", settle=0.3)
-            if f"{devices}/prn-s0-plotter" not in held:
+            held = await retained(port, f"{devices}/#", settle=0.3)
+            if f"{devices}/hq/prn-s0-plotter" not in held:
                 break
-        assert f"{devices}/prn-s0-plotter" not in held
-        assert f"{devices}/prn-n0-lobby" in held
+        assert f"{devices}/hq/prn-s0-plotter" not in held
+        assert f"{devices}/hq/prn-n0-lobby" in held
         assert (await stats(d))["mqtt"]["records_cleared"] >= 8
     finally:
         await stopped(d)
@@ -320,7 +322,7 @@ async def test_broker_absent_at_start_then_restarted_mid_run(
                     for i in range(20):
                         r = await a.ask(f"{mqtt_prefix}/query", {**NEAREST_LOBBY, "id": i})
                         assert r["ok"] and r["id"] == i
-                held = await retained(broker.port, f"{mqtt_prefix}/devices/+")
+                held = await retained(broker.port, f"{mqtt_prefix}/devices/#")
                 assert len(held) == 17, cycle  # the inventory was republished
             st = (await stats(d))["mqtt"]
             assert st["connected"] and st["reconnects"] == 2
@@ -388,8 +390,9 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
     north = split_map(tmp_path / "maps", {"north"})
     south = split_map(tmp_path / "maps", {"south"})
     a = await started(
-        tmp_path / "a", mosquitto_broker, mqtt_prefix, "fed-a", maps=[str(north)], federate=True
-    )
+        tmp_path / "a", mosquitto_broker, mqtt_prefix, "fed-a", maps=[str(north)], federate=True,
+        foreign_grace="3s",
+    )  # fmt: skip
     b = await started(tmp_path / "b", mosquitto_broker, mqtt_prefix, "fed-b", maps=[str(south)], federate=True)  # fmt: skip
     try:
         await online(mosquitto_broker, mqtt_prefix, "fed-a")
@@ -439,8 +442,17 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
                 assert time.monotonic() < deadline, ra
                 await asyncio.sleep(0.1)
             assert ra["devices"][0]["origin"] == "fed-b"
-            # Taking B down removes its devices from A.
+            # Taking B down: its devices are served stale for the grace, then leave A.
             await asyncio.to_thread(b.kill)
+            deadline = time.monotonic() + 10
+            while True:
+                ra = await q.ask(f"{mqtt_prefix}/query/fed-a", ask_south)
+                if ra["devices"][0].get("stale"):
+                    break
+                assert time.monotonic() < deadline, ra
+                await asyncio.sleep(0.1)
+            assert ra["devices"][0]["origin"] == "fed-b"
+            assert (await stats(a))["mqtt"]["federated_stale"] == 6
             deadline = time.monotonic() + 10
             while True:
                 ra = await q.ask(f"{mqtt_prefix}/query/fed-a", ask_south)
