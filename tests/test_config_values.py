@@ -128,6 +128,23 @@ def test_check_names_the_problem(case: str, tmp_path: Path) -> None:
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_start_up_names_the_problem_and_exits(case: str, tmp_path: Path) -> None:
+    make, expected = CASES[case]
+    config = write_config(tmp_path)
+    make(config)
+    r = subprocess.run(
+        [sys.executable, "-m", "nearestd.cli", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2, r.stderr
+    # Logs keep addresses to their /24 (privacy): compare up to the address.
+    assert expected.split(" '10.")[0] in r.stderr.replace('\\"', '"'), r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
     d = tmp_path_factory.mktemp("config-values")
