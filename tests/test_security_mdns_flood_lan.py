@@ -136,17 +136,17 @@ def test_a_full_table_admits_known_and_pinned_devices_and_evicts_none(
         flood_names = {n for n in inventory(daemon) if n.startswith("Flood ")}
         assert len(flood_names) == MAX_DEVICES
 
+        # The stranger first: once the two announced after it are in, it has been heard.
+        stranger = lan.zeroconf(6)
+        stranger.register("s", "Stranger", **spec(lan, 6, "stranger.local."))
         known.register("k", "Known Printer", **spec(lan, 4, "known.local."))
         pinned = lan.zeroconf(3)
         pinned.register("p", "Pinned Newcomer", **spec(lan, 3, "pinned.local."))
-        stranger = lan.zeroconf(6)
-        stranger.register("s", "Stranger", **spec(lan, 6, "stranger.local."))
         wait_for(
             "the known and the pinned printers admitted",
             lambda: {"Known Printer", "Pinned Newcomer"} <= set(inventory(daemon)),
             timeout=15.0,
         )
-        time.sleep(1.0)  # the stranger's announcement has been heard by now
         names = set(inventory(daemon))
         assert "Stranger" not in names
         assert flood_names <= names  # nothing evicted
