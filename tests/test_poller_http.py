@@ -455,7 +455,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
         await w.drain()
 
     port = await server(handler)
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     dev = Device(
         "d", DeviceKind.PRINTER, "D", uri.format(port=port), source=source, addresses=addresses
     )
