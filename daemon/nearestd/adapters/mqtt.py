@@ -16,6 +16,8 @@ and jitter; the sockets keep serving meanwhile, and each change of state is logg
 
 MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
 trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+With federation the query subscription is shared (``$share/nearestd/P/query``), so a
+federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 
 Fair shares. The broker does not say which client published a request, so an *asker*
 is known by where it wants the answer: the MQTT 5 Response Topic, else the 3.1.1
@@ -25,8 +27,6 @@ reply: a rate-limited answer per request would let a flood double itself through
 broker; MQTT requesters time out and retry). Requests waiting to be answered are
 bounded by ``max_queued``; beyond it they are dropped and counted too, so a flood
 costs neither memory nor everyone else's answers.
-With federation the query subscription is shared (``$share/nearestd/P/query``), so a
-federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 """
 
 from __future__ import annotations
@@ -430,10 +430,17 @@ class MqttAdapter:
 
     def _admit(self, message: aiomqtt.Message) -> bool:
         """Return whether a request's asker may ask now (else it is counted as rate-limited)."""
-        asker = getattr(message.properties, "ResponseTopic", None)
-        if not isinstance(asker, str):
-            asker = self._reply_to(message.payload, message.properties)
-        if self.askers.take(asker, 1, self.clock()) == 1:
+        try:
+            asker = getattr(message.properties, "ResponseTopic", None)
+            if not isinstance(asker, str):
+                asker = self._reply_to(message.payload, message.properties)
+            granted = self.askers.take(asker, 1, self.clock())
+        except Exception:
+            # Raised inside paho's read callback it would end the session: admit the
+            # request instead, and let answering it find what is wrong.
+            self.counters.internal_errors += 1
+            return True
+        if granted == 1:
             return True
         self.counters.rate_limited += 1
         return False
