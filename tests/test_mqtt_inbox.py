@@ -9,7 +9,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from nearestd.adapters.mqtt import Inbox, MqttAdapter
+from nearestd.adapters.mqtt import Inbox, MqttAdapter, Verdict
 from nearestd.config import load_config
 from nearestd.loader import load_world
 from nearestd.service import Service
@@ -30,7 +30,7 @@ def request(reply_topic: str | None, v311_reply_to: str | None = None) -> aiomqt
 
 
 async def test_requests_over_the_bound_are_dropped_and_counted_other_messages_are_not() -> None:
-    inbox = Inbox(frozenset({QUERY}), lambda m: True, max_requests=3, maxsize=10)
+    inbox = Inbox(frozenset({QUERY}), lambda m: Verdict.KNOWN, max_requests=3, maxsize=10)
     for _ in range(5):
         inbox.put_nowait(request("r/a"))
     assert (inbox.qsize(), inbox.requests, inbox.dropped) == (3, 3, 2)
@@ -47,9 +47,9 @@ async def test_requests_over_the_bound_are_dropped_and_counted_other_messages_ar
 async def test_a_refused_request_is_never_queued() -> None:
     seen: list[str] = []
 
-    def admit(m: aiomqtt.Message) -> bool:
+    def admit(m: aiomqtt.Message) -> Verdict:
         seen.append(m.topic.value)
-        return False
+        return Verdict.REFUSED
 
     inbox = Inbox(frozenset({QUERY}), admit, max_requests=3)
     inbox.put_nowait(request("r/a"))
@@ -62,12 +62,33 @@ def test_askers_are_known_by_reply_topic_each_with_its_own_bucket(tmp_path: Path
     service = Service(cfg, load_world(str(cfg_path)).sitemap, 0.0, lambda: b"k" * 32)
     assert cfg.mqtt is not None
     adapter = MqttAdapter(service, cfg.mqtt, cfg, clock=lambda: 100.0)
+    new, known, refused = Verdict.NEW, Verdict.KNOWN, Verdict.REFUSED
     flood = [adapter._admit(request("r/flood")) for _ in range(10)]
-    assert flood.count(True) == 3  # the burst, then nothing (the clock stands still)
+    # The burst, then nothing (the clock stands still).
+    assert flood == [new] * 3 + [refused] * 7
     # Another asker, MQTT 5 or 3.1.1, has its own bucket; 3.1.1 is known by reply_to.
-    assert adapter._admit(request("r/honest"))
-    assert [adapter._admit(request(None, "r/old")) for _ in range(4)] == [True] * 3 + [False]
+    assert adapter._admit(request("r/honest")) is new
+    assert [adapter._admit(request(None, "r/old")) for _ in range(4)] == [new] * 3 + [refused]
     # Requests naming no reply address share one bucket.
-    assert [adapter._admit(request(None)) for _ in range(4)] == [True] * 3 + [False]
+    assert [adapter._admit(request(None)) for _ in range(4)] == [new] * 3 + [refused]
+    # Once answered, an asker is known: half the bound on queued requests is kept for it.
+    msg = request("r/honest")
+    assert adapter.answer(msg.payload, msg.properties) is not None
+    assert adapter._admit(request("r/honest")) is known
     assert adapter.counters.rate_limited == 7 + 1 + 1
     assert adapter.stats()["askers"] == 4
+
+
+async def test_half_the_bound_is_kept_for_askers_already_seen() -> None:
+    verdicts = {"r/known": Verdict.KNOWN}
+    inbox = Inbox(
+        frozenset({QUERY}),
+        lambda m: verdicts.get(m.properties.ResponseTopic, Verdict.NEW),
+        max_requests=4,
+    )
+    for i in range(10):  # a fresh reply topic per request: new askers, up to half the bound
+        inbox.put_nowait(request(f"r/fresh/{i}"))
+    assert (inbox.requests, inbox.dropped) == (2, 8)
+    for _ in range(3):
+        inbox.put_nowait(request("r/known"))
+    assert (inbox.requests, inbox.dropped) == (4, 9)
