@@ -634,6 +634,42 @@ FAMILIES: tuple[Family, ...] = (
     ),
     stat(
         "mqtt",
+        "federated_stale",
+        "nearest_mqtt_federated_stale",
+        "gauge",
+        "Devices of other instances served stale: their origin or the link to it is gone, "
+        "within foreign_grace.",
+    ),
+    stat(
+        "mqtt",
+        "federated_expired",
+        "nearest_mqtt_federated_expired_total",
+        "counter",
+        "Devices of other instances dropped after foreign_grace without their origin or link.",
+    ),
+    stat(
+        "mqtt",
+        "federated_other_site",
+        "nearest_mqtt_federated_other_site_total",
+        "counter",
+        "Device records ignored because their site is not in this daemon's maps.",
+    ),
+    stat(
+        "mqtt",
+        "federated_legacy_records",
+        "nearest_mqtt_federated_legacy_records_total",
+        "counter",
+        "Device records read on the previous version's one-level topic layout.",
+    ),
+    stat(
+        "mqtt",
+        "origins_silent",
+        "nearest_mqtt_federation_origins_silent",
+        "gauge",
+        "Other instances whose heartbeats stopped for three of their intervals.",
+    ),
+    stat(
+        "mqtt",
         "origins_online",
         "nearest_mqtt_federation_origins_online",
         "gauge",
