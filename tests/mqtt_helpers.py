@@ -200,3 +200,24 @@ def flood(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def flood_process(
+    port: int, topic: str, n: int, request: dict[str, Any], response_topic: str | None, rotate: bool
+) -> Any:
+    """Run :func:`flood` in a child process (no GIL shared with the caller); it prints the seconds.
+
+    Returns the ``subprocess.Popen``; read ``float(proc.communicate()[0])`` once it exits.
+    """
+    import subprocess
+    import sys
+
+    args = json.dumps([port, topic, n, request, response_topic, rotate])
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from mqtt_helpers import flood; "
+        "print(flood(*json.loads(sys.argv[2])))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, here, args], stdout=subprocess.PIPE, text=True
+    )
