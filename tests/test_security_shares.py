@@ -42,7 +42,7 @@ def connect(url: str, source: str) -> socket.socket:
 
 
 @pytest.fixture
-def many_fds() -> None:
+def many_fds() -> Iterator[None]:
     """Let this process (and the daemon it starts) hold a few thousand sockets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4096
@@ -50,6 +50,10 @@ def many_fds() -> None:
         skip_or_fail(f"needs {want} open files, the hard limit is {hard}")
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 class Probe(threading.Thread):
