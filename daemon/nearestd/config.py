@@ -80,7 +80,7 @@ class DaemonConfig:
     frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
     rate: float = _doc("Requests per second allowed per client address (IPv6: per /64).", 200.0)
     burst: int = _doc("Token-bucket burst per client address (IPv6: per /64).", 400)
-    rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
+    rate_clients: int = _doc("Client sources (address or IPv6 /64) rate-limited at once.", 16384)
 
 
 @dataclass(frozen=True, slots=True)
