@@ -108,7 +108,7 @@ class DaemonConfig:
         "Token-bucket burst per client address (IPv6: per /64).", 400, within=(1, 1_000_000_000)
     )
     rate_clients: int = _doc(
-        "Client addresses tracked by the rate limiter.", 16384, within=(1, 100_000_000)
+        "Client sources (address or IPv6 /64) rate-limited at once.", 16384, within=(1, 100_000_000)
     )
 
 
