@@ -42,7 +42,8 @@ from urllib.parse import urlsplit
 
 import h11
 
-from nearestd.config import PollerConfig
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config, PollerConfig
 from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
@@ -63,7 +64,6 @@ from nearestd.core.state import (
 )
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
@@ -142,14 +142,18 @@ class Workers:
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
+    name = "poller"
+
     def __init__(
         self,
         service: Service,
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
@@ -168,7 +172,6 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self.transitions = 0
         self.poll_seconds = 0.0
-        self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
@@ -191,15 +194,22 @@ class Poller:
         self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
-        self._runner = asyncio.ensure_future(self._run())
-        self._runner.set_name("poller")
+        self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
             extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule; wake and drop the polls in flight."""
+        """Cancel the schedule (and a restart under way); wake and drop the polls in flight."""
+        restarting, self.restarting = self.restarting, None
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -234,7 +244,19 @@ class Poller:
         self._failures.clear()
         self._generation = -1
 
-    def reconfigure(self, cfg: PollerConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
+        if self.follow(cfg.poller):
+            self.restarting = self._spawn(self._restart(), "poller-restart")
+
+    async def _restart(self) -> None:
+        await self._halt()
+        if self.cfg.enabled:
+            await self.start()
+        else:
+            self.forget()
+
+    def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         self.cfg = cfg
@@ -370,7 +392,6 @@ class Poller:
             self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
-            self.last_poll_s = elapsed
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
@@ -676,32 +697,3 @@ def _read_reply(conn: h11.Connection, sock: socket.socket, deadline: float, limi
             return bytes(data)
         else:  # ConnectionClosed before the end of the message
             raise PollFailure("http-error", "connection closed before the end of the reply")
-
-
-def attach_poller(daemon: Daemon) -> Poller:
-    """Register the poller's start, stop and reload hooks with the daemon."""
-    poller = Poller(daemon.service, daemon.service.cfg.poller)
-    daemon.service.extra_stats["poller"] = poller.stats
-
-    async def start(_: Daemon) -> None:
-        await poller.start()
-
-    async def stop(_: Daemon) -> None:
-        await poller.stop()
-
-    def reload(d: Daemon) -> None:
-        if poller.reconfigure(d.service.cfg.poller):
-
-            async def restart() -> None:
-                await poller.stop()
-                if poller.cfg.enabled:
-                    await poller.start()
-                else:
-                    poller.forget()
-
-            poller.restarting = asyncio.ensure_future(restart())
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return poller
