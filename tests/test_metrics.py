@@ -350,8 +350,12 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
     finally:
         await daemon.stop()
     require_tools("promtool")
-    r = subprocess.run(
-        ["promtool", "check", "metrics"], input=page.encode(), capture_output=True, timeout=30
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=page.encode(),
+        capture_output=True,
+        timeout=30,
     )
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()
 

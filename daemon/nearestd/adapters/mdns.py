@@ -52,7 +52,7 @@ from nearestd.core.discovery import (
     host_of,
     split_txt,
 )
-from nearestd.core.quarantine import service_is_suspect
+from nearestd.core.quarantine import service_is_pinned, service_is_suspect
 
 if TYPE_CHECKING:
     from nearestd.service import Service
@@ -248,7 +248,12 @@ class MdnsDiscovery:
         self._spawn_long = spawn
         self.cfg = cfg
         self.clock = clock
-        self.merger = Merger(max_devices=cfg.max_devices, suspect=self._suspect)
+        self.merger = Merger(
+            max_devices=cfg.max_devices,
+            max_per_source=cfg.max_devices_per_source,
+            suspect=self._suspect,
+            pinned=self._pinned,
+        )
         self.events: Counter[str] = Counter()
         self.problems: Counter[str] = Counter()
         self.error: str | None = None
@@ -338,6 +343,10 @@ class MdnsDiscovery:
     def _suspect(self, parsed: Parsed) -> bool:
         """Return whether a service claims a pinned identity from outside the pin's networks."""
         return service_is_suspect(parsed, self.service.sitemap)
+
+    def _pinned(self, parsed: Parsed) -> bool:
+        """Return whether a service matches a site-map pin (admitted even when full)."""
+        return service_is_pinned(parsed, self.service.sitemap)
 
     def stats(self) -> dict[str, Any]:
         """Return counters for ``stats`` and the metrics adapter."""
@@ -619,6 +628,7 @@ class MdnsDiscovery:
         )
         self.cfg = cfg
         self.merger.max_devices = cfg.max_devices
+        self.merger.max_per_source = cfg.max_devices_per_source
         return restart
 
     async def restart(self) -> None:

@@ -471,14 +471,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",

@@ -16,6 +16,8 @@ and jitter; the sockets keep serving meanwhile, and each change of state is logg
 
 MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
 trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+With federation the query subscription is shared (``$share/nearestd/P/query``), so a
+federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 
 Fair shares. The broker does not say which client published a request, so an *asker*
 is known by where it wants the answer: the MQTT 5 Response Topic, else the 3.1.1
@@ -24,15 +26,16 @@ it is dropped as it is read from the socket, before it is queued, and counted (n
 reply: a rate-limited answer per request would let a flood double itself through the
 broker; MQTT requesters time out and retry). Requests waiting to be answered are
 bounded by ``max_queued``; beyond it they are dropped and counted too, so a flood
-costs neither memory nor everyone else's answers.
-With federation the query subscription is shared (``$share/nearestd/P/query``), so a
-federation answers each query once; ``P/query/<instance>`` addresses one daemon.
+costs neither memory nor everyone else's answers. Half of that bound is kept for askers
+answered recently (the last 4,096): a flood naming a fresh reply topic per request gets
+a new bucket each time and so evades the rate, but it cannot crowd those askers out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import secrets
@@ -57,7 +60,7 @@ from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
-from nearestd.core.limits import RateLimiter
+from nearestd.core.limits import RateLimiter, RecentKeys
 from nearestd.core.mqtt_payload import (
     JSON,
     MSGPACK,
@@ -172,6 +175,14 @@ class Counters:
     dropped_other: int = 0
 
 
+class Verdict(enum.Enum):
+    """What admission says of a request, before it is queued."""
+
+    REFUSED = "refused"  # over its asker's rate
+    KNOWN = "known"  # admitted, from an asker answered recently
+    NEW = "new"  # admitted, from an asker not answered recently
+
+
 class Inbox(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's incoming queue: admits requests by their asker's rate, bounds them, counts drops.
 
@@ -182,7 +193,7 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def __init__(
         self,
         request_topics: frozenset[str],
-        admit: Callable[[aiomqtt.Message], bool],
+        admit: Callable[[aiomqtt.Message], Verdict],
         max_requests: int,
         maxsize: int = 0,
     ) -> None:
@@ -197,9 +208,11 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def put_nowait(self, item: aiomqtt.Message) -> None:
         """Queue a message, or drop it (counted) when over a rate or a bound."""
         if item.topic.value in self.request_topics:
-            if not self._admit(item):
+            verdict = self._admit(item)
+            if verdict is Verdict.REFUSED:
                 return
-            if self.requests >= self.max_requests or self.full():
+            limit = self.max_requests if verdict is Verdict.KNOWN else self.max_requests // 2
+            if self.requests >= limit or self.full():
                 self.dropped += 1
                 return
             self.requests += 1
@@ -270,6 +283,7 @@ class MqttAdapter:
         self._stopping = asyncio.Event()
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self.askers = RateLimiter(cfg.rate, cfg.burst, MAX_ASKERS)
+        self.answered = RecentKeys(MAX_ASKERS)
         self._inbox: Inbox | None = None
         self._state: tuple[str, str] = ("", "")
         self._syncing = False
@@ -453,15 +467,23 @@ class MqttAdapter:
         self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, maxsize)
         return self._inbox
 
-    def _admit(self, message: aiomqtt.Message) -> bool:
-        """Return whether a request's asker may ask now (else it is counted as rate-limited)."""
-        asker = getattr(message.properties, "ResponseTopic", None)
-        if not isinstance(asker, str):
-            asker = self._reply_to(message.payload, message.properties)
-        if self.askers.take(asker, 1, self.clock()) == 1:
-            return True
+    def _admit(self, message: aiomqtt.Message) -> Verdict:
+        """Say whether a request's asker may ask now (a refusal is counted as rate-limited)."""
+        try:
+            asker = getattr(message.properties, "ResponseTopic", None)
+            if not isinstance(asker, str):
+                asker = self._reply_to(message.payload, message.properties)
+            known = asker in self.answered
+            granted = self.askers.take(asker, 1, self.clock())
+        except Exception:
+            # Raised inside paho's read callback it would end the session: admit the
+            # request instead, and let answering it find what is wrong.
+            self.counters.internal_errors += 1
+            return Verdict.NEW
+        if granted == 1:
+            return Verdict.KNOWN if known else Verdict.NEW
         self.counters.rate_limited += 1
-        return False
+        return Verdict.REFUSED
 
     def _reply_to(self, payload: Any, props: Properties | None) -> str:
         """Return a 3.1.1 request's ``reply_to`` ("" when it names none: those share a bucket)."""
@@ -759,6 +781,7 @@ class MqttAdapter:
                     self.counters.malformed += 1
             if route.has_echo:
                 reply["correlation"] = route.echo
+        self.answered.note(route.topic)
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         out.ContentType = MSGPACK if is_msgpack else JSON
         if route.correlation_data is not None:

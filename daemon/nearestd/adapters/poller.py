@@ -40,6 +40,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import h11
+
 from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, PollerConfig
 from nearestd.core.discovery import AddressPolicy, address_refusal
@@ -71,7 +73,8 @@ TICK_SECONDS = 0.25
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
 LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
-MAX_LINE = 8192
+# The status line and headers together, at most (h11 refuses a longer head).
+MAX_HEAD = 16384
 MAX_HEADERS = 64
 # Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
 ERROR_KINDS = (
@@ -574,57 +577,6 @@ def exchange(
         raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
 
 
-class _Conn:
-    """A socket read through a buffer, every read bounded by a deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buf = bytearray()
-        self.eof = False
-
-    def _fill(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.sock.settimeout(left)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.eof = True
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\n", 0, MAX_LINE + 1)
-            if end >= 0:
-                out = bytes(self.buf[: end + 1])
-                del self.buf[: end + 1]
-                return out
-            if len(self.buf) > MAX_LINE:
-                raise PollFailure("http-error", f"a header line longer than {MAX_LINE} bytes")
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the headers")
-            self._fill()
-
-    def exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the body")
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def rest(self, limit: int) -> bytes:
-        while not self.eof:
-            if len(self.buf) > limit:
-                raise PollFailure("too-large", f"more than {limit} bytes")
-            self._fill()
-        if len(self.buf) > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        return bytes(self.buf)
-
-
 def _connect(
     host: str,
     port: int,
@@ -667,8 +619,9 @@ def _http(
     open_sockets: OpenSockets,
     refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
-    # close-delimited replies, every read bounded in size and by the deadline.
+    # One request per connection through h11 (the sans-I/O HTTP/1.1 codec httpcore uses):
+    # it frames Content-Length, chunked and close-delimited replies; this bounds the head,
+    # the header count, the body and every read by the deadline.
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
@@ -688,62 +641,59 @@ def _http(
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
-            "Accept-Encoding: identity\r\nConnection: close\r\n"
-        )
+        headers = [
+            ("Host", parts.netloc),
+            ("User-Agent", USER_AGENT),
+            ("Accept-Encoding", "identity"),
+            ("Connection", "close"),
+        ]
         if body is not None:
-            head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+            headers += [("Content-Type", "application/ipp"), ("Content-Length", str(len(body)))]
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        out = conn.send(h11.Request(method=method, target=path, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(head.encode("latin-1") + b"\r\n" + (body or b""))
-        conn = _Conn(sock, deadline)
-        status, headers = _read_head(conn)
-        while status == 100:
-            status, headers = _read_head(conn)
-        if status != 200:
-            raise PollFailure("http-error", f"HTTP {status}")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return _read_chunked(conn, limit)
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if length < 0 or length > limit:
-                raise PollFailure("too-large", f"{length} bytes announced")
-            return conn.exactly(length)
-        return conn.rest(limit)
+        sock.sendall(out)
+        return _read_reply(conn, sock, deadline, limit)
+    except h11.ProtocolError as exc:
+        raise PollFailure("http-error", f"bad HTTP reply: {exc}") from None
     finally:
         open_sockets.discard(sock)
         sock.close()
 
 
-def _read_head(conn: _Conn) -> tuple[int, dict[str, str]]:
-    """Read a status line and headers; return the status and the headers by lower-case name."""
-    line = conn.line()
-    fields = line.split(None, 2)
-    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
-        raise PollFailure("http-error", f"not an HTTP/1.x status line: {line[:60]!r}")
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS):
-        raw = conn.line()
-        if raw in (b"\r\n", b"\n"):
-            return int(fields[1]), headers
-        name, sep, value = raw.decode("latin-1").partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
-
-
-def _read_chunked(conn: _Conn, limit: int) -> bytes:
-    """Read a chunked body up to ``limit`` bytes."""
+def _read_reply(conn: h11.Connection, sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """Read one reply's body through h11: status 200 only, at most ``limit`` bytes."""
     data = bytearray()
     while True:
-        size_line = conn.line()
-        size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
-        if size == 0:
-            for _ in range(MAX_HEADERS):
-                if conn.line() in (b"\r\n", b"\n"):
-                    return bytes(data)
-            raise PollFailure("http-error", "endless chunked trailer")
-        if len(data) + size > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        data += conn.exactly(size)
-        conn.exactly(2)
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.InformationalResponse):
+            continue
+        elif isinstance(event, h11.Response):
+            if len(event.headers) > MAX_HEADERS:
+                raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
+            # h11 bounds a head that arrives in pieces; one read can bring a whole long one.
+            if sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
+                raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")
+            if event.status_code != 200:
+                # A redirect is never followed: the device answers at its own address or not.
+                raise PollFailure("http-error", f"HTTP {event.status_code}")
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > limit:
+                    raise PollFailure("too-large", f"{int(value)} bytes announced")
+        elif isinstance(event, h11.Data):
+            data += event.data
+            if len(data) > limit:
+                raise PollFailure("too-large", f"more than {limit} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(data)
+        else:  # ConnectionClosed before the end of the message
+            raise PollFailure("http-error", "connection closed before the end of the reply")

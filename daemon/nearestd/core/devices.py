@@ -140,11 +140,22 @@ def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
         paper=caps.paper_rank,
         available=device.available,
         restrict=restrict,
-        state_rank=state_rank(device),
+        state_rank=tie_rank(device, placement),
     )
 
 
 _IDLE = DeviceState.IDLE
+
+
+def tie_rank(device: Device, placement: Placement) -> int:
+    """Return a device's tie-break rank at equal cost: trust first, then state.
+
+    A static device or one placed by a site-map pin ranks before one that placed
+    itself by what it announced (note, location, subnet, geo) or came from another
+    instance, whatever their states; within each, idle before busy before unavailable.
+    """
+    trusted = device.source == "static" or placement.method is PlacementMethod.PIN
+    return (0 if trusted else 3) + state_rank(device)
 
 
 def state_rank(device: Device) -> int:
