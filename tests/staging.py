@@ -98,4 +98,3 @@ def stage() -> Stage:
         if path.is_dir() and not path.is_symlink():
             path.chmod(0o755)
     return Stage(root, str(python), root / "config", root / "tests")
-
