@@ -69,10 +69,11 @@ class DaemonConfig:
     state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
     max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
     max_connections_per_source: int = _doc(
-        "Open connections at most from one untrusted TCP address (IPv6: from one /64).", 64
+        "Open connections at most from one untrusted TCP address (IPv6: one /64); >= 1.", 64
     )
     reserved_connections: int = _doc(
-        "Of max_connections, kept for trusted peers and Unix sockets (at most half).", 64
+        "Of max_connections, kept for trusted peers and Unix sockets; >= 0, at most half used.",
+        64,
     )
     max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
     max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
@@ -143,9 +144,11 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
-    rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
-    burst: int = _doc("Token-bucket burst per asker.", 200)
-    max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
+    rate: float = _doc("Requests per second per asker (its reply topic); > 0, <= 1e6.", 100.0)
+    burst: int = _doc("Token-bucket burst per asker; 1 to 1,000,000.", 200)
+    max_queued: int = _doc(
+        "Requests waiting to be answered at most (16 to 1,000,000); more are dropped.", 1024
+    )
     foreign_grace: Duration = _doc(
         "How long other instances' devices stay served, marked stale, after their origin goes "
         "offline or the link to it (this daemon's broker, or a bridge) goes down.",
