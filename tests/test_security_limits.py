@@ -22,6 +22,22 @@ def test_burst_then_refill() -> None:
     assert rl.take("b", 5, 0.0) == 5  # another address is not affected
 
 
+@pytest.mark.parametrize(
+    ("steps", "granted"),
+    [
+        # The daemon's defaults in test_security_daemon.py: 20/s, a burst of 20.
+        ([(0.0, 100)], [20]),
+        ([(0.0, 100), (0.5, 30)], [20, 10]),  # half a second refills ten
+        ([(0.0, 100), (0.5, 30), (0.5, 5)], [20, 10, 0]),
+        ([(0.0, 20), (10.0, 30)], [20, 20]),  # a long pause refills the burst, no more
+        ([(0.0, 1), (0.05, 20)], [1, 20]),  # 0.05 s brings back the one token used
+    ],
+)
+def test_refill_follows_now(steps: list[tuple[float, int]], granted: list[int]) -> None:
+    rl = RateLimiter(rate=20, burst=20, max_keys=10)
+    assert [rl.take("greedy", n, now) for now, n in steps] == granted
+
+
 def test_clock_going_backwards_grants_nothing_extra() -> None:
     rl = RateLimiter(rate=10, burst=2, max_keys=10)
     assert rl.take("a", 2, 100.0) == 2

@@ -173,7 +173,9 @@ def test_each_floor_shows_exactly_its_zones_and_devices(campus: Campus) -> None:
         assert _ids(page, "data-device") == devices
         # Each zone's name is drawn in its element.
         for zid in zones:
-            assert page.locator(f'[data-zone="{zid}"] text').text_content() == sitemap.zones[zid].name
+            assert (
+                page.locator(f'[data-zone="{zid}"] text').text_content() == sitemap.zones[zid].name
+            )
         shot = campus.shots / f"floor-{site}-{building}-{level}.png"
         page.screenshot(path=str(shot), full_page=True)
         print(f"screenshot: {shot}")
@@ -199,7 +201,12 @@ def _state_on_page(page: Any, device_id: str) -> str | None:
 def _follow(campus: Campus, page: Any, name: str, state: str) -> float:
     """Wait for the daemon to see ``state``, then for the open page; return the page's lag."""
     device_id = campus.ids[name]
-    _wait(f"the daemon to see {name!r} {state}", lambda: (d := campus.device(name)) and d["state"] == state, 30, lambda: campus.device(name))
+    _wait(
+        f"the daemon to see {name!r} {state}",
+        lambda: (d := campus.device(name)) and d["state"] == state,
+        30,
+        lambda: campus.device(name),
+    )
     seen = time.monotonic()
     _wait(
         f"the open page to show {name!r} {state}",
@@ -239,7 +246,13 @@ def test_state_changes_reach_an_open_page_without_reload(campus: Campus) -> None
     doc.write_bytes(TINY_PDF)
     job = campus.lan.run(
         1,
-        ["ipptool", "-f", str(doc), f"ipp://{campus.lan.ip(host)}:{port}/ipp/print", "print-job.test"],
+        [
+            "ipptool",
+            "-f",
+            str(doc),
+            f"ipp://{campus.lan.ip(host)}:{port}/ipp/print",
+            "print-job.test",
+        ],
         timeout=30,
     )
     assert job.returncode == 0, job.stdout + job.stderr
@@ -304,15 +317,29 @@ def test_map_command_draws_what_the_page_shows(campus: Campus) -> None:
     page = campus.browser.page()
     page.goto(f"{campus.base}/floors/hq/south/0")
     r = subprocess.run(
-        [sys.executable, "-m", "nearestd.ctl", "--socket", str(campus.daemon.admin), "map", "hq", "south", "0"],
+        [
+            sys.executable,
+            "-m",
+            "nearestd.ctl",
+            "--socket",
+            str(campus.daemon.admin),
+            "map",
+            "hq",
+            "south",
+            "0",
+        ],
         capture_output=True,
         text=True,
         timeout=30,
     )
     assert r.returncode == 0, r.stderr
     root = ET.fromstring(r.stdout)
-    assert sorted(e.attrib["data-zone"] for e in root.iter() if "data-zone" in e.attrib) == _ids(page, "data-zone")
-    assert sorted(e.attrib["data-device"] for e in root.iter() if "data-device" in e.attrib) == _ids(page, "data-device")
+    assert sorted(e.attrib["data-zone"] for e in root.iter() if "data-zone" in e.attrib) == _ids(
+        page, "data-zone"
+    )
+    assert sorted(
+        e.attrib["data-device"] for e in root.iter() if "data-device" in e.attrib
+    ) == _ids(page, "data-device")
     assert campus.ids["Canteen Web Sim"] in _ids(page, "data-device")
     page.close()
 

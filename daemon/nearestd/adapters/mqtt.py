@@ -44,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -55,12 +55,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from nearest_wire import ErrorCode, WireError, error_reply
 from nearest_wire.schema import request_id
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
 from nearestd.core.limits import RateLimiter, RecentKeys
 from nearestd.core.mqtt_payload import (
+    JSON,
     MSGPACK,
     TRANSPORT_KEYS,
     ReplyRoute,
@@ -72,9 +74,6 @@ from nearestd.core.mqtt_payload import (
     topic_error,
 )
 from nearestd.service import Peer, Service
-
-if TYPE_CHECKING:
-    from nearestd.app import Daemon
 
 LOG = logging.getLogger("nearestd.mqtt")
 CLIENT_LOG = logging.getLogger("nearestd.mqtt.client")
@@ -112,7 +111,6 @@ MAX_REPLY_TASKS = 1024
 MAX_QUEUED = 20000  # every incoming message (records, status); requests have their own bound
 MAX_ASKERS = 4096  # rate buckets held at most (LRU; see core.limits)
 SHARE_GROUP = "nearestd"
-JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
 CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
 SESSION_TAKEN_OVER = 142
@@ -170,7 +168,6 @@ class Counters:
     unanswerable: int = 0
     records_published: int = 0
     records_cleared: int = 0
-    federated_refused: int = 0
     conflicts: int = 0
     internal_errors: int = 0
     rate_limited: int = 0
@@ -243,14 +240,18 @@ def parse_url(url: str) -> tuple[str, int, bool]:
 class MqttAdapter:
     """Keeps the broker connection, answers queries, publishes and reads the inventory."""
 
+    name = "mqtt"
+
     def __init__(
         self,
         service: Service,
         cfg: MqttConfig,
         config: Config,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self.config = config
         self.clock = clock
@@ -301,9 +302,9 @@ class MqttAdapter:
     async def start(self) -> None:
         """Start the connection task; the broker need not be up."""
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="mqtt")
+        self._task = self._spawn(self._run(), "mqtt")
         if self.federation is not None:
-            self._expiry = asyncio.create_task(self._expire(), name="mqtt-expiry")
+            self._expiry = self._spawn(self._expire(), "mqtt-expiry")
 
     async def stop(self) -> None:
         """Publish ``offline``, disconnect cleanly and stop."""
@@ -772,14 +773,17 @@ class MqttAdapter:
                 self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
                 reply = error_reply(request_id(obj), ErrorCode.BAD_REQUEST, why)
             else:
-                reply = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                answer = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                # Only admin peers get a reply that comes later (reload); MQTT's never is one.
+                assert isinstance(answer, dict)
+                reply = answer
                 if not reply.get("ok") and malformed_code(reply["error"]["code"]):
                     self.counters.malformed += 1
             if route.has_echo:
                 reply["correlation"] = route.echo
         self.answered.note(route.topic)
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        out.ContentType = MSGPACK if is_msgpack else JSON_TYPE
+        out.ContentType = MSGPACK if is_msgpack else JSON
         if route.correlation_data is not None:
             out.CorrelationData = route.correlation_data
         return route.topic, encode_reply(reply, is_msgpack), out
@@ -824,7 +828,6 @@ class MqttAdapter:
         try:
             changes = self.federation.on_record(level, payload, self.clock())
         except RecordError as exc:
-            self.counters.federated_refused += 1
             if level not in self._refused_logged and len(self._refused_logged) < 1000:
                 self._refused_logged.add(level)
                 LOG.warning(
@@ -880,7 +883,7 @@ class MqttAdapter:
         if missing:
             self._apply(missing)
 
-    def on_reload(self, cfg: Config) -> None:
+    def reconfigure(self, cfg: Config) -> None:
         """Warn when a reload changes [mqtt]: the connection keeps its settings until a restart."""
         self.config = cfg
         if cfg.mqtt != self.cfg:
@@ -890,25 +893,3 @@ class MqttAdapter:
 def _stable_detail(err: BrokerError) -> str:
     # Connection-refused texts carry no varying parts; keep the first clause only.
     return err.detail.split(" (", 1)[0][:200]
-
-
-def attach_mqtt(daemon: Daemon) -> MqttAdapter:
-    """Register the MQTT adapter's start, stop and reload hooks with the daemon."""
-    cfg = daemon.service.cfg
-    assert cfg.mqtt is not None
-    adapter = MqttAdapter(daemon.service, cfg.mqtt, cfg)
-    daemon.service.extra_stats["mqtt"] = adapter.stats
-
-    async def start(_: Daemon) -> None:
-        await adapter.start()
-
-    async def stop(_: Daemon) -> None:
-        await adapter.stop()
-
-    def reload(d: Daemon) -> None:
-        adapter.on_reload(d.service.cfg)
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return adapter
