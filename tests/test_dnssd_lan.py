@@ -195,7 +195,9 @@ def test_dig_sees_exactly_its_zones_nearest(net: Lan, daemon: DaemonProcess, hos
     check_client(net, host, n, server)
 
 
-UNBOUND_CONF = """server:
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "dnssd.md"
+# What the test adds to the documented configuration: where this Unbound runs.
+UNBOUND_LOCAL = """server:
     interface: {listen}
     port: 53
     access-control: 10.9.0.0/16 allow
@@ -207,18 +209,15 @@ UNBOUND_CONF = """server:
     use-syslog: no
     logfile: "{dir}/unbound.log"
     verbosity: 1
-    do-not-query-localhost: no
-    # RFC 6303: the private reverse zones are served empty unless told otherwise.
-    local-zone: "10.in-addr.arpa." nodefault
-    # The domain is delegated to nearestd; ECS tells it who asks (trusted_resolvers).
-    module-config: "subnetcache iterator"
-    send-client-subnet: 10.9.1.1
-    max-client-subnet-ipv4: 24
-    domain-insecure: "{domain}"
-stub-zone:
-    name: "{domain}"
-    stub-addr: 10.9.1.1
-{reverse}"""
+"""
+
+
+def documented_unbound() -> str:
+    """Return the Unbound configuration docs/dnssd.md shows (its first conf block there)."""
+    text = DOCS.read_text()
+    section = text[text.index("### Unbound") :]
+    block = section[section.index("```conf\n") + 8 :]
+    return block[: block.index("```")]
 
 
 @pytest.fixture(scope="module")
@@ -226,13 +225,10 @@ def unbound(net: Lan, daemon: DaemonProcess) -> Iterator[Path]:
     require_tools("unbound", "unbound-checkconf")
     d = net.tmp / "unbound"
     d.mkdir()
-    rev = "".join(
-        f'stub-zone:\n    name: "_dns-sd._udp.{reverse(n)}"\n    stub-addr: 10.9.1.1\n'
-        for n in (1, 2, 3)
-    )
     listen = "\n    interface: ".join(f"10.9.{n}.2" for n in (1, 2, 3))
+    local = UNBOUND_LOCAL.format(listen=listen, dir=d)
     conf = d / "unbound.conf"
-    conf.write_text(UNBOUND_CONF.format(listen=listen, dir=d, domain=D, reverse=rev))
+    conf.write_text(local + documented_unbound().removeprefix("server:\n"))
     check = subprocess.run(["unbound-checkconf", str(conf)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
     proc = net.popen(RESOLVER, ["unbound", "-d", "-c", str(conf)], log="unbound.out")

@@ -236,8 +236,8 @@ class DnssdServer:
     def stats(self) -> Mapping[str, Any]:
         """Return the counters: queries by type, replies by rcode, truncated, rate-limited."""
         return {
-            "by_qtype": {k: {"queries_total": v} for k, v in sorted(self.queries.items())},
-            "by_rcode": {k: {"replies_total": v} for k, v in sorted(self.rcodes.items())},
+            "queries_by_qtype": dict(sorted(self.queries.items())),
+            "replies_by_rcode": dict(sorted(self.rcodes.items())),
             "truncated_total": self.truncated,
             "rate_limited_total": self.rate_limited,
             "malformed_total": self.malformed,
