@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 
-SECTIONS = ["resolver", "discovery", "mqtt", "floods", "poller"]
+SECTIONS = ["resolver", "discovery", "mqtt", "floods", "poller", "dnssd"]
 
 
 def main(argv: list[str]) -> int:
