@@ -304,3 +304,62 @@ def test_goodbye_vanishes_within_ttl_and_comes_back(net: Lan, daemon: DaemonProc
     peer.register("life", "ZC Life", **spec)
     wait_for("back", lambda: any("ZC\\032Life" in x for x in names()), timeout=20)
     peer.close()
+
+
+def test_cups_adds_the_printer_dnssd_answers_and_a_job_reaches_it(
+    net: Lan, daemon: DaemonProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ippeveprinter announced over mDNS is found by the daemon, published by unicast
+    DNS-SD, and a client's cupsd adds it from the SRV/A answer (lpadmin -m everywhere)."""
+    require_tools("avahi-daemon", "ippeveprinter", "cupsd", "lpadmin", "lp", "lpstat")
+    from cups_peer import PrivateCups, short_tempdir
+
+    host, n, port = 3, 2, 8631
+    net._ip("-n", net.ns(PEERS), "addr", "flush", "dev", "eth0")
+    net._ip("-n", net.ns(PEERS), "addr", "add", "10.9.2.20/24", "dev", "eth0")
+    net.avahi_node(PEERS, host="eveprinter")
+    formats = "application/pdf,image/pwg-raster,image/jpeg"
+    printer = net.ippeveprinter(PEERS, "Eve Printer", port, "Z2", extra=["-v", "-f", formats])
+    server = f"10.9.{n}.1"
+    domain = f"_ipp._tcp.z-{n}.{D}"
+    wait_for(
+        "ippeveprinter published by DNS-SD",
+        lambda: any("Eve\\032Printer" in x for x in dig(net, host, server, domain, "PTR")),
+        timeout=30,
+    )
+    inst = next(x for x in dig(net, host, server, domain, "PTR") if "Eve\\032Printer" in x)
+    _, _, srv_port, target = dig(net, host, server, inst, "SRV")[0].split()
+    (address,) = dig(net, host, server, target, "A")
+    txt = dig(net, host, server, inst, "TXT")[0]
+    rp = re.search(r'"rp=([^"]*)"', txt)
+    assert rp is not None, txt
+    assert (address, int(srv_port)) == ("10.9.2.20", port)
+    uri = f"ipp://{address}:{srv_port}/{rp.group(1)}"
+    with net.netns(host):
+        cups = PrivateCups(short_tempdir("dnssd-cups"))
+    try:
+        cups.tool("lpadmin", "-p", "eve", "-E", "-v", uri, "-m", "everywhere")
+        doc = tmp_path_factory.mktemp("job") / "page.pdf"
+        doc.write_bytes(MINIMAL_PDF)
+        cups.tool("lp", "-d", "eve", "-o", "raw", str(doc))
+        log = f"ippeve-{PEERS}-{port}.log"
+        wait_for(
+            "the job reached ippeveprinter and completed",
+            lambda: (
+                "eve-" in cups.tool("lpstat", "-W", "completed", "-o", "eve")
+                and re.search(r"(Print-Job|Send-Document) successful-ok", net.log(log))
+            ),
+            timeout=60,
+            show=lambda: net.log(log)[-3000:] + cups.tool("lpstat", "-W", "all", "-o"),
+        )
+    finally:
+        cups.stop()
+        Lan.stop(printer)
+
+
+MINIMAL_PDF = (
+    b"%PDF-1.4\n1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj\n"
+    b"2 0 obj<</Type/Pages/Kids[3 0 R]/Count 1>>endobj\n"
+    b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 595 842]>>endobj\n"
+    b"trailer<</Root 1 0 R>>\n%%EOF\n"
+)
