@@ -23,6 +23,7 @@ have dig || need="$need bind9-dnsutils"
 have unbound || need="$need unbound"
 have dnsperf || need="$need dnsperf"
 have nsd || need="$need nsd"
+have chromium || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! have apt-get; then
     echo "install-test-deps: missing$need; not root or no apt-get: those tests will skip" >&2

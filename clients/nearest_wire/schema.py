@@ -32,7 +32,7 @@ PAPER_NEEDS = {
 }
 NEED_FLAGS = ("color", "duplex", "adf", "secure")
 PUBLIC_OPS = ("nearest", "locate", "devices", "ping")
-ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats")
+ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats", "map")
 MAX_ZONE_LEN = 128
 
 
@@ -125,6 +125,17 @@ class PrivacyRequest:
     ip: str
 
 
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """Admin: one floor drawn as SVG."""
+
+    id: int
+    site: str
+    building: str
+    level: int
+    op: str = "map"
+
+
 Request = (
     NearestRequest
     | LocateRequest
@@ -133,6 +144,7 @@ Request = (
     | ReloadRequest
     | StatsRequest
     | PrivacyRequest
+    | MapRequest
 )
 
 _COMMON = {"v", "id", "op"}
@@ -145,6 +157,7 @@ _ALLOWED: dict[str, set[str]] = {
     "stats": _COMMON,
     "privacy.export": _COMMON | {"ip"},
     "privacy.erase": _COMMON | {"ip"},
+    "map": _COMMON | {"site", "building", "level"},
 }
 # Keys a transport may add around the request (MQTT 3.1.1 reply address).
 TRANSPORT_KEYS = {"reply_to", "correlation"}
@@ -403,6 +416,14 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         return ReloadRequest(id=rid)
     if op == "stats":
         return StatsRequest(id=rid)
+    if op == "map":
+        level = obj.get("level")
+        if not isinstance(level, int) or isinstance(level, bool) or not -1000 <= level <= 1000:
+            raise _bad("level: expected an integer from -1000 to 1000", rid)
+        site, building = _opt_str(obj, "site", rid), _opt_str(obj, "building", rid)
+        if site is None or building is None:
+            raise _bad(f"{'site' if site is None else 'building'}: missing; expected a string", rid)
+        return MapRequest(id=rid, site=site, building=building, level=level)
     if "ip" not in obj:
         raise _bad("ip: missing; expected an IP address", rid)
     return PrivacyRequest(id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("ip")
     n.add_argument("kind", choices=["printer", "scanner"])
     n.add_argument("-k", type=int, default=3)
+    m = sub.add_parser("map", help="one floor as SVG (zones, devices by state), for reports")
+    m.add_argument("site")
+    m.add_argument("building")
+    m.add_argument("level", type=int)
     sub.add_parser("reload", help="re-read config and site maps (all or nothing)")
     sub.add_parser("stats", help="counters and sizes")
     sub.add_parser("ping", help="is the daemon alive")
@@ -104,6 +108,8 @@ def request_for(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "nearest", "client_ip": args.ip, "kind": args.kind, "k": args.k}
     if cmd == "privacy":
         return {"op": f"privacy.{args.action}", "ip": args.ip}
+    if cmd == "map":
+        return {"op": "map", "site": args.site, "building": args.building, "level": args.level}
     return {"op": cmd}
 
 
@@ -164,6 +170,8 @@ def format_reply(cmd: str, reply: dict[str, Any]) -> str:
         if "erased" in reply:
             return f"erased {reply['erased']} entries"
         return format_entries(reply["entries"])
+    if cmd == "map":
+        return str(reply["svg"])
     if cmd == "reload":
         return "reloaded"
     if cmd == "ping":

@@ -313,7 +313,7 @@ FAMILIES: tuple[Family, ...] = (
         "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
         lambda r: r.mqtt_enabled,
     ),
-    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    # Reloads (the app's ``operations`` section) and the warm-restart inventory.
     Family(
         "nearest_config_reloads_total",
         "counter",
@@ -344,22 +344,22 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Writes of the warm-restart inventory snapshot, by result.",
         lambda r: [
-            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
-            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+            (("success",), float(r.section("inventory").get("writes_ok", 0))),
+            (("failure",), float(r.section("inventory").get("writes_failed", 0))),
         ],
         ("result",),
-        section="operations",
-        keys=("inventory_writes_ok", "inventory_writes_failed"),
+        section="inventory",
+        keys=("writes_ok", "writes_failed"),
     ),
     stat(
-        "operations",
-        "inventory_restored",
+        "inventory",
+        "restored",
         "nearest_inventory_restored_devices",
         "gauge",
         "Devices restored (as stale) from the snapshot at start.",
     ),
     stat(
-        "operations",
+        "inventory",
         "stale_expired",
         "nearest_inventory_stale_expired_total",
         "counter",
@@ -385,7 +385,21 @@ FAMILIES: tuple[Family, ...] = (
         "refused_at_cap",
         "nearest_connections_refused_total",
         "counter",
-        "Connections refused because the connection cap was reached.",
+        "Connections refused at a cap: the total, the trusted reserve or one source's share.",
+    ),
+    stat(
+        "connections",
+        "refused_per_source",
+        "nearest_connections_refused_per_source_total",
+        "counter",
+        "Of the refused connections, those over one source's share (an address or IPv6 /64).",
+    ),
+    stat(
+        "connections",
+        "untrusted_sources",
+        "nearest_connections_untrusted_sources",
+        "gauge",
+        "Untrusted client sources (addresses or IPv6 /64s) holding connections.",
     ),
     Family(
         "nearest_connections_closed_total",
@@ -457,14 +471,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",
@@ -516,6 +530,15 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Problems found in advertised TXT records, by problem.",
         "problem",
+    ),
+    by_label(
+        "discovery",
+        "services_refused",
+        "nearest_discovery_services_refused_total",
+        "counter",
+        "Services refused or trimmed for what a peer announced (bad name, address, "
+        "claimed UUID, per-source cap), each counted once per service and reason.",
+        "reason",
     ),
     stat(
         "discovery",
@@ -611,6 +634,42 @@ FAMILIES: tuple[Family, ...] = (
     ),
     stat(
         "mqtt",
+        "federated_stale",
+        "nearest_mqtt_federated_stale",
+        "gauge",
+        "Devices of other instances served stale: their origin or the link to it is gone, "
+        "within foreign_grace.",
+    ),
+    stat(
+        "mqtt",
+        "federated_expired",
+        "nearest_mqtt_federated_expired_total",
+        "counter",
+        "Devices of other instances dropped after foreign_grace without their origin or link.",
+    ),
+    stat(
+        "mqtt",
+        "federated_other_site",
+        "nearest_mqtt_federated_other_site_total",
+        "counter",
+        "Device records ignored because their site is not in this daemon's maps.",
+    ),
+    stat(
+        "mqtt",
+        "federated_legacy_records",
+        "nearest_mqtt_federated_legacy_records_total",
+        "counter",
+        "Device records read on the previous version's one-level topic layout.",
+    ),
+    stat(
+        "mqtt",
+        "origins_silent",
+        "nearest_mqtt_federation_origins_silent",
+        "gauge",
+        "Other instances whose heartbeats stopped for three of their intervals.",
+    ),
+    stat(
+        "mqtt",
         "origins_online",
         "nearest_mqtt_federation_origins_online",
         "gauge",
@@ -622,6 +681,41 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_mqtt_internal_errors_total",
         "counter",
         "MQTT requests that failed inside the daemon (a bug: see the log).",
+    ),
+    stat(
+        "mqtt",
+        "requests_rate_limited",
+        "nearest_mqtt_requests_rate_limited_total",
+        "counter",
+        "MQTT requests refused because their asker (reply topic) exceeded its rate.",
+    ),
+    stat(
+        "mqtt",
+        "requests_dropped",
+        "nearest_mqtt_requests_dropped_total",
+        "counter",
+        "MQTT requests dropped unanswered because the inbound queue was full.",
+    ),
+    stat(
+        "mqtt",
+        "requests_queued",
+        "nearest_mqtt_requests_queued",
+        "gauge",
+        "MQTT requests read from the broker and waiting to be answered.",
+    ),
+    stat(
+        "mqtt",
+        "askers",
+        "nearest_mqtt_askers",
+        "gauge",
+        "Distinct MQTT askers (reply topics) with a rate bucket held.",
+    ),
+    stat(
+        "mqtt",
+        "messages_dropped",
+        "nearest_mqtt_messages_dropped_total",
+        "counter",
+        "Other MQTT messages (records, statuses) dropped because the inbound queue was full.",
     ),
     # IPP/eSCL polling.
     stat("poller", "enabled", "nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
@@ -662,6 +756,14 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_poller_state_changes_total",
         "counter",
         "Device state changes found by polling.",
+    ),
+    by_label(
+        "poller",
+        "refused_targets",
+        "nearest_poller_refused_targets_total",
+        "counter",
+        "Devices never polled for their address (loopback, this host's own, ...), by reason.",
+        "reason",
     ),
     # Unicast DNS-SD (while a [dnssd] section is configured).
     by_label(
@@ -756,11 +858,14 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "url": "this page's own address",
         "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
     },
-    "operations": {
-        "inventory_file": "a path",
-        "inventory_last_write": "a timestamp only for stats",
-        "systemd_notify": "a setting",
-        "metrics": "this page's own address",
+    "inventory": {
+        "file": "a path",
+        "last_write": "a timestamp only for stats",
+    },
+    "systemd": {
+        "notify": "a setting",
+        "sent": "messages to the service manager, only for stats",
+        "failed": "messages the service manager did not take, only for stats",
     },
 }
 

@@ -40,7 +40,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from nearestd.config import PollerConfig
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config, PollerConfig
+from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
 from nearestd.core.state import (
@@ -56,10 +58,10 @@ from nearestd.core.state import (
     printer_live,
     scanner_live,
     unreachable,
+    uri_host,
 )
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
@@ -80,6 +82,7 @@ ERROR_KINDS = (
     "http-error",
     "bad-response",
     "too-large",
+    "refused-address",
 )
 
 
@@ -93,7 +96,9 @@ class PollFailure(Exception):
 
 def insecure_tls_context() -> ssl.SSLContext:
     """Return a TLS client context that accepts self-signed certificates (status reads only)."""
-    ctx = ssl.create_default_context()
+    # Not create_default_context(): it loads the system's CA store (about 0.2 s on the
+    # event loop) for a context that verifies nothing.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
@@ -134,14 +139,18 @@ class Workers:
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
+    name = "poller"
+
     def __init__(
         self,
         service: Service,
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
@@ -160,7 +169,6 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self.transitions = 0
         self.poll_seconds = 0.0
-        self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
@@ -170,23 +178,35 @@ class Poller:
         self._started_at = 0.0
         # When discovery last heard of each failing device, as of its last failed poll.
         self._heard: dict[str, float] = {}
+        # Which addresses are never polled (loopback, this host's own, ...); set at start.
+        self._policy = AddressPolicy(loopback_ok=True)
+        self.refused: Counter[str] = Counter()
+        self._refused_ids: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start the thread pool and the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
+        self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
-        self._runner = asyncio.ensure_future(self._run())
-        self._runner.set_name("poller")
+        self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
             extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule; wake and drop the polls in flight."""
+        """Cancel the schedule (and a restart under way); wake and drop the polls in flight."""
+        restarting, self.restarting = self.restarting, None
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -200,6 +220,18 @@ class Poller:
         self._in_flight.clear()
         self._results = queue.SimpleQueue()
 
+    def address_policy(self) -> AddressPolicy:
+        """Return the addresses never polled: this host's own and loopback, unless allowed."""
+        if self.cfg.poll_this_host:
+            return AddressPolicy(link_local_ok=True, loopback_ok=True)
+        from nearestd.adapters.mdns import host_address_policy
+
+        return host_address_policy()
+
+    def refusal(self, address: str) -> str | None:
+        """Return why an address is never polled, or None."""
+        return address_refusal(address, self._policy)
+
     def forget(self) -> None:
         """Drop every live state found so far: with the poller off, states are unknown."""
         for device_id in list(self.service.live):
@@ -209,7 +241,19 @@ class Poller:
         self._failures.clear()
         self._generation = -1
 
-    def reconfigure(self, cfg: PollerConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
+        if self.follow(cfg.poller):
+            self.restarting = self._spawn(self._restart(), "poller-restart")
+
+    async def _restart(self) -> None:
+        await self._halt()
+        if self.cfg.enabled:
+            await self.start()
+        else:
+            self.forget()
+
+    def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         self.cfg = cfg
@@ -241,6 +285,17 @@ class Poller:
             if target is None:
                 continue
             device_id = rec.device.id
+            host = uri_host(target.url) or ""
+            why = self.refusal(host)
+            if why is not None and why != "not-an-address":  # a host name: checked at connect
+                if device_id not in self._refused_ids and len(self._refused_ids) < 65536:
+                    self._refused_ids.add(device_id)
+                    self.refused[why] += 1
+                    LOG.warning(
+                        "device not polled: refused address",
+                        extra={"device": device_id, "reason": why},
+                    )
+                continue
             seen.add(device_id)
             old = self._targets.get(device_id)
             if old != target:
@@ -308,7 +363,13 @@ class Poller:
         failure = detail = ""
         try:
             live = fetch_live(
-                target, request_id, self.cfg.timeout, self.cfg.max_response, self._tls, self._open
+                target,
+                request_id,
+                self.cfg.timeout,
+                self.cfg.max_response,
+                self._tls,
+                self._open,
+                self.refusal,
             )
         except PollFailure as exc:
             failure, detail = exc.kind, str(exc)
@@ -328,7 +389,6 @@ class Poller:
             self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
-            self.last_poll_s = elapsed
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
@@ -413,6 +473,7 @@ class Poller:
             "poll_errors_total": {kind: self.errors.get(kind, 0) for kind in ERROR_KINDS},
             "poll_seconds_total": round(self.poll_seconds, 6),
             "state_changes_total": self.transitions,
+            "refused_targets": dict(self.refused),
             "supply_levels": supplies,
         }
 
@@ -424,6 +485,7 @@ def fetch_live(
     limit: int,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets | None = None,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> Live:
     """Poll one device (blocking, in a worker thread) and decide its live state.
 
@@ -436,7 +498,7 @@ def fetch_live(
         body = encode_get_printer_attributes(
             target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
         )
-        data = exchange("POST", target.url, body, limit, deadline, tls, open_sockets)
+        data = exchange("POST", target.url, body, limit, deadline, tls, open_sockets, refuse)
         try:
             reply = decode_response(data)
         except IppDecodeError as exc:
@@ -447,7 +509,7 @@ def fetch_live(
             raise PollFailure("bad-response", "IPP request-id does not match")
         return printer_live(reply.printer)
     data = exchange(
-        "GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls, open_sockets
+        "GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls, open_sockets, refuse
     )
     try:
         return scanner_live(data)
@@ -489,10 +551,15 @@ def exchange(
     deadline: float,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets | None = None,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure."""
+    """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure.
+
+    A redirect is never followed (any status but 200 fails the poll); ``refuse`` says
+    which resolved addresses must not be connected to.
+    """
     try:
-        return _http(method, url, body, limit, deadline, tls, open_sockets or OpenSockets())
+        return _http(method, url, body, limit, deadline, tls, open_sockets or OpenSockets(), refuse)
     except PollFailure:
         raise
     except TimeoutError:
@@ -558,10 +625,20 @@ class _Conn:
         return bytes(self.buf)
 
 
-def _connect(host: str, port: int, deadline: float, open_sockets: OpenSockets) -> socket.socket:
-    """Connect to the first address of host that answers, by the deadline."""
-    error: OSError = OSError(f"no address for {host!r}")
+def _connect(
+    host: str,
+    port: int,
+    deadline: float,
+    open_sockets: OpenSockets,
+    refuse: Callable[[str], str | None] | None = None,
+) -> socket.socket:
+    """Connect to the first address of host that answers and is not refused, by the deadline."""
+    error: OSError | PollFailure = OSError(f"no address for {host!r}")
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        why = refuse(str(addr[0])) if refuse is not None else None
+        if why is not None:
+            error = PollFailure("refused-address", f"{host} is at a {why} address")
+            continue
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
@@ -588,6 +665,7 @@ def _http(
     deadline: float,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
     # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
     # close-delimited replies, every read bounded in size and by the deadline.
@@ -596,7 +674,7 @@ def _http(
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
     host = (parts.hostname or "").replace("%25", "%")
     port = parts.port or (443 if secure else 80)
-    sock = _connect(host, port, deadline, open_sockets)
+    sock = _connect(host, port, deadline, open_sockets, refuse)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if secure:
@@ -669,32 +747,3 @@ def _read_chunked(conn: _Conn, limit: int) -> bytes:
             raise PollFailure("too-large", f"more than {limit} bytes")
         data += conn.exactly(size)
         conn.exactly(2)
-
-
-def attach_poller(daemon: Daemon) -> Poller:
-    """Register the poller's start, stop and reload hooks with the daemon."""
-    poller = Poller(daemon.service, daemon.service.cfg.poller)
-    daemon.service.extra_stats["poller"] = poller.stats
-
-    async def start(_: Daemon) -> None:
-        await poller.start()
-
-    async def stop(_: Daemon) -> None:
-        await poller.stop()
-
-    def reload(d: Daemon) -> None:
-        if poller.reconfigure(d.service.cfg.poller):
-
-            async def restart() -> None:
-                await poller.stop()
-                if poller.cfg.enabled:
-                    await poller.start()
-                else:
-                    poller.forget()
-
-            poller.restarting = asyncio.ensure_future(restart())
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return poller
