@@ -301,3 +301,26 @@ def test_metrics_count_by_type_and_rcode_without_names(server: tuple[DaemonProce
     assert any(x.startswith('nearest_dnssd_replies_total{rcode="NXDOMAIN"}') for x in lines)
     assert any(x.startswith("nearest_dnssd_cache_bytes ") for x in lines)
     assert not any("127.0" in x or "example" in x for x in lines), lines
+
+
+def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> None:
+    proc, port = server
+    original = proc.config.read_text()
+    try:
+        proc.config.write_text(original.replace("per_type = 32", "per_type = 2").replace(
+            'ttl = "5s"', 'ttl = "3s"'
+        ))  # fmt: skip
+        assert ask(proc, {"op": "reload"}, admin=True)["ok"]
+        answers = dig(port, "+noall", "+answer", f"_ipp._tcp.z-a.{D}", "PTR")
+        lines = answers.splitlines()
+        assert len(lines) == 2 and all(line.split()[1] == "3" for line in lines), lines
+        proc.config.write_text(original.replace('ttl = "5s"', 'ttl = "11s"'))
+        from nearest_client.client import ServerError
+
+        with pytest.raises(ServerError) as refused:
+            ask(proc, {"op": "reload"}, admin=True)
+        assert any("[dnssd] ttl" in p for p in refused.value.reply["problems"])
+        assert len(short(port, f"_ipp._tcp.z-a.{D}", "PTR")) == 2  # still the old config
+    finally:
+        proc.config.write_text(original)
+        ask(proc, {"op": "reload"}, admin=True)
