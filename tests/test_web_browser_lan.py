@@ -224,15 +224,34 @@ def test_state_changes_reach_an_open_page_without_reload(campus: Campus) -> None
     assert (_state_on_page(page, campus.ids[name]) or "").startswith("idle|")
     proc = campus.printers[name]
     lags = []
+    # The sites page, open beside it, counts the south building's devices by state.
+    index = campus.browser.page()
+    index.goto(campus.base + "/")
+    index.wait_for_selector("#live[data-live=on]", timeout=10000)
+    cell = '[data-building="south"] [data-count="unreachable"]'
+    unreachable = int(index.locator(cell).inner_text())
     # Made unreachable: the process stops answering (avahi still advertises it).
     os.killpg(proc.pid, signal.SIGSTOP)
     try:
         lags.append(_follow(campus, page, name, "unreachable"))
+        _wait(
+            "the sites page to count it unreachable",
+            lambda: int(index.locator(cell).inner_text()) == unreachable + 1,
+            EVENT_BUDGET,
+            lambda: index.locator(cell).inner_text(),
+        )
         page.screenshot(path=str(campus.shots / "unreachable.png"), full_page=True)
         assert "timeout" in page.locator("#panel").inner_text()
     finally:
         os.killpg(proc.pid, signal.SIGCONT)
     lags.append(_follow(campus, page, name, "idle"))
+    _wait(
+        "the sites page to count it back",
+        lambda: int(index.locator(cell).inner_text()) == unreachable,
+        EVENT_BUDGET,
+        lambda: index.locator(cell).inner_text(),
+    )
+    index.close()
     # Over IPP: a Print-Job makes it processing, then idle again when done.
     host, _, port, _ = next(p for p in PRINTERS if p[1] == name)
     doc = campus.shots / "job.pdf"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from browser import chromium, require_browser
-from support import DaemonProcess, free_port, write_config
+from support import ROOT, DaemonProcess, free_port, write_config
 
 pytestmark = [pytest.mark.realpeer]
 TOKEN = "test-token-4f1c2a9b7d"
@@ -140,24 +141,23 @@ def test_page_weight_and_map_command(web: tuple[DaemonProcess, str], tmp_path: P
             e.get_attribute("data-device") for e in page.locator("[data-device]").all()
         )
         assert b.foreign(base) == []
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nearestd.ctl",
-            "--socket",
-            str(daemon.admin),
-            "map",
-            "hq",
-            "north",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    # The README's command, pointed at this daemon's admin socket instead of `make run`'s.
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if " map hq north 1 > " in x)
+    argv, _, target = line.partition(" > ")
+    args = shlex.split(argv)
+    assert args[:3] == [".venv/bin/nearestctl", "--config", "config/example.toml"], args
+    out = tmp_path / target.strip()
+    with open(out, "w") as fh:
+        r = subprocess.run(
+            [sys.executable, "-m", "nearestd.ctl", "--socket", str(daemon.admin), *args[3:]],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
     assert r.returncode == 0, r.stderr
-    root = ET.fromstring(r.stdout)
+    root = ET.parse(out).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     assert sorted(e.attrib["data-zone"] for e in root.iter() if "data-zone" in e.attrib) == zones
     assert (
