@@ -7,9 +7,12 @@ named ``<img src=x onerror=alert(1)>``. Chromium (Debian's, driven by Playwright
 inside host 1 too, so it reaches the web view on that namespace's loopback; nothing it asks
 for may go anywhere else. Screenshots land under the test's temporary directory.
 
-ippeveprinter does not implement Pause-Printer (it answers server-error-operation-not-supported),
-so the IPP-driven change here is a Print-Job (idle -> processing -> idle); "made unreachable"
-is SIGSTOP, as in tests/test_poller_lan.py.
+Pause-Printer: ippeveprinter does not implement it (it answers server-error-operation-not-
+supported), so a private cupsd in host 3 serves a queue over IPP on the LAN, declared in an
+extra site map as a static device in the canteen; ``cupsdisable`` pauses it with IPP
+Pause-Printer and ``cupsenable`` resumes it, and the poller sees it stopped and idle again.
+A Print-Job to an ippeveprinter makes that one processing; "made unreachable" is SIGSTOP,
+as in tests/test_poller_lan.py.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -31,11 +35,12 @@ from typing import Any
 import pytest
 
 from browser import Browser, chromium, require_browser
+from cups_peer import CUPS_FILES_CONF, CUPSD_CONF, short_tempdir
 from lan import Lan
 from nearest_client import Client
 from nearestd.core.floorplan import LOOKS
 from nearestd.loader import load_world
-from support import DaemonProcess, free_port, require_tools, write_config
+from support import DEMO_MAP, DaemonProcess, free_port, require_tools, write_config
 
 pytestmark = [pytest.mark.realpeer, pytest.mark.lan]
 
@@ -47,6 +52,8 @@ PRINTERS = [
     (6, HOSTILE, 8663, "Lab"),
 ]
 LOOKUPS = ["10.20.51.20", "10.20.33.7", "10.20.62.9"]
+CUPS_HOST = 3
+QUEUE = "Canteen CUPS queue"
 EVENT_BUDGET = 2.0
 TINY_PDF = b"""%PDF-1.1
 1 0 obj<</Type/Catalog/Pages 2 0 R>>endobj
@@ -67,6 +74,14 @@ class Campus:
     shots: Path
     printers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
+    cups_env: dict[str, str] = field(default_factory=dict)
+
+    def cups(self, *argv: str) -> None:
+        """Run a CUPS tool against the LAN's cupsd (over its Unix socket)."""
+        r = subprocess.run(
+            list(argv), env=self.cups_env, capture_output=True, text=True, timeout=30
+        )
+        assert r.returncode == 0, f"{argv}: {r.stderr}"
 
     @contextmanager
     def browse(self) -> Iterator[Browser]:
@@ -110,7 +125,9 @@ def _wait(what: str, pred: Callable[[], Any], timeout: float, show: Callable[[],
 
 @pytest.fixture(scope="module")
 def campus(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campus]:
-    require_tools("avahi-daemon", "dbus-daemon", "ippeveprinter", "ipptool")
+    require_tools(
+        "avahi-daemon", "dbus-daemon", "ippeveprinter", "ipptool", "cupsd", "lpadmin", "cupsdisable"
+    )
     require_browser()
     tmp = tmp_path_factory.mktemp("web-lan")
     procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -119,6 +136,9 @@ def campus(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campu
         # PDF accepted, so that a Print-Job over IPP can make the printer busy.
         extra = ["-f", "application/pdf"]
         procs[name] = lan.ippeveprinter(host, name, port, location=location, extra=extra)
+    cups_dir, cups_env, cupsd = _lan_cupsd(lan, CUPS_HOST)
+    extra = tmp / "queue.geojson"
+    extra.write_text(json.dumps({"type": "FeatureCollection", "features": [_queue_feature(lan)]}))
     port = free_port()
     cfg = write_config(
         tmp / "d",
@@ -128,11 +148,20 @@ def campus(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campu
             "poller": {"enabled": True, "interval": "0.5s", "timeout": "1s", "max_backoff": "1s"},
             "web": {"listen": f"127.0.0.1:{port}"},
         },
+        maps=[str(DEMO_MAP), str(extra)],
     )
     daemon = DaemonProcess(cfg, netns=lan.ns(1)).wait_ready()
     try:
         c = Campus(lan, daemon, f"http://127.0.0.1:{port}", tmp / "screenshots", procs)
+        c.cups_env = cups_env
         c.shots.mkdir()
+        c.ids[QUEUE] = "cups-webq"
+        _wait(
+            "the CUPS queue polled idle",
+            lambda: (d := c.device(QUEUE)) and d["state"] == "idle",
+            30,
+            lambda: c.device(QUEUE),
+        )
         for _, name, _, _ in PRINTERS:
             _wait(
                 f"{name!r} discovered, polled idle and placed by its note",
@@ -144,11 +173,83 @@ def campus(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Campu
         yield c
     finally:
         daemon.stop()
+        Lan.stop(cupsd)
+        shutil.rmtree(cups_dir, ignore_errors=True)
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGCONT)
             Lan.stop(proc)
     assert "Traceback" not in daemon.logs()
+
+
+def _lan_cupsd(lan: Lan, host: int) -> tuple[Path, dict[str, str], subprocess.Popen[bytes]]:
+    """Start a private cupsd in a LAN host, serving IPP on its address, with one queue."""
+    d = short_tempdir("webcups")
+    for sub in ("etc", "state", "cache", "spool", "tmp", "log", "home", "client", "ssl"):
+        (d / sub).mkdir(parents=True, exist_ok=True)
+    for path in [d, *d.iterdir()]:
+        path.chmod(0o755)
+    (d / "etc" / "cups-files.conf").write_text(CUPS_FILES_CONF.format(d=d, groups="root"))
+    listen = f"Listen {d}/cups.sock"
+    conf = CUPSD_CONF.format(d=d).replace(
+        listen, f"{listen}\nListen {lan.ip(host)}:631\nServerAlias *"
+    )
+    (d / "etc" / "cupsd.conf").write_text(conf)
+    proc = lan.popen(
+        host,
+        [
+            "cupsd",
+            "-f",
+            "-c",
+            str(d / "etc" / "cupsd.conf"),
+            "-s",
+            str(d / "etc" / "cups-files.conf"),
+        ],
+        log="webcupsd.log",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("LPDEST", "PRINTER")}
+    env.update(
+        CUPS_SERVER=str(d / "cups.sock"),
+        CUPS_SERVERROOT=str(d / "client"),
+        HOME=str(d / "home"),
+        LC_ALL="C",
+    )
+
+    def running() -> bool:
+        r = subprocess.run(["lpstat", "-r"], env=env, capture_output=True, text=True)
+        return "is running" in r.stdout
+
+    _wait("the LAN's cupsd", running, 15, lambda: lan.log("webcupsd.log"))
+    # The queue's own device is never printed to; raw keeps lpadmin from asking it.
+    r = subprocess.run(
+        ["lpadmin", "-p", "webq", "-E", "-v", "ipp://192.0.2.1/ipp/print", "-m", "raw"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    return d, env, proc
+
+
+def _queue_feature(lan: Lan) -> dict[str, Any]:
+    return {
+        "type": "Feature",
+        "properties": {
+            "feature_type": "device",
+            "static": True,
+            "id": "cups-webq",
+            "name": QUEUE,
+            "kind": "printer",
+            "uri": f"ipp://{lan.ip(CUPS_HOST)}:631/printers/webq",
+            "make_model": "CUPS queue",
+            "site": "hq",
+            "building": "south",
+            "level": 0,
+        },
+        # Inside the canteen (s0-canteen) of the demo campus.
+        "geometry": {"type": "Point", "coordinates": [4.8949, 52.3695]},
+    }
 
 
 def _ids(page: Any, attr: str) -> list[str]:
@@ -285,6 +386,12 @@ def test_state_changes_reach_an_open_page_without_reload(campus: Campus) -> None
         assert job.returncode == 0, job.stdout + job.stderr
         lags.append(_follow(campus, page, name, "processing"))
         lags.append(_follow(campus, page, name, "idle"))
+        # Paused with IPP Pause-Printer (cupsdisable), resumed with Resume-Printer.
+        campus.cups("cupsdisable", "-r", "paused by the web test", "webq")
+        lags.append(_follow(campus, page, QUEUE, "stopped"))
+        page.screenshot(path=str(campus.shots / "paused.png"), full_page=True)
+        campus.cups("cupsenable", "webq")
+        lags.append(_follow(campus, page, QUEUE, "idle"))
         assert page.evaluate("window.__sameDocument") is True
         assert len(navigations) == 1, navigations
         print(f"page lag after the daemon saw each change: {[round(x, 3) for x in lags]} s")
