@@ -305,3 +305,23 @@ def test_pages_parse_and_carry_no_inline_script_or_style(sitemap: SiteMap) -> No
 
 def test_example_config_is_what_the_tests_load() -> None:
     assert load_config(CONFIG_DIR / "example.toml").web is not None
+
+
+def test_quarantined_devices_are_listed_and_drawn_where_they_announce(sitemap: SiteMap) -> None:
+    from nearestd.core.quarantine import Quarantined
+
+    rogue = _device(HOSTILE[0], "Canteen", id="prn-n0-lobby", addresses=("10.20.51.9",))
+    held = Quarantined(rogue, "claims pin 'name' from outside its subnets", 1.0e9, 1.0e9)
+    table = DeviceTable(sitemap)
+    marks = floor_marks(table.records(), [held], sitemap, "hq", "south", 0)
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "south", 0, marks))
+    (q,) = [e for e in root.iter() if "data-quarantined" in e.attrib]
+    assert q.attrib["data-quarantined"] == "prn-n0-lobby"
+    assert q.attrib["data-state"] == "quarantined"
+    # Never counted as a device placed there: the real prn-n0-lobby is in the north building.
+    assert "prn-n0-lobby" not in _ids(root, "data-device")
+    html = lists_page(table.records(), [held], "v")
+    assert 'data-quarantined="prn-n0-lobby"' in html
+    assert "claims pin &#39;name&#39;" in html or "claims pin 'name'" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "2001-09-09 01:46:40" in html

@@ -182,3 +182,21 @@ def test_page_weight_and_map_command(web: tuple[DaemonProcess, str], tmp_path: P
     )
     assert r.returncode == 1
     assert "no zone of the site maps is on that floor" in r.stderr
+
+
+def test_reload_takes_a_new_token(
+    web_with_token: tuple[DaemonProcess, str], tmp_path: Path
+) -> None:
+    import signal
+
+    from support import wait_for
+
+    daemon, base = web_with_token
+    new = "rotated-token-9a8b7c6d5e"
+    (tmp_path / "token").write_text(new + "\n")
+    daemon.signal(signal.SIGHUP)
+    wait_for(
+        "the new token to be accepted",
+        lambda: _get(base + "/", {"Authorization": f"Bearer {new}"})[0] == 200,
+    )
+    assert _get(base + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 401
