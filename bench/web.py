@@ -205,6 +205,11 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the bench printer never reached the floor")
                 time.sleep(0.1)
+            served: list[float] = []
+            for _ in range(RUNS):
+                t = time.perf_counter()
+                urllib.request.urlopen(url, timeout=10).read()
+                served.append((time.perf_counter() - t) * 1000)
             fcp: list[float] = []
             loaded: list[float] = []
             base_fcp: list[float] = []
@@ -289,6 +294,7 @@ def main() -> None:
         html_kb = next((v for k, v in sizes.items() if "/floors/" in k), 0) / 1024
         print(f"first contentful paint  {_ms(fcp)}   baseline (tiny document): {_ms(base_fcp)}")
         print(f"load event              {_ms(loaded)}")
+        print(f"page served (no browser) {_ms(served)}")
         print(
             f"page weight             {page_kb:.1f} KB ({html_kb:.1f} KB HTML with the SVG, "
             f"{len(sizes)} responses); one live event {statistics.median(event_bytes or [0]):.0f} B"
