@@ -185,6 +185,8 @@ def test_hostile_names_stay_text(sitemap: SiteMap, name: str) -> None:
         and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
     )
     assert "&lt;img src=x onerror=alert(1)&gt;" in html or "<img" not in name
+    # Supply levels are bars (<meter>, no inline style under the page's CSP).
+    assert '<meter min="0" max="100" low="15" high="40" optimum="100" value="40">' in html
 
 
 # client zone, device id -> (floor levels apart x floor penalty, building penalty)
