@@ -164,7 +164,13 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         "daemon": {"rate": 1.0, "burst": 20, "trusted_peers": ["::1/128"]},
         "metrics": {"listen": metrics},
         "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
-        "poller": {"enabled": True, "interval": "1s", "timeout": "1s", "max_backoff": "2s"},
+        "poller": {
+            "enabled": True,
+            "interval": "1s",
+            "timeout": "1s",
+            "max_backoff": "2s",
+            "poll_this_host": True,  # the peers are on loopback
+        },
         "mqtt": {
             "url": f"mqtt://127.0.0.1:{broker.port}",
             "topic_prefix": PREFIX,
@@ -226,7 +232,16 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             )
             return fams if ready else None
 
-        fams = wait_for("discovery and polls on the page", busy, 30)
+        fams = wait_for(
+            "discovery and polls on the page",
+            busy,
+            30,
+            show=lambda: "\n".join(
+                line
+                for line in scrape(metrics).splitlines()
+                if line.startswith(("nearest_discovery", "nearest_poller", "nearest_devices"))
+            ),
+        )
         page = scrape(metrics)
         with Client(f"unix://{d.admin}") as admin:
             stats = admin.request({"op": "stats"})["stats"]

@@ -332,7 +332,12 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
 async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     svc = await aservice(tmp_path)
     clock = Clock()
-    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), clock=clock, rand=lambda: 0.99)
+    poller = Poller(
+        svc,
+        PollerConfig(enabled=True, poll_this_host=True, interval=30.0),
+        clock=clock,
+        rand=lambda: 0.99,
+    )
     await poller.start()
     try:
         now = clock.now
@@ -376,7 +381,14 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
     site.write_text(json.dumps(data))
     cfg = write_config(
         tmp_path,
-        sections={"poller": {"enabled": True, "poll_this_host": True, "interval": "0.2s", "timeout": "60s"}},
+        sections={
+            "poller": {
+                "enabled": True,
+                "poll_this_host": True,
+                "interval": "0.2s",
+                "timeout": "60s",
+            }
+        },
         maps=[str(site)],
     )
     daemon = DaemonProcess(cfg).wait_ready()
@@ -443,7 +455,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
         await w.drain()
 
     port = await server(handler)
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     dev = Device(
         "d", DeviceKind.PRINTER, "D", uri.format(port=port), source=source, addresses=addresses
     )

@@ -313,7 +313,7 @@ FAMILIES: tuple[Family, ...] = (
         "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
         lambda r: r.mqtt_enabled,
     ),
-    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    # Reloads (the app's ``operations`` section) and the warm-restart inventory.
     Family(
         "nearest_config_reloads_total",
         "counter",
@@ -344,22 +344,22 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Writes of the warm-restart inventory snapshot, by result.",
         lambda r: [
-            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
-            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+            (("success",), float(r.section("inventory").get("writes_ok", 0))),
+            (("failure",), float(r.section("inventory").get("writes_failed", 0))),
         ],
         ("result",),
-        section="operations",
-        keys=("inventory_writes_ok", "inventory_writes_failed"),
+        section="inventory",
+        keys=("writes_ok", "writes_failed"),
     ),
     stat(
-        "operations",
-        "inventory_restored",
+        "inventory",
+        "restored",
         "nearest_inventory_restored_devices",
         "gauge",
         "Devices restored (as stale) from the snapshot at start.",
     ),
     stat(
-        "operations",
+        "inventory",
         "stale_expired",
         "nearest_inventory_stale_expired_total",
         "counter",
@@ -471,14 +471,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",
@@ -792,11 +792,14 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "url": "this page's own address",
         "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
     },
-    "operations": {
-        "inventory_file": "a path",
-        "inventory_last_write": "a timestamp only for stats",
-        "systemd_notify": "a setting",
-        "metrics": "this page's own address",
+    "inventory": {
+        "file": "a path",
+        "last_write": "a timestamp only for stats",
+    },
+    "systemd": {
+        "notify": "a setting",
+        "sent": "messages to the service manager, only for stats",
+        "failed": "messages the service manager did not take, only for stats",
     },
 }
 

@@ -40,7 +40,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from nearestd.config import PollerConfig
+import h11
+
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config, PollerConfig
 from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
@@ -61,7 +64,6 @@ from nearestd.core.state import (
 )
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
@@ -71,7 +73,8 @@ TICK_SECONDS = 0.25
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
 LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
-MAX_LINE = 8192
+# The status line and headers together, at most (h11 refuses a longer head).
+MAX_HEAD = 16384
 MAX_HEADERS = 64
 # Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
 ERROR_KINDS = (
@@ -139,14 +142,18 @@ class Workers:
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
+    name = "poller"
+
     def __init__(
         self,
         service: Service,
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
@@ -165,7 +172,6 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self.transitions = 0
         self.poll_seconds = 0.0
-        self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
@@ -188,15 +194,22 @@ class Poller:
         self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
-        self._runner = asyncio.ensure_future(self._run())
-        self._runner.set_name("poller")
+        self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
             extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule; wake and drop the polls in flight."""
+        """Cancel the schedule (and a restart under way); wake and drop the polls in flight."""
+        restarting, self.restarting = self.restarting, None
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -231,7 +244,19 @@ class Poller:
         self._failures.clear()
         self._generation = -1
 
-    def reconfigure(self, cfg: PollerConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
+        if self.follow(cfg.poller):
+            self.restarting = self._spawn(self._restart(), "poller-restart")
+
+    async def _restart(self) -> None:
+        await self._halt()
+        if self.cfg.enabled:
+            await self.start()
+        else:
+            self.forget()
+
+    def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         self.cfg = cfg
@@ -367,7 +392,6 @@ class Poller:
             self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
-            self.last_poll_s = elapsed
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
@@ -553,57 +577,6 @@ def exchange(
         raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
 
 
-class _Conn:
-    """A socket read through a buffer, every read bounded by a deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buf = bytearray()
-        self.eof = False
-
-    def _fill(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.sock.settimeout(left)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.eof = True
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\n", 0, MAX_LINE + 1)
-            if end >= 0:
-                out = bytes(self.buf[: end + 1])
-                del self.buf[: end + 1]
-                return out
-            if len(self.buf) > MAX_LINE:
-                raise PollFailure("http-error", f"a header line longer than {MAX_LINE} bytes")
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the headers")
-            self._fill()
-
-    def exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the body")
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def rest(self, limit: int) -> bytes:
-        while not self.eof:
-            if len(self.buf) > limit:
-                raise PollFailure("too-large", f"more than {limit} bytes")
-            self._fill()
-        if len(self.buf) > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        return bytes(self.buf)
-
-
 def _connect(
     host: str,
     port: int,
@@ -646,8 +619,9 @@ def _http(
     open_sockets: OpenSockets,
     refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
-    # close-delimited replies, every read bounded in size and by the deadline.
+    # One request per connection through h11 (the sans-I/O HTTP/1.1 codec httpcore uses):
+    # it frames Content-Length, chunked and close-delimited replies; this bounds the head,
+    # the header count, the body and every read by the deadline.
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
@@ -667,91 +641,59 @@ def _http(
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
-            "Accept-Encoding: identity\r\nConnection: close\r\n"
-        )
+        headers = [
+            ("Host", parts.netloc),
+            ("User-Agent", USER_AGENT),
+            ("Accept-Encoding", "identity"),
+            ("Connection", "close"),
+        ]
         if body is not None:
-            head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+            headers += [("Content-Type", "application/ipp"), ("Content-Length", str(len(body)))]
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        out = conn.send(h11.Request(method=method, target=path, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(head.encode("latin-1") + b"\r\n" + (body or b""))
-        conn = _Conn(sock, deadline)
-        status, headers = _read_head(conn)
-        while status == 100:
-            status, headers = _read_head(conn)
-        if status != 200:
-            raise PollFailure("http-error", f"HTTP {status}")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return _read_chunked(conn, limit)
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if length < 0 or length > limit:
-                raise PollFailure("too-large", f"{length} bytes announced")
-            return conn.exactly(length)
-        return conn.rest(limit)
+        sock.sendall(out)
+        return _read_reply(conn, sock, deadline, limit)
+    except h11.ProtocolError as exc:
+        raise PollFailure("http-error", f"bad HTTP reply: {exc}") from None
     finally:
         open_sockets.discard(sock)
         sock.close()
 
 
-def _read_head(conn: _Conn) -> tuple[int, dict[str, str]]:
-    """Read a status line and headers; return the status and the headers by lower-case name."""
-    line = conn.line()
-    fields = line.split(None, 2)
-    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
-        raise PollFailure("http-error", f"not an HTTP/1.x status line: {line[:60]!r}")
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS):
-        raw = conn.line()
-        if raw in (b"\r\n", b"\n"):
-            return int(fields[1]), headers
-        name, sep, value = raw.decode("latin-1").partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
-
-
-def _read_chunked(conn: _Conn, limit: int) -> bytes:
-    """Read a chunked body up to ``limit`` bytes."""
+def _read_reply(conn: h11.Connection, sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """Read one reply's body through h11: status 200 only, at most ``limit`` bytes."""
     data = bytearray()
     while True:
-        size_line = conn.line()
-        size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
-        if size == 0:
-            for _ in range(MAX_HEADERS):
-                if conn.line() in (b"\r\n", b"\n"):
-                    return bytes(data)
-            raise PollFailure("http-error", "endless chunked trailer")
-        if len(data) + size > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        data += conn.exactly(size)
-        conn.exactly(2)
-
-
-def attach_poller(daemon: Daemon) -> Poller:
-    """Register the poller's start, stop and reload hooks with the daemon."""
-    poller = Poller(daemon.service, daemon.service.cfg.poller)
-    daemon.service.extra_stats["poller"] = poller.stats
-
-    async def start(_: Daemon) -> None:
-        await poller.start()
-
-    async def stop(_: Daemon) -> None:
-        await poller.stop()
-
-    def reload(d: Daemon) -> None:
-        if poller.reconfigure(d.service.cfg.poller):
-
-            async def restart() -> None:
-                await poller.stop()
-                if poller.cfg.enabled:
-                    await poller.start()
-                else:
-                    poller.forget()
-
-            poller.restarting = asyncio.ensure_future(restart())
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return poller
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.InformationalResponse):
+            continue
+        elif isinstance(event, h11.Response):
+            if len(event.headers) > MAX_HEADERS:
+                raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
+            # h11 bounds a head that arrives in pieces; one read can bring a whole long one.
+            if sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
+                raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")
+            if event.status_code != 200:
+                # A redirect is never followed: the device answers at its own address or not.
+                raise PollFailure("http-error", f"HTTP {event.status_code}")
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > limit:
+                    raise PollFailure("too-large", f"{int(value)} bytes announced")
+        elif isinstance(event, h11.Data):
+            data += event.data
+            if len(data) > limit:
+                raise PollFailure("too-large", f"more than {limit} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(data)
+        else:  # ConnectionClosed before the end of the message
+            raise PollFailure("http-error", "connection closed before the end of the reply")
