@@ -30,13 +30,8 @@ from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
-<<<<<<< HEAD
-from nearestd.core.devices import DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
-=======
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
->>>>>>> main
+from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
