@@ -200,3 +200,18 @@ def test_reload_takes_a_new_token(
         lambda: _get(base + "/", {"Authorization": f"Bearer {new}"})[0] == 200,
     )
     assert _get(base + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 401
+
+
+def test_web_figures_are_in_stats_and_on_metric_families(
+    web_with_token: tuple[DaemonProcess, str],
+) -> None:
+    from nearestd.adapters.metrics import exported_keys
+    from support import ask
+
+    daemon, base = web_with_token
+    assert _get(base + "/")[0] == 401
+    assert _get(base + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    stats = ask(daemon, {"op": "stats"}, admin=True)["stats"]["web"]
+    assert stats["unauthorised"] >= 1 and stats["requests"] >= 1 and stats["streams"] == 0
+    # Every figure is on a metric family (tests/test_metrics_scrape.py's rule).
+    assert set(stats) <= exported_keys()["web"]

@@ -151,7 +151,16 @@ class WebView:
 
     def stats(self) -> Mapping[str, Any]:
         """Return requests by outcome and the open event streams."""
-        return MappingProxyType({**self.counters, "streams": len(self._streams)})
+        c = self.counters
+        return MappingProxyType(
+            {
+                "requests": c["requests"],
+                "unauthorised": c["unauthorised"],
+                "events": c["events"],
+                "streams_dropped": c["streams_dropped"],
+                "streams": len(self._streams),
+            }
+        )
 
     # ---- guard ------------------------------------------------------------------------
     @web.middleware
