@@ -31,7 +31,7 @@ from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
+from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
@@ -344,7 +344,8 @@ class Service:
 
     def floor_drawing(self, req: MapRequest) -> str:
         """Return one floor as a standalone SVG document, or refuse an unknown floor."""
-        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+        atlas = Atlas.of(self.sitemap)
+        if not atlas.floor_zones(req.site, req.building, req.level):
             raise WireError(
                 ErrorCode.UNKNOWN_LOCATION,
                 "site, building, level: no zone of the site maps is on that floor",
@@ -358,7 +359,7 @@ class Service:
             req.building,
             req.level,
         )
-        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+        return floor_svg(atlas, req.site, req.building, req.level, marks)
 
     def explain(
         self, client_ip: str, kind: str, k: int, now: float

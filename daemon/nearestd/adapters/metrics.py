@@ -365,6 +365,36 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Restored devices dropped because discovery did not confirm them in time.",
     ),
+    # The operators' web view (adapters/web.py), while [web] is set.
+    stat(
+        "web",
+        "requests",
+        "nearest_web_requests_total",
+        "counter",
+        "Requests the web view answered (pages, assets, event streams).",
+    ),
+    stat(
+        "web",
+        "unauthorised",
+        "nearest_web_unauthorised_total",
+        "counter",
+        "Web requests refused with 401 for a missing or wrong bearer token.",
+    ),
+    stat("web", "streams", "nearest_web_streams", "gauge", "Open web pages following live events."),
+    stat(
+        "web",
+        "events",
+        "nearest_web_events_total",
+        "counter",
+        "Live updates sent to open web pages.",
+    ),
+    stat(
+        "web",
+        "streams_dropped",
+        "nearest_web_streams_dropped_total",
+        "counter",
+        "Event streams closed because their reader fell too far behind.",
+    ),
     # Client connections (the socket servers).
     stat(
         "connections",

@@ -20,19 +20,17 @@ from nearestd.core.devices import Record
 from nearestd.core.floorplan import (
     LOOKS,
     STATES,
+    Atlas,
     Mark,
     attr,
-    building_frame,
     display_state,
     floor_svg,
-    floors,
     legend_svg,
     mark_svg,
     text,
 )
 from nearestd.core.model import Zone
 from nearestd.core.quarantine import Quarantined
-from nearestd.core.sitemap import SiteMap
 
 KINDS = ("printer", "scanner")
 
@@ -104,7 +102,7 @@ def _counts_head() -> str:
     return "".join(f"<th>{text(s)}</th>" for s in STATES) + "<th>all</th>"
 
 
-def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
+def summary(atlas: Atlas, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
     """Return the sites table: each building's floors and devices counted by state."""
     by_floor: dict[tuple[str, str, int], Counter[str]] = {}
     unlocated = 0
@@ -116,7 +114,7 @@ def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Q
         by_floor.setdefault((p.site, p.building, p.level), Counter())[display_state(r.device)] += 1
     n_quarantined = sum(1 for _ in quarantined)
     rows = []
-    for (site, building), levels in floors(sitemap).items():
+    for (site, building), levels in atlas.levels.items():
         total: Counter[str] = Counter()
         links = []
         for level in levels:
@@ -141,13 +139,13 @@ def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Q
 
 
 def index_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     records: Iterable[Record],
     quarantined: Iterable[Quarantined],
     version: str,
 ) -> str:
     """Return ``/``: every site and building with counts by state."""
-    body = "<h1>Sites and buildings</h1>" + summary(sitemap, records, quarantined)
+    body = "<h1>Sites and buildings</h1>" + summary(atlas, records, quarantined)
     return page("Sites", body, "/events/", version)
 
 
@@ -161,9 +159,9 @@ def floor_counts(marks: Sequence[Mark]) -> str:
     return f'<ul class="floor-counts" data-region="counts" id="counts">{items}</ul>'
 
 
-def floor_nav(sitemap: SiteMap, site: str, building: str, level: int) -> str:
+def floor_nav(atlas: Atlas, site: str, building: str, level: int) -> str:
     """Return links to the other floors of the building."""
-    levels = floors(sitemap).get((site, building), [])
+    levels = atlas.levels.get((site, building), [])
     links = []
     for lv in levels:
         if lv == level:
@@ -233,7 +231,7 @@ def panel(record: Record | None, device_id: str | None) -> str:
 
 
 def floor_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     site: str,
     building: str,
     level: int,
@@ -244,13 +242,13 @@ def floor_page(
 ) -> str:
     """Return ``/floors/SITE/BUILDING/LEVEL``: the drawing, the counts, the legend, a panel."""
     link = device_link(site, building, level)
-    svg = floor_svg(sitemap, site, building, level, marks, link=link)
+    svg = floor_svg(atlas, site, building, level, marks, link=link)
     events = floor_url(site, building, level)
     if device_id is not None:
         events += f"?device={quote(device_id, safe='')}"
     body = (
         f"<h1>{text(site)} / {text(building)} / level {level}</h1>"
-        f"{floor_nav(sitemap, site, building, level)}"
+        f"{floor_nav(atlas, site, building, level)}"
         f'<div class="floor-view"><figure class="plan">{svg}</figure>'
         f'<div class="side">{floor_counts(marks)}{legend_svg()}'
         f"{panel(selected, device_id)}</div></div>"
@@ -323,7 +321,7 @@ def lists_page(records: Iterable[Record], quarantined: Iterable[Quarantined], ve
 
 
 def locate_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     ip: str,
     kind: str,
     k: int,
@@ -359,7 +357,7 @@ def locate_page(
         else "<p>Nothing would be answered: no available device of this kind is reachable.</p>"
     )
     svg = floor_svg(
-        sitemap,
+        atlas,
         zone.site,
         zone.building,
         zone.level,
@@ -383,7 +381,7 @@ def locate_page(
 
 def floor_regions(
     marks: Sequence[Mark],
-    sitemap: SiteMap,
+    atlas: Atlas,
     site: str,
     building: str,
     level: int,
@@ -391,7 +389,7 @@ def floor_regions(
     device_id: str | None,
 ) -> dict[str, str]:
     """Return a floor page's live parts: each mark by its key, the counts, the panel."""
-    frame = building_frame(sitemap, site, building)
+    frame = atlas.frame(site, building)
     link = device_link(site, building, level)
     out = {f"svg:{m.key}": mark_svg(m, frame, link) for m in marks}
     out["html:counts"] = floor_counts(marks)
