@@ -65,7 +65,10 @@ class DaemonConfig:
         "CIDRs that may ask on behalf of another IP (client_ip).",
         factory=lambda: ["127.0.0.1/32", "::1/128"],
     )
-    state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
+    state_dir: str = _doc(
+        "Directory for the device inventory snapshot and the compiled site map (a cache).",
+        "/var/lib/nearestd",
+    )
     max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
     max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
     max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
