@@ -17,7 +17,8 @@ from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
 from nearestd.config import Config, ConfigError
-from nearestd.loader import World, load_world
+from nearestd.loader import World, infrastructure_addresses, load_world
+from nearestd.logs import host_literals, set_infrastructure
 from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd")
@@ -49,6 +50,7 @@ class Daemon:
             time.monotonic,
         )
         self.addresses: list[str] = []
+        self.note_infrastructure()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.reloads_ok = 0
@@ -78,6 +80,13 @@ class Daemon:
 
             attach_mqtt(self)
 
+    def note_infrastructure(self) -> None:
+        """Tell the log filter which addresses are the config's, the maps' and our sockets'."""
+        own: set[str] = set()
+        for address in self.addresses:
+            own |= host_literals(address)
+        set_infrastructure(infrastructure_addresses(self.world) | own)
+
     @property
     def config(self) -> Config:
         """Return the current config."""
@@ -91,6 +100,7 @@ class Daemon:
             if url.startswith("unix://"):
                 url = f"unix://{cfg.resolve(url[7:])}"
             self.addresses.append(await self.sockets.listen(url))
+            self.note_infrastructure()
         if cfg.daemon.admin_socket:
             self.addresses.append(
                 await self.sockets.listen_admin(
@@ -187,11 +197,13 @@ class Daemon:
         self.reloads_failed += 1
         self.last_reload_ok = False
         for problem in problems:
-            LOG.error("reload refused", extra={"problem": problem})
+            # Problems quote the config and site-map files: shown as written there.
+            LOG.error("reload refused", extra={"problem": problem, "_verbatim": ("problem",)})
         return problems
 
     def _switch(self, world: World) -> list[str]:
         self.world = world
+        self.note_infrastructure()
         self.service.apply(world.config, world.sitemap)
         self.sockets.set_policy(world.config.daemon.allow, world.config.daemon.trusted_peers)
         for component in self.components:
@@ -265,7 +277,9 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
-            LOG.error("configuration problem", extra={"problem": problem})
+            LOG.error(
+                "configuration problem", extra={"problem": problem, "_verbatim": ("problem",)}
+            )
         return 2
     finally:
         # The site map and device table live until the next reload: keep the cyclic

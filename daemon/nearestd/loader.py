@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import orjson
 from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
+from nearestd.logs import host_literals
 
 MAX_MAP_BYTES = 64 * 1024 * 1024
 
@@ -141,3 +142,31 @@ def load_world(path: str | Path, use_cache: bool = False) -> World:
             mapcache.save(state_dir, key, sitemap)
 
     return World(cfg, sitemap, save)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            yield from _strings(getattr(value, f.name))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+
+
+def infrastructure_addresses(world: World) -> set[str]:
+    """Return the host addresses the config and site maps name (not personal data)."""
+    found: set[str] = set()
+    for text in _strings(world.config):
+        found |= host_literals(text)
+    for device, _ in world.sitemap.static_devices:
+        found |= host_literals(device.uri)
+    for pin in world.sitemap.pins:
+        if pin.field == "ip":
+            found |= host_literals(pin.value)
+    return found
