@@ -159,13 +159,19 @@ def _strings(value: Any) -> Iterator[str]:
             yield from _strings(item)
 
 
+_ADDRESS_START = frozenset("0123456789[")
+
+
 def infrastructure_addresses(world: World) -> set[str]:
     """Return the host addresses the config and site maps name (not personal data)."""
     found: set[str] = set()
     for text in _strings(world.config):
         found |= host_literals(text)
     for device, _ in world.sitemap.static_devices:
-        found |= host_literals(device.uri)
+        host = device.uri.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        # Most devices have names: only an address-like host is worth parsing.
+        if host[:1] in _ADDRESS_START:
+            found |= host_literals(host)
     for pin in world.sitemap.pins:
         if pin.field == "ip":
             found |= host_literals(pin.value)
