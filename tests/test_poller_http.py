@@ -342,7 +342,9 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
     site.write_text(json.dumps(data))
     cfg = write_config(
         tmp_path,
-        sections={"poller": {"enabled": True, "interval": "0.2s", "timeout": "60s"}},
+        sections={
+            "poller": {"enabled": True, "static": True, "interval": "0.2s", "timeout": "60s"}
+        },
         maps=[str(site)],
     )
     daemon = DaemonProcess(cfg).wait_ready()

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from nearest_client import agent
 from nearest_client.client import Client, ClientError, ServerError, Unreachable, default_server
-from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target
+from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, readiness
 from nearest_wire import PAPER_NEEDS, Need
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -221,6 +221,12 @@ def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) ->
             file=sys.stderr,
         )
         return EXIT_NONE
+    ready = readiness()
+    for advice in ready.advice:
+        print(f"nearest: {advice}", file=sys.stderr)
+    if ready.missing_tools:
+        print("nearest: the default is unchanged", file=sys.stderr)
+        return EXIT_UNREACHABLE
     cups = Cups(driver_timeout=driver_timeout)
     for i, device in enumerate(devices):
         target = Target.from_reply(device)

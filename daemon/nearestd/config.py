@@ -146,7 +146,11 @@ class PollerConfig:
     """[poller]: live state from IPP Get-Printer-Attributes and eSCL ScannerStatus."""
 
     enabled: bool = _doc(
-        "Poll every printer (ipp/ipps) and scanner (eSCL) for its live state.", False
+        "Poll every discovered printer (ipp/ipps) and scanner (eSCL) for its live state.", True
+    )
+    static: bool = _doc(
+        "Poll the site maps' static devices too; a device's own 'poll' property overrides this.",
+        False,
     )
     interval: Duration = _doc(
         "Time between polls of one device (spread +/- jitter).", Duration(30.0)

@@ -1,7 +1,8 @@
 """The poller: asks printers (IPP) and scanners (eSCL) whether they can serve, and how full.
 
-Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roots
-(scanners) is polled, discovered and static alike. Each device has its own due time:
+Every discovered device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL
+roots (scanners) is polled; a static device from a site map only when its ``poll``
+property, or else ``[poller] static``, says so. Each device has its own due time:
 the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
@@ -212,6 +213,8 @@ class Poller:
     def reconfigure(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
+        if cfg.static != self.cfg.static:
+            self._generation = -1  # which static devices are polled changed
         self.cfg = cfg
         return restart
 
@@ -236,9 +239,14 @@ class Poller:
             return
         self._generation = table.generation
         seen: set[str] = set()
+        static_poll = self.service.sitemap.static_poll
         for rec in table.records():
             target = poll_target(rec.device)
             if target is None:
+                continue
+            if rec.device.source == "static" and not static_poll.get(
+                rec.device.id, self.cfg.static
+            ):
                 continue
             device_id = rec.device.id
             seen.add(device_id)
@@ -259,6 +267,8 @@ class Poller:
                 self._due.pop(device_id, None)
                 self._failures.pop(device_id, None)
                 self._heard.pop(device_id, None)
+                if device_id in self.service.live:  # no longer polled: its state is unknown
+                    self.service.set_live(device_id, None)
 
     def _heard_again(self, now: float) -> None:
         """Ask at once (once per failure streak) a failing device discovery hears from again."""

@@ -172,6 +172,8 @@ class SiteMap:
     static_devices: tuple[tuple[Device, Placement], ...] = ()
     names: dict[str, str] = field(default_factory=dict)
     visibility: VisibilityPolicy = field(default_factory=VisibilityPolicy)
+    # Static devices whose ``poll`` property says whether the poller asks them.
+    static_poll: dict[str, bool] = field(default_factory=dict)
 
     def zone_for_ip(self, ip: str) -> Zone | None:
         """Return the client's zone by longest-prefix match."""
@@ -290,7 +292,7 @@ def _is_box(geom: BaseGeometry) -> bool:
 
 
 # What a static device's placement and visibility read of its properties after _device().
-_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to")
+_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to", "poll")
 
 
 class _Builder:
@@ -614,6 +616,8 @@ class _Builder:
                     continue
                 static_ids[dev.id] = file
                 statics.append((dev, place))
+                if "poll" in props:
+                    sm.static_poll[dev.id] = props["poll"]
                 if "visible_to" in props:
                     bits = self._visibility(sm, file, where, props["visible_to"])
                     if bits:
@@ -693,6 +697,9 @@ class _Builder:
             self.problem(
                 file, where, f"properties.uri: scheme must be one of {', '.join(URI_SCHEMES)}"
             )
+            ok = False
+        if "poll" in props and not isinstance(props["poll"], bool):
+            self.problem(file, where, "properties.poll: expected true or false")
             ok = False
         make_model = props.get("make_model", "")
         if not isinstance(make_model, str):
