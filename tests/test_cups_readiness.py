@@ -4,6 +4,8 @@ Against the same real private cupsd and ippeveprinter as tests/test_cups_queues.
 filter check is pointed at a temporary CUPS_SERVERBIN, the tool check at a temporary PATH.
 """
 
+# ruff: noqa: F811  (the fixtures imported from test_cups_queues are parameters here)
+
 from __future__ import annotations
 
 import os
@@ -60,7 +62,7 @@ def _path_with(tmp_path: Path, tools: tuple[str, ...]) -> str:
 def test_without_the_filters_set_default_says_to_install_cups_filters(
     site: Site,
     cups: PrivateCups,
-    tmp_path: Path,  # noqa: F811 (fixtures)
+    tmp_path: Path,
 ) -> None:
     serverbin = _serverbin(tmp_path, ())
     r = nearest(site, cups, "printer", "--set-default", CUPS_SERVERBIN=str(serverbin))
@@ -82,7 +84,7 @@ def test_with_one_filter_missing_it_names_that_one(tmp_path: Path) -> None:
 def test_with_the_filters_there_is_no_advice(
     site: Site,
     cups: PrivateCups,
-    tmp_path: Path,  # noqa: F811 (fixtures)
+    tmp_path: Path,
 ) -> None:
     serverbin = _serverbin(tmp_path, ("texttopdf", "pdftopdf"))
     r = nearest(site, cups, "printer", "--set-default", CUPS_SERVERBIN=str(serverbin))
@@ -93,7 +95,7 @@ def test_with_the_filters_there_is_no_advice(
 def test_without_lpadmin_the_default_is_unchanged_and_it_says_what_to_install(
     site: Site,
     cups: PrivateCups,
-    tmp_path: Path,  # noqa: F811 (fixtures)
+    tmp_path: Path,
 ) -> None:
     serverbin = _serverbin(tmp_path, ("texttopdf", "pdftopdf"))
     r = nearest(
