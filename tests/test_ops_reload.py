@@ -307,9 +307,9 @@ async def test_sighup_reload_parses_off_the_event_loop(
     daemon = app.Daemon(load_world(s.cfg), str(s.cfg))
     slow_parse = 1.0
 
-    def slow_load(path: str) -> Any:
+    def slow_load(path: str, use_cache: bool = False) -> Any:
         time.sleep(slow_parse)  # stands in for a large campus (100k prefixes: ~4 s here)
-        return load_world(path)
+        return load_world(path, use_cache)
 
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()

@@ -235,8 +235,10 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
     for i in range(200):
         uri = f"ipp://127.0.0.1:9/p{i}"
         svc.upsert_device(Device(f"d{i}", DeviceKind.PRINTER, "D", uri, source="mdns"), 0.0)
-    svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
-    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
+    svc.upsert_device(
+        Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True, source="mdns"), 0.0
+    )
+    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/", source="mdns"), 0.0)
     poller = Poller(svc, PollerConfig(enabled=True, interval=30.0))
     poller._started_at = 99.0  # the poller has just started
     poller.sync_targets(100.0)
@@ -302,11 +304,15 @@ async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     await poller.start()
     try:
         now = time.monotonic()
-        svc.upsert_device(Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/"), 0.0)
+        svc.upsert_device(
+            Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
         assert poller._due["a"] > now + 25  # at start: spread over the interval
         poller._started_at = now - 31
-        svc.upsert_device(Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/"), 0.0)
+        svc.upsert_device(
+            Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
         assert poller._due["b"] <= now + 2.0
     finally:
