@@ -631,12 +631,31 @@ DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
 IPV4_RUN = re.compile(r"\d{1,3}(?:[.\-_]\d{1,3}){3}")
 MAX_SUPPLY_SERIES = 2000
 MAX_SUPPLIES_PER_DEVICE = 16
+MAX_SUPPLY_NAME = 64
 
 
 def device_label(device_id: str) -> str:
     """Return a device id fit to be a label, or ``other`` (an id that holds an address)."""
     if DEVICE_LABEL.fullmatch(device_id) and not IPV4_RUN.search(device_id):
         return device_id
+    return "other"
+
+
+def supply_label(name: str) -> str:
+    """Return a supply's name as the device reports it (as stats show it), or ``other``.
+
+    Label values may hold any text (the exposition format escapes what it must), so the
+    name is not rewritten; one too long, with control characters, or holding what could
+    be an address or a hash is folded into ``other``.
+    """
+    if (
+        0 < len(name) <= MAX_SUPPLY_NAME
+        and name.isprintable()
+        and not IPV4_RUN.search(name)
+        and not HEX_RUN.search(name)
+        and name.count(":") < 2
+    ):
+        return name
     return "other"
 
 
@@ -653,7 +672,7 @@ def supply_family(records: Any) -> Family:
         for supply in supplies[:MAX_SUPPLIES_PER_DEVICE]:
             if supply.level is None or len(samples) >= MAX_SUPPLY_SERIES:
                 continue
-            name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply.name).strip("_"))
+            name = supply_label(supply.name)
             samples.setdefault((dev, name), float(supply.level))
     return Family(
         "nearest_device_supply_level_percent",
