@@ -44,7 +44,7 @@ def test_nearest_exit_codes_and_output(demo_daemon: DaemonProcess) -> None:
     unreachable = nearest("printer", server=f"tcp://127.0.0.1:{free_port()}")
     assert unreachable.returncode == 3 and "cannot reach nearestd" in unreachable.stderr
     bad_url = nearest("printer", server="http://x")
-    assert bad_url.returncode == 3 and "bad server URL" in bad_url.stderr
+    assert bad_url.returncode == 2 and "bad server URL" in bad_url.stderr
 
 
 def test_nearest_json_and_k(demo_daemon: DaemonProcess) -> None:

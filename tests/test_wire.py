@@ -16,6 +16,7 @@ from nearest_wire import (
     WireError,
     decode_payload,
     encode_frame,
+    encode_payload,
     parse_request,
 )
 
@@ -83,7 +84,8 @@ def test_parse_nearest_full() -> None:
     [
         ({"v": 1, "op": "ping"}, "bad-request", "id: missing", None),
         ({"v": 1, "id": "x", "op": "ping"}, "bad-request", "id: expected an integer", None),
-        ({"v": 1, "id": -1, "op": "ping"}, "bad-request", "id: expected an integer", None),
+        ({"v": 1, "id": 2**64, "op": "ping"}, "bad-request", "id: expected an integer", None),
+        ({"v": 1, "id": -(2**63) - 1, "op": "ping"}, "bad-request", "id: expected an int", None),
         ({"id": 1, "op": "ping"}, "bad-request", "v: missing", 1),
         ({"v": 2, "id": 1, "op": "ping"}, "unsupported-version", "version 2", 1),
         ({"v": "1", "id": 1, "op": "ping"}, "bad-request", "v: expected the integer 1", 1),
@@ -178,4 +180,14 @@ def test_parse_request_errors(obj: dict, code: str, fragment: str, rid: int | No
         parse_request(obj)
     assert str(ei.value.code) == code
     assert fragment in ei.value.message
+    assert ei.value.request_id == rid
+
+
+@pytest.mark.parametrize("rid", [-1, 0, -(2**63), 2**63 - 1, 2**63, 2**64 - 1])
+def test_any_id_messagepack_carries_is_accepted(rid: int) -> None:
+    """The contract's `id: int`: every int64 and uint64, negative ones included."""
+    req = parse_request(decode_payload(encode_payload({"v": 1, "id": rid, "op": "ping"})))
+    assert req.id == rid
+    with pytest.raises(WireError) as ei:
+        parse_request({"v": 1, "id": rid, "op": "nope"})
     assert ei.value.request_id == rid

@@ -11,9 +11,16 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from nearest_client import agent
-from nearest_client.client import Client, ClientError, ServerError, Unreachable, default_server
+from nearest_client.client import (
+    Client,
+    ClientError,
+    ServerError,
+    Unreachable,
+    default_server,
+    parse_url,
+)
 from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, readiness
-from nearest_wire import PAPER_NEEDS, Need
+from nearest_wire import KINDS, PAPER_NEEDS, Need
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # --set-default asks for this many candidates, in case the nearest is not driverless.
@@ -48,9 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(kind, help=f"the nearest {kind}")
         s.add_argument("--color", action="store_true", help="colour")
         s.add_argument("--duplex", action="store_true", help="two-sided")
+        # An option of the other kind is accepted by the parser only to be refused by name.
         if kind == "printer":
             s.add_argument("--paper", choices=list(PAPER_NEEDS), help="paper size needed")
-        s.add_argument("--adf", action="store_true", help="automatic document feeder (scanners)")
+            s.add_argument("--adf", action="store_true", help=argparse.SUPPRESS)
+        else:
+            s.add_argument("--adf", action="store_true", help="automatic document feeder")
+            s.add_argument("--paper", help=argparse.SUPPRESS)
         s.add_argument("--secure", action="store_true", help="reachable over IPPS or HTTPS only")
         s.add_argument(
             "--any-state", action="store_true", help="include stopped or unreachable devices"
@@ -146,17 +157,51 @@ def _scanner_lines(d: dict[str, Any]) -> list[str]:
     ]
 
 
+# Options that only one kind has: given to the other kind, they are usage errors.
+ONLY_FOR = {"adf": "scanner", "paper": "printer"}
+# What a shell reports for a tool that SIGPIPE ended (128 + 13), as `yes | head -1` does.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; return the contract's exit status."""
+    """Run the command; return the contract's exit status (141 when stdout's reader left)."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    return status
+
+
+def quiet_broken_pipe() -> int:
+    """Stop writing to a closed stdout without a traceback; return the SIGPIPE-style status."""
+    # Python flushes stdout once more at exit; point it at /dev/null so that flush is silent.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     server = args.server or getattr(args, "server_sub", None)
     source = "--server"
-    if not server:
-        try:
+    try:
+        if server:
+            parse_url(server)
+        else:
             server, source = default_server()
-        except ClientError as exc:
-            print(f"nearest: {exc}", file=sys.stderr)
+    except ClientError as exc:
+        where = "--server: " if source == "--server" and server else ""
+        print(f"nearest: {where}{exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for option, kind in ONLY_FOR.items():
+        if args.kind in KINDS and args.kind != kind and getattr(args, option, None):
+            print(
+                f"nearest: --{option} applies to {kind}s only, not to {args.kind}s",
+                file=sys.stderr,
+            )
             return EXIT_USAGE
     as_json = args.json or getattr(args, "json_sub", False)
     if args.where:
@@ -181,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         duplex=args.duplex,
         adf=args.adf,
         secure=args.secure,
-        paper=PAPER_NEEDS[args.paper] if getattr(args, "paper", None) else None,
+        paper=PAPER_NEEDS[args.paper] if args.kind == "printer" and args.paper else None,
         any_state=args.any_state,
     )
     k = max(args.k, SET_DEFAULT_CANDIDATES) if set_default else args.k

@@ -48,6 +48,10 @@ def default_server(
     """
     env = dict(os.environ) if env is None else env
     if env.get("NEAREST_SERVER"):
+        try:
+            parse_url(env["NEAREST_SERVER"])
+        except ClientError as exc:
+            raise ClientError(f"NEAREST_SERVER: {exc}") from None
         return env["NEAREST_SERVER"], "NEAREST_SERVER"
     config_file = config_file or env.get("NEAREST_CLIENT_CONFIG") or CLIENT_CONFIG
     try:
@@ -84,8 +88,10 @@ def parse_url(url: str) -> tuple[str, Any]:
         return "unix", path
     if url.startswith("tcp://"):
         host, _, port = url[6:].rpartition(":")
-        if not host or not port.isdigit():
+        if not host.strip("[]") or not port.isascii() or not port.isdigit():
             raise ClientError(f"bad server URL {url!r}: expected tcp://HOST:PORT")
+        if not 1 <= int(port) <= 65535:
+            raise ClientError(f"bad server URL {url!r}: port must be from 1 to 65535")
         return "tcp", (host.strip("[]"), int(port))
     raise ClientError(f"bad server URL {url!r}: expected tcp://HOST:PORT or unix:///PATH")
 
@@ -129,7 +135,9 @@ class Client:
         self.close()
 
     def connect(self) -> None:
-        """Open the connection."""
+        """Open the connection (if not open yet)."""
+        if self._sock is not None:
+            return
         kind, addr = parse_url(self.url)
         try:
             if kind == "unix":

@@ -16,7 +16,9 @@ from nearest_wire.errors import ErrorCode, WireError
 VERSION = 1
 KINDS = ("printer", "scanner")
 MAX_K = 20
-MAX_ID = 2**63 - 1
+# Any integer MessagePack carries: int64 and uint64.
+MIN_ID = -(2**63)
+MAX_ID = 2**64 - 1
 # Bonjour PaperMax classes, smallest first; a device's class is its index here.
 PAPER_CLASSES = ("<legal-A4", "legal-A4", "tabloid-A3", "isoC-A2", ">isoC-A2")
 # What a request's need.paper asks for: the smallest acceptable PaperMax class.
@@ -30,7 +32,7 @@ PAPER_NEEDS = {
 }
 NEED_FLAGS = ("color", "duplex", "adf", "secure")
 PUBLIC_OPS = ("nearest", "locate", "devices", "ping")
-ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats")
+ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats", "map")
 MAX_ZONE_LEN = 128
 
 
@@ -123,6 +125,17 @@ class PrivacyRequest:
     ip: str
 
 
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """Admin: one floor drawn as SVG."""
+
+    id: int
+    site: str
+    building: str
+    level: int
+    op: str = "map"
+
+
 Request = (
     NearestRequest
     | LocateRequest
@@ -131,6 +144,7 @@ Request = (
     | ReloadRequest
     | StatsRequest
     | PrivacyRequest
+    | MapRequest
 )
 
 _COMMON = {"v", "id", "op"}
@@ -143,6 +157,7 @@ _ALLOWED: dict[str, set[str]] = {
     "stats": _COMMON,
     "privacy.export": _COMMON | {"ip"},
     "privacy.erase": _COMMON | {"ip"},
+    "map": _COMMON | {"site", "building", "level"},
 }
 # Keys a transport may add around the request (MQTT 3.1.1 reply address).
 TRANSPORT_KEYS = {"reply_to", "correlation"}
@@ -159,7 +174,7 @@ def _type_name(value: object) -> str:
 def request_id(obj: dict[str, Any]) -> int | None:
     """Return the request's id if it is a valid one, for echoing in an error."""
     rid = obj.get("id")
-    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_ID:
+    if isinstance(rid, int) and not isinstance(rid, bool) and MIN_ID <= rid <= MAX_ID:
         return rid
     return None
 
@@ -342,12 +357,12 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
     # through the full check, which words the error. The order of the checks is the
     # order in which errors are reported.
     rid = obj.get("id")
-    if type(rid) is not int or not 0 <= rid <= MAX_ID:
+    if type(rid) is not int or not MIN_ID <= rid <= MAX_ID:
         rid = request_id(obj)
         if "id" not in obj:
             raise _bad("id: missing; expected an integer", None)
         if rid is None:
-            raise _bad(f"id: expected an integer from 0 to {MAX_ID}", None)
+            raise _bad(f"id: expected an integer from {MIN_ID} to {MAX_ID}", None)
     v = obj.get("v")
     if type(v) is not int or v != VERSION:
         if v is None:
@@ -401,6 +416,14 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         return ReloadRequest(id=rid)
     if op == "stats":
         return StatsRequest(id=rid)
+    if op == "map":
+        level = obj.get("level")
+        if not isinstance(level, int) or isinstance(level, bool) or not -1000 <= level <= 1000:
+            raise _bad("level: expected an integer from -1000 to 1000", rid)
+        site, building = _opt_str(obj, "site", rid), _opt_str(obj, "building", rid)
+        if site is None or building is None:
+            raise _bad(f"{'site' if site is None else 'building'}: missing; expected a string", rid)
+        return MapRequest(id=rid, site=site, building=building, level=level)
     if "ip" not in obj:
         raise _bad("ip: missing; expected an IP address", rid)
     return PrivacyRequest(id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))

@@ -10,9 +10,10 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nearestd.adapters.component import Component
-from nearestd.adapters.metrics import MetricsExporter
+from nearestd.adapters.metrics import MetricsExporter, read_sections
 from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
@@ -45,7 +46,13 @@ class Daemon:
         self.sockets = SocketServers(
             self.service,
             Limits(
-                d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout, d.max_in_flight
+                d.max_connections,
+                d.max_frame,
+                d.idle_timeout,
+                d.frame_timeout,
+                d.max_in_flight,
+                max_per_source=d.max_connections_per_source,
+                reserved=d.reserved_connections,
             ),
             time.monotonic,
         )
@@ -67,7 +74,9 @@ class Daemon:
         self._reload_again = False
         self.notifier = Notifier.from_environment()
         self.snapshots = InventorySnapshots(self.service)
-        self.metrics = MetricsExporter(self)
+        self.metrics = MetricsExporter(self.service, self.stats_sections)
+        self.service.extra_stats["operations"] = self.operations_stats
+        self.components.append(self.metrics)
         if world.config.discovery.enabled:
             from nearestd.adapters.mdns import attach_mdns
 
@@ -79,6 +88,36 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(self.service, world.config.dnssd))
+        if world.config.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(self.service, world.config))
+
+    def stats_sections(self) -> dict[str, Any]:
+        """Return every stats section (the service's and each component's) for the metrics."""
+        return read_sections(self.service.extra_stats)
+
+    def operations_stats(self) -> dict[str, Any]:
+        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
+        snaps = self.snapshots
+        return {
+            "reloads_ok": self.reloads_ok,
+            "reloads_failed": self.reloads_failed,
+            "last_reload_ok": self.last_reload_ok,
+            "last_reload": self.last_reload or self.service.stats.started,
+            "inventory_file": str(snaps.path),
+            "inventory_restored": snaps.restored,
+            "inventory_writes_ok": snaps.writes_ok,
+            "inventory_writes_failed": snaps.writes_failed,
+            "inventory_last_write": snaps.last_write,
+            "stale_expired": snaps.expired,
+            "systemd_notify": self.notifier.enabled,
+            "metrics": f"http://{self.metrics.address}/metrics" if self.metrics.address else "",
+        }
 
     def note_infrastructure(self) -> None:
         """Tell the log filter which addresses are the config's, the maps' and our sockets'."""
@@ -101,6 +140,14 @@ class Daemon:
                 url = f"unix://{cfg.resolve(url[7:])}"
             self.addresses.append(await self.sockets.listen(url))
             self.note_infrastructure()
+        self._spawn(self._ticker(), "ticker")
+        self._spawn(self.snapshots.run(), "snapshots")
+        for starter in self.starters:
+            await starter(self)
+        for component in self.components:
+            await component.start()
+            self.service.extra_stats[component.name] = component.stats
+        # The admin socket last: once it answers, everything (metrics, poller, ...) is up.
         if cfg.daemon.admin_socket:
             self.addresses.append(
                 await self.sockets.listen_admin(
@@ -109,14 +156,6 @@ class Daemon:
                     cfg.daemon.admin_group,
                 )
             )
-        self._spawn(self._ticker(), "ticker")
-        self._spawn(self.snapshots.run(), "snapshots")
-        await self.metrics.start()
-        for starter in self.starters:
-            await starter(self)
-        for component in self.components:
-            await component.start()
-            self.service.extra_stats[component.name] = component.stats
         LOG.info(
             "serving",
             extra={
@@ -126,8 +165,10 @@ class Daemon:
             },
         )
         if self.notifier.enabled:
-            self._spawn(self.notifier.keepalive(lambda: status_line(self.service)), "watchdog")
-            self.notifier.ready(status_line(self.service))
+            self._spawn(
+                self.notifier.keepalive(lambda: status_line(self.service, time.time())), "watchdog"
+            )
+            self.notifier.ready(status_line(self.service, time.time()))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -221,7 +262,7 @@ class Daemon:
         self.reloads_ok += 1
         self.last_reload_ok = True
         self.last_reload = time.time()
-        self.notifier.status(status_line(self.service))
+        self.notifier.status(status_line(self.service, time.time()))
         LOG.info(
             "reloaded",
             extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
@@ -259,7 +300,6 @@ class Daemon:
             except Exception:
                 LOG.exception("adapter stop failed")
         await self.sockets.drain(max(0.1, min(1.0, deadline - loop.time())))
-        await self.metrics.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

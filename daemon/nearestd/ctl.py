@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
+from nearest_client.cli import quiet_broken_pipe
 from nearest_client.client import Client, ClientError, ServerError, Unreachable
 from nearestd.config import ConfigError, load_config
 
 DEFAULT_ADMIN = "/run/nearestd/admin.sock"
+SOCKET_ENV = "NEARESTCTL_SOCKET"
 PLACEMENT_ORDER = (
     "static (site-map position) > pin (site-map match on uuid, name, host, ip) > "
     "geo (printer-geo-location inside a zone) > note (DNS-SD note names a zone) > "
@@ -21,9 +26,14 @@ PLACEMENT_ORDER = (
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser."""
     p = argparse.ArgumentParser(prog="nearestctl", description="Operate a running nearestd.")
-    p.add_argument("--socket", help=f"admin socket (default: from --config, else {DEFAULT_ADMIN})")
+    p.add_argument(
+        "--socket",
+        help=f"admin socket (default: from --config, else ${SOCKET_ENV}, then {DEFAULT_ADMIN})",
+    )
     p.add_argument("--config", "-c", help="nearestd config file, to find its admin socket")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--json", action="store_true", help="the daemon's reply as JSON (default: human output)"
+    )
     p.add_argument("--timeout", type=float, default=10.0)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("devices", help="every device with kind, state, placement; unlocated first")
@@ -35,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("ip")
     n.add_argument("kind", choices=["printer", "scanner"])
     n.add_argument("-k", type=int, default=3)
+    m = sub.add_parser("map", help="one floor as SVG (zones, devices by state), for reports")
+    m.add_argument("site")
+    m.add_argument("building")
+    m.add_argument("level", type=int)
     sub.add_parser("reload", help="re-read config and site maps (all or nothing)")
     sub.add_parser("stats", help="counters and sizes")
     sub.add_parser("ping", help="is the daemon alive")
@@ -46,14 +60,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def admin_socket(args: argparse.Namespace) -> str:
-    """Return the admin socket path from the options."""
+def admin_sockets(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """Return the admin sockets to try, in order, each with where it came from."""
+    env = os.environ if env is None else env
     if args.socket:
-        return str(args.socket)
+        return [(str(args.socket), "--socket")]
     if args.config:
         cfg = load_config(args.config)
-        return str(cfg.resolve(cfg.daemon.admin_socket))
-    return DEFAULT_ADMIN
+        return [(str(cfg.resolve(cfg.daemon.admin_socket)), f"--config {args.config}")]
+    out = []
+    if env.get(SOCKET_ENV):
+        out.append((env[SOCKET_ENV], SOCKET_ENV))
+    if DEFAULT_ADMIN not in (path for path, _ in out):
+        out.append((DEFAULT_ADMIN, "default"))
+    return out
+
+
+def connect(candidates: list[tuple[str, str]], timeout: float) -> Client:
+    """Return a client connected to the first admin socket that answers; name all tried."""
+    tried = []
+    for path, source in candidates:
+        client = Client(f"unix://{path}", timeout=timeout)
+        try:
+            client.connect()
+        except Unreachable as exc:
+            tried.append(f"{path} (from {source}): {str(exc).rsplit(': ', 1)[-1]}")
+            continue
+        return client
+    raise Unreachable("cannot reach nearestd's admin socket; tried " + "; ".join(tried))
 
 
 def request_for(args: argparse.Namespace) -> dict[str, Any]:
@@ -72,6 +108,8 @@ def request_for(args: argparse.Namespace) -> dict[str, Any]:
         return {"op": "nearest", "client_ip": args.ip, "kind": args.kind, "k": args.k}
     if cmd == "privacy":
         return {"op": f"privacy.{args.action}", "ip": args.ip}
+    if cmd == "map":
+        return {"op": "map", "site": args.site, "building": args.building, "level": args.level}
     return {"op": cmd}
 
 
@@ -131,24 +169,89 @@ def format_reply(cmd: str, reply: dict[str, Any]) -> str:
     if cmd == "privacy":
         if "erased" in reply:
             return f"erased {reply['erased']} entries"
-        return json.dumps(reply["entries"], indent=2)
+        return format_entries(reply["entries"])
+    if cmd == "map":
+        return str(reply["svg"])
     if cmd == "reload":
         return "reloaded"
     if cmd == "ping":
         return f"alive (nearestd {reply.get('version')})"
-    return json.dumps(reply.get("stats", reply), indent=2, sort_keys=True)
+    return format_stats(reply.get("stats", {}))
+
+
+def iso_time(ts: float) -> str:
+    """Return an epoch time as ISO 8601 in UTC, to the second (2026-01-31T09:05:00Z)."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_entries(entries: list[dict[str, Any]]) -> str:
+    """Return a subject-access export as a table with ISO 8601 UTC times."""
+    rows = [["TIME (UTC)", "OP", "ZONE", "DEVICES"]]
+    for e in entries:
+        rows.append(
+            [
+                iso_time(float(e["ts"])),
+                str(e.get("op")),
+                str(e.get("zone") or "-"),
+                ",".join(e.get("devices") or []) or "-",
+            ]
+        )
+    return _table(rows) + f"\n{len(entries)} entries"
+
+
+# Stats keys that hold epoch times (shown in ISO 8601 UTC).
+TIME_KEYS = ("ts", "last_seen", "first_seen", "started", "oldest_entry")
+
+
+def _stat_lines(prefix: str, value: Any, out: list[str]) -> None:
+    if isinstance(value, dict):
+        if not value:
+            out.append(f"{prefix}: -")
+        for key in sorted(value, key=str):
+            _stat_lines(f"{prefix}.{key}" if prefix else str(key), value[key], out)
+        return
+    last = prefix.rsplit(".", 1)[-1]
+    if (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and (last in TIME_KEYS or last.endswith("_at"))
+    ):
+        shown = iso_time(float(value))
+    elif isinstance(value, list):
+        shown = ", ".join(str(v) for v in value) or "-"
+    elif value is None:
+        shown = "-"
+    else:
+        shown = str(value)
+    out.append(f"{prefix}: {shown}")
+
+
+def format_stats(stats: dict[str, Any]) -> str:
+    """Return stats as one ``dotted.key: value`` line each, sorted, times in ISO 8601 UTC."""
+    out: list[str] = []
+    _stat_lines("", stats, out)
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; 0 on success, 1 on a refused request, 3 when unreachable."""
+    """Run one command; 0 on success, 1 refused, 2 usage, 3 unreachable, 141 stdout closed."""
+    try:
+        status = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+    return status
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        path = admin_socket(args)
+        candidates = admin_sockets(args)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     try:
-        with Client(f"unix://{path}", timeout=args.timeout) as client:
+        with connect(candidates, args.timeout) as client:
             reply = client.request(request_for(args))
     except ServerError as exc:
         if args.json:

@@ -116,6 +116,31 @@ def load_sitemap(cfg: Config) -> SiteMap:
     return sitemap
 
 
+MAX_TOKEN_BYTES = 4096
+
+
+def web_token(cfg: Config) -> str | None:
+    """Return the web view's bearer token (None: none needed), or raise ConfigError."""
+    if cfg.web is None or not cfg.web.token_file:
+        return None
+    path = cfg.resolve(cfg.web.token_file)
+    try:
+        raw = path.read_bytes()[: MAX_TOKEN_BYTES + 1]
+    except OSError as exc:
+        raise ConfigError(
+            [f"{path}: [web] token_file: cannot read: {exc.strerror or exc}"]
+        ) from None
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: [web] token_file: expected ASCII text"]) from None
+    if len(raw) > MAX_TOKEN_BYTES or len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(
+            [f"{path}: [web] token_file: expected one token of 16 to {MAX_TOKEN_BYTES} characters"]
+        )
+    return token
+
+
 def load_world(path: str | Path, use_cache: bool = False) -> World:
     """Load config and site maps; raise ConfigError listing every problem found.
 
@@ -123,6 +148,7 @@ def load_world(path: str | Path, use_cache: bool = False) -> World:
     used instead of validating them again; otherwise the returned world can write one.
     """
     cfg = load_config(path)
+    web_token(cfg)
     key = _cache_key(cfg) if use_cache and cfg.site.maps else None
     state_dir = cfg.resolve(cfg.daemon.state_dir)
     if key is not None:

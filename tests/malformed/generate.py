@@ -296,8 +296,9 @@ def cases() -> list[dict[str, Any]]:
         ("v is a string", {**base, "v": "1"}),
         ("v is true", {**base, "v": True}),
         ("id missing", {"v": 1, "op": "ping"}),
-        ("id negative", {**base, "id": -1}),
-        ("id 2^63", {**base, "id": 2**63}),
+        ("id -1 is echoed", {"v": 1, "id": -1, "op": "ping"}),
+        ("id int64 minimum is echoed", {"v": 1, "id": -(2**63), "op": "ping"}),
+        ("id uint64 maximum is echoed", {"v": 1, "id": 2**64 - 1, "op": "ping"}),
         ("id is a float", {**base, "id": 1.0}),
         ("id is a boolean", {**base, "id": True}),
         ("op missing", {"v": 1, "id": 5}),
@@ -344,6 +345,8 @@ def cases() -> list[dict[str, Any]]:
             # Valid to the codec; the daemon refuses it (admin op, unknown zone).
             if name == "zone unknown":
                 got = err("unknown-location", "zone: no such zone", 5)
+            elif name.endswith("is echoed"):
+                got = {"id": obj["id"], "ok": True}
             elif name == "client_ip with a zone index":
                 got = err("unknown-location", "no zone's subnets contain this client's address", 5)
             else:

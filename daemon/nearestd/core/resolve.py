@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nearest_wire import Need
+from nearestd.core.census import shown_state
 from nearestd.core.devices import DeviceTable, Record
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.model import Zone
@@ -25,7 +26,7 @@ def device_view(record: Record, hit: Hit | None = None) -> dict[str, Any]:
         "level": p.level if p else None,
         "zone": p.zone if p else None,
         "capabilities": d.capabilities.to_wire(),
-        "state": "stale" if d.stale and d.state == "unknown" else str(d.state),
+        "state": shown_state(d),
         "stale": d.stale,
     }
     if d.state_reasons:
