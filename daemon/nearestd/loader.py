@@ -57,17 +57,18 @@ def _parse_json(text: str) -> Any:
 
 def _cache_key(cfg: Config) -> bytes | None:
     """Return the cache key of the config's map files, or None when one cannot be read."""
-    files: list[tuple[str, bytes]] = []
+    key = mapcache.KeyHasher()
     for kind, names in (("map", cfg.site.maps), ("csv", cfg.site.subnets)):
         for name in names:
             path = cfg.resolve(name)
             try:
                 if path.stat().st_size > MAX_MAP_BYTES:
                     return None
-                files.append((f"{kind}:{path}", path.read_bytes()))
+                # One file at a time: a large map is never held whole just to be hashed.
+                key.add(f"{kind}:{path}", path.read_bytes())
             except OSError:
                 return None
-    return mapcache.cache_key(files)
+    return key.digest()
 
 
 def load_sitemap(cfg: Config) -> SiteMap:

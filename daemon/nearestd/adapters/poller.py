@@ -261,12 +261,13 @@ class Poller:
         seen: set[str] = set()
         static_poll = self.service.sitemap.static_poll
         for rec in table.records():
-            target = poll_target(rec.device)
-            if target is None:
-                continue
+            # The cheap test first: a large map's static devices are mostly not polled.
             if rec.device.source == "static" and not static_poll.get(
                 rec.device.id, self.cfg.static
             ):
+                continue
+            target = poll_target(rec.device)
+            if target is None:
                 continue
             device_id = rec.device.id
             host = uri_host(target.url) or ""
