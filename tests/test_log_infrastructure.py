@@ -113,3 +113,32 @@ def test_a_client_address_in_an_error_field_is_still_truncated(field: str) -> No
     scrubber.infrastructure = frozenset({"127.0.0.1"})
     line = _line(scrubber, **{field: "connection from 192.0.2.77 reset"})
     assert "192.0.2.77" not in line and "192.0.2.0/24" in line
+
+
+def test_a_static_device_address_from_the_map_stays_whole_read_on_first_need(
+    tmp_path: Path,
+) -> None:
+    from nearestd.loader import load_world, map_addresses
+
+    doc = json.loads(DEMO_MAP.read_text())
+    dev = next(f for f in doc["features"] if f["properties"].get("static"))
+    dev["properties"]["uri"] = "ipp://192.0.2.5:631/ipp/print"
+    (tmp_path / "site.geojson").write_text(json.dumps(doc))
+    world = load_world(
+        write_config(tmp_path, maps=[str(tmp_path / "site.geojson")], subnets=[str(DEMO_CSV)])
+    )
+    assert "192.0.2.5" in map_addresses(world.sitemap)
+    asked: list[int] = []
+
+    def more() -> set[str]:
+        asked.append(1)
+        return map_addresses(world.sitemap)
+
+    scrubber = AddressScrubber()
+    scrubber.infrastructure = frozenset({"127.0.0.1"})
+    scrubber._more = more
+    assert asked == []
+    line = _line(scrubber, error="connect to ('192.0.2.5', 631) timed out; peer 192.0.2.77")
+    assert "('192.0.2.5', 631)" in line and "192.0.2.77" not in line
+    _line(scrubber, error="again 192.0.2.5")
+    assert asked == [1], "read once"

@@ -18,7 +18,7 @@ from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
 from nearestd.config import Config, ConfigError
-from nearestd.loader import World, infrastructure_addresses, load_world
+from nearestd.loader import World, config_addresses, load_world, map_addresses
 from nearestd.logs import host_literals, set_infrastructure
 from nearestd.service import Service
 
@@ -124,7 +124,10 @@ class Daemon:
         own: set[str] = set()
         for address in self.addresses:
             own |= host_literals(address)
-        set_infrastructure(infrastructure_addresses(self.world) | own)
+        sitemap = self.world.sitemap
+        set_infrastructure(
+            config_addresses(self.world.config) | own, lambda: map_addresses(sitemap)
+        )
 
     @property
     def config(self) -> Config:

@@ -189,17 +189,23 @@ def _strings(value: Any) -> Iterator[str]:
 _ADDRESS_START = frozenset("0123456789[")
 
 
-def infrastructure_addresses(world: World) -> set[str]:
-    """Return the host addresses the config and site maps name (not personal data)."""
+def config_addresses(cfg: Config) -> set[str]:
+    """Return the host addresses the config names (not personal data)."""
     found: set[str] = set()
-    for text in _strings(world.config):
+    for text in _strings(cfg):
         found |= host_literals(text)
-    for device, _ in world.sitemap.static_devices:
+    return found
+
+
+def map_addresses(sitemap: SiteMap) -> set[str]:
+    """Return the host addresses the site maps' static devices and pins name."""
+    found: set[str] = set()
+    for device, _ in sitemap.static_devices:
         host = device.uri.partition("://")[2].partition("/")[0].rpartition("@")[2]
         # Most devices have names: only an address-like host is worth parsing.
         if host[:1] in _ADDRESS_START:
             found |= host_literals(host)
-    for pin in world.sitemap.pins:
+    for pin in sitemap.pins:
         if pin.field == "ip":
             found |= host_literals(pin.value)
     return found

@@ -26,6 +26,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,22 @@ class AddressScrubber(logging.Filter):
     def __init__(self, mode: str = "truncated") -> None:
         super().__init__()
         self.mode = mode
-        self.infrastructure: frozenset[str] = frozenset()
+        self._infrastructure: frozenset[str] = frozenset()
+        self._more: Callable[[], set[str]] | None = None
+
+    @property
+    def infrastructure(self) -> frozenset[str]:
+        """Return the addresses kept whole in error fields (the lazy part read on first use)."""
+        more = self._more
+        if more is not None:
+            self._more = None
+            self._infrastructure |= _normalised(more())
+        return self._infrastructure
+
+    @infrastructure.setter
+    def infrastructure(self, addresses: frozenset[str]) -> None:
+        self._infrastructure = addresses
+        self._more = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record's message and fields; never drop a record."""
@@ -149,15 +165,23 @@ def set_ip_mode(mode: str) -> None:
     SCRUBBER.mode = mode
 
 
-def set_infrastructure(addresses: set[str]) -> None:
-    """Name the addresses (config, site maps, own sockets) kept whole in error fields."""
+def _normalised(addresses: set[str]) -> frozenset[str]:
     keep = set()
     for text in addresses:
         try:
             keep.add(str(ipaddress.ip_address(text)))
         except ValueError:
             continue
-    SCRUBBER.infrastructure = frozenset(keep)
+    return frozenset(keep)
+
+
+def set_infrastructure(addresses: set[str], more: Callable[[], set[str]] | None = None) -> None:
+    """Name the addresses (config, site maps, own sockets) kept whole in error fields.
+
+    ``more`` yields further ones (a large map's devices), read when first needed.
+    """
+    SCRUBBER.infrastructure = _normalised(addresses)
+    SCRUBBER._more = more
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

@@ -94,7 +94,9 @@ def _items(tree: pytricia.PyTricia | None) -> list[tuple[str, Any]] | None:
     return None if tree is None else [(key, tree[key]) for key in tree]
 
 
-_PLAIN = {cls: tuple(f.name for f in fields(cls)) for cls in (Device, Placement, Capabilities, Pin)}
+_PLAIN = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (Device, Placement, Capabilities, Pin, Zone)
+}
 
 
 class _Pickler(pickle.Pickler):

@@ -97,7 +97,9 @@ class PollFailure(Exception):
 
 def insecure_tls_context() -> ssl.SSLContext:
     """Return a TLS client context that accepts self-signed certificates (status reads only)."""
-    ctx = ssl.create_default_context()
+    # Not create_default_context(): loading the system's CA store (0.1-0.2 s) is wasted
+    # on a context that checks no certificate.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx

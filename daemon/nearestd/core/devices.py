@@ -160,7 +160,8 @@ class DeviceTable:
         for device, placement in sitemap.static_devices:
             self._static[device.id] = placement
             self._records[device.id] = Record(device, placement, 0.0)
-            self._note_source(device)
+            if device.source != "static":  # (site maps declare static devices only)
+                self._dynamic[device.id] = None
             entries.append(entry_for(device, placement, restriction_of(device, placement, sitemap)))
         self.index.bulk_load(entries)
 
