@@ -35,7 +35,7 @@ from nearestd.core.visibility import VisibilityPolicy
 LOG = logging.getLogger("nearestd.mapcache")
 FILE_NAME = "sitemap.cache"
 # Bump whenever SiteMap or anything it holds changes shape or meaning.
-FORMAT = 2
+FORMAT = 3
 MAGIC = b"NEARESTD-SITEMAP\n"
 _DIGEST = 32
 _HEADER = len(MAGIC) + 4 + _DIGEST + _DIGEST

@@ -67,16 +67,15 @@ class Projection:
 
     lon0: float
     lat0: float
+    # Metres per degree of longitude (at the site's latitude) and of latitude: computed
+    # once, not per projected point (100,000s of them in a large map).
+    kx: float = field(init=False, repr=False, compare=False)
+    ky: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def ky(self) -> float:
-        """Return metres per degree of latitude."""
-        return EARTH_RADIUS_M * math.pi / 180.0
-
-    @property
-    def kx(self) -> float:
-        """Return metres per degree of longitude at the site's latitude."""
-        return self.ky * math.cos(math.radians(self.lat0))
+    def __post_init__(self) -> None:
+        ky = EARTH_RADIUS_M * math.pi / 180.0
+        object.__setattr__(self, "ky", ky)
+        object.__setattr__(self, "kx", ky * math.cos(math.radians(self.lat0)))
 
     def forward(self, lon: float, lat: float) -> tuple[float, float]:
         """Project a WGS84 position to site-frame metres."""
@@ -222,9 +221,23 @@ def _fid(feature: Any, index: int) -> str:
     return f"feature #{index}"
 
 
+_NUMBER = (int, float)
+
+
 def _check_coords(coords: Any, depth: int) -> str | None:
     """Return a problem with nested GeoJSON positions, or None."""
     if depth == 0:
+        # The common case, a plain [lon, lat] of JSON numbers within range, without the
+        # general checks below (which decide everything else, with their messages).
+        if type(coords) is list and len(coords) == 2:
+            lon, lat = coords
+            if (
+                type(lon) in _NUMBER
+                and type(lat) in _NUMBER
+                and -180.0 <= lon <= 180.0
+                and -90.0 <= lat <= 90.0
+            ):
+                return None
         if (
             not isinstance(coords, list)
             or len(coords) < 2
