@@ -24,10 +24,11 @@ def test_the_ranking_section_orders_ties_as_the_index_does() -> None:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Ranking", 1)[1].split("\n## ", 1)[0]
     formula = section.index("cost = planar_distance")
-    state = section.index("1. by **state**")
-    centroid = section.index("2. then by planar distance to Z's centroid")
-    device_id = section.index("3. then by device id")
-    assert formula < state < centroid < device_id
+    trust = section.index("1. by **trust**")
+    state = section.index("2. by **state**")
+    centroid = section.index("3. then by planar distance to Z's centroid")
+    device_id = section.index("4. then by device id")
+    assert formula < trust < state < centroid < device_id
     assert "an `idle` device first" in section
     assert "then a `processing` or `unknown` one" in section
     # The code: idle before processing and unknown (equal), then what is unavailable.

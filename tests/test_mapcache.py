@@ -123,7 +123,7 @@ def test_a_cache_never_hides_a_new_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_world(cfg, use_cache=True)
     assert any(
-        "properties.subnets: bad CIDR '10.20.99.1/24' (10.20.99.1/24 has host bits set)" in p
+        "bad CIDR '10.20.99.1/24' (10.20.99.1/24 has host bits set)" in p
         for p in err.value.problems
     ), err.value.problems
 

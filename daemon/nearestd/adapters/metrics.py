@@ -281,7 +281,8 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_device_supply_level_percent",
         "gauge",
         "Supply level a polled device reports, in percent, by device id and supply name "
-        f"(at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
+        "as the device reports it, as in stats (a name that could hold an address: other; "
+        f"at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
         _supplies,
         ("device", "supply"),
     ),
@@ -331,7 +332,7 @@ FAMILIES: tuple[Family, ...] = (
         "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
         lambda r: r.mqtt_enabled,
     ),
-    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    # Reloads (the app's ``operations`` section) and the warm-restart inventory.
     Family(
         "nearest_config_reloads_total",
         "counter",
@@ -362,22 +363,22 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Writes of the warm-restart inventory snapshot, by result.",
         lambda r: [
-            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
-            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+            (("success",), float(r.section("inventory").get("writes_ok", 0))),
+            (("failure",), float(r.section("inventory").get("writes_failed", 0))),
         ],
         ("result",),
-        section="operations",
-        keys=("inventory_writes_ok", "inventory_writes_failed"),
+        section="inventory",
+        keys=("writes_ok", "writes_failed"),
     ),
     stat(
-        "operations",
-        "inventory_restored",
+        "inventory",
+        "restored",
         "nearest_inventory_restored_devices",
         "gauge",
         "Devices restored (as stale) from the snapshot at start.",
     ),
     stat(
-        "operations",
+        "inventory",
         "stale_expired",
         "nearest_inventory_stale_expired_total",
         "counter",
@@ -403,7 +404,21 @@ FAMILIES: tuple[Family, ...] = (
         "refused_at_cap",
         "nearest_connections_refused_total",
         "counter",
-        "Connections refused because the connection cap was reached.",
+        "Connections refused at a cap: the total, the trusted reserve or one source's share.",
+    ),
+    stat(
+        "connections",
+        "refused_per_source",
+        "nearest_connections_refused_per_source_total",
+        "counter",
+        "Of the refused connections, those over one source's share (an address or IPv6 /64).",
+    ),
+    stat(
+        "connections",
+        "untrusted_sources",
+        "nearest_connections_untrusted_sources",
+        "gauge",
+        "Untrusted client sources (addresses or IPv6 /64s) holding connections.",
     ),
     Family(
         "nearest_connections_closed_total",
@@ -475,14 +490,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",
@@ -638,6 +653,42 @@ FAMILIES: tuple[Family, ...] = (
     ),
     stat(
         "mqtt",
+        "federated_stale",
+        "nearest_mqtt_federated_stale",
+        "gauge",
+        "Devices of other instances served stale: their origin or the link to it is gone, "
+        "within foreign_grace.",
+    ),
+    stat(
+        "mqtt",
+        "federated_expired",
+        "nearest_mqtt_federated_expired_total",
+        "counter",
+        "Devices of other instances dropped after foreign_grace without their origin or link.",
+    ),
+    stat(
+        "mqtt",
+        "federated_other_site",
+        "nearest_mqtt_federated_other_site_total",
+        "counter",
+        "Device records ignored because their site is not in this daemon's maps.",
+    ),
+    stat(
+        "mqtt",
+        "federated_legacy_records",
+        "nearest_mqtt_federated_legacy_records_total",
+        "counter",
+        "Device records read on the previous version's one-level topic layout.",
+    ),
+    stat(
+        "mqtt",
+        "origins_silent",
+        "nearest_mqtt_federation_origins_silent",
+        "gauge",
+        "Other instances whose heartbeats stopped for three of their intervals.",
+    ),
+    stat(
+        "mqtt",
         "origins_online",
         "nearest_mqtt_federation_origins_online",
         "gauge",
@@ -760,11 +811,14 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "url": "this page's own address",
         "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
     },
-    "operations": {
-        "inventory_file": "a path",
-        "inventory_last_write": "a timestamp only for stats",
-        "systemd_notify": "a setting",
-        "metrics": "this page's own address",
+    "inventory": {
+        "file": "a path",
+        "last_write": "a timestamp only for stats",
+    },
+    "systemd": {
+        "notify": "a setting",
+        "sent": "messages to the service manager, only for stats",
+        "failed": "messages the service manager did not take, only for stats",
     },
 }
 

@@ -16,6 +16,8 @@ and jitter; the sockets keep serving meanwhile, and each change of state is logg
 
 MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
 trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+With federation the query subscription is shared (``$share/nearestd/P/query``), so a
+federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 
 Fair shares. The broker does not say which client published a request, so an *asker*
 is known by where it wants the answer: the MQTT 5 Response Topic, else the 3.1.1
@@ -24,15 +26,16 @@ it is dropped as it is read from the socket, before it is queued, and counted (n
 reply: a rate-limited answer per request would let a flood double itself through the
 broker; MQTT requesters time out and retry). Requests waiting to be answered are
 bounded by ``max_queued``; beyond it they are dropped and counted too, so a flood
-costs neither memory nor everyone else's answers.
-With federation the query subscription is shared (``$share/nearestd/P/query``), so a
-federation answers each query once; ``P/query/<instance>`` addresses one daemon.
+costs neither memory nor everyone else's answers. Half of that bound is kept for askers
+answered recently (the last 4,096): a flood naming a fresh reply topic per request gets
+a new bucket each time and so evades the rate, but it cannot crowd those askers out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import secrets
@@ -41,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -52,12 +55,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from nearest_wire import ErrorCode, WireError, error_reply
 from nearest_wire.schema import request_id
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
-from nearestd.core.limits import RateLimiter
+from nearestd.core.limits import RateLimiter, RecentKeys
 from nearestd.core.mqtt_payload import (
+    JSON,
     MSGPACK,
     TRANSPORT_KEYS,
     ReplyRoute,
@@ -69,9 +74,6 @@ from nearestd.core.mqtt_payload import (
     topic_error,
 )
 from nearestd.service import Peer, Service
-
-if TYPE_CHECKING:
-    from nearestd.app import Daemon
 
 LOG = logging.getLogger("nearestd.mqtt")
 CLIENT_LOG = logging.getLogger("nearestd.mqtt.client")
@@ -109,7 +111,6 @@ MAX_REPLY_TASKS = 1024
 MAX_QUEUED = 20000  # every incoming message (records, status); requests have their own bound
 MAX_ASKERS = 4096  # rate buckets held at most (LRU; see core.limits)
 SHARE_GROUP = "nearestd"
-JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
 CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
 SESSION_TAKEN_OVER = 142
@@ -167,12 +168,19 @@ class Counters:
     unanswerable: int = 0
     records_published: int = 0
     records_cleared: int = 0
-    federated_refused: int = 0
     conflicts: int = 0
     internal_errors: int = 0
     rate_limited: int = 0
     dropped: int = 0
     dropped_other: int = 0
+
+
+class Verdict(enum.Enum):
+    """What admission says of a request, before it is queued."""
+
+    REFUSED = "refused"  # over its asker's rate
+    KNOWN = "known"  # admitted, from an asker answered recently
+    NEW = "new"  # admitted, from an asker not answered recently
 
 
 class Inbox(asyncio.Queue[aiomqtt.Message]):
@@ -185,7 +193,7 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def __init__(
         self,
         request_topics: frozenset[str],
-        admit: Callable[[aiomqtt.Message], bool],
+        admit: Callable[[aiomqtt.Message], Verdict],
         max_requests: int,
         maxsize: int = 0,
     ) -> None:
@@ -200,9 +208,11 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def put_nowait(self, item: aiomqtt.Message) -> None:
         """Queue a message, or drop it (counted) when over a rate or a bound."""
         if item.topic.value in self.request_topics:
-            if not self._admit(item):
+            verdict = self._admit(item)
+            if verdict is Verdict.REFUSED:
                 return
-            if self.requests >= self.max_requests or self.full():
+            limit = self.max_requests if verdict is Verdict.KNOWN else self.max_requests // 2
+            if self.requests >= limit or self.full():
                 self.dropped += 1
                 return
             self.requests += 1
@@ -230,14 +240,18 @@ def parse_url(url: str) -> tuple[str, int, bool]:
 class MqttAdapter:
     """Keeps the broker connection, answers queries, publishes and reads the inventory."""
 
+    name = "mqtt"
+
     def __init__(
         self,
         service: Service,
         cfg: MqttConfig,
         config: Config,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self.config = config
         self.clock = clock
@@ -247,13 +261,21 @@ class MqttAdapter:
         self.query_topic = f"{self.prefix}/query"
         self.direct_topic = f"{self.prefix}/query/{self.instance}"
         self.devices_prefix = f"{self.prefix}/devices/"
+        self.bridge_prefix = f"{self.prefix}/bridge/"
+        self.alive_prefix = f"{self.prefix}/alive/"
+        self.alive_topic = f"{self.prefix}/alive/{self.instance}"
         self.status_prefix = f"{self.prefix}/status/"
         self.status_topic = f"{self.prefix}/status/{self.instance}"
         # Decode, answer and encode time, in the same histogram family as the sockets.
         self.latency = service.stats.latency.for_interface("mqtt")
         self.sync_topic = f"{self.prefix}/sync/{self.instance}"
         self.peer = Peer("mqtt", None, trusted=True, anonymous=True)
-        self.federation = Federation(self.instance) if cfg.federate else None
+        self.federation = (
+            Federation(self.instance, cfg.max_foreign, float(cfg.foreign_grace))
+            if cfg.federate
+            else None
+        )
+        self._expiry: asyncio.Task[None] | None = None
         self.inventory = Inventory()
         self.counters = Counters()
         self._client: aiomqtt.Client | None = None
@@ -261,27 +283,37 @@ class MqttAdapter:
         self._stopping = asyncio.Event()
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self.askers = RateLimiter(cfg.rate, cfg.burst, MAX_ASKERS)
+        self.answered = RecentKeys(MAX_ASKERS)
         self._inbox: Inbox | None = None
         self._state: tuple[str, str] = ("", "")
         self._syncing = False
         self._synced = asyncio.Event()
-        self._own_retained: set[str] = set()
+        self._own_retained: dict[str, bytes] = {}
         self._generation = -1
         self._refused_logged: set[str] = set()
         # Tells our own ``online`` from another process's on the same status topic.
         self.session = secrets.token_hex(8)
         self._rival_session: str | None = None
         self._rival = False
+        # Built once, in a worker thread: loading the CA store takes about 0.2 s.
+        self._tls: ssl.SSLContext | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start the connection task; the broker need not be up."""
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="mqtt")
+        self._task = self._spawn(self._run(), "mqtt")
+        if self.federation is not None:
+            self._expiry = self._spawn(self._expire(), "mqtt-expiry")
 
     async def stop(self) -> None:
         """Publish ``offline``, disconnect cleanly and stop."""
         self._stopping.set()
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         task, self._task = self._task, None
         if task is None:
             return
@@ -308,6 +340,11 @@ class MqttAdapter:
             "records_cleared": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
+            "federated_stale": self.federation.stale_count() if self.federation else 0,
+            "origins_silent": len(self.federation.silent) if self.federation else 0,
+            "federated_expired": self.federation.expired if self.federation else 0,
+            "federated_other_site": self.federation.other_site if self.federation else 0,
+            "federated_legacy_records": self.federation.legacy if self.federation else 0,
             "federation_conflicts": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
             "internal_errors": c.internal_errors,
@@ -361,6 +398,8 @@ class MqttAdapter:
             finally:
                 self.counters.connected = False
                 self._client = None
+                if self.federation is not None:
+                    self._apply(self.federation.link_down("broker", self.clock()))
             if self._stopping.is_set():
                 break
             # A rival daemon with our client id kicks us off as soon as we are connected: then
@@ -409,7 +448,7 @@ class MqttAdapter:
             clean_start=True,
             keepalive=self.cfg.keepalive,
             timeout=CONNECT_TIMEOUT,
-            tls_context=self._tls_context(),
+            tls_context=self._tls,
             # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=MAX_QUEUED,
@@ -428,15 +467,23 @@ class MqttAdapter:
         self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, maxsize)
         return self._inbox
 
-    def _admit(self, message: aiomqtt.Message) -> bool:
-        """Return whether a request's asker may ask now (else it is counted as rate-limited)."""
-        asker = getattr(message.properties, "ResponseTopic", None)
-        if not isinstance(asker, str):
-            asker = self._reply_to(message.payload, message.properties)
-        if self.askers.take(asker, 1, self.clock()) == 1:
-            return True
+    def _admit(self, message: aiomqtt.Message) -> Verdict:
+        """Say whether a request's asker may ask now (a refusal is counted as rate-limited)."""
+        try:
+            asker = getattr(message.properties, "ResponseTopic", None)
+            if not isinstance(asker, str):
+                asker = self._reply_to(message.payload, message.properties)
+            known = asker in self.answered
+            granted = self.askers.take(asker, 1, self.clock())
+        except Exception:
+            # Raised inside paho's read callback it would end the session: admit the
+            # request instead, and let answering it find what is wrong.
+            self.counters.internal_errors += 1
+            return Verdict.NEW
+        if granted == 1:
+            return Verdict.KNOWN if known else Verdict.NEW
         self.counters.rate_limited += 1
-        return False
+        return Verdict.REFUSED
 
     def _reply_to(self, payload: Any, props: Properties | None) -> str:
         """Return a 3.1.1 request's ``reply_to`` ("" when it names none: those share a bucket)."""
@@ -451,6 +498,8 @@ class MqttAdapter:
         return reply_to if isinstance(reply_to, str) else ""
 
     async def _session(self) -> None:
+        if self.tls and self._tls is None:
+            self._tls = await asyncio.to_thread(self._tls_context)
         client = self._new_client()
         async with client:
             self._client = client
@@ -496,39 +545,48 @@ class MqttAdapter:
         """Subscribe, sweep our stale records, republish the inventory, then say online."""
         self._syncing = True
         self._synced.clear()
-        self._own_retained = set()
+        self._own_retained = {}
         self._rival_session = None
+        sites = self._interest()
         if self.federation is not None:
+            self.federation.sites = sites
+            self.federation.max_devices = self._foreign_cap(sites)
             self.federation.begin_resync()
         query = f"$share/{SHARE_GROUP}/{self.query_topic}" if self.federation else self.query_topic
         opts = SubscribeOptions(qos=1)
+        # Our own sites' records only (and the legacy one-level layout, for one version):
+        # a daemon, and the bridge in front of it, carry no other site's inventory.
+        devices = fed.interest(self.prefix, sites)
         topics: list[tuple[str, SubscribeOptions]] = [
             (self.sync_topic, opts),
-            (f"{self.devices_prefix}+", opts),
+            *((t, opts) for t in devices),
             (query, opts),
             (self.direct_topic, opts),
         ]
         # Our own status too: finding another process's ``online`` there reveals a rival.
         status = f"{self.status_prefix}+" if self.federation else self.status_topic
         topics.append((status, opts))
+        if self.federation is not None:
+            topics.append((f"{self.bridge_prefix}+", opts))
+            topics.append((f"{self.alive_prefix}+", SubscribeOptions(qos=0)))
         await client.subscribe(topics, timeout=PUBLISH_TIMEOUT)
         await client.publish(self.sync_topic, b"sync", qos=1, timeout=PUBLISH_TIMEOUT)
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         self._syncing = False
         if self.federation is not None:
-            self._apply(self.federation.end_resync())
+            now = self.clock()
+            self._apply(self.federation.end_resync(now))
+            self._apply(self.federation.link_up("broker", now))
         else:
             await client.unsubscribe(
-                [f"{self.devices_prefix}+", self.sync_topic, self.status_topic],
-                timeout=PUBLISH_TIMEOUT,
+                [*devices, self.sync_topic, self.status_topic], timeout=PUBLISH_TIMEOUT
             )
         self._drop_unconfirmed()
-        self.inventory = Inventory()
+        # What the broker still holds from us counts as published: only changes go out, so a
+        # reconnection sends no burst across a bridge, and records of devices gone are cleared.
+        self.inventory = Inventory(published=dict(self._own_retained))
         self._generation = self.service.table.generation
-        keep = {fed.device_topic_id(r.device.id) for r in self._public_records()}
-        stale = sorted(self._own_retained - keep)
-        await self._publish_records(client, [], stale)
         await self._publish_inventory(client)
         if self._rival_session is not None and not self._rival:
             self._rival = True
@@ -544,6 +602,27 @@ class MqttAdapter:
         online.UserProperty = [("session", self.session)]
         await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True, properties=online)
 
+    def _interest(self) -> frozenset[str]:
+        """Return the sites whose records this daemon needs: those of its site maps.
+
+        A foreign device can be placed, and so answered, only on a site whose map this
+        daemon has; with ``allow_other_sites`` the operator gives it the neighbours' maps.
+        """
+        return frozenset(self.service.sitemap.projections)
+
+    def _foreign_cap(self, sites: frozenset[str]) -> int:
+        """Return the cap on foreign devices: per site served, never above the overall cap."""
+        return min(self.cfg.max_foreign, self.cfg.max_foreign_per_site * max(1, len(sites)))
+
+    async def _expire(self) -> None:
+        """Drop foreign devices stale for longer than the grace, whether connected or not."""
+        assert self.federation is not None
+        while True:
+            wake = self.federation.next_wakeup()
+            delay = 1.0 if wake is None else min(1.0, max(0.05, wake - self.clock()))
+            await asyncio.sleep(delay)
+            self._apply(self.federation.tick(self.clock()))
+
     def _public_records(self) -> list[Record]:
         svc = self.service
         return [
@@ -551,7 +630,14 @@ class MqttAdapter:
         ]
 
     async def _keep_inventory(self, client: aiomqtt.Client) -> None:
+        beat = float(self.cfg.heartbeat)
+        payload = f"{beat:g}".encode()
+        next_beat = 0.0
         while True:
+            if beat > 0 and time.monotonic() >= next_beat:
+                # Lets the others tell a silent path from a quiet one (docs/sites.md).
+                next_beat = time.monotonic() + beat
+                await client.publish(self.alive_topic, payload, qos=0)
             await asyncio.sleep(INVENTORY_PERIOD)
             self.askers.prune(self.clock())
             gen = self.service.table.generation
@@ -604,12 +690,18 @@ class MqttAdapter:
                         await self._reply(client, out, min(message.qos, 1))
                 elif topic.startswith(self.devices_prefix):
                     self._on_record(topic[len(self.devices_prefix) :], payload)
+                elif topic.startswith(self.alive_prefix):
+                    if self.federation is not None:
+                        origin = topic[len(self.alive_prefix) :]
+                        self._apply(self.federation.on_heartbeat(origin, payload, self.clock()))
+                elif topic.startswith(self.bridge_prefix):
+                    self._on_bridge(topic[len(self.bridge_prefix) :], payload)
                 elif topic == self.status_topic:
                     self._on_own_status(message)
                 elif topic.startswith(self.status_prefix):
                     if self.federation is not None:
                         origin = topic[len(self.status_prefix) :]
-                        self._apply(self.federation.on_status(origin, payload))
+                        self._apply(self.federation.on_status(origin, payload, self.clock()))
                 elif topic == self.sync_topic:
                     self._synced.set()
             except BrokerError:
@@ -681,13 +773,17 @@ class MqttAdapter:
                 self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
                 reply = error_reply(request_id(obj), ErrorCode.BAD_REQUEST, why)
             else:
-                reply = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                answer = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                # Only admin peers get a reply that comes later (reload); MQTT's never is one.
+                assert isinstance(answer, dict)
+                reply = answer
                 if not reply.get("ok") and malformed_code(reply["error"]["code"]):
                     self.counters.malformed += 1
             if route.has_echo:
                 reply["correlation"] = route.echo
+        self.answered.note(route.topic)
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        out.ContentType = MSGPACK if is_msgpack else JSON_TYPE
+        out.ContentType = MSGPACK if is_msgpack else JSON
         if route.correlation_data is not None:
             out.CorrelationData = route.correlation_data
         return route.topic, encode_reply(reply, is_msgpack), out
@@ -712,15 +808,26 @@ class MqttAdapter:
         if session != self.session:
             self._rival_session = str(session)
 
+    def _on_bridge(self, link: str, payload: bytes) -> None:
+        """A bridge's notification: ``1`` the link to the hub is up, ``0`` it is down."""
+        if self.federation is None or not link or payload not in (b"0", b"1"):
+            return
+        now = self.clock()
+        name = f"bridge:{link}"
+        if payload == b"0":
+            LOG.warning("mqtt bridge down; foreign devices are stale", extra={"bridge": link[:64]})
+            self._apply(self.federation.link_down(name, now))
+        else:
+            self._apply(self.federation.link_up(name, now))
+
     def _on_record(self, level: str, payload: bytes) -> None:
         if self._syncing and payload and self._is_own(payload):
-            self._own_retained.add(level)
+            self._own_retained[level] = payload
         if self.federation is None:
             return
         try:
-            changes = self.federation.on_record(level, payload)
+            changes = self.federation.on_record(level, payload, self.clock())
         except RecordError as exc:
-            self.counters.federated_refused += 1
             if level not in self._refused_logged and len(self._refused_logged) < 1000:
                 self._refused_logged.add(level)
                 LOG.warning(
@@ -776,7 +883,7 @@ class MqttAdapter:
         if missing:
             self._apply(missing)
 
-    def on_reload(self, cfg: Config) -> None:
+    def reconfigure(self, cfg: Config) -> None:
         """Warn when a reload changes [mqtt]: the connection keeps its settings until a restart."""
         self.config = cfg
         if cfg.mqtt != self.cfg:
@@ -786,25 +893,3 @@ class MqttAdapter:
 def _stable_detail(err: BrokerError) -> str:
     # Connection-refused texts carry no varying parts; keep the first clause only.
     return err.detail.split(" (", 1)[0][:200]
-
-
-def attach_mqtt(daemon: Daemon) -> MqttAdapter:
-    """Register the MQTT adapter's start, stop and reload hooks with the daemon."""
-    cfg = daemon.service.cfg
-    assert cfg.mqtt is not None
-    adapter = MqttAdapter(daemon.service, cfg.mqtt, cfg)
-    daemon.service.extra_stats["mqtt"] = adapter.stats
-
-    async def start(_: Daemon) -> None:
-        await adapter.start()
-
-    async def stop(_: Daemon) -> None:
-        await adapter.stop()
-
-    def reload(d: Daemon) -> None:
-        adapter.on_reload(d.service.cfg)
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return adapter

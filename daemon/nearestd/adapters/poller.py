@@ -41,7 +41,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from nearestd.config import PollerConfig
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config, PollerConfig
 from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
@@ -62,7 +63,6 @@ from nearestd.core.state import (
 )
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.poller")
@@ -97,8 +97,8 @@ class PollFailure(Exception):
 
 def insecure_tls_context() -> ssl.SSLContext:
     """Return a TLS client context that accepts self-signed certificates (status reads only)."""
-    # Not create_default_context(): loading the system's CA store (0.1-0.2 s) is wasted
-    # on a context that checks no certificate.
+    # Not create_default_context(): it loads the system's CA store (about 0.2 s on the
+    # event loop) for a context that verifies nothing.
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -140,14 +140,18 @@ class Workers:
 class Poller:
     """Polls every pollable device on its own schedule and hands results to the service."""
 
+    name = "poller"
+
     def __init__(
         self,
         service: Service,
         cfg: PollerConfig,
         clock: Callable[[], float] = time.monotonic,
         rand: Callable[[], float] = random.random,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
@@ -166,7 +170,6 @@ class Poller:
         self.errors: Counter[str] = Counter()
         self.transitions = 0
         self.poll_seconds = 0.0
-        self.last_poll_s = 0.0
         self._pending: dict[str, Live] = {}
         self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
@@ -189,15 +192,22 @@ class Poller:
         self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
-        self._runner = asyncio.ensure_future(self._run())
-        self._runner.set_name("poller")
+        self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
             extra={"interval_s": self.cfg.interval, "concurrency": self.cfg.concurrency},
         )
 
     async def stop(self) -> None:
-        """Cancel the schedule; wake and drop the polls in flight."""
+        """Cancel the schedule (and a restart under way); wake and drop the polls in flight."""
+        restarting, self.restarting = self.restarting, None
+        if restarting is not None and restarting is not asyncio.current_task():
+            restarting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await restarting
+        await self._halt()
+
+    async def _halt(self) -> None:
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -232,7 +242,19 @@ class Poller:
         self._failures.clear()
         self._generation = -1
 
-    def reconfigure(self, cfg: PollerConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
+        if self.follow(cfg.poller):
+            self.restarting = self._spawn(self._restart(), "poller-restart")
+
+    async def _restart(self) -> None:
+        await self._halt()
+        if self.cfg.enabled:
+            await self.start()
+        else:
+            self.forget()
+
+    def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         if cfg.static != self.cfg.static:
@@ -378,7 +400,6 @@ class Poller:
             self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
-            self.last_poll_s = elapsed
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
@@ -737,32 +758,3 @@ def _read_chunked(conn: _Conn, limit: int) -> bytes:
             raise PollFailure("too-large", f"more than {limit} bytes")
         data += conn.exactly(size)
         conn.exactly(2)
-
-
-def attach_poller(daemon: Daemon) -> Poller:
-    """Register the poller's start, stop and reload hooks with the daemon."""
-    poller = Poller(daemon.service, daemon.service.cfg.poller)
-    daemon.service.extra_stats["poller"] = poller.stats
-
-    async def start(_: Daemon) -> None:
-        await poller.start()
-
-    async def stop(_: Daemon) -> None:
-        await poller.stop()
-
-    def reload(d: Daemon) -> None:
-        if poller.reconfigure(d.service.cfg.poller):
-
-            async def restart() -> None:
-                await poller.stop()
-                if poller.cfg.enabled:
-                    await poller.start()
-                else:
-                    poller.forget()
-
-            poller.restarting = asyncio.ensure_future(restart())
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return poller

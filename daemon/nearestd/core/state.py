@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from nearestd.core.discovery import CONTROL_CHARS
 from nearestd.core.ipp import Value
 from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
 
@@ -144,7 +145,7 @@ def _first(attrs: Mapping[str, Sequence[Value]], name: str) -> Value:
 def _text(value: Value) -> str | None:
     if not isinstance(value, str):
         return None
-    text = " ".join(value.split())[:MAX_TEXT]
+    text = " ".join(CONTROL_CHARS.sub(" ", value).split())[:MAX_TEXT]
     return text or None
 
 
@@ -351,9 +352,11 @@ def poll_target(device: Device) -> PollTarget | None:
 
     Printers: the first ipps URI among the device's own URI and its endpoints, else
     the first ipp URI (IPP's port 631 by default); scanners: the first https, else
-    http eSCL root, whose ``ScannerStatus`` is read. CUPS queues are not polled.
+    http eSCL root, whose ``ScannerStatus`` is read. CUPS queues are not polled, nor are
+    other instances' devices (their origin polls them, from their own segment, and
+    publishes the state; this daemon may have no route to them at all).
     """
-    if device.is_queue:
+    if device.is_queue or device.source == "mqtt":
         return None
     uris = [device.uri, *(e.uri for e in device.endpoints)]
     if device.source == "mdns":
