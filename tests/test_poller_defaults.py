@@ -36,11 +36,11 @@ def test_the_example_config_never_contacts_a_demo_device() -> None:
     assert svc.sitemap.static_devices, "the demo map has static devices"
     poller = Poller(svc, cfg)
     poller.sync_targets(0.0)
-    assert poller._targets == {}
+    assert poller.plan.targets == {}
     # They would be polled if static devices were: the setting is what keeps them out.
     on = Poller(svc, PollerConfig(static=True))
     on.sync_targets(0.0)
-    assert len(on._targets) == sum(
+    assert len(on.plan.targets) == sum(
         1 for d, _ in svc.sitemap.static_devices if d.uri.startswith(("ipp", "http"))
     )
     assert all(d.state == "unknown" for d, _ in svc.sitemap.static_devices)
@@ -87,7 +87,7 @@ def test_a_static_device_is_polled_when_its_poll_property_or_the_config_says(
     svc, _ = _service(_map(tmp_path, {"yes": True, "no": False, "unsaid": None}))
     poller = Poller(svc, PollerConfig(static=static))
     poller.sync_targets(0.0)
-    assert set(poller._targets) == polled
+    assert set(poller.plan.targets) == polled
 
 
 def test_discovered_devices_are_polled_by_default(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_discovered_devices_are_polled_by_default(tmp_path: Path) -> None:
     )
     poller = Poller(svc, cfg)
     poller.sync_targets(0.0)
-    assert set(poller._targets) == {"mdns-1"}
+    assert set(poller.plan.targets) == {"mdns-1"}
 
 
 def test_a_poll_property_must_be_a_boolean(tmp_path: Path) -> None:
