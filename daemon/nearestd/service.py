@@ -242,9 +242,12 @@ class Service:
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
                 self.log.record_action("privacy.export", len(entries), now)
+                # The action and its count only: whose entries they were is not logged.
+                LOG.info("location log exported", extra={"op": req.op, "count": len(entries)})
                 return {"v": 1, "id": req.id, "ok": True, "entries": entries}
             n = self.log.erase(req.ip)
             self.log.record_action("privacy.erase", n, now)
+            LOG.info("location log erased", extra={"op": req.op, "count": n})
             return {"v": 1, "id": req.id, "ok": True, "erased": n}
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
 
@@ -578,6 +581,11 @@ class Service:
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
+            "location_log_bytes": self.log.bytes,
+            "location_log_oldest": self.log.oldest,
+            "location_log_oldest_age_s": None
+            if self.log.oldest is None
+            else round(now - self.log.oldest, 3),
             "location_log_purged": self.log.purged,
             "location_log_dropped": self.log.dropped,
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},

@@ -1,7 +1,8 @@
 """The poller: asks printers (IPP) and scanners (eSCL) whether they can serve, and how full.
 
-Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roots
-(scanners) is polled, discovered and static alike. Each device has its own due time:
+Every discovered device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL
+roots (scanners) is polled; a static device from a site map only when its ``poll``
+property, or else ``[poller] static``, says so. Each device has its own due time:
 the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
@@ -251,6 +252,8 @@ class Poller:
     def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
+        if cfg.static != self.cfg.static:
+            self._generation = -1  # which static devices are polled changed
         self.cfg = cfg
         self.plan.interval, self.plan.max_backoff = cfg.interval, cfg.max_backoff
         self.plan.jitter = cfg.jitter
@@ -277,7 +280,13 @@ class Poller:
             return
         self._generation = table.generation
         targets: dict[str, PollTarget] = {}
+        static_poll = self.service.sitemap.static_poll
         for rec in table.records():
+            # The cheap test first: a large map's static devices are mostly not polled.
+            if rec.device.source == "static" and not static_poll.get(
+                rec.device.id, self.cfg.static
+            ):
+                continue
             target = poll_target(rec.device)
             if target is None:
                 continue
@@ -294,7 +303,11 @@ class Poller:
                     )
                 continue
             targets[device_id] = target
+        dropped = [d for d in self.plan.targets if d not in targets]
         self.plan.follow(targets, now, self._rand())
+        for device_id in dropped:
+            if device_id in self.service.live:  # no longer polled: its state is unknown
+                self.service.set_live(device_id, None)
 
     def heard_again(self, now: float) -> None:
         """Ask at once (once per failure streak) a failing device discovery hears from again."""

@@ -67,16 +67,15 @@ class Projection:
 
     lon0: float
     lat0: float
+    # Metres per degree of longitude (at the site's latitude) and of latitude: computed
+    # once, not per projected point (100,000s of them in a large map).
+    kx: float = field(init=False, repr=False, compare=False)
+    ky: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def ky(self) -> float:
-        """Return metres per degree of latitude."""
-        return EARTH_RADIUS_M * math.pi / 180.0
-
-    @property
-    def kx(self) -> float:
-        """Return metres per degree of longitude at the site's latitude."""
-        return self.ky * math.cos(math.radians(self.lat0))
+    def __post_init__(self) -> None:
+        ky = EARTH_RADIUS_M * math.pi / 180.0
+        object.__setattr__(self, "ky", ky)
+        object.__setattr__(self, "kx", ky * math.cos(math.radians(self.lat0)))
 
     def forward(self, lon: float, lat: float) -> tuple[float, float]:
         """Project a WGS84 position to site-frame metres."""
@@ -166,6 +165,8 @@ class SiteMap:
     static_devices: tuple[tuple[Device, Placement], ...] = ()
     names: dict[str, str] = field(default_factory=dict)
     visibility: VisibilityPolicy = field(default_factory=VisibilityPolicy)
+    # Static devices whose ``poll`` property says whether the poller asks them.
+    static_poll: dict[str, bool] = field(default_factory=dict)
 
     def zone_for_ip(self, ip: str) -> Zone | None:
         """Return the client's zone by longest-prefix match."""
@@ -224,9 +225,23 @@ def _fid(feature: Any, index: int) -> str:
     return f"feature #{index}"
 
 
+_NUMBER = (int, float)
+
+
 def _check_coords(coords: Any, depth: int) -> str | None:
     """Return a problem with nested GeoJSON positions, or None."""
     if depth == 0:
+        # The common case, a plain [lon, lat] of JSON numbers within range, without the
+        # general checks below (which decide everything else, with their messages).
+        if type(coords) is list and len(coords) == 2:
+            lon, lat = coords
+            if (
+                type(lon) in _NUMBER
+                and type(lat) in _NUMBER
+                and -180.0 <= lon <= 180.0
+                and -90.0 <= lat <= 90.0
+            ):
+                return None
         if (
             not isinstance(coords, list)
             or len(coords) < 2
@@ -294,7 +309,7 @@ def _is_box(geom: BaseGeometry) -> bool:
 
 
 # What a static device's placement and visibility read of its properties after _device().
-_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to")
+_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to", "poll")
 
 
 class _Builder:
@@ -621,6 +636,8 @@ class _Builder:
                     continue
                 static_ids[dev.id] = file
                 statics.append((dev, place))
+                if "poll" in props:
+                    sm.static_poll[dev.id] = props["poll"]
                 if "visible_to" in props:
                     bits = self._visibility(sm, file, where, props["visible_to"])
                     if bits:
@@ -705,6 +722,9 @@ class _Builder:
             self.problem(
                 file, where, f"properties.uri: scheme must be one of {', '.join(URI_SCHEMES)}"
             )
+            ok = False
+        if "poll" in props and not isinstance(props["poll"], bool):
+            self.problem(file, where, "properties.poll: expected true or false")
             ok = False
         make_model = props.get("make_model", "")
         if not isinstance(make_model, str):
