@@ -149,6 +149,7 @@ class Conn:
         self.interface = "tcp"
         self.last_activity = last_activity
         self.frame_started = frame_started
+        self.waiting = False  # no reply that comes later (a reload) is awaited
         self.conns = conns
         self.closed = ""
 

@@ -535,7 +535,14 @@ class _Builder:
                     self.policy.zone_rules[props["id"]] = bits
         self._devices(sm)
         sm.visibility = self.policy.build({z.id: z.subnets for z in sm.zones.values()})
+        for rows in (prefix_owner, zones_ok, seen_ids):
+            _drain(rows)
         return sm
+
+    def discard(self) -> None:
+        """Drop what was collected, a slice at a time (see ``_drain``)."""
+        for rows in (self.extra_prefixes, self.raw_devices, self.raw_zones):
+            _drain(rows)
 
     def _visibility(self, sm: SiteMap, file: str, where: str, value: Any) -> int:
         """Return the rule bits of a ``visible_to`` property, reporting unknown zones."""
@@ -826,4 +833,20 @@ def build_sitemap(
     sm = builder.build()
     if builder.problems:
         raise SiteMapError(builder.problems)
+    builder.discard()
     return sm
+
+
+def _drain(rows: list[Any] | dict[Any, Any]) -> None:
+    """Empty a large list or dict a slice at a time.
+
+    Freeing 100,000 rows in one go holds the GIL for 50-100 ms; a reload builds its map
+    in a worker thread, and this lets the event loop's thread take the GIL between slices.
+    """
+    if isinstance(rows, dict):
+        while rows:
+            for _ in range(min(len(rows), 512)):
+                rows.popitem()
+    else:
+        while rows:
+            del rows[-512:]
