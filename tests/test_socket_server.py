@@ -147,6 +147,9 @@ class Conn:
 
     def __init__(self, conns: Connections, last_activity: float, frame_started: float | None):
         self.interface = "tcp"
+        self.source = "192.0.2.1"
+        self.slot_trusted = False
+        self.waiting = False
         self.last_activity = last_activity
         self.frame_started = frame_started
         self.waiting = False  # no reply that comes later (a reload) is awaited
@@ -176,12 +179,13 @@ def test_deadline_sweep_follows_the_clock(
     clock = [now]
     conns = Connections(Limits(idle_timeout=1.0, frame_timeout=1.0), lambda: clock[0])
     conn = Conn(conns, last_activity, frame_started)
-    conns.open.add(conn)  # type: ignore[arg-type]
+    assert conns.add(conn) is None  # type: ignore[arg-type]
     conns.sweep()
     assert conn.closed == closed
     assert (conn in conns.open) == (not closed)
     assert conns.closed_idle == (closed == "idle")
     assert conns.closed_slow == (closed == "frame not completed in time")
+    assert conns.slots.untrusted_open == (not closed)  # a closed one gives its slot back
 
 
 def test_a_steady_stream_cut_mid_frame_is_not_a_slow_frame(daemon: DaemonProcess) -> None:
