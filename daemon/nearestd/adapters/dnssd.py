@@ -3,9 +3,10 @@
 The decisions are ``core.dnssd``'s; this adapter parses questions and builds replies with
 dnslib (measured here: parse about 1.3x, parse-and-build about 5x dnspython's rate, see
 docs/dnssd.md), and keeps every reply it built as wire bytes keyed by the query's bytes
-after the ID and the querier's zone. The cache is dropped whenever the device table's
-generation moves (any device added, changed or removed, or a new site map), so the hot
-path of a repeated question is one dict lookup and two byte slices (the ID patched in).
+after the ID and the querier's zone. When the device table's generation has moved since a
+reply was built, it is served again only if the device lists it was built from are
+unchanged (else rebuilt); a new site map or config drops the cache. The hot path of a
+repeated question is one dict lookup and two byte slices (the ID patched in).
 
 Defences: the question must be one class-IN query (else FORMERR/NOTIMP/REFUSED); replies
 over UDP are cut to the asker's EDNS size (512 without EDNS, at most 1232): additional
