@@ -875,6 +875,13 @@ FAMILIES: tuple[Family, ...] = (
     ),
     stat(
         "dnssd",
+        "cache_revalidated_total",
+        "nearest_dnssd_cache_revalidated_total",
+        "counter",
+        "Cached DNS answers kept across a device-table change (their device lists unchanged).",
+    ),
+    stat(
+        "dnssd",
         "cache_bytes",
         "nearest_dnssd_cache_bytes",
         "gauge",
