@@ -33,6 +33,8 @@ from nearestd.core.model import Zone
 from nearestd.core.quarantine import Quarantined
 
 KINDS = ("printer", "scanner")
+# Quarantined devices are never placed: the sites table counts them apart, below it.
+PLACED_STATES = tuple(s for s in STATES if s != "quarantined")
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +96,12 @@ def lookup_form(ip: str = "", kind: str = "printer", k: int = 3) -> str:
 
 
 def _counts_row(counts: Mapping[str, int]) -> str:
-    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in STATES)
+    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in PLACED_STATES)
     return f"{cells}<td>{sum(counts.values())}</td>"
 
 
 def _counts_head() -> str:
-    return "".join(f"<th>{text(s)}</th>" for s in STATES) + "<th>all</th>"
+    return "".join(f"<th>{text(s)}</th>" for s in PLACED_STATES) + "<th>all</th>"
 
 
 def summary(atlas: Atlas, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
