@@ -327,3 +327,15 @@ def test_quarantined_devices_are_listed_and_drawn_where_they_announce(sitemap: S
     assert "claims pin &#39;name&#39;" in html or "claims pin 'name'" in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "2001-09-09 01:46:40" in html
+
+
+def test_the_unlocated_list_is_capped(sitemap: SiteMap) -> None:
+    from nearestd.core.webpages import LIST_MAX, lists
+
+    table = DeviceTable(sitemap)
+    for i in range(LIST_MAX + 7):
+        table.upsert(_device(f"Lost {i}", "nowhere at all", id=f"lost-{i:04d}"), 0.0)
+    unlocated, _ = lists(table.records(), [])
+    assert unlocated.count("<tr data-device=") == LIST_MAX
+    assert f"Unlocated ({LIST_MAX + 7})" in unlocated
+    assert "and 7 more" in unlocated

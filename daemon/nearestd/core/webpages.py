@@ -35,6 +35,8 @@ from nearestd.core.quarantine import Quarantined
 KINDS = ("printer", "scanner")
 # Quarantined devices are never placed: the sites table counts them apart, below it.
 PLACED_STATES = tuple(s for s in STATES if s != "quarantined")
+# Rows of the unlocated list at most, so the page stays light; nearestctl devices lists all.
+LIST_MAX = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,12 +283,18 @@ def lists(records: Iterable[Record], quarantined: Iterable[Quarantined]) -> tupl
         "<thead><tr><th>id</th><th>name</th><th>kind</th><th>state</th><th>source</th>"
         "<th>addresses</th><th>note or location</th></tr></thead>"
     )
+    more = (
+        f"<p>and {len(unlocated) - LIST_MAX} more: <code>nearestctl devices</code> lists all.</p>"
+        if len(unlocated) > LIST_MAX
+        else ""
+    )
     u = (
         '<section data-region="unlocated" id="unlocated">'
         f"<h2>Unlocated ({len(unlocated)})</h2>"
         "<p>No rule places these: give them a pin, a note or location naming a zone, or "
         "an address in a zone's subnets.</p>"
-        f'<table class="list">{head}<tbody>{device_rows(unlocated)}</tbody></table></section>'
+        f'<table class="list">{head}<tbody>{device_rows(unlocated[:LIST_MAX])}</tbody></table>'
+        f"{more}</section>"
     )
     held = sorted(quarantined, key=lambda q: (q.device.id, q.first_seen))
     qrows = "".join(
