@@ -339,3 +339,12 @@ def test_the_unlocated_list_is_capped(sitemap: SiteMap) -> None:
     assert unlocated.count("<tr data-device=") == LIST_MAX
     assert f"Unlocated ({LIST_MAX + 7})" in unlocated
     assert "and 7 more" in unlocated
+
+
+def test_the_chosen_device_is_ringed(sitemap: SiteMap) -> None:
+    table = DeviceTable(sitemap)
+    marks = floor_marks(table.records(), [], sitemap, "hq", "north", 1)
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "north", 1, marks, selected="prn-n1-hr"))
+    chosen = [e.attrib["data-device"] for e in root.iter() if "data-selected" in e.attrib]
+    assert chosen == ["prn-n1-hr"]
+    assert sum(1 for e in root.iter() if e.attrib.get("class") == "selected") == 1

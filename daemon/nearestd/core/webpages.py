@@ -246,7 +246,7 @@ def floor_page(
 ) -> str:
     """Return ``/floors/SITE/BUILDING/LEVEL``: the drawing, the counts, the legend, a panel."""
     link = device_link(site, building, level)
-    svg = floor_svg(atlas, site, building, level, marks, link=link)
+    svg = floor_svg(atlas, site, building, level, marks, link=link, selected=device_id)
     events = floor_url(site, building, level)
     if device_id is not None:
         events += f"?device={quote(device_id, safe='')}"
@@ -401,7 +401,10 @@ def floor_regions(
     """Return a floor page's live parts: each mark by its key, the counts, the panel."""
     frame = atlas.frame(site, building)
     link = device_link(site, building, level)
-    out = {f"svg:{m.key}": mark_svg(m, frame, link) for m in marks}
+    out = {
+        f"svg:{m.key}": mark_svg(m, frame, link, m.device.id == device_id and not m.quarantined)
+        for m in marks
+    }
     out["html:counts"] = floor_counts(marks)
     if device_id is not None:
         out["html:panel"] = panel(selected, device_id)
