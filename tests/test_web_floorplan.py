@@ -327,3 +327,24 @@ def test_quarantined_devices_are_listed_and_drawn_where_they_announce(sitemap: S
     assert "claims pin &#39;name&#39;" in html or "claims pin 'name'" in html
     assert "&lt;img src=x onerror=alert(1)&gt;" in html
     assert "2001-09-09 01:46:40" in html
+
+
+def test_the_unlocated_list_is_capped(sitemap: SiteMap) -> None:
+    from nearestd.core.webpages import LIST_MAX, lists
+
+    table = DeviceTable(sitemap)
+    for i in range(LIST_MAX + 7):
+        table.upsert(_device(f"Lost {i}", "nowhere at all", id=f"lost-{i:04d}"), 0.0)
+    unlocated, _ = lists(table.records(), [])
+    assert unlocated.count("<tr data-device=") == LIST_MAX
+    assert f"Unlocated ({LIST_MAX + 7})" in unlocated
+    assert "and 7 more" in unlocated
+
+
+def test_the_chosen_device_is_ringed(sitemap: SiteMap) -> None:
+    table = DeviceTable(sitemap)
+    marks = floor_marks(table.records(), [], sitemap, "hq", "north", 1)
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "north", 1, marks, selected="prn-n1-hr"))
+    chosen = [e.attrib["data-device"] for e in root.iter() if "data-selected" in e.attrib]
+    assert chosen == ["prn-n1-hr"]
+    assert sum(1 for e in root.iter() if e.attrib.get("class") == "selected") == 1

@@ -215,3 +215,25 @@ def test_web_figures_are_in_stats_and_on_metric_families(
     assert stats["unauthorised"] >= 1 and stats["requests"] >= 1 and stats["streams"] == 0
     # Every figure is on a metric family (tests/test_metrics_scrape.py's rule).
     assert set(stats) <= exported_keys()["web"]
+
+
+def test_open_event_streams_do_not_hold_up_shutdown(web: tuple[DaemonProcess, str]) -> None:
+    import time
+
+    daemon, base = web
+    streams = [
+        urllib.request.urlopen(base + path, timeout=10)
+        for path in ["/events/", "/events/devices", "/events/floors/hq/south/0?v=old"]
+    ]
+    try:
+        # The stale page (v=old) is sent every part of its page at once.
+        first = streams[2].read1(65536)
+        while b"event: regions" not in first:
+            first += streams[2].read1(65536)
+        assert b'"svg"' in first and b"prn-s0-corridor" in first
+        t0 = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for s in streams:
+            s.close()

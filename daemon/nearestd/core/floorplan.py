@@ -255,7 +255,9 @@ def _polygon(kind: str, x: float, y: float, r: float) -> str:
     return " ".join(f"{x + dx * r:.2f},{y + dy * r:.2f}" for dx, dy in _UNIT_POLYGONS[kind])
 
 
-def mark_svg(mark: Mark, frame: Frame, link: Callable[[str], str] | None = None) -> str:
+def mark_svg(
+    mark: Mark, frame: Frame, link: Callable[[str], str] | None = None, selected: bool = False
+) -> str:
     """Return one device's element: ``data-device`` (or ``data-quarantined``), state, title."""
     x, y = frame.point(mark.x, mark.y)
     look = LOOKS[mark.state]
@@ -265,9 +267,16 @@ def mark_svg(mark: Mark, frame: Frame, link: Callable[[str], str] | None = None)
     if d.state_reasons:
         title += ": " + ", ".join(d.state_reasons)
     body = f"<title>{text(title)}</title>{shape(look, x, y, frame.unit)}"
+    if selected:
+        u = frame.unit
+        body += (
+            f'<circle cx="{x:g}" cy="{y:g}" r="{2.2 * u:.2f}" fill="none" stroke="#b8860b" '
+            f'stroke-width="{u / 3:.2f}" class="selected"/>'
+        )
+    chosen = ' data-selected="true"' if selected else ""
     common = (
         f'{ident}="{attr(d.id)}" data-key="{attr(mark.key)}" data-state="{look.state}" '
-        f'class="dev st-{look.state}"'
+        f'class="dev st-{look.state}"{chosen}'
     )
     if link is not None and not mark.quarantined:
         return f'<a href="{attr(link(d.id))}" {common}>{body}</a>'
@@ -302,6 +311,7 @@ def floor_svg(
     here: str | None = None,
     link: Callable[[str], str] | None = None,
     standalone: bool = True,
+    selected: str | None = None,
 ) -> str:
     """Return the SVG of one floor: zones, device marks and a legend of shapes and words."""
     frame = atlas.frame(site, building)
@@ -317,7 +327,7 @@ def floor_svg(
         '<g class="zones">',
         *(zone_svg(z, frame, z.id == here) for z in zones),
         '</g><g class="devices" id="devices">',
-        *(mark_svg(m, frame, link) for m in marks),
+        *(mark_svg(m, frame, link, m.device.id == selected and not m.quarantined) for m in marks),
         "</g></svg>",
     ]
     return "".join(out)

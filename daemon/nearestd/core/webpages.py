@@ -33,6 +33,10 @@ from nearestd.core.model import Zone
 from nearestd.core.quarantine import Quarantined
 
 KINDS = ("printer", "scanner")
+# Quarantined devices are never placed: the sites table counts them apart, below it.
+PLACED_STATES = tuple(s for s in STATES if s != "quarantined")
+# Rows of the unlocated list at most, so the page stays light; nearestctl devices lists all.
+LIST_MAX = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,12 +98,12 @@ def lookup_form(ip: str = "", kind: str = "printer", k: int = 3) -> str:
 
 
 def _counts_row(counts: Mapping[str, int]) -> str:
-    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in STATES)
+    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in PLACED_STATES)
     return f"{cells}<td>{sum(counts.values())}</td>"
 
 
 def _counts_head() -> str:
-    return "".join(f"<th>{text(s)}</th>" for s in STATES) + "<th>all</th>"
+    return "".join(f"<th>{text(s)}</th>" for s in PLACED_STATES) + "<th>all</th>"
 
 
 def summary(atlas: Atlas, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
@@ -242,7 +246,7 @@ def floor_page(
 ) -> str:
     """Return ``/floors/SITE/BUILDING/LEVEL``: the drawing, the counts, the legend, a panel."""
     link = device_link(site, building, level)
-    svg = floor_svg(atlas, site, building, level, marks, link=link)
+    svg = floor_svg(atlas, site, building, level, marks, link=link, selected=device_id)
     events = floor_url(site, building, level)
     if device_id is not None:
         events += f"?device={quote(device_id, safe='')}"
@@ -279,12 +283,18 @@ def lists(records: Iterable[Record], quarantined: Iterable[Quarantined]) -> tupl
         "<thead><tr><th>id</th><th>name</th><th>kind</th><th>state</th><th>source</th>"
         "<th>addresses</th><th>note or location</th></tr></thead>"
     )
+    more = (
+        f"<p>and {len(unlocated) - LIST_MAX} more: <code>nearestctl devices</code> lists all.</p>"
+        if len(unlocated) > LIST_MAX
+        else ""
+    )
     u = (
         '<section data-region="unlocated" id="unlocated">'
         f"<h2>Unlocated ({len(unlocated)})</h2>"
         "<p>No rule places these: give them a pin, a note or location naming a zone, or "
         "an address in a zone's subnets.</p>"
-        f'<table class="list">{head}<tbody>{device_rows(unlocated)}</tbody></table></section>'
+        f'<table class="list">{head}<tbody>{device_rows(unlocated[:LIST_MAX])}</tbody></table>'
+        f"{more}</section>"
     )
     held = sorted(quarantined, key=lambda q: (q.device.id, q.first_seen))
     qrows = "".join(
@@ -391,7 +401,10 @@ def floor_regions(
     """Return a floor page's live parts: each mark by its key, the counts, the panel."""
     frame = atlas.frame(site, building)
     link = device_link(site, building, level)
-    out = {f"svg:{m.key}": mark_svg(m, frame, link) for m in marks}
+    out = {
+        f"svg:{m.key}": mark_svg(m, frame, link, m.device.id == device_id and not m.quarantined)
+        for m in marks
+    }
     out["html:counts"] = floor_counts(marks)
     if device_id is not None:
         out["html:panel"] = panel(selected, device_id)
