@@ -331,7 +331,8 @@ class _Builder:
                 tuple[Device | None, tuple[Problem, ...]] | None,
             ]
         ] = []
-        self.extra_prefixes: list[tuple[str, str, str, str]] = []
+        # (file, CSV line number, prefix, zone id): the line's text is made only when needed.
+        self.extra_prefixes: list[tuple[str, int, str, str]] = []
         self.policy = PolicyBuilder()
         self.floors: _Floors | None = None
         # One object per distinct capability set: thousands of devices share a few.
@@ -466,7 +467,7 @@ class _Builder:
             if len(row) != 2:
                 self.problem(file, f"line {lineno}", "expected two fields: prefix,zone_id")
                 continue
-            self.extra_prefixes.append((file, f"line {lineno}", row[0].strip(), row[1].strip()))
+            self.extra_prefixes.append((file, lineno, row[0].strip(), _shared(row[1].strip())))
 
     def build(self) -> SiteMap:
         sm = SiteMap()
@@ -529,7 +530,8 @@ class _Builder:
                 self._add_prefix(
                     sm, prefix_owner, file, where, cidr, zone.id, f"properties.subnets[{i}]"
                 )
-        for file, where, cidr, zid in self.extra_prefixes:
+        for file, lineno, cidr, zid in self.extra_prefixes:
+            where = f"line {lineno}"
             if zid not in sm.zones:
                 self.problem(file, where, f"zone_id: unknown zone {zid!r}")
                 continue
