@@ -158,3 +158,13 @@ def test_the_daemon_writes_the_cache_once_serving_and_starts_from_it(tmp_path: P
     assert again == first
     assert _cache_file(cfg).stat().st_mtime_ns != written
     assert "Traceback" not in d.logs()
+
+
+def test_a_cache_others_could_have_written_is_not_read(tmp_path: Path) -> None:
+    cfg = _site(tmp_path)
+    _built_and_cached(cfg)
+    path = _cache_file(cfg)
+    path.chmod(0o666)
+    assert load_world(cfg, use_cache=True).save_cache is not None, "not read"
+    path.chmod(0o600)
+    assert load_world(cfg, use_cache=True).save_cache is None, "read again once private"

@@ -19,14 +19,14 @@ def test_export_and_erase_are_logged_without_the_address_and_stats_show_the_log(
         before = ask(d, {"v": 1, "id": 1, "op": "stats"}, admin=True)["stats"]
         assert before["location_log_entries"] == 0
         assert before["location_log_bytes"] == 0
-        assert before["location_log_oldest"] is None
+        assert before["location_log_oldest_at"] is None
         t0 = time.time()
         for i in range(3):
             ask(d, {"v": 1, "id": i, "op": "locate", "client_ip": CLIENT})
         stats = ask(d, {"v": 1, "id": 4, "op": "stats"}, admin=True)["stats"]
         assert stats["location_log_entries"] == 3
         assert stats["location_log_bytes"] > 0
-        assert t0 - 1 <= stats["location_log_oldest"] <= time.time()
+        assert t0 - 1 <= stats["location_log_oldest_at"] <= time.time()
         assert stats["location_log_oldest_age_s"] >= 0
         exported = ask(d, {"v": 1, "id": 5, "op": "privacy.export", "ip": CLIENT}, admin=True)
         assert len(exported["entries"]) == 3
@@ -65,3 +65,26 @@ def test_the_byte_count_follows_entries_in_and_out() -> None:
     assert len(log) == 1 and log.bytes == entry_bytes(log._entries[0])
     log.erase("10.0.0.1")
     assert (log.bytes, log.oldest) == (0, None)
+
+
+def test_nearestctl_stats_shows_the_log_size_and_its_oldest_entry_in_utc(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    d = DaemonProcess(write_config(tmp_path)).wait_ready()
+    try:
+        ask(d, {"v": 1, "id": 1, "op": "locate", "client_ip": CLIENT})
+        r = subprocess.run(
+            [sys.executable, "-m", "nearestd.ctl", "--socket", str(d.admin), "stats"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        d.stop()
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    assert lines["location_log_entries"] == "1"
+    assert int(lines["location_log_bytes"]) > 0
+    assert lines["location_log_oldest_at"].endswith("Z"), lines["location_log_oldest_at"]
+    assert lines["location_log_oldest_at"].startswith(time.strftime("%Y-", time.gmtime()))

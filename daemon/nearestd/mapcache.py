@@ -7,8 +7,9 @@ map that passed validation is written. A cache that is corrupt, truncated, of an
 format version or for other files is ignored (and rebuilt from the files); so a stale
 cache can never change an answer or hide a validation error.
 
-The payload is a pickle written by this daemon into its own 0700 directory; it is only
-unpickled after its SHA-256 digest (stored in the header) matches, so a torn or
+The payload is a pickle written by this daemon into its own 0700 directory (the file
+0600); it is only unpickled when the file is owned by the daemon's user and writable by
+nobody else, and after its SHA-256 digest (stored in the header) matches, so a torn or
 bit-flipped file is refused before it is decoded.
 """
 
@@ -206,6 +207,15 @@ def load(state_dir: Path, key: bytes) -> SiteMap | None:
     path = state_dir / FILE_NAME
     try:
         with open(path, "rb", buffering=_CHUNK) as fh:
+            st = os.fstat(fh.fileno())
+            # Unpickling runs code named in the file: only a file this daemon's user wrote
+            # and nobody else could have changed is read (the digest only catches damage).
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                LOG.warning(
+                    "site map cache ignored: not owned by this user or writable by others",
+                    extra={"path": str(path)},
+                )
+                return None
             sitemap = decode(key, fh)
     except FileNotFoundError:
         return None

@@ -582,7 +582,7 @@ class Service:
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
             "location_log_bytes": self.log.bytes,
-            "location_log_oldest": self.log.oldest,
+            "location_log_oldest_at": self.log.oldest,
             "location_log_oldest_age_s": None
             if self.log.oldest is None
             else round(now - self.log.oldest, 3),

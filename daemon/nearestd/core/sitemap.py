@@ -309,6 +309,7 @@ def _is_box(geom: BaseGeometry) -> bool:
 
 
 # What a static device's placement and visibility read of its properties after _device().
+_MISSING: Any = object()
 _PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to", "poll")
 
 
@@ -319,17 +320,19 @@ class _Builder:
         self.problems: list[Problem] = []
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
         # (file, feature, properties, lon/lat, for a static device: (the device or None
-        # if invalid, the problems found validating it)).
+        # if invalid, the problems found validating it)). A static device keeps only the
+        # values of _PLACEMENT_KEYS (a tuple), and "" for its feature when it is valid.
         self.raw_devices: list[
             tuple[
                 str,
                 str,
-                dict[str, Any],
+                dict[str, Any] | tuple[Any, ...],
                 tuple[float, float],
-                tuple[Device | None, list[Problem]] | None,
+                tuple[Device | None, tuple[Problem, ...]] | None,
             ]
         ] = []
-        self.extra_prefixes: list[tuple[str, str, str, str]] = []
+        # (file, CSV line number, prefix, zone id): the line's text is made only when needed.
+        self.extra_prefixes: list[tuple[str, int, str, str]] = []
         self.policy = PolicyBuilder()
         self.floors: _Floors | None = None
         # One object per distinct capability set: thousands of devices share a few.
@@ -440,9 +443,15 @@ class _Builder:
             # Its problems are set aside and reported where they always were.
             held, self.problems = self.problems, []
             device = self._static(file, where, props)
-            early = (device, self.problems)
+            # No list, no ``where`` text and no dict per valid device: with 100,000s of
+            # them these held tens of MB until build() (its ``where`` is rebuilt there).
+            early = (device, tuple(self.problems))
             self.problems = held
-            props = {k: props[k] for k in _PLACEMENT_KEYS if k in props}
+            kept = tuple(props.get(k, _MISSING) for k in _PLACEMENT_KEYS)
+            self.raw_devices.append(
+                (file, "" if device else where, kept, (float(lon), float(lat)), early)
+            )
+            return
         self.raw_devices.append((file, where, props, (float(lon), float(lat)), early))
 
     def add_csv(self, file: str, text: str) -> None:
@@ -458,7 +467,7 @@ class _Builder:
             if len(row) != 2:
                 self.problem(file, f"line {lineno}", "expected two fields: prefix,zone_id")
                 continue
-            self.extra_prefixes.append((file, f"line {lineno}", row[0].strip(), row[1].strip()))
+            self.extra_prefixes.append((file, lineno, row[0].strip(), _shared(row[1].strip())))
 
     def build(self) -> SiteMap:
         sm = SiteMap()
@@ -521,7 +530,8 @@ class _Builder:
                 self._add_prefix(
                     sm, prefix_owner, file, where, cidr, zone.id, f"properties.subnets[{i}]"
                 )
-        for file, where, cidr, zid in self.extra_prefixes:
+        for file, lineno, cidr, zid in self.extra_prefixes:
+            where = f"line {lineno}"
             if zid not in sm.zones:
                 self.problem(file, where, f"zone_id: unknown zone {zid!r}")
                 continue
@@ -629,12 +639,17 @@ class _Builder:
         pins: list[Pin] = []
         statics: list[tuple[Device, Placement]] = []
         static_ids: dict[str, str] = {}
-        for file, where, props, lonlat, early in self.raw_devices:
+        for file, where, raw, lonlat, early in self.raw_devices:
             if early is not None:
                 dev, problems = early
                 self.problems.extend(problems)
                 if dev is None:
                     continue
+                # As _fid() wrote it: a valid static device's id is a non-empty string.
+                where = f"feature {dev.id!r}"
+                props = {
+                    k: v for k, v in zip(_PLACEMENT_KEYS, raw, strict=True) if v is not _MISSING
+                }
                 if dev.id in static_ids:
                     self.problem(file, where, f"properties.id: duplicate device id {dev.id!r}")
                     continue
@@ -650,6 +665,8 @@ class _Builder:
                     if bits:
                         self.policy.device_rules[dev.id] = bits
                 continue
+            assert isinstance(raw, dict)  # a pin keeps its properties whole
+            props = raw
             if "static" in props and props["static"] is not False:
                 self.problem(file, where, "properties.static: expected true or false")
                 continue
