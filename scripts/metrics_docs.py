@@ -16,6 +16,7 @@ SHOWN = {
     "discovery": "`[discovery] enabled`",
     "mqtt": "an `[mqtt]` section",
     "poller": "always",
+    "dnssd": "a `[dnssd]` section",
 }
 
 

@@ -76,13 +76,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPro
     cfg = write_config(
         d,
         sections={
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "dnssd": {
                 "listen": [f"127.0.0.1:{port}"],
                 "domain": D,
                 "per_type": 32,
                 "ttl": "5s",
                 "trusted_resolvers": ["127.0.0.3/32"],
-            }
+            },
         },
         maps=[str(write_site(d / "site.geojson", many=30))],
         subnets=[],
@@ -275,7 +276,7 @@ def test_flood_from_one_prefix_is_rate_limited_others_served(
     assert other is not None and rcode(other) == 0
     stats = ask(proc, {"op": "stats"}, admin=True)["stats"]["dnssd"]
     assert stats["rate_limited_total"] - before >= 1000 - answered - 100
-    assert stats["by_rcode"]["NOERROR"]["replies_total"] > 0
+    assert stats["replies_by_rcode"]["NOERROR"] > 0
     assert stats["cache_entries"] > 0
 
 
@@ -284,3 +285,42 @@ def test_queries_are_location_log_entries(server: tuple[DaemonProcess, int]) -> 
     short(port, f"lb._dns-sd._udp.{D}", "PTR")
     entries = ask(proc, {"op": "privacy.export", "ip": "127.0.0.1"}, admin=True)["entries"]
     assert any(e["op"] == "dnssd" and e["zone"] == "z-a" for e in entries)
+
+
+def test_metrics_count_by_type_and_rcode_without_names(server: tuple[DaemonProcess, int]) -> None:
+    import tomllib
+    import urllib.request
+
+    proc, port = server
+    short(port, f"_ipp._tcp.z-a.{D}", "PTR", "+tcp")
+    dig(port, f"nope.{D}", "A")
+    listen = tomllib.loads(proc.config.read_text())["metrics"]["listen"]
+    page = urllib.request.urlopen(f"http://{listen}/metrics", timeout=10).read().decode()
+    lines = [x for x in page.splitlines() if x.startswith("nearest_dnssd_")]
+    assert any(x.startswith('nearest_dnssd_queries_total{qtype="PTR"}') for x in lines), lines
+    assert any(x.startswith('nearest_dnssd_replies_total{rcode="NXDOMAIN"}') for x in lines)
+    assert any(x.startswith("nearest_dnssd_cache_bytes ") for x in lines)
+    assert not any("127.0" in x or "example" in x for x in lines), lines
+
+
+def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> None:
+    proc, port = server
+    original = proc.config.read_text()
+    try:
+        proc.config.write_text(original.replace("per_type = 32", "per_type = 2").replace(
+            'ttl = "5s"', 'ttl = "3s"'
+        ))  # fmt: skip
+        assert ask(proc, {"op": "reload"}, admin=True)["ok"]
+        answers = dig(port, "+noall", "+answer", f"_ipp._tcp.z-a.{D}", "PTR")
+        lines = answers.splitlines()
+        assert len(lines) == 2 and all(line.split()[1] == "3" for line in lines), lines
+        proc.config.write_text(original.replace('ttl = "5s"', 'ttl = "11s"'))
+        from nearest_client.client import ServerError
+
+        with pytest.raises(ServerError) as refused:
+            ask(proc, {"op": "reload"}, admin=True)
+        assert any("[dnssd] ttl" in p for p in refused.value.reply["problems"])
+        assert len(short(port, f"_ipp._tcp.z-a.{D}", "PTR")) == 2  # still the old config
+    finally:
+        proc.config.write_text(original)
+        ask(proc, {"op": "reload"}, admin=True)

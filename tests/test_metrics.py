@@ -304,12 +304,34 @@ def test_a_taken_metrics_port_is_reported_and_fatal(tmp_path: Path) -> None:
     assert "cannot listen" in d.logs()
 
 
+class Figures:
+    """A component that only has figures (or fails to give them)."""
+
+    def __init__(self, name: str, figures: dict[str, Any] | None) -> None:
+        self.name = name
+        self.figures = figures
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def reconfigure(self, cfg: Any) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        if self.figures is None:
+            raise RuntimeError("no figures")
+        return self.figures
+
+
 async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path, sections={"metrics": {"listen": f"[::1]:{port}"}})
     daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
-    daemon.service.extra_stats["mqtt"] = lambda: {"connected": True, "reconnects": 3}
-    daemon.service.extra_stats["broken"] = lambda: 1 / 0
+    mqtt = Figures("mqtt", {"connected": True, "reconnects": 3})
+    daemon.components += [mqtt, Figures("broken", None)]
     try:
         await daemon.start()
     except OSError as exc:
@@ -322,7 +344,7 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
         assert samples(fams, "nearest_mqtt_connected") == {(): 1.0}
         assert samples(fams, "nearest_mqtt_reconnects") == {(): 3.0}
         assert samples(fams, "nearest_metrics_snapshot_fallbacks") == {(): 0.0}
-        del daemon.service.extra_stats["mqtt"]
+        daemon.components.remove(mqtt)
         page = await asyncio.to_thread(scrape, f"[::1]:{port}")
         assert "# TYPE nearest_mqtt_connected " not in page
     finally:

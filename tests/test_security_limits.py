@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearestd.core.limits import ConnectionSlots, RateLimiter, SpikeWatch, source_key
+from nearestd.core.limits import ConnectionSlots, RateLimiter, RecentKeys, SpikeWatch, source_key
 
 
 def test_burst_then_refill() -> None:
@@ -205,3 +205,14 @@ def test_connection_slots_release_everything_and_reconfigure() -> None:
     assert slots.admit("a", False) == "per-source"
     with pytest.raises(ValueError):
         slots.configure(0, 1, 0)
+
+
+def test_recent_keys_forget_the_least_recently_noted() -> None:
+    recent = RecentKeys(max_keys=2)
+    recent.note("a")
+    recent.note("b")
+    recent.note("a")  # "a" is the most recent again
+    recent.note("c")  # forgets "b"
+    assert ("a" in recent, "b" in recent, "c" in recent, len(recent)) == (True, False, True, 2)
+    with pytest.raises(ValueError):
+        RecentKeys(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,25 @@ from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
 
 MAX_MAP_BYTES = 64 * 1024 * 1024
+# GeoJSON needs a handful of levels (a MultiPolygon's positions are 6 deep); Python's
+# parser gives up near 1,000 with a RecursionError, which must not become a traceback.
+MAX_JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> tuple[int, int] | None:
+    """Return (line, column) where JSON text nests deeper than ``limit``, or None."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            if depth > limit:
+                line = text.count("\n", 0, m.start()) + 1
+                return line, m.start() - text.rfind("\n", 0, m.start())
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +52,7 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
         if path.stat().st_size > MAX_MAP_BYTES:
             problems.append(Problem(str(path), "file", f"larger than {MAX_MAP_BYTES} bytes"))
             return None
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except FileNotFoundError:
         problems.append(Problem(str(path), "file", "not found"))
     except UnicodeDecodeError:
@@ -82,6 +102,13 @@ def load_sitemap(cfg: Config) -> SiteMap:
                 continue
             try:
                 doc = _parse_json(text)
+            except RecursionError:
+                deep = json_too_deep(text)
+                where = f"line {deep[0]} column {deep[1]}" if deep else "file"
+                map_problems.append(
+                    Problem(str(path), where, f"nested more than {MAX_JSON_DEPTH} levels deep")
+                )
+                continue
             except json.JSONDecodeError as exc:
                 map_problems.append(
                     Problem(
@@ -105,6 +132,11 @@ def load_sitemap(cfg: Config) -> SiteMap:
     problems = map_problems
     try:
         sitemap = build_sitemap(docs(), csvs)
+    except RecursionError:
+        # A document under the parser's limit but deep enough for a recursive check.
+        problems.extend(csv_problems)
+        problems.append(Problem("site maps", "file", f"nested more than {MAX_JSON_DEPTH} deep"))
+        raise SiteMapError(problems) from None
     except SiteMapError as exc:
         problems.extend(csv_problems)
         problems.extend(exc.problems)

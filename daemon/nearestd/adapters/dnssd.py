@@ -63,6 +63,7 @@ TCP_IDLE = 10.0
 TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
+LOG_MEMO = 65536
 
 
 class Entry(NamedTuple):
@@ -159,12 +160,15 @@ class DnssdServer:
         self.cfg = cfg
         self.publisher = self._publisher(cfg)
         self.trusted = [_net(c) for c in cfg.trusted_resolvers]
+        self._trusted_memo: dict[str, bool] = {}
         self.limiter = RateLimiter(RATE, BURST, RATE_KEYS)
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
         self.cache_bytes = 0
         self.cache_max = CACHE_MAX
         self._generation = -1
         self._sitemap: Any = None
+        self._logged: dict[tuple[str, str, tuple[str, ...]], None] = {}
+        self._log_window = 0.0
         self.queries: Counter[str] = Counter()
         self.rcodes: Counter[str] = Counter()
         self.truncated = 0
@@ -231,13 +235,14 @@ class DnssdServer:
         self.cfg = new
         self.publisher = self._publisher(new)
         self.trusted = [_net(c) for c in new.trusted_resolvers]
+        self._trusted_memo = {}
         self._drop_cache()
 
     def stats(self) -> Mapping[str, Any]:
         """Return the counters: queries by type, replies by rcode, truncated, rate-limited."""
         return {
-            "by_qtype": {k: {"queries_total": v} for k, v in sorted(self.queries.items())},
-            "by_rcode": {k: {"replies_total": v} for k, v in sorted(self.rcodes.items())},
+            "queries_by_qtype": dict(sorted(self.queries.items())),
+            "replies_by_rcode": dict(sorted(self.rcodes.items())),
             "truncated_total": self.truncated,
             "rate_limited_total": self.rate_limited,
             "malformed_total": self.malformed,
@@ -253,14 +258,21 @@ class DnssdServer:
         self.cache_bytes = 0
 
     def is_trusted(self, ip: str) -> bool:
-        """Return whether an address is one of the trusted resolvers."""
+        """Return whether an address is one of the trusted resolvers (memoised per address)."""
         if not self.trusted:
             return False
+        known = self._trusted_memo.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
-        return any(addr in net for net in self.trusted)
+        found = any(addr in net for net in self.trusted)
+        if len(self._trusted_memo) >= LOG_MEMO:
+            self._trusted_memo.clear()
+        self._trusted_memo[ip] = found
+        return found
 
     def allow(self, ip: str, trusted: bool) -> bool:
         """Take a token for the source's prefix; count and refuse it when over the rate."""
@@ -300,8 +312,26 @@ class DnssdServer:
         if udp and entry.truncated:
             self.truncated += 1
         if entry.zone is not None:
-            svc.remember_lookup(entry.client or ip, entry.zone, "dnssd", entry.devices, self.wall())
+            self._log(entry.client or ip, entry.zone, entry.devices)
         return data[:2] + (entry.udp if udp else entry.tcp)[2:]
+
+    def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
+        """Make the location-log entry; the same answer to the same address once a second.
+
+        A client browsing asks a dozen names at once (and a resolver the same ones for
+        many clients): one entry per second for each distinct (address, zone, devices)
+        keeps what the log says and spares a keyed hash per packet.
+        """
+        now = self.wall()
+        if not 0 <= now - self._log_window < 1.0:
+            self._logged.clear()
+            self._log_window = now
+        key = (client, zone, devices)
+        if key in self._logged:
+            return
+        if len(self._logged) < LOG_MEMO:
+            self._logged[key] = None
+        self.service.remember_lookup(client, zone, "dnssd", devices, now)
 
     def _build(self, data: bytes, source_zone: str | None, ip: str, trusted: bool) -> Entry:
         query = DNSRecord.parse(data)

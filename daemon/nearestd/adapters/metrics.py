@@ -314,7 +314,7 @@ FAMILIES: tuple[Family, ...] = (
         "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
         lambda r: r.mqtt_enabled,
     ),
-    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    # Reloads (the app's ``operations`` section) and the warm-restart inventory.
     Family(
         "nearest_config_reloads_total",
         "counter",
@@ -345,22 +345,22 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Writes of the warm-restart inventory snapshot, by result.",
         lambda r: [
-            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
-            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+            (("success",), float(r.section("inventory").get("writes_ok", 0))),
+            (("failure",), float(r.section("inventory").get("writes_failed", 0))),
         ],
         ("result",),
-        section="operations",
-        keys=("inventory_writes_ok", "inventory_writes_failed"),
+        section="inventory",
+        keys=("writes_ok", "writes_failed"),
     ),
     stat(
-        "operations",
-        "inventory_restored",
+        "inventory",
+        "restored",
         "nearest_inventory_restored_devices",
         "gauge",
         "Devices restored (as stale) from the snapshot at start.",
     ),
     stat(
-        "operations",
+        "inventory",
         "stale_expired",
         "nearest_inventory_stale_expired_total",
         "counter",
@@ -472,14 +472,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",
@@ -766,6 +766,72 @@ FAMILIES: tuple[Family, ...] = (
         "Devices never polled for their address (loopback, this host's own, ...), by reason.",
         "reason",
     ),
+    # Unicast DNS-SD (while a [dnssd] section is configured).
+    by_label(
+        "dnssd",
+        "queries_by_qtype",
+        "nearest_dnssd_queries_total",
+        "counter",
+        "DNS queries answered, by query type.",
+        "qtype",
+    ),
+    by_label(
+        "dnssd",
+        "replies_by_rcode",
+        "nearest_dnssd_replies_total",
+        "counter",
+        "DNS replies sent, by response code.",
+        "rcode",
+    ),
+    stat(
+        "dnssd",
+        "truncated_total",
+        "nearest_dnssd_truncated_total",
+        "counter",
+        "UDP replies truncated (TC) to the asker's size.",
+    ),
+    stat(
+        "dnssd",
+        "rate_limited_total",
+        "nearest_dnssd_rate_limited_total",
+        "counter",
+        "DNS queries dropped over the rate of their source prefix.",
+    ),
+    stat(
+        "dnssd",
+        "malformed_total",
+        "nearest_dnssd_malformed_total",
+        "counter",
+        "DNS messages dropped or answered FORMERR.",
+    ),
+    stat(
+        "dnssd",
+        "tcp_refused_total",
+        "nearest_dnssd_tcp_refused_total",
+        "counter",
+        "DNS TCP connections refused over the cap.",
+    ),
+    stat(
+        "dnssd",
+        "tcp_connections",
+        "nearest_dnssd_tcp_connections",
+        "gauge",
+        "Open DNS TCP connections.",
+    ),
+    stat(
+        "dnssd",
+        "cache_entries",
+        "nearest_dnssd_cache_entries",
+        "gauge",
+        "DNS answers cached as wire.",
+    ),
+    stat(
+        "dnssd",
+        "cache_bytes",
+        "nearest_dnssd_cache_bytes",
+        "gauge",
+        "Bytes of DNS wire answers and their keys in the cache.",
+    ),
     # The exporter itself.
     always(
         "nearest_metrics_snapshot_age_seconds",
@@ -793,11 +859,14 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "url": "this page's own address",
         "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
     },
-    "operations": {
-        "inventory_file": "a path",
-        "inventory_last_write": "a timestamp only for stats",
-        "systemd_notify": "a setting",
-        "metrics": "this page's own address",
+    "inventory": {
+        "file": "a path",
+        "last_write": "a timestamp only for stats",
+    },
+    "systemd": {
+        "notify": "a setting",
+        "sent": "messages to the service manager, only for stats",
+        "failed": "messages the service manager did not take, only for stats",
     },
 }
 

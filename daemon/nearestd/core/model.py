@@ -173,11 +173,3 @@ class Zone:
             "zone": self.id,
             "zone_name": self.name,
         }
-
-
-@dataclass(frozen=True, slots=True)
-class PlacedDevice:
-    """A device with its placement (None while unlocated)."""
-
-    device: Device
-    placement: Placement | None

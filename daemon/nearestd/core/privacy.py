@@ -170,13 +170,3 @@ class LocationLog:
     def record_action(self, op: str, count: int, now: float) -> None:
         """Log an admin action with its count and no IP."""
         self._append(LogEntry(now, self._epochs[-1].number, b"", None, op, (str(count),)))
-
-    def count_recent(self, pseudonym: bytes, since: float) -> int:
-        """Return how many entries a pseudonym made since ``since`` (for spike warnings)."""
-        n = 0
-        for e in reversed(self._entries):
-            if e.ts < since:
-                break
-            if e.pseudonym == pseudonym:
-                n += 1
-        return n

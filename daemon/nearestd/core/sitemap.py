@@ -138,12 +138,6 @@ class PrefixTable:
             self._count += 1
         tree[key] = zone_id
 
-    def get_exact(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
-        """Return the zone a prefix itself was given to, if any."""
-        tree = self._v4 if network.version == 4 else self._v6
-        key = str(network)
-        return tree[key] if tree.has_key(key) else None
-
     def lookup(self, ip: str) -> str | None:
         """Return the zone of the longest prefix containing ``ip`` (a valid address)."""
         if ":" not in ip:
@@ -210,6 +204,16 @@ class SiteMap:
 def normalise_name(text: str) -> str:
     """Fold case and drop whitespace, for matching notes against zone names."""
     return "".join(text.split()).casefold()
+
+
+def _cidr_list_problem(value: Any) -> str | None:
+    """Return what is wrong with a ``subnets`` property's shape (entry by index), or None."""
+    if not isinstance(value, list):
+        return "properties.subnets: expected a list of CIDR strings"
+    for i, entry in enumerate(value):
+        if not isinstance(entry, str):
+            return f"properties.subnets[{i}]: expected a CIDR string, got {type(entry).__name__}"
+    return None
 
 
 def _fid(feature: Any, index: int) -> str:
@@ -393,9 +397,9 @@ class _Builder:
         if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
             self.problem(file, where, "properties.aliases: expected a list of strings")
             ok = False
-        subnets = props.get("subnets", [])
-        if not isinstance(subnets, list) or not all(isinstance(s, str) for s in subnets):
-            self.problem(file, where, "properties.subnets: expected a list of CIDR strings")
+        problem = _cidr_list_problem(props.get("subnets", []))
+        if problem is not None:
+            self.problem(file, where, problem)
             ok = False
         if "visible_to" in props and parse_visible_to(props["visible_to"])[2] is not None:
             self.problem(
@@ -427,7 +431,8 @@ class _Builder:
         self.raw_devices.append((file, where, props, (float(lon), float(lat)), early))
 
     def add_csv(self, file: str, text: str) -> None:
-        reader = csv.reader(io.StringIO(text))
+        # Spreadsheet exports often begin with a UTF-8 byte-order mark.
+        reader = csv.reader(io.StringIO(text.removeprefix("\ufeff")))
         header = next(reader, None)
         if header is None or [h.strip() for h in header[:2]] != ["prefix", "zone_id"]:
             self.problem(file, "line 1", "expected the header 'prefix,zone_id'")
@@ -497,8 +502,10 @@ class _Builder:
                 if other is not None and other != zone.id:
                     self.problem(file, where, f"name or alias {text!r} also names zone {other!r}")
                 sm.names[key] = zone.id
-            for cidr in zone.subnets:
-                self._add_prefix(sm, prefix_owner, file, where, cidr, zone.id, "properties.subnets")
+            for i, cidr in enumerate(zone.subnets):
+                self._add_prefix(
+                    sm, prefix_owner, file, where, cidr, zone.id, f"properties.subnets[{i}]"
+                )
         for file, where, cidr, zid in self.extra_prefixes:
             if zid not in sm.zones:
                 self.problem(file, where, f"zone_id: unknown zone {zid!r}")
@@ -653,13 +660,18 @@ class _Builder:
                 restrict = self._visibility(sm, file, where, props["visible_to"])
             expect: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
             raw_expect = props.get("subnets", [])
-            if not isinstance(raw_expect, list) or not all(isinstance(c, str) for c in raw_expect):
-                self.problem(file, where, "properties.subnets: expected a list of CIDR strings")
+            problem = _cidr_list_problem(raw_expect)
+            if problem is not None:
+                self.problem(file, where, problem)
                 continue
-            try:
-                expect = [ipaddress.ip_network(c, strict=False) for c in raw_expect]
-            except ValueError as exc:
-                self.problem(file, where, f"properties.subnets: bad CIDR ({exc})")
+            bad = False
+            for i, c in enumerate(raw_expect):
+                try:
+                    expect.append(ipaddress.ip_network(c, strict=False))
+                except ValueError as exc:
+                    self.problem(file, where, f"properties.subnets[{i}]: bad CIDR {c!r} ({exc})")
+                    bad = True
+            if bad:
                 continue
             pins.append(
                 Pin(
