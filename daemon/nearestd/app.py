@@ -140,7 +140,9 @@ class Daemon:
                 "reloads_failed": self.reloads_failed,
                 "last_reload_ok": self.last_reload_ok,
                 "last_reload": self.last_reload or self.service.stats.started,
-            }
+            },
+            # Refused, rate-limited and malformed requests: the service counts them.
+            "security": self.service.security_view(),
         }
         for component in self.components:
             try:

@@ -252,14 +252,15 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "nearest_devices",
         "gauge",
-        "Known devices by kind and shown state (stale: restored at start, state not yet known).",
+        "Known devices by kind and shown state (stale: not confirmed since a restart, or its "
+        "origin went silent; stopped and unreachable ones show those states).",
         lambda r: [((k, s), float(n)) for (k, s), n in r.census.by_kind_state],
         ("kind", "state"),
     ),
     Family(
         "nearest_devices_stale",
         "gauge",
-        "Devices restored from the warm-restart snapshot and not yet heard of again, by kind.",
+        "Stale devices (restored and not yet heard of again, or from a silent origin), by kind.",
         lambda r: _by_kind(r.census.stale_by_kind),
         ("kind",),
     ),

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 from shapely.geometry.base import BaseGeometry
 
+from nearestd.core.census import shown_state
 from nearestd.core.devices import Record
 from nearestd.core.index import Hit, Ranking
-from nearestd.core.model import Device, DeviceState, Placement, Zone
+from nearestd.core.model import Device, Placement, Zone
 from nearestd.core.quarantine import Quarantined
 from nearestd.core.sitemap import SiteMap
 
@@ -70,12 +71,8 @@ def attr(value: object) -> str:
 
 
 def display_state(device: Device) -> str:
-    """Return the state a device is drawn in: stopped and unreachable first, then stale."""
-    if device.state in (DeviceState.STOPPED, DeviceState.UNREACHABLE):
-        return str(device.state)
-    if device.stale:
-        return "stale"
-    return str(device.state)
+    """Return the state a device is drawn in: the census's one rule (stopped first, then stale)."""
+    return shown_state(device)
 
 
 @dataclass(frozen=True, slots=True)
