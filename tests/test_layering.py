@@ -109,7 +109,7 @@ def test_every_component_of_the_app_has_the_component_face(tmp_path: Path) -> No
             "discovery": {"enabled": True, "interfaces": ["lo"]},
         },
     )
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = Daemon(load_world(cfg), str(cfg))  # a sync test: no loop to block
     names = [c.name for c in daemon.components]
     assert names == [
         "inventory",

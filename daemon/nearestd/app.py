@@ -32,7 +32,8 @@ from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
 from nearestd.config import Config, ConfigError
-from nearestd.loader import World, load_world
+from nearestd.loader import World, config_addresses, load_world, map_addresses
+from nearestd.logs import host_literals, set_infrastructure
 from nearestd.service import Carry, Prepared, Service, prepare
 
 LOG = logging.getLogger("nearestd")
@@ -110,6 +111,17 @@ class Daemon:
             status_of=lambda: status_line(self.service, time.time()), spawn=spawn
         )
         self.components.append(self.notifier)
+        self.note_infrastructure()
+
+    def note_infrastructure(self) -> None:
+        """Tell the log filter which addresses are the config's, the maps' and our sockets'."""
+        own: set[str] = set()
+        for address in self.addresses:
+            own |= host_literals(address)
+        sitemap = self.world.sitemap
+        set_infrastructure(
+            config_addresses(self.world.config) | own, lambda: map_addresses(sitemap)
+        )
 
     @property
     def config(self) -> Config:
@@ -130,7 +142,9 @@ class Daemon:
                 "reloads_failed": self.reloads_failed,
                 "last_reload_ok": self.last_reload_ok,
                 "last_reload": self.last_reload or self.service.stats.started,
-            }
+            },
+            # Refused, rate-limited and malformed requests: the service counts them.
+            "security": self.service.security_view(),
         }
         for component in self.components:
             try:
@@ -146,6 +160,7 @@ class Daemon:
         self.spawn(self._ticker(), "ticker")
         for component in self.components:
             await component.start()
+        self.note_infrastructure()  # the sockets' own addresses, now bound
         LOG.info(
             "serving",
             extra={
@@ -295,7 +310,8 @@ class Daemon:
         self.reloads_failed += 1
         self.last_reload_ok = False
         for problem in problems:
-            LOG.error("reload refused", extra={"problem": problem})
+            # Problems quote the config and site-map files: shown as written there.
+            LOG.error("reload refused", extra={"problem": problem, "_verbatim": ("problem",)})
         return problems
 
     def _switch(self, prepared: Prepared) -> list[object]:
@@ -303,6 +319,7 @@ class Daemon:
         old_world = self.world
         old_sitemap, old_table = self.service.swap(prepared)
         self.world = World(prepared.cfg, prepared.sitemap)
+        self.note_infrastructure()
         for component in self.components:
             try:
                 component.reconfigure(prepared.cfg)
@@ -437,7 +454,9 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
-            LOG.error("configuration problem", extra={"problem": problem})
+            LOG.error(
+                "configuration problem", extra={"problem": problem, "_verbatim": ("problem",)}
+            )
         return 2
     finally:
         # The site map and device table live until the next reload: keep the cyclic

@@ -31,7 +31,7 @@ from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
+from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
@@ -242,9 +242,12 @@ class Service:
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
                 self.log.record_action("privacy.export", len(entries), now)
+                # The action and its count only: whose entries they were is not logged.
+                LOG.info("location log exported", extra={"op": req.op, "count": len(entries)})
                 return {"v": 1, "id": req.id, "ok": True, "entries": entries}
             n = self.log.erase(req.ip)
             self.log.record_action("privacy.erase", n, now)
+            LOG.info("location log erased", extra={"op": req.op, "count": n})
             return {"v": 1, "id": req.id, "ok": True, "erased": n}
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
 
@@ -344,7 +347,8 @@ class Service:
 
     def floor_drawing(self, req: MapRequest) -> str:
         """Return one floor as a standalone SVG document, or refuse an unknown floor."""
-        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+        atlas = Atlas.of(self.sitemap)
+        if not atlas.floor_zones(req.site, req.building, req.level):
             raise WireError(
                 ErrorCode.UNKNOWN_LOCATION,
                 "site, building, level: no zone of the site maps is on that floor",
@@ -358,7 +362,7 @@ class Service:
             req.building,
             req.level,
         )
-        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+        return floor_svg(atlas, req.site, req.building, req.level, marks)
 
     def explain(
         self, client_ip: str, kind: str, k: int, now: float
@@ -577,6 +581,11 @@ class Service:
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
+            "location_log_bytes": self.log.bytes,
+            "location_log_oldest_at": self.log.oldest,
+            "location_log_oldest_age_s": None
+            if self.log.oldest is None
+            else round(now - self.log.oldest, 3),
             "location_log_purged": self.log.purged,
             "location_log_dropped": self.log.dropped,
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},

@@ -33,6 +33,7 @@ from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, e
 from nearestd.config import Config
 from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
+from nearestd.logs import client_label
 from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Reply, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
@@ -42,6 +43,7 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
 ACCEPT_BURST = 128
+SHARE_WARNING_EVERY = 60.0
 # At shutdown, how long requests already received may take to be answered.
 DRAIN_SECONDS = 1.0
 # Descriptors beyond the connection caps: listening sockets, mDNS, the broker, files.
@@ -88,6 +90,8 @@ class Connections:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_per_source, limits.reserved)
         self.refused = 0
         self.refused_per_source = 0
+        self._warned_at = float("-inf")
+        self._warned_count = 0
         self.closed_idle = 0
         self.closed_slow = 0
         self.too_large = 0
@@ -104,6 +108,22 @@ class Connections:
                 return why
         self.open.add(conn)
         return None
+
+    def warn_share(self, ip: str | None, log_ip: str) -> None:
+        """Log a source refused over its share, at most once a minute (a flood logs little)."""
+        now = self.clock()
+        if now - self._warned_at < SHARE_WARNING_EVERY:
+            return
+        LOG.warning(
+            "connections refused: one source holds its share",
+            extra={
+                "client": client_label(ip, log_ip),
+                "max_connections_per_source": self.slots.per_source,
+                "refused_since_last_warning": self.refused_per_source - self._warned_count,
+            },
+        )
+        self._warned_at = now
+        self._warned_count = self.refused_per_source
 
     def forget(self, conn: QueryProtocol) -> None:
         """Count a closed connection out (idempotent)."""
@@ -177,6 +197,7 @@ class QueryProtocol(asyncio.Protocol):
             self.conns.refused += 1
             if why == "per-source":
                 self.conns.refused_per_source += 1
+                self.conns.warn_share(peer.ip, self.service.cfg.privacy.log_ip)
             self._closing = True
             transport.write(_refusal(why))
             transport.close()
