@@ -197,3 +197,44 @@ def encode_frame(obj: dict[str, Any]) -> bytes:
     """Encode one map as a length-prefixed frame."""
     body = encode_payload(obj)
     return HEADER.pack(len(body)) + body
+
+
+class FrameEncoder:
+    """Encode maps as frames with one reused packer: for one thread (an event loop)."""
+
+    def __init__(self) -> None:
+        # A Packer resets itself after each call, and after a failure.
+        self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    def encode(self, obj: dict[str, Any]) -> bytes:
+        """Return ``encode_frame(obj)``."""
+        body: bytes = self._pack(obj)
+        return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Frames out of a byte stream for a client: feed what arrives, take whole payloads."""
+
+    def __init__(self, max_frame: int) -> None:
+        self._decoder = FrameDecoder(max_frame)
+        self._ready: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes; raise FrameTooLargeError if a header announces too much."""
+        for item in self._decoder.feed(data):
+            if isinstance(item, FrameTooLarge):
+                raise FrameTooLargeError(item.declared, item.limit)
+            self._ready.append(item)
+
+    def next(self) -> bytes | None:
+        """Return the oldest whole payload, or None when more bytes are needed."""
+        return self._ready.pop(0) if self._ready else None
+
+
+class FrameTooLargeError(Exception):
+    """A frame header announced more bytes than the reader accepts."""
+
+    def __init__(self, declared: int, limit: int) -> None:
+        super().__init__(f"frame of {declared} bytes exceeds the limit of {limit} bytes")
+        self.declared = declared
+        self.limit = limit

@@ -5,6 +5,7 @@ Everything here is synchronous and takes ``now``; adapters own the I/O and call 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -13,14 +14,27 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nearest_wire import (
+    DevicesReply,
     DevicesRequest,
+    DeviceView,
+    EraseReply,
     ErrorCode,
+    ErrorReply,
+    ExportEntry,
+    ExportReply,
+    LocateReply,
     LocateRequest,
+    NearestReply,
     NearestRequest,
+    PingReply,
     PingRequest,
     PrivacyRequest,
+    ReloadReply,
     ReloadRequest,
+    Reply,
+    StatsReply,
     StatsRequest,
+    Where,
     WireError,
     decode_payload,
     error_reply,
@@ -35,7 +49,15 @@ from nearestd.core.index import Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
-from nearestd.core.resolve import inventory_view, rank
+from nearestd.core.resolve import (
+    PageKey,
+    decode_cursor,
+    encode_cursor,
+    inventory_view,
+    page_key,
+    rank,
+    where_of,
+)
 from nearestd.core.sitemap import SiteMap
 from nearestd.core.state import Live, overlay
 from nearestd.logs import client_label, set_ip_mode
@@ -103,8 +125,9 @@ class Service:
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
         self._cache: OrderedDict[
-            tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]
+            tuple[str, str, Any, int, int], tuple[int, tuple[DeviceView, ...]]
         ] = OrderedDict()
+        self._wheres: dict[str, Where] = {}
         self.reloader: Callable[[], list[str]] | None = None
         self.extra_stats: dict[str, Callable[[], Any]] = {}
         # What the poller last found per device; laid over every update from discovery.
@@ -150,7 +173,7 @@ class Service:
             self._count(peer, op_label, str(exc.code))
             return error_reply(exc.request_id, exc.code, exc.message)
         self._count(peer, op_label, "ok")
-        return reply
+        return reply.to_wire()
 
     def _count(self, peer: Peer, op: str, result: str) -> None:
         self.stats.queries[(peer.interface, op, result)] += 1
@@ -172,45 +195,47 @@ class Service:
             rid, ErrorCode.RATE_LIMITED, "too many requests from this address; slow down"
         )
 
-    def _dispatch(self, req: Any, peer: Peer, now: float) -> dict[str, Any]:
+    def _dispatch(self, req: Any, peer: Peer, now: float) -> Reply | ErrorReply:
         if isinstance(req, NearestRequest):
             return self._nearest(req, peer, now)
         if isinstance(req, LocateRequest):
             ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
             self._remember(ip, zone, "admin.locate" if peer.admin else "locate", (), now)
-            return {"v": 1, "id": req.id, "ok": True, "where": zone.where()}
+            return LocateReply(req.id, self._where(zone))
         if isinstance(req, DevicesRequest):
             return self._devices(req, peer)
         if isinstance(req, PingRequest):
-            return {"v": 1, "id": req.id, "ok": True, "version": __version__}
+            return PingReply(req.id, __version__)
         if isinstance(req, ReloadRequest):
             if self.reloader is None:
                 raise WireError(ErrorCode.UNAVAILABLE, "reload is not wired in", req.id)
             problems = self.reloader()
             if problems:
-                return {
-                    "v": 1,
-                    "id": req.id,
-                    "ok": False,
-                    "error": {
-                        "code": str(ErrorCode.BAD_REQUEST),
-                        "message": f"reload refused; still running the old configuration: "
-                        f"{len(problems)} problem(s)",
-                    },
-                    "problems": problems,
-                }
-            return {"v": 1, "id": req.id, "ok": True, "reloaded": True}
+                return ErrorReply(
+                    req.id,
+                    ErrorCode.BAD_REQUEST,
+                    "reload refused; still running the old configuration: "
+                    f"{len(problems)} problem(s)",
+                    tuple(problems),
+                )
+            return ReloadReply(req.id)
         if isinstance(req, StatsRequest):
-            return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
+            return StatsReply(req.id, self.stats_view(now))
         if isinstance(req, PrivacyRequest):
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
                 self.log.record_action("privacy.export", len(entries), now)
-                return {"v": 1, "id": req.id, "ok": True, "entries": entries}
+                return ExportReply(req.id, tuple(ExportEntry(**e) for e in entries))
             n = self.log.erase(req.ip)
             self.log.record_action("privacy.erase", n, now)
-            return {"v": 1, "id": req.id, "ok": True, "erased": n}
+            return EraseReply(req.id, n)
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
+
+    def _where(self, zone: Zone) -> Where:
+        where = self._wheres.get(zone.id)
+        if where is None:
+            where = self._wheres[zone.id] = where_of(zone)
+        return where
 
     def _locate(
         self, client_ip: str | None, zone_id: str | None, peer: Peer, rid: int
@@ -244,7 +269,7 @@ class Service:
             )
         return ip, found
 
-    def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> dict[str, Any]:
+    def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> NearestReply:
         ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
         policy = self.sitemap.visibility
         visible = policy.client_mask(zone.id, ip) if policy.active else -1
@@ -263,8 +288,8 @@ class Service:
             self._cache[key] = (gen, devices)
         # An operator's lookup is logged as such: the person's export shows someone looked.
         op = "admin.nearest" if peer.admin else "nearest"
-        self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
-        return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
+        self._remember(ip, zone, op, tuple(d.id for d in devices), now)
+        return NearestReply(req.id, self._where(zone), devices)
 
     def _remember(
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
@@ -297,35 +322,49 @@ class Service:
             return policy.client_mask(None, req.client_ip or peer.ip or LOCAL_HOST)
         return policy.client_mask(zone.id, ip)
 
-    def _devices(self, req: DevicesRequest, peer: Peer) -> dict[str, Any]:
-        out = []
+    def _devices(self, req: DevicesRequest, peer: Peer) -> DevicesReply:
+        """Return one page of the inventory: at most ``limit`` records after ``cursor``."""
         viewer = self._viewer(req, peer)
+        after: PageKey | None = None
+        if req.cursor is not None:
+            try:
+                after = decode_cursor(req.cursor)
+            except ValueError as exc:
+                raise WireError(ErrorCode.BAD_REQUEST, str(exc), req.id) from None
         policy = self.sitemap.visibility
+        # (key, record, restriction, quarantine entry): views are built for the page only.
+        found: list[tuple[PageKey, Record, int, Any]] = []
         for rec in self.table.records():
             if req.kind is not None and rec.device.kind != req.kind:
                 continue
             if req.site is not None and (rec.placement is None or rec.placement.site != req.site):
                 continue
+            key = page_key(rec)
+            if after is not None and key <= after:
+                continue
             restrict = restriction_of(rec.device, rec.placement, self.sitemap)
             if viewer is not None and restrict & ~viewer:
                 continue
-            view = inventory_view(rec)
-            if restrict and viewer is None:
-                view["visible_to"] = policy.rule_text(restrict)
-            out.append(view)
-        if peer.admin and viewer is None:
-            for held in self.table.quarantine.values():
+            found.append((key, rec, restrict, None))
+        if peer.admin and viewer is None and req.site is None:
+            for (_, addresses), held in self.table.quarantine.items():
                 if req.kind is not None and held.device.kind != req.kind:
                     continue
-                if req.site is not None:
-                    continue
-                view = inventory_view(Record(held.device, None, held.last_seen))
-                view["quarantined"] = held.reason
-                view["first_seen"] = held.first_seen
-                out.append(view)
-        # Unlocated first: they are what an operator must fix.
-        out.sort(key=lambda d: (d["located"], d["site"] or "", d["kind"], d["id"]))
-        return {"v": 1, "id": req.id, "ok": True, "devices": out}
+                rec = Record(held.device, None, held.last_seen)
+                key = page_key(rec, addresses)
+                if after is None or key > after:
+                    found.append((key, rec, 0, held))
+        page = heapq.nsmallest(req.limit + 1, found, key=lambda item: item[0])
+        more = len(page) > req.limit
+        del page[req.limit :]
+        views = []
+        for _, rec, restrict, held in page:
+            if held is not None:
+                views.append(inventory_view(rec, None, held.reason, held.first_seen))
+            else:
+                shown = tuple(policy.rule_text(restrict)) if restrict and viewer is None else None
+                views.append(inventory_view(rec, shown))
+        return DevicesReply(req.id, tuple(views), encode_cursor(page[-1][0]) if more else None)
 
     # ---- state -------------------------------------------------------------------------
     def apply(self, cfg: Config, sitemap: SiteMap) -> None:
@@ -344,6 +383,7 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
+        self._wheres.clear()
         self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
