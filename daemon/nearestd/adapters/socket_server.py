@@ -25,16 +25,15 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-import msgpack
-
-from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
+from nearest_wire import ErrorCode, FrameDecoder, FrameEncoder, FrameTooLarge, error_reply
 from nearestd.core.netset import NetSet, normalise_peer
 from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
-# One packer for every reply (the loop is single-threaded): ``encode_frame`` without
-# building a Packer per call. It resets itself after each reply, and after a failure.
-_pack = msgpack.Packer(use_bin_type=True).pack
+# One encoder for every reply: the loop is single-threaded.
+_encode = FrameEncoder().encode
+# A connection's output budget: replies are answered while the bytes it has not read stay
+# under this; then it is neither answered nor read until it catches up.
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
 ACCEPT_BURST = 128
@@ -126,6 +125,7 @@ class QueryProtocol(asyncio.Protocol):
         self._scheduled = False
         self._eof = False
         self._limited = False
+        self._prepaid = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Accept the connection, or refuse it when the cap is reached."""
@@ -135,7 +135,7 @@ class QueryProtocol(asyncio.Protocol):
             self.conns.refused += 1
             self._closing = True
             transport.write(
-                encode_frame(
+                _encode(
                     error_reply(
                         None, ErrorCode.UNAVAILABLE, "too many connections; try again later"
                     )
@@ -167,7 +167,12 @@ class QueryProtocol(asyncio.Protocol):
             self._answer()
 
     def _answer(self) -> None:
-        """Answer a batch of queued frames; yield to other connections when more wait."""
+        """Answer a batch of queued frames; yield to other connections when more wait.
+
+        Each reply counts against the connection's output budget before the next is
+        computed: once the replies it has not read reach ``WRITE_HIGH`` bytes, the batch
+        stops there and the rest waits (unread) until the peer catches up.
+        """
         self._scheduled = False
         transport = self.transport
         peer = self.peer
@@ -179,22 +184,31 @@ class QueryProtocol(asyncio.Protocol):
             return
         service = self.service
         wall = wall_clock()
-        granted = n
+        # Tokens taken for frames a batch left unanswered pay for the next batch first.
+        granted = min(n, self._prepaid)
         if self._limited and peer.ip is not None:
-            granted = service.limiter.take(peer.ip, n, wall)
+            if n > granted:
+                granted += service.limiter.take(peer.ip, n - granted, wall)
+        else:
+            granted = n
         out: list[bytes] = []
         close = False
         handle_payload = service.handle_payload
         observe = self.latency.observe
         popleft = pending.popleft
         append = out.append
+        budget = WRITE_HIGH - transport.get_write_buffer_size()
+        answered = 0
         for i in range(n):
+            if budget <= 0 and i:  # at least one: the write then pauses a full buffer
+                break
+            answered += 1
             item = popleft()
             if isinstance(item, FrameTooLarge):
                 self.conns.too_large += 1
                 service.stats.queries[(self.interface, "invalid", str(ErrorCode.TOO_LARGE))] += 1
                 out.append(
-                    encode_frame(
+                    _encode(
                         error_reply(
                             None,
                             ErrorCode.TOO_LARGE,
@@ -207,16 +221,18 @@ class QueryProtocol(asyncio.Protocol):
             try:
                 if i < granted:
                     started = perf_counter()
-                    body = _pack(handle_payload(item, peer, wall))
-                    append(len(body).to_bytes(4, "big") + body)
+                    frame = _encode(handle_payload(item, peer, wall))
                     observe(perf_counter() - started)
                 else:
-                    out.append(encode_frame(service.rate_limited_reply(item, peer)))
+                    frame = _encode(service.rate_limited_reply(item, peer))
             except Exception:
                 LOG.exception(
                     "internal error answering a request", extra={"interface": self.interface}
                 )
-                out.append(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
+                frame = _encode(error_reply(None, ErrorCode.INTERNAL, "internal error"))
+            append(frame)
+            budget -= len(frame)
+        self._prepaid = max(0, granted - answered) if self._limited else 0
         if out:
             transport.write(b"".join(out))
         if close:
