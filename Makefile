@@ -44,3 +44,4 @@ clean:
 
 docs: $(STAMP)
 	$(BIN)/python scripts/config_docs.py
+	$(BIN)/python scripts/metrics_docs.py

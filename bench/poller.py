@@ -191,6 +191,7 @@ def _config(directory: Path, site: Path, port: int, poller: dict[str, Any]) -> P
         "[logging]",
         'level = "warning"',
         "[poller]",
+        "poll_this_host = true",
         *(f"{k} = {json.dumps(v)}" for k, v in poller.items()),
     ]
     path = directory / "nearestd.toml"

@@ -19,6 +19,11 @@ have promtool || need="$need prometheus"
 have systemd-analyze || need="$need systemd"
 have ip || need="$need iproute2"
 have unshare || need="$need util-linux"
+have dig || need="$need bind9-dnsutils"
+have unbound || need="$need unbound"
+have dnsperf || need="$need dnsperf"
+have nsd || need="$need nsd"
+have chromium || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! have apt-get; then
     echo "install-test-deps: missing$need; not root or no apt-get: those tests will skip" >&2

@@ -14,6 +14,10 @@ A harness takes bytes and raises AssertionError (or anything else) on a bug:
   are bounded, printable, and the inventory view encodes.
 * ``addresses``: text as a client address: the checked form is canonical and stable,
   and the zone found by the prefix table equals a brute-force longest-prefix search.
+* ``dns_packets``: [flags byte][DNS message] through the DNS-SD server's handler (UDP
+  or TCP, trusted resolver or not): no reply or a DNS message dnslib parses, with the
+  query's ID, QR set, the question echoed, and over UDP no larger than 512 bytes without
+  EDNS (1232 with it).
 """
 
 from __future__ import annotations
@@ -239,7 +243,46 @@ def addresses(data: bytes) -> None:
     policy.client_mask(zone.id if zone else None, ip)
 
 
+@cache
+def dns_server() -> Any:
+    from nearestd.adapters.dnssd import DnssdServer
+    from nearestd.config import DnssdConfig
+
+    cfg = DnssdConfig(domain=DNS_DOMAIN, per_type=8, trusted_resolvers=["10.20.0.0/16"])
+    server = DnssdServer(service(), cfg)
+    server.cache_max = 256  # the fuzz run's memory budget, not the daemon's
+    return server
+
+
+DNS_DOMAIN = "print.example.org"
+
+
+def dns_packets(data: bytes) -> None:
+    """Harness: [flags][message]; bit 0 TCP, bit 1 from a trusted resolver."""
+    from dnslib import DNSRecord
+
+    if not data:
+        return
+    flags, msg = data[0], data[1:]
+    udp = not flags & 1
+    ip = "10.20.23.9" if flags & 2 else "192.0.2.7"
+    server = dns_server()
+    reply = server.handle(msg, ip, udp=udp, trusted=bool(flags & 2))
+    if reply is None:
+        assert len(msg) < 12 or msg[2] & 0x80
+        return
+    assert reply[:2] == msg[:2] and reply[2] & 0x80
+    parsed = DNSRecord.parse(reply)
+    if udp:
+        assert len(reply) <= (512 if not parsed.ar else 1232), len(reply)
+    if parsed.questions:
+        query = DNSRecord.parse(msg)
+        assert parsed.questions[0].qname.label == query.questions[0].qname.label
+    service().log.purge(NOW + 10**9)
+
+
 HARNESSES = {
+    "dns_packets": dns_packets,
     "frames": frames,
     "mqtt_payloads": mqtt_payloads,
     "txt_records": txt_records,
@@ -309,7 +352,50 @@ def seeds() -> dict[str, list[bytes]]:
         b"0.0.0.0",
         b"::",
     ]
-    return {"frames": frame_seeds, "mqtt_payloads": mqtt, "txt_records": txt, "addresses": addr}
+    return {
+        "frames": frame_seeds,
+        "mqtt_payloads": mqtt,
+        "txt_records": txt,
+        "addresses": addr,
+        "dns_packets": dns_seeds(),
+    }
+
+
+DNS_NAMES = [
+    f"lb._dns-sd._udp.{DNS_DOMAIN}",
+    "b._dns-sd._udp.0.23.20.10.in-addr.arpa",
+    f"_services._dns-sd._udp.n1-finance.{DNS_DOMAIN}",
+    f"_ipp._tcp.n1-finance.{DNS_DOMAIN}",
+    f"_universal._sub._ipps._tcp.n1-finance.{DNS_DOMAIN}",
+    f"_uscan._tcp.s1-east.{DNS_DOMAIN}",
+    f"Printer._ipp._tcp.n1-finance.{DNS_DOMAIN}",
+    f"h-10-20-23-5.{DNS_DOMAIN}",
+    DNS_DOMAIN,
+    "www.example.com",
+]
+DNS_TYPES = ["PTR", "SRV", "TXT", "A", "AAAA", "SOA", "NS", "ANY", "AXFR", "CAA"]
+
+
+def dns_query(name: str, qtype: str, edns: int | None, ecs: bytes | None) -> bytes:
+    """Return a query's wire form, optionally with EDNS and an ECS option."""
+    from dnslib import QTYPE, RR, DNSRecord, EDNSOption
+
+    q = DNSRecord.question(name, qtype)
+    if edns is not None:
+        opts = [EDNSOption(8, ecs)] if ecs is not None else []
+        q.add_ar(RR("", QTYPE.OPT, rclass=edns, ttl=0, rdata=opts))
+    return bytes(q.pack())
+
+
+def dns_seeds() -> list[bytes]:
+    """Return queries for every name and type, plain, with EDNS and with ECS."""
+    out = []
+    for name in DNS_NAMES:
+        for qtype in DNS_TYPES[:4]:
+            out.append(b"\x00" + dns_query(name, qtype, None, None))
+        out.append(b"\x02" + dns_query(name, "PTR", 4096, b"\x00\x01\x18\x00\x0a\x14\x17"))
+        out.append(b"\x01" + dns_query(name, "ANY", 65535, None))
+    return out
 
 
 def random_request(rng: random.Random) -> dict[str, Any]:
@@ -335,6 +421,13 @@ def random_request(rng: random.Random) -> dict[str, Any]:
 
 def structured(name: str, rng: random.Random) -> bytes:
     """Return a structure-aware input for a harness (bench/fuzz mixes these in)."""
+    if name == "dns_packets":
+        qname = rng.choice(DNS_NAMES)
+        qname = "".join(c.upper() if rng.random() < 0.3 else c for c in qname)
+        edns = rng.choice([None, 0, 512, 1232, 65535])
+        ecs = bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 8)))
+        wire = dns_query(qname, rng.choice(DNS_TYPES), edns, ecs if rng.random() < 0.3 else None)
+        return bytes([rng.randrange(4)]) + wire
     if name == "frames":
         return b"".join(encode_frame(random_request(rng)) for _ in range(rng.randint(1, 4)))
     if name == "mqtt_payloads":

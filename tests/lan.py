@@ -286,6 +286,14 @@ class Lan:
         self._ip("-n", self.ns(i), "link", "set", "eth1", "up")
         return self.link_ip(i)
 
+    def add_ipv6(self, i: int, cidr: str, dev: str = "eth0") -> None:
+        """Give host i an IPv6 address, usable at once (no duplicate address detection)."""
+        self._ip("-n", self.ns(i), "-6", "addr", "add", cidr, "dev", dev, "nodad")
+
+    def route6(self, i: int, prefix: str, via: str) -> None:
+        """Route an IPv6 prefix from host i through another host's address on the LAN."""
+        self._ip("-n", self.ns(i), "-6", "route", "add", prefix, "via", via)
+
     def down(self) -> None:
         """Stop every peer, kill stragglers inside our namespaces, delete everything."""
         for peer in self.peers:

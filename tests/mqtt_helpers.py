@@ -158,3 +158,39 @@ def split_map(directory: Path, buildings: set[str]) -> Path:
     path = directory / f"campus-{'-'.join(sorted(buildings)) or 'none'}.geojson"
     path.write_text(json.dumps(doc))
     return path
+
+
+def flood(
+    port: int, topic: str, n: int, request: dict[str, Any], response_topic: str | None
+) -> float:
+    """Publish ``n`` QoS-0 requests from one MQTT 5 client as fast as paho can; return the seconds.
+
+    With ``response_topic`` None the requests are 3.1.1-style, naming ``reply_to`` in the body.
+    Blocking (paho's own network thread): run it in a thread next to an asyncio test.
+    """
+    import time
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        t0 = time.monotonic()
+        info = None
+        for i in range(n):
+            props = Properties(PacketTypes.PUBLISH)
+            body = {**request, "id": i}
+            if response_topic is None:
+                body["reply_to"] = "flood/replies"
+            else:
+                props.ResponseTopic = response_topic
+                props.CorrelationData = str(i).encode()
+            info = client.publish(topic, json.dumps(body).encode(), qos=0, properties=props)
+        if info is not None:
+            info.wait_for_publish(timeout=120)
+        return time.monotonic() - t0
+    finally:
+        client.disconnect()
+        client.loop_stop()

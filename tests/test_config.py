@@ -147,3 +147,42 @@ def test_check_passes_on_the_example() -> None:
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok: 24 zones")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "[daemon]\nmax_connections_per_source = 0\n",
+            "f.toml: [daemon] max_connections_per_source: expected a positive integer, got 0",
+        ),
+        (
+            "[daemon]\nreserved_connections = -1\n",
+            "f.toml: [daemon] reserved_connections: expected 0 or more, got -1",
+        ),
+        (
+            "[mqtt]\nrate = nan\n",
+            "f.toml: [mqtt] rate: expected a number above 0 and at most 1000000, got nan",
+        ),
+        (
+            "[mqtt]\nrate = 0\n",
+            "f.toml: [mqtt] rate: expected a number above 0 and at most 1000000, got 0.0",
+        ),
+        ("[mqtt]\nburst = 0\n", "f.toml: [mqtt] burst: expected 1 to 1000000, got 0"),
+        (
+            "[mqtt]\nmax_queued = 1\n",
+            "f.toml: [mqtt] max_queued: expected 16 to 1000000 requests, got 1",
+        ),
+    ],
+)
+def test_fair_share_keys_are_checked(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_config(text, "f.toml")
+    assert expected in ei.value.problems, ei.value.problems
+
+
+def test_fair_share_defaults() -> None:
+    cfg = parse_config("[mqtt]\n", "f.toml")
+    assert (cfg.daemon.max_connections_per_source, cfg.daemon.reserved_connections) == (64, 64)
+    assert cfg.mqtt is not None
+    assert (cfg.mqtt.rate, cfg.mqtt.burst, cfg.mqtt.max_queued) == (100.0, 200, 1024)

@@ -9,14 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearestd.core.discovery import (
+    AddressPolicy,
     Merger,
     Problem,
     ServiceRecord,
+    address_refusal,
     device_id,
     host_literal,
     instance_of,
     order_addresses,
     parse_txt,
+    plain_path,
     split_txt,
 )
 from nearestd.core.model import DeviceKind
@@ -173,7 +176,8 @@ URI_CASES: list[tuple[str, ServiceRecord, DeviceKind, str]] = [
     ("record", "kind", "uri"), [c[1:] for c in URI_CASES], ids=[c[0] for c in URI_CASES]
 )
 def test_uri(record: ServiceRecord, kind: DeviceKind, uri: str) -> None:
-    m = Merger()
+    # A daemon whose links have only link-local addresses accepts link-local devices.
+    m = Merger(policy=AddressPolicy(link_local_ok=True))
     changes, _ = m.upsert(record, 0.0)
     [change] = changes
     assert change.device is not None
@@ -407,7 +411,9 @@ def test_a_host_name_unfit_for_a_uri_gives_no_endpoint() -> None:
 
 
 def test_ipv6_endpoints_and_unscoped_link_local() -> None:
-    [d] = merged([rec("_ipp._tcp", "P6", addresses=("fe80::9", "2001:db8::5", "198.18.77.12"))])
+    m = Merger(policy=AddressPolicy(link_local_ok=True))
+    m.upsert(rec("_ipp._tcp", "P6", addresses=("fe80::9", "2001:db8::5", "198.18.77.12")), 0.0)
+    [d] = m.devices()
     uris = [e.uri for e in d.endpoints]
     assert uris == [
         "ipp://198.18.77.12:631/",
@@ -479,3 +485,112 @@ def test_incremental_merge_equals_a_fresh_merge(steps: list[tuple[bool, ServiceR
                 m.devices(), key=lambda d: d.id
             )
         assert shown == {d.id: d for d in m.devices()}
+
+
+# ---- addresses and paths a device may have ------------------------------------------------
+
+OWN = AddressPolicy(own=frozenset({"198.18.77.11", "2001:db8:77::11"}))
+ADDRESS_CASES: list[tuple[str, AddressPolicy, str | None]] = [
+    ("198.18.77.12", OWN, None),
+    ("2001:db8:77::12", OWN, None),
+    ("127.0.0.1", OWN, "loopback"),
+    ("127.8.9.10", OWN, "loopback"),
+    ("::1", OWN, "loopback"),
+    ("::ffff:127.0.0.1", OWN, "loopback"),
+    ("0.0.0.0", OWN, "unspecified"),
+    ("::", OWN, "unspecified"),
+    ("224.0.0.251", OWN, "multicast"),
+    ("ff02::fb", OWN, "multicast"),
+    ("255.255.255.255", OWN, "broadcast"),
+    ("169.254.7.7", OWN, "link-local"),
+    ("fe80::1%eth0", OWN, "link-local"),
+    ("169.254.7.7", AddressPolicy(link_local_ok=True), None),
+    ("fe80::1%eth0", AddressPolicy(link_local_ok=True), None),
+    ("198.18.77.11", OWN, "own-address"),
+    ("::ffff:198.18.77.11", OWN, "own-address"),
+    ("2001:db8:77::11", OWN, "own-address"),
+    ("printer.local", OWN, "not-an-address"),
+]
+
+
+@pytest.mark.parametrize(("addr", "policy", "reason"), ADDRESS_CASES)
+def test_address_refusal(addr: str, policy: AddressPolicy, reason: str | None) -> None:
+    assert address_refusal(addr, policy) == reason
+
+
+def test_a_device_announced_only_at_refused_addresses_is_never_made() -> None:
+    m = Merger(policy=OWN)
+    for bad in (("127.0.0.1",), ("0.0.0.0", "224.0.0.1"), ("198.18.77.11",), ("169.254.1.1",)):
+        changes, parsed = m.upsert(rec("_ipp._tcp", "Rogue", addresses=bad), 0.0)
+        assert changes == [] and parsed is None
+    assert m.devices() == []
+    assert m.refused_by == {
+        "address-loopback": 1,
+        "address-unspecified": 1,
+        "address-multicast": 1,
+        "address-own-address": 1,
+        "address-link-local": 1,
+    }
+    # Announced again: counted once per service and reason.
+    m.upsert(rec("_ipp._tcp", "Rogue", addresses=("127.0.0.1",)), 1.0)
+    assert m.refused_by["address-loopback"] == 1
+
+
+def test_refused_addresses_are_trimmed_and_a_move_to_loopback_removes() -> None:
+    m = Merger(policy=OWN)
+    [ch] = m.upsert(rec("_ipp._tcp", "P", addresses=("127.0.0.1", "198.18.77.12")), 0.0)[0]
+    assert ch.device is not None and ch.device.addresses == ("198.18.77.12",)
+    assert all("127.0.0.1" not in e.uri for e in ch.device.endpoints)
+    [gone] = m.upsert(rec("_ipp._tcp", "P", addresses=("127.0.0.1",)), 1.0)[0]
+    assert gone.device is None and m.devices() == []
+
+
+def test_only_mdns_host_names_become_endpoints() -> None:
+    for host, expect in (("p1.local", True), ("localhost", False), ("evil.example", False)):
+        [d] = merged([rec("_ipp._tcp", "P", host=host)])
+        assert any(host in e.uri for e in d.endpoints) is expect, host
+
+
+PATH_CASES: list[tuple[str | None, str | None]] = [
+    (None, "/"),
+    ("", "/"),
+    ("/", "/"),
+    ("ipp/print", "/ipp/print"),
+    ("/ipp/print/", "/ipp/print"),
+    ("printers/Main Hall", "/printers/Main%20Hall"),
+    ("eSCL", "/eSCL"),
+    ("../../etc/passwd", None),
+    ("ipp/../x", None),
+    ("./x", None),
+    ("admin/secret?token=1", None),
+    ("x#frag", None),
+    ("a%2e%2e", None),
+    ("a//b", None),
+    ("//evil.example/x", None),
+    ("a\\b", None),
+    ("ipp/\x00print", None),
+    ("ipp/\x1bprint", None),
+    ("ipp/\x7f", None),
+    ("x" * 300, None),
+]
+
+
+@pytest.mark.parametrize(("text", "path"), PATH_CASES)
+def test_plain_path(text: str | None, path: str | None) -> None:
+    assert plain_path(text) == path
+
+
+@pytest.mark.parametrize(
+    ("type_", "key", "value"),
+    [
+        ("_ipp._tcp", "rp", "../../etc/passwd"),
+        ("_ipps._tcp", "rp", "ipp/print?x=1"),
+        ("_uscan._tcp", "rs", "admin/secret?token=1"),
+        ("_uscans._tcp", "rs", "eSCL/%2e%2e"),
+    ],
+)
+def test_a_bad_request_path_gives_no_device_and_a_problem(type_: str, key: str, value: str) -> None:
+    m = Merger()
+    changes, parsed = m.upsert(rec(type_, "P", t={key: value}), 0.0)
+    assert changes == [] and m.devices() == []
+    assert parsed is not None and Problem.BAD_PATH in {k for k, _ in parsed.problems}

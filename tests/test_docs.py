@@ -15,6 +15,13 @@ def test_configuration_reference_is_current() -> None:
     assert r.returncode == 0, "docs/configuration.md is out of date: run `make docs`"
 
 
+def test_metrics_reference_is_current() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "metrics_docs.py"), "--check"], timeout=60
+    )
+    assert r.returncode == 0, "docs/metrics.md is out of date: run `make docs`"
+
+
 def test_readme_names_the_two_commands_and_every_op() -> None:
     text = (ROOT / "README.md").read_text()
     for needle in (

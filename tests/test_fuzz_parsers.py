@@ -177,3 +177,15 @@ def test_every_seed_passes(name: str) -> None:
     assert seeds
     for seed in seeds:
         fh.HARNESSES[name](seed)
+
+
+@FAST
+@given(st.integers(0, 3), st.binary(max_size=600))
+def test_dns_packets_bytes(flags: int, data: bytes) -> None:
+    timed(fh.dns_packets, bytes([flags]) + data)
+
+
+@FAST
+@given(st.randoms(use_true_random=False))
+def test_dns_packets_structured(rng: object) -> None:
+    timed(fh.dns_packets, fh.structured("dns_packets", rng))  # type: ignore[arg-type]

@@ -86,7 +86,7 @@ async def poll_once(tmp_path: Path, uri: str, **cfg: object) -> Device:
     svc = service(tmp_path)
     kind = DeviceKind.SCANNER if uri.startswith("http") else DeviceKind.PRINTER
     svc.upsert_device(Device("d", kind, "D", uri, source="mdns"), time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, **{"timeout": 2.0, **cfg}))  # type: ignore[arg-type]
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, **{"timeout": 2.0, **cfg}))  # type: ignore[arg-type]
     await poller.start()
     try:
         await poller.poll_all()
@@ -215,7 +215,7 @@ async def test_refused_and_backoff_schedule(tmp_path: Path) -> None:
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
     poller = Poller(
-        svc, PollerConfig(enabled=True, interval=1.0, max_backoff=8.0), rand=lambda: 0.5
+        svc, PollerConfig(enabled=True, poll_this_host=True, interval=1.0, max_backoff=8.0), rand=lambda: 0.5
     )
     await poller.start()
     try:
@@ -237,7 +237,7 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
         svc.upsert_device(Device(f"d{i}", DeviceKind.PRINTER, "D", uri, source="mdns"), 0.0)
     svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
     svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
-    poller = Poller(svc, PollerConfig(enabled=True, interval=30.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0))
     poller._started_at = 99.0  # the poller has just started
     poller.sync_targets(100.0)
     due = sorted(poller._due.values())
@@ -258,7 +258,7 @@ async def test_stopping_wakes_a_poll_blocked_in_its_socket(server, tmp_path: Pat
     svc = service(tmp_path)
     uri = f"ipp://127.0.0.1:{port}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=30.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=30.0))
     await poller.start()
     task = asyncio.ensure_future(poller.poll_all())
     await asyncio.sleep(0.5)
@@ -274,7 +274,7 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), 1000.0)
     poller = Poller(
-        svc, PollerConfig(enabled=True, interval=30.0, max_backoff=300.0), rand=lambda: 0.5
+        svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0, max_backoff=300.0), rand=lambda: 0.5
     )
     await poller.start()
     try:
@@ -298,7 +298,7 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
 
 async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     svc = service(tmp_path)
-    poller = Poller(svc, PollerConfig(enabled=True, interval=30.0), rand=lambda: 0.99)
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), rand=lambda: 0.99)
     await poller.start()
     try:
         now = time.monotonic()
@@ -342,7 +342,7 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
     site.write_text(json.dumps(data))
     cfg = write_config(
         tmp_path,
-        sections={"poller": {"enabled": True, "interval": "0.2s", "timeout": "60s"}},
+        sections={"poller": {"enabled": True, "poll_this_host": True, "interval": "0.2s", "timeout": "60s"}},
         maps=[str(site)],
     )
     daemon = DaemonProcess(cfg).wait_ready()
@@ -358,3 +358,81 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
     finally:
         daemon.kill()
         listener.close()
+
+
+# ---- where the poller may connect ---------------------------------------------------------
+
+
+async def test_a_redirect_is_not_followed(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    elsewhere: list[bytes] = []
+
+    async def target(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        elsewhere.append(await r.read(100))
+
+    other = await server(target)
+
+    async def redirect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await read_request(r)
+        w.write(
+            f"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{other}/admin\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        await w.drain()
+
+    port = await server(redirect)
+    dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print")
+    assert dev.state == DeviceState.UNREACHABLE and dev.state_reasons == ("http-error",)
+    await asyncio.sleep(0.2)  # a follow-up connection would have landed by now
+    assert elsewhere == []
+
+
+@pytest.mark.parametrize(
+    ("uri", "source", "addresses", "why"),
+    [
+        ("ipp://127.0.0.1:{port}/ipp/print", "mdns", ("127.0.0.1",), "loopback"),
+        ("ipp://127.0.0.1:{port}/ipp/print", "static", (), "loopback"),
+        ("ipp://localhost:{port}/ipp/print", "static", (), "resolved"),
+        ("ipp://localhost:{port}/ipp/print", "mdns", (), "host-name"),
+    ],
+)
+async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-untyped-def]
+    server, tmp_path: Path, uri: str, source: str, addresses: tuple[str, ...], why: str
+) -> None:
+    hits: list[int] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        hits.append(1)
+        body = await read_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(ipp_reply(body[4:8])))
+        w.write(ipp_reply(body[4:8]))
+        await w.drain()
+
+    port = await server(handler)
+    svc = service(tmp_path)
+    dev = Device(
+        "d", DeviceKind.PRINTER, "D", uri.format(port=port), source=source, addresses=addresses
+    )
+    svc.upsert_device(dev, time.time())
+    poller = Poller(svc, PollerConfig(enabled=True, timeout=2.0))
+    await poller.start()
+    try:
+        await poller.poll_all()
+    finally:
+        await poller.stop()
+    assert hits == []
+    stats = poller.stats()
+    if why == "loopback":
+        assert stats["refused_targets"] == {"loopback": 1} and stats["devices_polled"] == 0
+    elif why == "resolved":  # a host name is checked where it resolves to, at connect
+        assert stats["poll_errors_total"]["refused-address"] == 1
+        assert svc.live["d"].reasons == ("refused-address",)
+    else:  # a discovered device is polled at an address literal only
+        assert stats["devices_polled"] == 0 and stats["polls_total"] == 0
+    # The same devices are polled when the operator allows this host.
+    allowed = Poller(svc, PollerConfig(enabled=True, timeout=2.0, poll_this_host=True))
+    await allowed.start()
+    try:
+        await allowed.poll_all()
+    finally:
+        await allowed.stop()
+    assert hits == ([] if why == "host-name" else [1])

@@ -256,7 +256,7 @@ async def test_idle_printer_state_supplies_and_identity(peers: Peers, tmp_path: 
     svc.upsert_device(
         Device("ipp-idle", DeviceKind.PRINTER, "Idle One", uri, source="mdns"), time.time()
     )
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=3.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -305,7 +305,7 @@ async def test_geo_location_places_a_device_without_a_pin(peers: Peers, tmp_path
     svc.upsert_device(pinned, now)
     rec = svc.table.get("ipp-geo")
     assert rec is not None and rec.placement is None
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=3.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -328,7 +328,7 @@ async def test_unreachable_after_timeout_and_back(peers: Peers, tmp_path: Path) 
     uri = peers.ippeveprinter("Flaky One", port)
     svc = _service(tmp_path)
     svc.upsert_device(Device("ipp-flaky", DeviceKind.PRINTER, "F", uri, source="mdns"), time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=1.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=1.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -368,7 +368,7 @@ async def test_ipps_with_a_self_signed_certificate(peers: Peers, tmp_path: Path)
     svc = _service(tmp_path)
     uri = f"ipps://localhost:{port}/ipp/print"
     svc.upsert_device(Device("ipps-1", DeviceKind.PRINTER, "S", uri, source="mdns"), time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=5.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=5.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -464,6 +464,7 @@ def test_nearest_follows_pause_reject_and_a_dead_printer(peers: Peers, tmp_path:
         sections={
             "poller": {
                 "enabled": True,
+                "poll_this_host": True,
                 "interval": f"{interval}s",
                 "timeout": f"{timeout}s",
                 "max_backoff": "1s",
@@ -536,7 +537,7 @@ async def test_reload_keeps_live_state_and_turning_off_forgets_it(
     uri = peers.ippeveprinter("Reload One", free_port())
     svc = _service(tmp_path)
     svc.upsert_device(Device("ipp-r", DeviceKind.PRINTER, "R", uri, source="mdns"), time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=3.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -588,7 +589,7 @@ async def test_idle_beats_processing_only_on_a_tie(peers: Peers, tmp_path: Path)
         }
         return [d["id"] for d in svc.handle(req, ADMIN_PEER, time.time())["devices"]]
 
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=3.0))
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=3.0))
     await poller.start()
     try:
         await poller.poll_all()

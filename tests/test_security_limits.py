@@ -1,4 +1,4 @@
-"""The rate limiter's token buckets, their bounded memory, and the spike watch."""
+"""The rate limiter's token buckets, their bounded memory, the spike watch, connection slots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearestd.core.limits import RateLimiter, SpikeWatch
+from nearestd.core.limits import ConnectionSlots, RateLimiter, SpikeWatch, source_key
 
 
 def test_burst_then_refill() -> None:
@@ -97,3 +97,94 @@ def test_spike_watch_fires_once_per_window() -> None:
     assert sw.note(b"r", 62.0) is False  # over max_keys: untracked, not stored
     assert sw.untracked == 1
     assert len(sw) == 2
+
+
+@pytest.mark.parametrize(
+    ("ip", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:DB8:1:2::ffff", "2001:db8:1:2::/64"),  # one /64 however it is written
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("fe80::1%eth0", "fe80::/64"),
+        ("::1", "::/64"),
+        ("not-an-address", "not-an-address"),
+    ],
+)
+def test_source_key_is_the_ipv4_address_or_the_ipv6_64(ip: str, key: str) -> None:
+    assert source_key(ip) == key
+
+
+def test_one_64_shares_one_rate_bucket() -> None:
+    rl = RateLimiter(rate=1, burst=10, max_keys=100)
+    granted = sum(rl.take(source_key(f"2001:db8:0:1::{i:x}"), 1, 0.0) for i in range(1, 51))
+    assert granted == 10
+    assert rl.take(source_key("2001:db8:0:2::1"), 1, 0.0) == 1  # the next /64 is another client
+    assert len(rl) == 2
+
+
+# (total, per_source, reserved, steps, expected): each step is (source, trusted) to admit,
+# or ("-source", trusted) to release; expected is the result of each admit in order.
+SLOT_CASES = [
+    # One untrusted source stops at its share; another source still gets in.
+    (10, 3, 2, [("a", False)] * 4 + [("b", False)], [None, None, None, "per-source", None]),
+    # Untrusted clients together stop short of the reserve; trusted ones use it.
+    (
+        6,
+        6,
+        2,
+        [("a", False), ("b", False), ("c", False), ("d", False), ("e", False), ("t", True)],
+        [None, None, None, None, "reserved", None],
+    ),
+    # The reserve holds while untrusted clients are at their limit; then everything is full.
+    (
+        4,
+        4,
+        2,
+        [("a", False), ("a", False), ("a", False), ("t", True), ("u", True), ("v", True)],
+        [None, None, "reserved", None, None, "full"],
+    ),
+    # Trusted clients are not capped per source, only by the total.
+    (5, 1, 1, [("t", True)] * 6, [None] * 5 + ["full"]),
+    # A release gives the source its share back.
+    (10, 2, 0, [("a", False), ("a", False), ("a", False), ("-a", False), ("a", False)],
+     [None, None, "per-source", None]),
+    # The reserve is at most half of the total, the share at most what untrusted may hold.
+    (4, 100, 100, [("a", False)] * 3, [None, None, "reserved"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("total", "per_source", "reserved", "steps", "expected"), SLOT_CASES)
+def test_connection_slots(
+    total: int,
+    per_source: int,
+    reserved: int,
+    steps: list[tuple[str, bool]],
+    expected: list[str | None],
+) -> None:
+    slots = ConnectionSlots(total, per_source, reserved)
+    got: list[str | None] = []
+    for source, trusted in steps:
+        if source.startswith("-"):
+            slots.release(source[1:], trusted)
+        else:
+            got.append(slots.admit(source, trusted))
+    assert got == expected
+    assert 0 <= slots.untrusted_open <= slots.open <= total
+
+
+def test_connection_slots_release_everything_and_reconfigure() -> None:
+    slots = ConnectionSlots(8, 2, 2)
+    admitted = [("a", False), ("a", False), ("b", False), ("t", True)]
+    for s, t in admitted:
+        assert slots.admit(s, t) is None
+    assert slots.held_by("a") == 2 and slots.sources == 2
+    for s, t in admitted:
+        slots.release(s, t)
+    assert (slots.open, slots.untrusted_open, slots.sources) == (0, 0, 0)
+    slots.configure(8, 1, 0)
+    assert slots.admit("a", False) is None
+    assert slots.admit("a", False) == "per-source"
+    with pytest.raises(ValueError):
+        slots.configure(0, 1, 0)

@@ -415,6 +415,23 @@ class StatsReply:
 
 
 @dataclass(frozen=True, slots=True)
+class MapReply:
+    """``map`` (admin): one floor drawn as SVG."""
+
+    id: int
+    svg: str
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the reply map."""
+        return {"v": VERSION, "id": self.id, "ok": True, "svg": self.svg}
+
+    @classmethod
+    def from_wire(cls, m: Mapping[str, Any]) -> MapReply:
+        """Read the reply map."""
+        return cls(_get(m, "id", int, ""), _get(m, "svg", str, ""))
+
+
+@dataclass(frozen=True, slots=True)
 class ExportEntry:
     """One location-log entry of a subject-access export (``ts``: seconds since the epoch)."""
 
@@ -531,6 +548,7 @@ Reply = (
     | StatsReply
     | ExportReply
     | EraseReply
+    | MapReply
 )
 REPLY_TYPES: dict[str, type[Reply]] = {
     "nearest": NearestReply,
@@ -541,6 +559,7 @@ REPLY_TYPES: dict[str, type[Reply]] = {
     "stats": StatsReply,
     "privacy.export": ExportReply,
     "privacy.erase": EraseReply,
+    "map": MapReply,
 }
 
 

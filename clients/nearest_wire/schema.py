@@ -34,7 +34,7 @@ PAPER_NEEDS = {
 }
 NEED_FLAGS = ("color", "duplex", "adf", "secure")
 PUBLIC_OPS = ("nearest", "locate", "devices", "ping")
-ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats")
+ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats", "map")
 MAX_ZONE_LEN = 128
 # A devices reply holds at most this many records; ``limit`` asks for fewer.
 DEFAULT_LIMIT = 200
@@ -63,10 +63,14 @@ class Need:
         return out
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_common(req: Any) -> None:
     """Validate the fields every request has (h11 style: a request is valid once built)."""
     rid = req.id
-    if type(rid) is not int or not MIN_ID <= rid <= MAX_ID:
+    if not _is_int(rid) or not MIN_ID <= rid <= MAX_ID:
         raise _bad(f"id: expected an integer from {MIN_ID} to {MAX_ID}", None)
 
 
@@ -106,7 +110,7 @@ class NearestRequest:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        if type(self.k) is not int or not 1 <= self.k <= MAX_K:
+        if not _is_int(self.k) or not 1 <= self.k <= MAX_K:
             raise _bad(f"k: expected an integer from 1 to {MAX_K}", self.id)
         _kind(self.kind, self.id, required=True)
         if not isinstance(self.need, Need):
@@ -158,7 +162,7 @@ class DevicesRequest:
         _kind(self.kind, self.id, required=False)
         _check_str(self.site, "site", self.id)
         _check_where(self)
-        if type(self.limit) is not int or not 1 <= self.limit <= MAX_LIMIT:
+        if not _is_int(self.limit) or not 1 <= self.limit <= MAX_LIMIT:
             raise _bad(f"limit: expected an integer from 1 to {MAX_LIMIT}", self.id)
         _check_str(self.cursor, "cursor", self.id, MAX_CURSOR_LEN)
 
@@ -242,6 +246,31 @@ def _unchecked(cls: type[T], **values: Any) -> T:
     return req
 
 
+@dataclass(frozen=True, slots=True)
+class MapRequest:
+    """Admin: one floor drawn as SVG."""
+
+    id: int
+    site: str
+    building: str
+    level: int
+    op: str = "map"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not _is_int(self.level) or not -1000 <= self.level <= 1000:
+            raise _bad("level: expected an integer from -1000 to 1000", self.id)
+        for key in ("site", "building"):
+            value = getattr(self, key)
+            if value is None:
+                raise _bad(f"{key}: missing; expected a string", self.id)
+            _check_str(value, key, self.id)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self, "site", "building", "level")
+
+
 Request = (
     NearestRequest
     | LocateRequest
@@ -250,6 +279,7 @@ Request = (
     | ReloadRequest
     | StatsRequest
     | PrivacyRequest
+    | MapRequest
 )
 
 _COMMON = {"v", "id", "op"}
@@ -262,6 +292,7 @@ _ALLOWED: dict[str, set[str]] = {
     "stats": _COMMON,
     "privacy.export": _COMMON | {"ip"},
     "privacy.erase": _COMMON | {"ip"},
+    "map": _COMMON | {"site", "building", "level"},
 }
 # Keys a transport may add around the request (MQTT 3.1.1 reply address).
 TRANSPORT_KEYS = {"reply_to", "correlation"}
@@ -513,7 +544,7 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         site = _opt_str(obj, "site", rid)
         zone = _opt_str(obj, "zone", rid)
         limit = obj.get("limit", DEFAULT_LIMIT)
-        if type(limit) is not int or not 1 <= limit <= MAX_LIMIT:
+        if not _is_int(limit) or not 1 <= limit <= MAX_LIMIT:
             raise _bad(f"limit: expected an integer from 1 to {MAX_LIMIT}", rid)
         cursor = _opt_str(obj, "cursor", rid, MAX_CURSOR_LEN)
         return _unchecked(
@@ -532,6 +563,14 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         return _unchecked(ReloadRequest, id=rid)
     if op == "stats":
         return _unchecked(StatsRequest, id=rid)
+    if op == "map":
+        level = obj.get("level")
+        if not isinstance(level, int) or isinstance(level, bool) or not -1000 <= level <= 1000:
+            raise _bad("level: expected an integer from -1000 to 1000", rid)
+        site, building = _opt_str(obj, "site", rid), _opt_str(obj, "building", rid)
+        if site is None or building is None:
+            raise _bad(f"{'site' if site is None else 'building'}: missing; expected a string", rid)
+        return _unchecked(MapRequest, id=rid, site=site, building=building, level=level)
     if "ip" not in obj:
         raise _bad("ip: missing; expected an IP address", rid)
     return _unchecked(PrivacyRequest, id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))

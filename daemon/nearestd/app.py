@@ -10,9 +10,10 @@ import secrets
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nearestd.adapters.component import Component
-from nearestd.adapters.metrics import MetricsExporter
+from nearestd.adapters.metrics import MetricsExporter, read_sections
 from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import Limits, SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
@@ -44,7 +45,13 @@ class Daemon:
         self.sockets = SocketServers(
             self.service,
             Limits(
-                d.max_connections, d.max_frame, d.idle_timeout, d.frame_timeout, d.max_in_flight
+                d.max_connections,
+                d.max_frame,
+                d.idle_timeout,
+                d.frame_timeout,
+                d.max_in_flight,
+                max_per_source=d.max_connections_per_source,
+                reserved=d.reserved_connections,
             ),
             time.monotonic,
         )
@@ -65,7 +72,9 @@ class Daemon:
         self._reload_again = False
         self.notifier = Notifier.from_environment()
         self.snapshots = InventorySnapshots(self.service)
-        self.metrics = MetricsExporter(self)
+        self.metrics = MetricsExporter(self.service, self.stats_sections)
+        self.service.extra_stats["operations"] = self.operations_stats
+        self.components.append(self.metrics)
         if world.config.discovery.enabled:
             from nearestd.adapters.mdns import attach_mdns
 
@@ -77,6 +86,36 @@ class Daemon:
             from nearestd.adapters.mqtt import attach_mqtt
 
             attach_mqtt(self)
+        if world.config.dnssd is not None:
+            from nearestd.adapters.dnssd import DnssdServer
+
+            self.components.append(DnssdServer(self.service, world.config.dnssd))
+        if world.config.web is not None:
+            from nearestd.adapters.web import WebView
+
+            self.components.append(WebView(self.service, world.config))
+
+    def stats_sections(self) -> dict[str, Any]:
+        """Return every stats section (the service's and each component's) for the metrics."""
+        return read_sections(self.service.extra_stats)
+
+    def operations_stats(self) -> dict[str, Any]:
+        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
+        snaps = self.snapshots
+        return {
+            "reloads_ok": self.reloads_ok,
+            "reloads_failed": self.reloads_failed,
+            "last_reload_ok": self.last_reload_ok,
+            "last_reload": self.last_reload or self.service.stats.started,
+            "inventory_file": str(snaps.path),
+            "inventory_restored": snaps.restored,
+            "inventory_writes_ok": snaps.writes_ok,
+            "inventory_writes_failed": snaps.writes_failed,
+            "inventory_last_write": snaps.last_write,
+            "stale_expired": snaps.expired,
+            "systemd_notify": self.notifier.enabled,
+            "metrics": f"http://{self.metrics.address}/metrics" if self.metrics.address else "",
+        }
 
     @property
     def config(self) -> Config:
@@ -101,7 +140,6 @@ class Daemon:
             )
         self._spawn(self._ticker(), "ticker")
         self._spawn(self.snapshots.run(), "snapshots")
-        await self.metrics.start()
         for starter in self.starters:
             await starter(self)
         for component in self.components:
@@ -116,8 +154,10 @@ class Daemon:
             },
         )
         if self.notifier.enabled:
-            self._spawn(self.notifier.keepalive(lambda: status_line(self.service)), "watchdog")
-            self.notifier.ready(status_line(self.service))
+            self._spawn(
+                self.notifier.keepalive(lambda: status_line(self.service, time.time())), "watchdog"
+            )
+            self.notifier.ready(status_line(self.service, time.time()))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         self._tasks.append(asyncio.ensure_future(coro))
@@ -135,10 +175,27 @@ class Daemon:
     def reload(self) -> list[str]:
         """Load the config and site maps again; switch only if all of it is valid."""
         try:
-            world = load_world(self.config_path)
+            world = load_world(self.config_path, use_cache=True)
         except ConfigError as exc:
             return self._refuse(exc.problems)
+        self.save_map_cache(world)
         return self._switch(world)
+
+    def save_map_cache(self, world: World) -> None:
+        """Write the compiled site map in a worker thread, if the world was not read from it."""
+        save = world.save_cache
+        if save is None:
+            return
+
+        async def run() -> None:
+            try:
+                await asyncio.to_thread(save)
+            except Exception:
+                LOG.exception("site map cache not written")
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nothing to write it on
+            asyncio.get_running_loop()
+            self._spawn(run(), "map-cache")
 
     def reload_in_background(self) -> None:
         """Reload for SIGHUP: parse in a worker thread so that queries go on, switch on the loop."""
@@ -152,7 +209,7 @@ class Daemon:
             self._reload_again = False
             seen = self.reloads_ok + self.reloads_failed
             try:
-                world = await asyncio.to_thread(load_world, self.config_path)
+                world = await asyncio.to_thread(load_world, self.config_path, True)
             except ConfigError as exc:
                 self._refuse(exc.problems)
                 continue
@@ -163,6 +220,7 @@ class Daemon:
                 # Another reload finished while this one parsed: read the files again.
                 self._reload_again = True
                 continue
+            self.save_map_cache(world)
             self._switch(world)
 
     def _refuse(self, problems: list[str]) -> list[str]:
@@ -191,7 +249,7 @@ class Daemon:
         self.reloads_ok += 1
         self.last_reload_ok = True
         self.last_reload = time.time()
-        self.notifier.status(status_line(self.service))
+        self.notifier.status(status_line(self.service, time.time()))
         LOG.info(
             "reloaded",
             extra={"zones": len(world.sitemap.zones), "devices": len(self.service.table)},
@@ -229,7 +287,6 @@ class Daemon:
             except Exception:
                 LOG.exception("adapter stop failed")
         await self.sockets.drain(max(0.1, min(1.0, deadline - loop.time())))
-        await self.metrics.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -239,16 +296,21 @@ class Daemon:
 
 async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads. Return the exit status."""
+    # Loading creates hundreds of thousands of objects and no garbage cycles worth a
+    # pass over them: the collector would only add seconds to a large map's start-up.
+    gc.disable()
     try:
-        world = load_world(config_path)
+        world = load_world(config_path, use_cache=True)
+        daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
             LOG.error("configuration problem", extra={"problem": problem})
         return 2
-    daemon = Daemon(world, config_path)
-    # The site map and device table live until the next reload: keep the cyclic
-    # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
-    gc.freeze()
+    finally:
+        # The site map and device table live until the next reload: keep the cyclic
+        # collector from walking them (a full pass over 100,000 devices stalls for ~0.3 s).
+        gc.freeze()
+        gc.enable()
     daemon.reload_hooks.append(_refreeze)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -260,6 +322,8 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         LOG.error("cannot listen", extra={"error": str(exc)})
         await daemon.stop()
         return 1
+    # Written once serving: a cold start answers as soon as the map is valid.
+    daemon.save_map_cache(world)
     if on_ready is not None:
         on_ready(daemon)
     await daemon.wait_stopped()

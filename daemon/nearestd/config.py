@@ -8,6 +8,7 @@ expected type; every problem in a file is reported at once.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -67,12 +68,18 @@ class DaemonConfig:
     )
     state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
     max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
+    max_connections_per_source: int = _doc(
+        "Open connections at most from one untrusted TCP address (IPv6: from one /64).", 64
+    )
+    reserved_connections: int = _doc(
+        "Of max_connections, kept for trusted peers and Unix sockets (at most half).", 64
+    )
     max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
     max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
     idle_timeout: Duration = _doc("Close connections idle this long.", Duration(60.0))
     frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
-    rate: float = _doc("Requests per second allowed per client address.", 200.0)
-    burst: int = _doc("Token-bucket burst per client address.", 400)
+    rate: float = _doc("Requests per second allowed per client address (IPv6: per /64).", 200.0)
+    burst: int = _doc("Token-bucket burst per client address (IPv6: per /64).", 400)
     rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
 
 
@@ -136,6 +143,9 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
+    rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
+    burst: int = _doc("Token-bucket burst per asker.", 200)
+    max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +168,40 @@ class PollerConfig:
     )
     jitter: float = _doc("Fraction by which each wait is randomly shortened or lengthened.", 0.1)
     max_response: int = _doc("Largest status reply read from a device, in bytes.", 262144)
+    poll_this_host: bool = _doc(
+        "Also poll devices at this host's own or loopback addresses (a local CUPS); off, "
+        "such addresses (and unspecified, multicast, link-local) are never polled.",
+        False,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class DnssdConfig:
+    """[dnssd]: absent means off; unicast DNS-SD answered per location (docs/dnssd.md)."""
+
+    listen: list[str] = _doc(
+        "HOST:PORT addresses to serve DNS on, each over UDP and TCP.",
+        factory=lambda: ["127.0.0.1:8053"],
+    )
+    domain: str = _doc("The DNS-SD domain delegated to nearestd; required.", "")
+    per_type: int = _doc("Devices published per service type and zone.", 4)
+    ttl: Duration = _doc("TTL of every record and the SOA MINIMUM; at most 10s.", Duration(10.0))
+    trusted_resolvers: list[str] = _doc(
+        "CIDRs of resolvers whose EDNS Client Subnet option is honoured (and not rate-limited).",
+        factory=list,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """[web]: the read-only web view for operators; absent means off."""
+
+    listen: str = _doc("HOST:PORT to serve the pages on.", "127.0.0.1:9465")
+    token_file: str = _doc(
+        "File holding the bearer token every request must carry; required when listen is "
+        "not a loopback address.",
+        "",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +225,8 @@ class Config:
     mqtt: MqttConfig | None = None
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     poller: PollerConfig = field(default_factory=PollerConfig)
+    dnssd: DnssdConfig | None = None
+    web: WebConfig | None = None
     path: str = ""
 
     @property
@@ -203,6 +249,8 @@ SECTIONS = {
     "mqtt": MqttConfig,
     "logging": LoggingConfig,
     "poller": PollerConfig,
+    "dnssd": DnssdConfig,
+    "web": WebConfig,
 }
 
 
@@ -305,10 +353,15 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         "max_in_flight": d.max_in_flight,
         "burst": d.burst,
         "rate_clients": d.rate_clients,
+        "max_connections_per_source": d.max_connections_per_source,
     }
     for key, val in positive.items():
         if val < 1:
             problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
+    if d.reserved_connections < 0:
+        problems.append(
+            f"{file}: [daemon] reserved_connections: expected 0 or more, got {d.reserved_connections}"
+        )
     if d.max_frame > 16 * 1024 * 1024:
         problems.append(f"{file}: [daemon] max_frame: at most 16777216 bytes")
     if d.rate <= 0:
@@ -340,6 +393,10 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
     if pc.max_response < 1024:
         problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
+    if cfg.dnssd is not None:
+        problems.extend(f"{file}: [dnssd] {p}" for p in _dnssd_problems(cfg.dnssd))
+    if cfg.web is not None:
+        problems.extend(f"{file}: [web] {p}" for p in _web_problems(cfg.web))
     if cfg.logging.format not in ("kv", "json"):
         problems.append(f'{file}: [logging] format: expected "kv" or "json"')
     if cfg.logging.level.lower() not in ("debug", "info", "warning", "error"):
@@ -361,9 +418,95 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
     if not 256 <= m.max_payload <= 16 * 1024 * 1024:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
+    if not (math.isfinite(m.rate) and 0 < m.rate <= 1e6):
+        out.append(f"rate: expected a number above 0 and at most 1000000, got {m.rate}")
+    if not 1 <= m.burst <= 1_000_000:
+        out.append(f"burst: expected 1 to 1000000, got {m.burst}")
+    if not 16 <= m.max_queued <= 1_000_000:
+        out.append(f"max_queued: expected 16 to 1000000 requests, got {m.max_queued}")
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?", re.IGNORECASE)
+
+
+def domain_error(name: str) -> str | None:
+    """Return why a DNS domain name is not usable (LDH labels, 253 bytes at most), or None."""
+    text = name.removesuffix(".")
+    if not text:
+        return 'required: the DNS-SD domain delegated to nearestd, like "print.example.org"'
+    if len(text) > 253:
+        return f"expected at most 253 characters, got {len(text)}"
+    for label in text.split("."):
+        if not _DNS_LABEL.fullmatch(label):
+            return (
+                f"expected a domain name of letters, digits and hyphens (labels of 1-63 "
+                f"characters, none starting or ending with a hyphen), got {_shown(name)}"
+            )
+    if text.lower().endswith((".in-addr.arpa", ".ip6.arpa", ".local")) or text.lower() in (
+        "arpa",
+        "local",
+    ):
+        return f"expected a domain outside .local and the reverse-mapping trees, got {_shown(name)}"
+    return None
+
+
+def _dnssd_problems(c: DnssdConfig) -> list[str]:
+    out = []
+    if not c.listen:
+        out.append("listen: expected at least one HOST:PORT")
+    for i, addr in enumerate(c.listen):
+        m = re.fullmatch(r"(\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})", addr)
+        host = m and (m.group(2) or m.group(3))
+        try:
+            if not m or not 0 <= int(m.group(4)) <= 65535:
+                raise ValueError
+            ipaddress.ip_address(host or "")
+        except ValueError:
+            out.append(
+                f"listen[{i}]: expected IP:PORT or [IPv6]:PORT (an address, not a host name), "
+                f"got {_shown(addr)}"
+            )
+    err = domain_error(c.domain)
+    if err:
+        out.append(f"domain: {err}")
+    if not 1 <= c.per_type <= 32:
+        out.append(f"per_type: expected an integer from 1 to 32, got {c.per_type}")
+    if not 0 < c.ttl <= 10:
+        out.append(
+            f"ttl: expected a duration above 0 and at most 10s (RFC 8766 5.5.1), got {c.ttl:g}s"
+        )
+    for i, cidr in enumerate(c.trusted_resolvers):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            out.append(f"trusted_resolvers[{i}]: expected a CIDR prefix, got {_shown(cidr)}")
+    return out
+
+
+def _web_problems(w: WebConfig) -> list[str]:
+    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
+    if not m or int(m.group(2)) > 65535:
+        return [f"listen: expected HOST:PORT, got {_shown(w.listen)}"]
+    if not w.token_file and not is_loopback_host(m.group(1)):
+        return [
+            f"listen: {_shown(w.listen)} is not a loopback address; set token_file so that "
+            "every request must carry a bearer token"
+        ]
+    return []
+
+
+def is_loopback_host(host: str) -> bool:
+    """Return whether a listen host (an address, [v6] or 'localhost') is loopback only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def listen_error(url: str) -> str | None:

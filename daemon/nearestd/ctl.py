@@ -22,6 +22,8 @@ from nearest_wire import (
     ExportReply,
     LocateReply,
     LocateRequest,
+    MapReply,
+    MapRequest,
     NearestReply,
     NearestRequest,
     PingReply,
@@ -68,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("ip")
     n.add_argument("kind", choices=["printer", "scanner"])
     n.add_argument("-k", type=int, default=3)
+    m = sub.add_parser("map", help="one floor as SVG (zones, devices by state), for reports")
+    m.add_argument("site")
+    m.add_argument("building")
+    m.add_argument("level", type=int)
     sub.add_parser("reload", help="re-read config and site maps (all or nothing)")
     sub.add_parser("stats", help="counters and sizes")
     sub.add_parser("ping", help="is the daemon alive")
@@ -122,6 +128,8 @@ def request_for(args: argparse.Namespace, rid: int) -> Request:
         return NearestRequest(rid, args.kind, args.k, client_ip=args.ip)
     if cmd == "privacy":
         return PrivacyRequest(rid, f"privacy.{args.action}", args.ip)
+    if cmd == "map":
+        return MapRequest(rid, args.site, args.building, args.level)
     if cmd == "ping":
         return PingRequest(rid)
     if cmd == "reload":
@@ -190,6 +198,8 @@ def format_reply(reply: Reply) -> str:
         return f"erased {reply.erased} entries"
     if isinstance(reply, ExportReply):
         return format_entries(reply.entries)
+    if isinstance(reply, MapReply):
+        return reply.svg
     if isinstance(reply, ReloadReply):
         return "reloaded"
     if isinstance(reply, PingReply):

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
 
@@ -20,6 +23,8 @@ class World:
 
     config: Config
     sitemap: SiteMap
+    # Writes the compiled site map to the cache (None: loaded from it, or no cache wanted).
+    save_cache: Callable[[], None] | None = field(default=None, compare=False)
 
 
 def _read(path: Path, problems: list[Problem]) -> str | None:
@@ -37,6 +42,33 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
     return None
 
 
+def _parse_json(text: str) -> Any:
+    """Parse JSON with orjson (several times faster); the standard module decides the rest.
+
+    orjson refuses what Python's json accepts (NaN, integers beyond 64 bits): then, and
+    for every error, the standard parser runs so that results and messages stay its own.
+    """
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
+
+
+def _cache_key(cfg: Config) -> bytes | None:
+    """Return the cache key of the config's map files, or None when one cannot be read."""
+    files: list[tuple[str, bytes]] = []
+    for kind, names in (("map", cfg.site.maps), ("csv", cfg.site.subnets)):
+        for name in names:
+            path = cfg.resolve(name)
+            try:
+                if path.stat().st_size > MAX_MAP_BYTES:
+                    return None
+                files.append((f"{kind}:{path}", path.read_bytes()))
+            except OSError:
+                return None
+    return mapcache.cache_key(files)
+
+
 def load_sitemap(cfg: Config) -> SiteMap:
     """Read and validate every site map and IPAM file the config names."""
     map_problems: list[Problem] = []
@@ -49,7 +81,7 @@ def load_sitemap(cfg: Config) -> SiteMap:
             if text is None:
                 continue
             try:
-                doc = json.loads(text)
+                doc = _parse_json(text)
             except json.JSONDecodeError as exc:
                 map_problems.append(
                     Problem(
@@ -83,11 +115,55 @@ def load_sitemap(cfg: Config) -> SiteMap:
     return sitemap
 
 
-def load_world(path: str | Path) -> World:
-    """Load config and site maps; raise ConfigError listing every problem found."""
+MAX_TOKEN_BYTES = 4096
+
+
+def web_token(cfg: Config) -> str | None:
+    """Return the web view's bearer token (None: none needed), or raise ConfigError."""
+    if cfg.web is None or not cfg.web.token_file:
+        return None
+    path = cfg.resolve(cfg.web.token_file)
+    try:
+        raw = path.read_bytes()[: MAX_TOKEN_BYTES + 1]
+    except OSError as exc:
+        raise ConfigError(
+            [f"{path}: [web] token_file: cannot read: {exc.strerror or exc}"]
+        ) from None
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: [web] token_file: expected ASCII text"]) from None
+    if len(raw) > MAX_TOKEN_BYTES or len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(
+            [f"{path}: [web] token_file: expected one token of 16 to {MAX_TOKEN_BYTES} characters"]
+        )
+    return token
+
+
+def load_world(path: str | Path, use_cache: bool = False) -> World:
+    """Load config and site maps; raise ConfigError listing every problem found.
+
+    With ``use_cache``, a compiled map in ``state_dir`` made from the very same files is
+    used instead of validating them again; otherwise the returned world can write one.
+    """
     cfg = load_config(path)
+    web_token(cfg)
+    key = _cache_key(cfg) if use_cache and cfg.site.maps else None
+    state_dir = cfg.resolve(cfg.daemon.state_dir)
+    if key is not None:
+        cached = mapcache.load(state_dir, key)
+        if cached is not None:
+            return World(cfg, cached)
     try:
         sitemap = load_sitemap(cfg)
     except SiteMapError as exc:
         raise ConfigError([str(p) for p in exc.problems]) from None
-    return World(cfg, sitemap)
+    if key is None:
+        return World(cfg, sitemap)
+
+    def save() -> None:
+        # The files may have changed while they were validated: then this map is not theirs.
+        if _cache_key(cfg) == key:
+            mapcache.save(state_dir, key, sitemap)
+
+    return World(cfg, sitemap, save)

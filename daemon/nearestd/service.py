@@ -9,7 +9,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,6 +24,7 @@ from nearest_wire import (
     ExportReply,
     LocateReply,
     LocateRequest,
+    MapReply,
     NearestReply,
     NearestRequest,
     PingReply,
@@ -40,12 +41,14 @@ from nearest_wire import (
     error_reply,
     parse_request,
 )
-from nearest_wire.schema import ADMIN_OPS, request_id
+from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
+from nearestd.core.census import Census, census
 from nearestd.core.devices import DeviceTable, Record, restriction_of
+from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
 from nearestd.core.histogram import Latencies
-from nearestd.core.index import Ranking
+from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
@@ -136,10 +139,13 @@ class Service:
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
         self.extra_stats["security"] = self.security_view
-        self.warm()
+        self._census: Census | None = None
+        self._census_key = (-1, -1)
+        # Neighbour lists are built per zone on its first query (well under a millisecond
+        # each): building all of them here would delay start-up on large maps.
 
     def warm(self) -> None:
-        """Prepare every zone's neighbour lists, so no client's first query pays for them."""
+        """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
@@ -221,6 +227,8 @@ class Service:
             return ReloadReply(req.id)
         if isinstance(req, StatsRequest):
             return StatsReply(req.id, self.stats_view(now))
+        if isinstance(req, MapRequest):
+            return MapReply(req.id, self.floor_drawing(req))
         if isinstance(req, PrivacyRequest):
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
@@ -291,6 +299,14 @@ class Service:
         self._remember(ip, zone, op, tuple(d.id for d in devices), now)
         return NearestReply(req.id, self._where(zone), devices)
 
+    def remember_lookup(
+        self, ip: str, zone_id: str, op: str, devices: tuple[str, ...], now: float
+    ) -> None:
+        """Note a lookup another protocol answered (DNS-SD) in the location log."""
+        zone = self.sitemap.zones.get(zone_id)
+        if zone is not None:
+            self._remember(ip, zone, op, devices, now)
+
     def _remember(
         self, ip: str | None, zone: Zone, op: str, devices: tuple[str, ...], now: float
     ) -> None:
@@ -305,6 +321,41 @@ class Service:
                         "per_minute_over": self.spikes.threshold,
                     },
                 )
+
+    def floor_drawing(self, req: MapRequest) -> str:
+        """Return one floor as a standalone SVG document, or refuse an unknown floor."""
+        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+            raise WireError(
+                ErrorCode.UNKNOWN_LOCATION,
+                "site, building, level: no zone of the site maps is on that floor",
+                req.id,
+            )
+        marks = floor_marks(
+            self.table.records(),
+            self.table.quarantine.values(),
+            self.sitemap,
+            req.site,
+            req.building,
+            req.level,
+        )
+        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+
+    def explain(
+        self, client_ip: str, kind: str, k: int, now: float
+    ) -> tuple[Zone, list[tuple[Record, Hit]]]:
+        """Answer an operator's lookup: the zone and what ``nearest`` answers, with each hit.
+
+        Ranked by the same index call as ``nearest`` (no need, the client's visibility),
+        and logged like ``nearestctl locate``: a location-log entry of op ``admin.locate``.
+        Raises WireError for an unplaceable address.
+        """
+        ip, zone = self._locate(client_ip, None, ADMIN_PEER, 0)
+        policy = self.sitemap.visibility
+        visible = policy.client_mask(zone.id, ip) if policy.active else -1
+        hits = self.table.index.nearest(zone, kind, Need(), k, self.ranking, visible)
+        out = [(rec, hit) for hit in hits if (rec := self.table.get(hit.device_id)) is not None]
+        self._remember(ip, zone, "admin.locate", tuple(r.device.id for r, _ in out), now)
+        return zone, out
 
     def _viewer(self, req: DevicesRequest, peer: Peer) -> int | None:
         """Return the visibility bits of whoever a listing is for (None: sees everything)."""
@@ -384,7 +435,6 @@ class Service:
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
         self._wheres.clear()
-        self.warm()
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
@@ -465,18 +515,27 @@ class Service:
         out["pseudonym_spikes"] = self.spikes.spikes
         return out
 
+    def census(self, now: float) -> Census:
+        """Return the census of the device table, counted again only after it changed."""
+        cached = self._census
+        # A poll result that changes nothing in the table still adds a polled device.
+        key = (self.table.generation, len(self.live))
+        if cached is None or self._census_key != key:
+            self._census_key = key
+            cached = self._census = census(self.table.records(), now, self.live)
+        return replace(cached, taken=now) if cached.taken != now else cached
+
     def stats_view(self, now: float) -> dict[str, Any]:
-        """Return counters and sizes for ``stats`` and the metrics adapter."""
-        records = list(self.table.records())
-        by_kind_state: Counter[str] = Counter()
-        for rec in records:
-            by_kind_state[f"{rec.device.kind}/{rec.device.state}"] += 1
+        """Return counters and sizes for ``stats``."""
+        c = self.census(now)
         out: dict[str, Any] = {
             "version": __version__,
             "uptime_s": round(now - self.stats.started, 3),
-            "devices": len(records),
-            "unlocated": sum(1 for r in records if r.placement is None),
-            "devices_by_kind_state": dict(by_kind_state),
+            "devices": c.total,
+            "unlocated": c.unlocated,
+            "stale": c.stale,
+            "devices_by_kind_state": {f"{k}/{s}": n for (k, s), n in c.by_kind_state},
+            "devices_by_site": {f"{site}/{k}": n for (site, k), n in c.by_site_kind},
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
@@ -485,12 +544,29 @@ class Service:
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},
         }
         for key, fn in self.extra_stats.items():
-            out[key] = fn()
+            out[key] = _plain(fn())
         return out
 
 
+def _plain(value: Any) -> Any:
+    """Return a stats value as the wire encodes it: read-only mappings become dicts."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 _OPS = frozenset(
-    ("nearest", "locate", "devices", "ping", "reload", "stats", "privacy.export", "privacy.erase")
+    (
+        "nearest",
+        "locate",
+        "devices",
+        "ping",
+        "reload",
+        "stats",
+        "privacy.export",
+        "privacy.erase",
+        "map",
+    )
 )
 
 

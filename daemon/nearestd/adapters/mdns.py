@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import ifaddr
 from zeroconf import (
+    BadTypeInNameException,
     IPVersion,
     RecordUpdate,
     RecordUpdateListener,
@@ -39,6 +40,7 @@ from nearestd.core.discovery import (
     BASE_TYPES,
     SUBTYPE_FLAGS,
     SUBTYPES,
+    AddressPolicy,
     Change,
     Merger,
     Parsed,
@@ -84,6 +86,34 @@ class Link:
     label: str
     device: str | None
     specs: tuple[InterfaceSpec, ...]
+
+
+def host_address_policy(links: list[Link] | None = None) -> AddressPolicy:
+    """Return which device addresses to refuse, from this host's interfaces.
+
+    Its own addresses; link-local ones unless the host has no routable address; loopback
+    unless every browsed link is loopback.
+    """
+    own: set[str] = set()
+    routable = False
+    devices: dict[str, bool] = {}
+    for adapter in ifaddr.get_adapters():
+        loop = True
+        for entry in adapter.ips:
+            text = entry.ip if entry.is_IPv4 else entry.ip[0]
+            try:
+                addr = ipaddress.ip_address(str(text).split("%", 1)[0])
+            except ValueError:
+                continue
+            own.add(str(addr))
+            loop = loop and addr.is_loopback
+            if not (addr.is_loopback or addr.is_link_local):
+                routable = True
+        devices[str(adapter.name)] = loop
+    loopback_ok = bool(links) and all(
+        link.device is not None and devices.get(link.device, False) for link in links or ()
+    )
+    return AddressPolicy(frozenset(own), link_local_ok=not routable, loopback_ok=loopback_ok)
 
 
 def resolve_interfaces(names: list[str], ipv6: bool) -> list[Link]:
@@ -138,10 +168,18 @@ class _Heard(RecordUpdateListener):
             if rec.ttl == 0:
                 continue  # a goodbye: the browser reports it
             alias = getattr(rec, "alias", None)
-            self._on_heard(self._link, alias if isinstance(alias, str) else rec.name)
+            try:
+                self._on_heard(self._link, alias if isinstance(alias, str) else rec.name)
+            except Exception:  # never let a peer's record reach python-zeroconf's dispatch
+                LOG.exception("noting a heard record failed", extra={"record": escaped(rec.name)})
 
     def async_update_records_complete(self) -> None:
         return None
+
+
+def escaped(text: str, limit: int = 200) -> str:
+    """Return a peer's text for a log line: every control and non-ASCII character escaped."""
+    return ascii(text[:limit])[1:-1]
 
 
 def _grow_receive_buffer(sock: socket.socket) -> None:
@@ -211,6 +249,10 @@ class MdnsDiscovery:
         self.problems: Counter[str] = Counter()
         self.error: str | None = None
         self._logged: set[tuple[ServiceKey, str]] = set()
+        # Services refused for what a peer sent (a name python-zeroconf rejects, ...), by
+        # reason; each one counted and logged once.
+        self.refused: Counter[str] = Counter()
+        self._refused_seen: set[tuple[str, str, str]] = set()
         self._pending: dict[ServiceKey, asyncio.Task[None]] = {}
         self._again: set[ServiceKey] = set()
         self._later: set[ServiceKey] = set()
@@ -233,6 +275,7 @@ class MdnsDiscovery:
             links = await loop.run_in_executor(
                 None, resolve_interfaces, list(self.cfg.interfaces), self.cfg.ipv6
             )
+            self.merger.policy = await loop.run_in_executor(None, host_address_policy, links)
             for link in links:
                 self._links[link.label] = open_link(link, self.cfg.ipv6)
         except (DiscoveryError, OSError, ValueError) as exc:
@@ -295,6 +338,7 @@ class MdnsDiscovery:
             "events": dict(self.events),
             "txt_problems": dict(self.problems),
             "refused_over_max_devices": self.merger.refused,
+            "services_refused": dict(self.refused + self.merger.refused_by),
             "resolves_deferred": len(self._deferred),
         }
 
@@ -303,7 +347,12 @@ class MdnsDiscovery:
         def on_service(
             zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
         ) -> None:
-            self._on_service(link, service_type, name, state_change)
+            # An exception here would stop python-zeroconf's browser for good: the event
+            # stays pending and fails again on every later packet.
+            try:
+                self._on_service(link, service_type, name, state_change)
+            except Exception as exc:
+                self._refuse(link, name, "unusable", f"{type(exc).__name__}: {exc}")
 
         return on_service
 
@@ -314,7 +363,10 @@ class MdnsDiscovery:
             flag = SUBTYPE_FLAGS.get(service_type.lower())
             if flag is not None:
                 present = state_change is not ServiceStateChange.Removed
-                self._apply(self.merger.set_flag(link, name, flag, present), "updated")
+                try:
+                    self._apply(self.merger.set_flag(link, name, flag, present), "updated")
+                except Exception as exc:
+                    self._refuse(link, name, "unusable", f"{type(exc).__name__}: {exc}")
 
         return on_subtype
 
@@ -344,6 +396,35 @@ class MdnsDiscovery:
             self.events["revived"] += 1
             self._schedule(link, *revived)
 
+    def _refuse(self, link: str, name: str, reason: str, detail: str) -> None:
+        """Count a service refused for what a peer sent; log it once, escaped."""
+        mark = (link, reason, name)
+        if mark in self._refused_seen:
+            return
+        if len(self._refused_seen) >= LOGGED_MAX:
+            self._refused_seen.clear()
+        self._refused_seen.add(mark)
+        self.refused[reason] += 1
+        LOG.warning(
+            "mDNS service refused",
+            extra={
+                "interface": link,
+                "service": escaped(name),
+                "reason": reason,
+                "detail": escaped(detail),
+            },
+        )
+
+    def _info(self, link: str, type_: str, name: str) -> AsyncServiceInfo | None:
+        """Return python-zeroconf's view of a service, or None (counted) for a name it rejects."""
+        try:
+            return AsyncServiceInfo(type_, name)
+        except BadTypeInNameException as exc:
+            self._refuse(link, name, "bad-name", str(exc) or "rejected by python-zeroconf")
+        except Exception as exc:
+            self._refuse(link, name, "unusable", f"{type(exc).__name__}: {exc}")
+        return None
+
     # ---- resolving -------------------------------------------------------------------------
     def _spawn(self, coro: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coro)
@@ -362,12 +443,17 @@ class MdnsDiscovery:
         # An announcement usually carries SRV, TXT and addresses: take them from the
         # cache at once, so that neither a task nor a backlog of unresolvable names
         # (a flood) stands between a real device and the answers.
-        info = AsyncServiceInfo(type_, name)
-        if info.load_from_cache(aiozc.zeroconf):
-            try:
+        info = self._info(link, type_, name)
+        if info is None:
+            return
+        try:
+            cached = info.load_from_cache(aiozc.zeroconf)
+            if cached:
                 self._accept(link, type_, name, key, info)
-            except Exception:  # never let it reach python-zeroconf's dispatch
-                LOG.exception("accepting a service failed", extra={"service": clean_text(name, 80)})
+        except Exception as exc:  # never let it reach python-zeroconf's dispatch
+            self._refuse(link, name, "unusable", f"{type(exc).__name__}: {exc}")
+            return
+        if cached:
             return
         if len(self._pending) >= MAX_PENDING:
             # A flood of names that never resolve must not pile up tasks (or queries):
@@ -397,8 +483,8 @@ class MdnsDiscovery:
                 self._again.discard(key)
         except asyncio.CancelledError:
             raise
-        except Exception:
-            LOG.exception("resolve failed", extra={"service": clean_text(name, 80)})
+        except Exception as exc:
+            self._refuse(link, name, "unusable", f"{type(exc).__name__}: {exc}")
         finally:
             if self._pending.get(key) is asyncio.current_task():
                 del self._pending[key]
@@ -407,7 +493,9 @@ class MdnsDiscovery:
         aiozc = self._links.get(link)
         if aiozc is None:
             return
-        info = AsyncServiceInfo(type_, name)
+        info = self._info(link, type_, name)
+        if info is None:
+            return
         ok = await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS)
         if not ok:
             self.events["resolve_timeout"] += 1
@@ -494,7 +582,10 @@ class MdnsDiscovery:
                 out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
                 self.events["probes"] += 1
         for link, out in queries.items():
-            self._links[link].zeroconf.async_send(out)
+            try:
+                self._links[link].zeroconf.async_send(out)
+            except Exception:  # a name that cannot be packed must not stop the upkeep
+                LOG.exception("sending probes failed", extra={"interface": link})
         if now - self._touched >= TOUCH_SECONDS:
             self._touched = now
             for device_id, heard in self.merger.device_heard().items():

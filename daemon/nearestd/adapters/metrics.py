@@ -1,25 +1,22 @@
-"""Prometheus metrics: a snapshot built on the event loop, served from the exporter's thread.
+"""Prometheus metrics: explicit families read from one snapshot per scrape.
 
-At each scrape the exporter thread asks the event loop for a snapshot (plain frozen
-tuples, built by ``snapshot_families``) and turns it into metric families; it never
-touches the service itself. If the loop does not answer within a second (it is stuck),
-the last snapshot is served and ``nearest_metrics_snapshot_age_seconds`` grows.
+Every family the page can show is one entry of ``FAMILIES``: its name as it appears on
+the page (a counter's ends in ``_total``), its type, labels and help text, and the one
+function that reads its samples from a ``Readings`` snapshot. ``docs/metrics.md`` is
+generated from that list (``make docs``) and the scrape test compares the page with it.
 
-Adapters add sections through ``Service.extra_stats``: each is a function returning
-a map, called on the loop at scrape time. A section that is absent or fails is left
-out. Keys of the known sections (discovery, mqtt, poller, security, connections,
-operations) are exported as ``SPECS`` says; any other key of a section ``S`` by these
-rules:
+At each scrape the exporter's HTTP thread asks the event loop for a ``Readings`` (plain
+frozen values: the census, the service's counters and each component's stats) and turns
+it into families; it never touches the service itself. If the loop does not answer
+within a second (it is stuck), the last snapshot is served and
+``nearest_metrics_snapshot_age_seconds`` grows.
 
-* a boolean or number ``K`` becomes ``nearest_S_K``: a counter if ``K`` ends in
-  ``_total`` or is one of ``COUNTER_KEYS``, else a gauge;
-* a map ``K`` of label value to number becomes ``nearest_S_K{LABEL=...}``, the label
-  named by ``LABELS`` (``by_X`` keys are labelled ``X``), counters by the same rule;
-* a map ``by_X`` of label value to a map of numbers becomes one family per inner key.
-
-Label values must look like names (a letter first, no ``:``, no long hex run), so an
-address or a pseudonym can never become one; other values are folded into ``other``.
-No label carries an IP address, pseudonym, URI or device id.
+A family that reads a stats section (``discovery``, ``mqtt``, ``poller``, ...) is shown
+only while that section exists, so a feature that is off adds no families. Label values
+must look like names (a letter first, no ``:``, no long hex run), so an address or a
+pseudonym can never become one; other values are folded into ``other``. No label carries
+an IP address, pseudonym, URI or client; the one family keyed by device id is the supply
+level, whose ids that hold an address are left out.
 """
 
 from __future__ import annotations
@@ -32,9 +29,9 @@ import platform
 import re
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, replace
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -49,65 +46,66 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from nearestd import __version__
+from nearestd.core.census import Census
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
+    from nearestd.config import Config
+    from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.metrics")
 SNAPSHOT_TIMEOUT = 1.0
 MAX_LABEL_VALUES = 64
-MAX_EXTRA_FAMILIES = 128
+MAX_SUPPLY_SERIES = 2000
 SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,47}")
 HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")  # a hash or pseudonym
-LABEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-SAFE_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
-COUNTER_KEYS = frozenset(
-    (
-        "added",
-        "dropped",
-        "errors",
-        "events",
-        "expired",
-        "failures",
-        "malformed",
-        "messages",
-        "polls",
-        "published",
-        "purged",
-        "queries",
-        "received",
-        "reconnects",
-        "refused",
-        "rejected",
-        "removed",
-        "sent",
-        "updated",
-    )
-)
-LABELS = {"events": "event", "errors": "error", "refused": "reason", "dropped": "reason"}
+DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
+IPV4_RUN = re.compile(r"\d{1,3}(?:[.\-_]\d{1,3}){3}")
+KINDS = ("printer", "scanner")
+
+Sample = tuple[tuple[str, ...], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """Everything one scrape shows, read on the event loop in one go."""
+
+    taken: float
+    started: float
+    census: Census
+    queries: tuple[tuple[tuple[str, str, str], int], ...]
+    # (interface, cumulative (upper bound, count) pairs, sum of seconds)
+    latency: tuple[tuple[str, tuple[tuple[float, int], ...], float], ...]
+    zones_by_site: tuple[tuple[str, int], ...]
+    prefixes: int
+    log_entries: int
+    log_purged: int
+    log_dropped: int
+    discovery_enabled: bool
+    mqtt_enabled: bool
+    # Each component's stats (and the service's ``security`` and ``operations``), frozen.
+    sections: Mapping[str, Mapping[str, Any]]
+    # Filled in by the collector at scrape time.
+    age: float = math.nan
+    fallbacks: int = 0
+
+    def section(self, name: str) -> Mapping[str, Any]:
+        """Return one stats section, empty when it is absent."""
+        return self.sections.get(name, MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
 class Family:
-    """One metric family as plain data: built on the loop, read by the exporter thread.
-
-    ``samples`` hold (label values, value); for a histogram the value is
-    (cumulative (upper bound, count) pairs, sum).
-    """
+    """One family on the page: named, typed and documented here, read from ``Readings``."""
 
     name: str
-    kind: str
+    type: str
     help: str
-    labels: tuple[str, ...]
-    samples: tuple[tuple[tuple[str, ...], Any], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Every family at one moment, and when that moment was."""
-
-    taken: float
-    families: tuple[Family, ...]
+    read: Callable[[Readings], Iterable[Sample]]
+    labels: tuple[str, ...] = ()
+    # Shown only while this stats section exists ("" for always).
+    section: str = ""
+    # The section's keys it reads: every key a section has is exported or listed in UNEXPORTED.
+    keys: tuple[str, ...] = ()
 
 
 def label_value(value: Any) -> str:
@@ -116,9 +114,11 @@ def label_value(value: Any) -> str:
     return text if SAFE_VALUE.fullmatch(text) and not HEX_RUN.search(text) else "other"
 
 
-def _name(text: str) -> str | None:
-    name = re.sub(r"[^a-z0-9_]+", "_", str(text).lower()).strip("_")
-    return name if SAFE_NAME.fullmatch(name) else None
+def device_label(device_id: str) -> str:
+    """Return a device id fit to be a label, or ``other`` (an id that holds an address)."""
+    if DEVICE_LABEL.fullmatch(device_id) and not IPV4_RUN.search(device_id):
+        return device_id
+    return "other"
 
 
 def _num(value: Any) -> float | None:
@@ -129,17 +129,10 @@ def _num(value: Any) -> float | None:
     return None
 
 
-def _counter_key(key: str) -> tuple[str, bool]:
-    """Return (base name, is counter) for an extra-stats key."""
-    if key.endswith("_total"):
-        return key[: -len("_total")], True
-    return key, key in COUNTER_KEYS or key.split("_")[-1] in COUNTER_KEYS
-
-
-def _labelled(items: Mapping[Any, Any]) -> list[tuple[str, float]]:
-    """Return (label value, number) pairs, unsafe or surplus values folded into ``other``."""
+def folded(items: Iterable[tuple[Any, Any]]) -> list[Sample]:
+    """Return one-label samples, unsafe or surplus label values folded into ``other``."""
     out: dict[str, float] = {}
-    for raw, value in items.items():
+    for raw, value in items:
         n = _num(value)
         if n is None:
             continue
@@ -147,521 +140,670 @@ def _labelled(items: Mapping[Any, Any]) -> list[tuple[str, float]]:
         if label not in out and len(out) >= MAX_LABEL_VALUES:
             label = "other"
         out[label] = out.get(label, 0.0) + n
+    return [((k,), v) for k, v in sorted(out.items())]
+
+
+# ---- family builders ------------------------------------------------------------------------
+
+
+def always(name: str, kind: str, help: str, read: Callable[[Readings], Any]) -> Family:
+    """Return an unlabelled family read from the service (always shown)."""
+    return Family(name, kind, help, lambda r: [((), float(read(r)))])
+
+
+def stat(section: str, key: str, name: str, kind: str, help: str) -> Family:
+    """Return an unlabelled family read from one number (or boolean) of a stats section."""
+
+    def read(r: Readings) -> list[Sample]:
+        n = _num(r.section(section).get(key))
+        return [] if n is None else [((), n)]
+
+    return Family(name, kind, help, read, section=section, keys=(key,))
+
+
+def flag(section: str, key: str, name: str, help: str) -> Family:
+    """Return a gauge that is 1 while a key of a stats section is truthy (an error text)."""
+
+    def read(r: Readings) -> list[Sample]:
+        return [((), float(bool(r.section(section).get(key))))]
+
+    return Family(name, "gauge", help, read, section=section, keys=(key,))
+
+
+def by_label(section: str, key: str, name: str, kind: str, help: str, label: str) -> Family:
+    """Return a one-label family read from a map of label value to number in a stats section."""
+
+    def read(r: Readings) -> list[Sample]:
+        value = r.section(section).get(key)
+        return folded(value.items()) if isinstance(value, Mapping) else []
+
+    return Family(name, kind, help, read, (label,), section=section, keys=(key,))
+
+
+def _supplies(r: Readings) -> list[Sample]:
+    out: dict[tuple[str, str], float] = {}
+    for device_id, supply, level in r.census.supplies:
+        dev = device_label(device_id)
+        if dev == "other" or len(out) >= MAX_SUPPLY_SERIES:
+            continue
+        name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply).strip("_"))
+        out.setdefault((dev, name), float(level))
     return sorted(out.items())
 
 
-@dataclass(frozen=True, slots=True)
-class Spec:
-    """How one key of a known ``extra_stats`` section is exported.
-
-    ``kind`` is counter or gauge; "flag" exports 1 for a truthy value (an error text, say)
-    and 0 otherwise; "skip" drops the key.
-    """
-
-    name: str
-    kind: str
-    help: str
-    label: str = ""
+def _by_kind(pairs: tuple[tuple[str, int], ...]) -> list[Sample]:
+    counts = dict(pairs)
+    return [((k,), float(counts.get(k, 0))) for k in KINDS]
 
 
-_SKIP = Spec("", "skip", "")
-SPECS: dict[str, dict[str, Spec]] = {
-    "discovery": {
-        "running": Spec(
-            "nearest_discovery_browser_running", "gauge", "Whether the mDNS browsers are running."
-        ),
-        "error": Spec(
-            "nearest_discovery_browser_failed",
-            "flag",
-            "Whether the mDNS browsers failed to start or stopped on an error.",
-        ),
-        "interfaces": _SKIP,
-        "services": Spec(
-            "nearest_discovery_services", "gauge", "DNS-SD service instances currently seen."
-        ),
-        "devices": Spec(
-            "nearest_discovery_devices", "gauge", "Devices currently known from mDNS discovery."
-        ),
-        "events": Spec(
-            "nearest_discovery_events", "counter", "mDNS browser events, by event.", "event"
-        ),
-        "txt_problems": Spec(
-            "nearest_discovery_txt_problems",
-            "counter",
-            "Problems found in advertised TXT records, by problem.",
-            "problem",
-        ),
-        "refused_over_max_devices": Spec(
-            "nearest_discovery_refused_over_max_devices",
-            "counter",
-            "Announcements refused because the discovered-device cap was reached.",
-        ),
-    },
-    "mqtt": {
-        "connected": Spec(
-            "nearest_mqtt_connected", "gauge", "Whether the MQTT client is connected to the broker."
-        ),
-        "reconnects": Spec(
-            "nearest_mqtt_reconnects", "counter", "Reconnections to the MQTT broker."
-        ),
-        "received": Spec(
-            "nearest_mqtt_requests_received", "counter", "Requests received on the query topic."
-        ),
-        "replied": Spec("nearest_mqtt_replies", "counter", "Replies published to requests."),
-        "malformed": Spec(
-            "nearest_mqtt_requests_malformed", "counter", "Malformed requests on the query topic."
-        ),
-        "unanswerable": Spec(
-            "nearest_mqtt_requests_unanswerable",
-            "counter",
-            "Requests that could not be answered (no usable response topic).",
-        ),
-        "records_published": Spec(
-            "nearest_mqtt_device_records_published", "counter", "Retained device records published."
-        ),
-        "records_cleared": Spec(
-            "nearest_mqtt_device_records_cleared", "counter", "Retained device records cleared."
-        ),
-        "federated_devices": Spec(
-            "nearest_mqtt_federated_devices", "gauge", "Devices served from other instances."
-        ),
-        "federated_refused": Spec(
-            "nearest_mqtt_federated_records_refused",
-            "counter",
-            "Device records from other instances refused (invalid, or over the cap).",
-        ),
-        "federation_conflicts": Spec(
-            "nearest_mqtt_federation_conflicts",
-            "counter",
-            "Device records claimed by more than one instance.",
-        ),
-        "origins_online": Spec(
-            "nearest_mqtt_federation_origins_online", "gauge", "Other instances seen online."
-        ),
-    },
-    "security": {
-        "requests_refused": Spec(
-            "nearest_security_requests_refused",
-            "counter",
-            "Requests refused (forbidden), by interface.",
-            "interface",
-        ),
-        "requests_rate_limited": Spec(
-            "nearest_security_requests_rate_limited",
-            "counter",
-            "Requests refused by the rate limiter, by interface.",
-            "interface",
-        ),
-        "requests_malformed": Spec(
-            "nearest_security_requests_malformed",
-            "counter",
-            "Malformed requests (bad request, version or size), by interface.",
-            "interface",
-        ),
-        "devices_quarantined": Spec(
-            "nearest_security_devices_quarantined", "gauge", "Devices held in quarantine now."
-        ),
-        "devices_quarantined_total": Spec(
-            "nearest_security_quarantines", "counter", "Devices ever put in quarantine."
-        ),
-        "rate_limiter_clients": Spec(
-            "nearest_security_rate_limiter_clients",
-            "gauge",
-            "Client addresses tracked by the rate limiter.",
-        ),
-        "rate_limiter_evicted": Spec(
-            "nearest_security_rate_limiter_evicted",
-            "counter",
-            "Client addresses evicted from the rate limiter's table.",
-        ),
-        "pseudonym_spikes": Spec(
-            "nearest_security_pseudonym_spikes",
-            "counter",
-            "Times one client asked more often than the spike threshold.",
-        ),
-    },
+# ---- every family ---------------------------------------------------------------------------
+
+FAMILIES: tuple[Family, ...] = (
+    # The daemon and its answers.
+    Family(
+        "nearest_build_info",
+        "gauge",
+        "Version of nearestd and of the Python running it; always 1.",
+        lambda r: [((__version__, platform.python_version()), 1.0)],
+        ("version", "python_version"),
+    ),
+    always(
+        "nearest_start_time_seconds",
+        "gauge",
+        "When the daemon started, seconds since the epoch.",
+        lambda r: r.started,
+    ),
+    Family(
+        "nearest_queries_total",
+        "counter",
+        "Requests answered, by interface, op and result (ok or an error code).",
+        lambda r: [
+            ((label_value(i), label_value(o), label_value(res)), float(n))
+            for (i, o, res), n in r.queries
+        ],
+        ("interface", "op", "result"),
+    ),
+    Family(
+        "nearest_query_duration_seconds",
+        "histogram",
+        "Time to decode, answer and encode one request, by interface.",
+        lambda r: [((label_value(i),), (buckets, total)) for i, buckets, total in r.latency],
+        ("interface",),
+    ),
+    # The device table (the census).
+    Family(
+        "nearest_devices",
+        "gauge",
+        "Known devices by kind and shown state (stale: restored at start, state not yet known).",
+        lambda r: [((k, s), float(n)) for (k, s), n in r.census.by_kind_state],
+        ("kind", "state"),
+    ),
+    Family(
+        "nearest_devices_stale",
+        "gauge",
+        "Devices restored from the warm-restart snapshot and not yet heard of again, by kind.",
+        lambda r: _by_kind(r.census.stale_by_kind),
+        ("kind",),
+    ),
+    Family(
+        "nearest_devices_unlocated",
+        "gauge",
+        "Devices no rule could place: listed, never answered as nearest.",
+        lambda r: _by_kind(r.census.unlocated_by_kind),
+        ("kind",),
+    ),
+    Family(
+        "nearest_site_devices",
+        "gauge",
+        "Located devices per site and kind.",
+        lambda r: [((label_value(s), k), float(n)) for (s, k), n in r.census.by_site_kind],
+        ("site", "kind"),
+    ),
+    Family(
+        "nearest_device_supply_level_percent",
+        "gauge",
+        "Supply level a polled device reports, in percent, by device id and supply name "
+        f"(at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
+        _supplies,
+        ("device", "supply"),
+    ),
+    # The site maps.
+    Family(
+        "nearest_site_zones",
+        "gauge",
+        "Zones per site in the loaded site maps.",
+        lambda r: [((label_value(s),), float(n)) for s, n in r.zones_by_site],
+        ("site",),
+    ),
+    always(
+        "nearest_subnet_prefixes",
+        "gauge",
+        "Subnet prefixes that locate clients.",
+        lambda r: r.prefixes,
+    ),
+    # The location log.
+    always(
+        "nearest_location_log_entries",
+        "gauge",
+        "Entries held in the in-memory location log.",
+        lambda r: r.log_entries,
+    ),
+    always(
+        "nearest_location_log_purged_total",
+        "counter",
+        "Location-log entries purged at the end of their retention.",
+        lambda r: r.log_purged,
+    ),
+    always(
+        "nearest_location_log_dropped_total",
+        "counter",
+        "Location-log entries dropped because the log was full.",
+        lambda r: r.log_dropped,
+    ),
+    # What the configuration turns on.
+    always(
+        "nearest_discovery_enabled",
+        "gauge",
+        "Whether mDNS discovery is enabled in the configuration.",
+        lambda r: r.discovery_enabled,
+    ),
+    always(
+        "nearest_mqtt_enabled",
+        "gauge",
+        "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
+        lambda r: r.mqtt_enabled,
+    ),
+    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    Family(
+        "nearest_config_reloads_total",
+        "counter",
+        "Reloads of the configuration and site maps, by result.",
+        lambda r: [
+            (("success",), float(r.section("operations").get("reloads_ok", 0))),
+            (("failure",), float(r.section("operations").get("reloads_failed", 0))),
+        ],
+        ("result",),
+        section="operations",
+        keys=("reloads_ok", "reloads_failed"),
+    ),
+    flag(
+        "operations",
+        "last_reload_ok",
+        "nearest_config_last_reload_successful",
+        "Whether the last reload succeeded (1 before any reload).",
+    ),
+    stat(
+        "operations",
+        "last_reload",
+        "nearest_config_last_reload_success_timestamp_seconds",
+        "gauge",
+        "When the configuration in use was loaded, seconds since the epoch.",
+    ),
+    Family(
+        "nearest_inventory_snapshot_writes_total",
+        "counter",
+        "Writes of the warm-restart inventory snapshot, by result.",
+        lambda r: [
+            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
+            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+        ],
+        ("result",),
+        section="operations",
+        keys=("inventory_writes_ok", "inventory_writes_failed"),
+    ),
+    stat(
+        "operations",
+        "inventory_restored",
+        "nearest_inventory_restored_devices",
+        "gauge",
+        "Devices restored (as stale) from the snapshot at start.",
+    ),
+    stat(
+        "operations",
+        "stale_expired",
+        "nearest_inventory_stale_expired_total",
+        "counter",
+        "Restored devices dropped because discovery did not confirm them in time.",
+    ),
+    # Client connections (the socket servers).
+    stat(
+        "connections",
+        "open",
+        "nearest_connections_open",
+        "gauge",
+        "Open client connections on the query sockets.",
+    ),
+    stat(
+        "connections",
+        "admin_open",
+        "nearest_connections_admin_open",
+        "gauge",
+        "Open connections on the admin socket.",
+    ),
+    stat(
+        "connections",
+        "refused_at_cap",
+        "nearest_connections_refused_total",
+        "counter",
+        "Connections refused because the connection cap was reached.",
+    ),
+    Family(
+        "nearest_connections_closed_total",
+        "counter",
+        "Connections closed by the daemon, by reason.",
+        lambda r: [
+            (("idle",), float(r.section("connections").get("closed_idle", 0))),
+            (("slow_frame",), float(r.section("connections").get("closed_slow", 0))),
+        ],
+        ("reason",),
+        section="connections",
+        keys=("closed_idle", "closed_slow"),
+    ),
+    stat(
+        "connections",
+        "frames_too_large",
+        "nearest_frames_too_large_total",
+        "counter",
+        "Frames refused for announcing more than the frame limit.",
+    ),
+    stat(
+        "connections",
+        "tasks",
+        "nearest_event_loop_tasks",
+        "gauge",
+        "Tasks on the daemon's event loop.",
+    ),
+    # Refused requests and the rate limiter (the service's ``security`` section).
+    by_label(
+        "security",
+        "requests_refused",
+        "nearest_security_requests_refused_total",
+        "counter",
+        "Requests refused (forbidden), by interface.",
+        "interface",
+    ),
+    by_label(
+        "security",
+        "requests_rate_limited",
+        "nearest_security_requests_rate_limited_total",
+        "counter",
+        "Requests refused by the rate limiter, by interface.",
+        "interface",
+    ),
+    by_label(
+        "security",
+        "requests_malformed",
+        "nearest_security_requests_malformed_total",
+        "counter",
+        "Malformed requests (bad request, version or size), by interface.",
+        "interface",
+    ),
+    stat(
+        "security",
+        "devices_quarantined",
+        "nearest_security_devices_quarantined",
+        "gauge",
+        "Devices held in quarantine now.",
+    ),
+    stat(
+        "security",
+        "devices_quarantined_total",
+        "nearest_security_quarantines_total",
+        "counter",
+        "Devices ever put in quarantine.",
+    ),
+    stat(
+        "security",
+        "rate_limiter_clients",
+        "nearest_security_rate_limiter_clients",
+        "gauge",
+        "Client addresses tracked by the rate limiter.",
+    ),
+    stat(
+        "security",
+        "rate_limiter_evicted",
+        "nearest_security_rate_limiter_evicted_total",
+        "counter",
+        "Client addresses evicted from the rate limiter's table.",
+    ),
+    stat(
+        "security",
+        "pseudonym_spikes",
+        "nearest_security_pseudonym_spikes_total",
+        "counter",
+        "Times one client asked more often than the spike threshold.",
+    ),
+    # mDNS discovery (while [discovery] is enabled).
+    stat(
+        "discovery",
+        "running",
+        "nearest_discovery_browser_running",
+        "gauge",
+        "Whether the mDNS browsers are running.",
+    ),
+    flag(
+        "discovery",
+        "error",
+        "nearest_discovery_browser_failed",
+        "Whether the mDNS browsers failed to start or stopped on an error.",
+    ),
+    stat(
+        "discovery",
+        "services",
+        "nearest_discovery_services",
+        "gauge",
+        "DNS-SD service instances currently seen.",
+    ),
+    stat(
+        "discovery",
+        "devices",
+        "nearest_discovery_devices",
+        "gauge",
+        "Devices currently known from mDNS discovery.",
+    ),
+    by_label(
+        "discovery",
+        "events",
+        "nearest_discovery_events_total",
+        "counter",
+        "mDNS browser events, by event.",
+        "event",
+    ),
+    by_label(
+        "discovery",
+        "txt_problems",
+        "nearest_discovery_txt_problems_total",
+        "counter",
+        "Problems found in advertised TXT records, by problem.",
+        "problem",
+    ),
+    by_label(
+        "discovery",
+        "services_refused",
+        "nearest_discovery_services_refused_total",
+        "counter",
+        "Services refused or trimmed for what a peer announced (bad name, address, "
+        "claimed UUID, per-source cap), each counted once per service and reason.",
+        "reason",
+    ),
+    stat(
+        "discovery",
+        "refused_over_max_devices",
+        "nearest_discovery_refused_over_max_devices_total",
+        "counter",
+        "Announcements refused because the discovered-device cap was reached.",
+    ),
+    stat(
+        "discovery",
+        "resolves_deferred",
+        "nearest_discovery_resolves_deferred",
+        "gauge",
+        "Service resolutions waiting for a free slot.",
+    ),
+    # MQTT (while an [mqtt] section is configured).
+    stat(
+        "mqtt",
+        "connected",
+        "nearest_mqtt_connected",
+        "gauge",
+        "Whether the MQTT client is connected to the broker.",
+    ),
+    stat(
+        "mqtt",
+        "reconnects",
+        "nearest_mqtt_reconnects_total",
+        "counter",
+        "Reconnections to the MQTT broker.",
+    ),
+    stat(
+        "mqtt",
+        "received",
+        "nearest_mqtt_requests_received_total",
+        "counter",
+        "Requests received on the query topic.",
+    ),
+    stat(
+        "mqtt",
+        "replied",
+        "nearest_mqtt_replies_total",
+        "counter",
+        "Replies published to requests.",
+    ),
+    stat(
+        "mqtt",
+        "malformed",
+        "nearest_mqtt_requests_malformed_total",
+        "counter",
+        "Malformed requests on the query topic.",
+    ),
+    stat(
+        "mqtt",
+        "unanswerable",
+        "nearest_mqtt_requests_unanswerable_total",
+        "counter",
+        "Requests that could not be answered (no usable response topic).",
+    ),
+    stat(
+        "mqtt",
+        "records_published",
+        "nearest_mqtt_device_records_published_total",
+        "counter",
+        "Retained device records published.",
+    ),
+    stat(
+        "mqtt",
+        "records_cleared",
+        "nearest_mqtt_device_records_cleared_total",
+        "counter",
+        "Retained device records cleared.",
+    ),
+    stat(
+        "mqtt",
+        "federated_devices",
+        "nearest_mqtt_federated_devices",
+        "gauge",
+        "Devices served from other instances.",
+    ),
+    stat(
+        "mqtt",
+        "federated_refused",
+        "nearest_mqtt_federated_records_refused_total",
+        "counter",
+        "Device records from other instances refused (invalid, or over the cap).",
+    ),
+    stat(
+        "mqtt",
+        "federation_conflicts",
+        "nearest_mqtt_federation_conflicts_total",
+        "counter",
+        "Device records claimed by more than one instance.",
+    ),
+    stat(
+        "mqtt",
+        "origins_online",
+        "nearest_mqtt_federation_origins_online",
+        "gauge",
+        "Other instances seen online.",
+    ),
+    stat(
+        "mqtt",
+        "internal_errors",
+        "nearest_mqtt_internal_errors_total",
+        "counter",
+        "MQTT requests that failed inside the daemon (a bug: see the log).",
+    ),
+    stat(
+        "mqtt",
+        "requests_rate_limited",
+        "nearest_mqtt_requests_rate_limited_total",
+        "counter",
+        "MQTT requests refused because their asker (reply topic) exceeded its rate.",
+    ),
+    stat(
+        "mqtt",
+        "requests_dropped",
+        "nearest_mqtt_requests_dropped_total",
+        "counter",
+        "MQTT requests dropped unanswered because the inbound queue was full.",
+    ),
+    stat(
+        "mqtt",
+        "requests_queued",
+        "nearest_mqtt_requests_queued",
+        "gauge",
+        "MQTT requests read from the broker and waiting to be answered.",
+    ),
+    stat(
+        "mqtt",
+        "askers",
+        "nearest_mqtt_askers",
+        "gauge",
+        "Distinct MQTT askers (reply topics) with a rate bucket held.",
+    ),
+    stat(
+        "mqtt",
+        "messages_dropped",
+        "nearest_mqtt_messages_dropped_total",
+        "counter",
+        "Other MQTT messages (records, statuses) dropped because the inbound queue was full.",
+    ),
+    # IPP/eSCL polling.
+    stat("poller", "enabled", "nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
+    stat(
+        "poller",
+        "devices_polled",
+        "nearest_poller_devices",
+        "gauge",
+        "Devices being polled.",
+    ),
+    stat(
+        "poller",
+        "devices_unreachable",
+        "nearest_poller_devices_unreachable",
+        "gauge",
+        "Polled devices that do not answer.",
+    ),
+    stat("poller", "in_flight", "nearest_poller_in_flight", "gauge", "Polls under way."),
+    stat("poller", "polls_total", "nearest_poller_polls_total", "counter", "Polls made."),
+    by_label(
+        "poller",
+        "poll_errors_total",
+        "nearest_poller_errors_total",
+        "counter",
+        "Failed polls, by kind of error.",
+        "error",
+    ),
+    stat(
+        "poller",
+        "poll_seconds_total",
+        "nearest_poller_poll_seconds_total",
+        "counter",
+        "Time spent polling, in seconds.",
+    ),
+    stat(
+        "poller",
+        "state_changes_total",
+        "nearest_poller_state_changes_total",
+        "counter",
+        "Device state changes found by polling.",
+    ),
+    by_label(
+        "poller",
+        "refused_targets",
+        "nearest_poller_refused_targets_total",
+        "counter",
+        "Devices never polled for their address (loopback, this host's own, ...), by reason.",
+        "reason",
+    ),
+    # The exporter itself.
+    always(
+        "nearest_metrics_snapshot_age_seconds",
+        "gauge",
+        "Age of the snapshot served; grows while the event loop is stuck.",
+        lambda r: r.age,
+    ),
+    always(
+        "nearest_metrics_snapshot_fallbacks_total",
+        "counter",
+        "Scrapes served an older snapshot because the event loop did not answer in time.",
+        lambda r: r.fallbacks,
+    ),
+)
+
+# Stats keys shown by ``nearestctl stats`` but on no family, and why.
+UNEXPORTED: dict[str, dict[str, str]] = {
+    "discovery": {"interfaces": "addresses of the browsing interfaces"},
+    "connections": {"fds": "process_open_fds has it"},
     "poller": {
-        "enabled": Spec("nearest_poller_enabled", "gauge", "Whether IPP/eSCL polling runs."),
-        "devices_polled": Spec("nearest_poller_devices", "gauge", "Devices being polled."),
-        "devices_by_state": _SKIP,  # nearest_devices{kind,state} has them
-        "devices_unreachable": Spec(
-            "nearest_poller_devices_unreachable", "gauge", "Polled devices that do not answer."
-        ),
-        "in_flight": Spec("nearest_poller_in_flight", "gauge", "Polls under way."),
-        "polls_total": Spec("nearest_poller_polls", "counter", "Polls made."),
-        "poll_errors_total": Spec(
-            "nearest_poller_errors", "counter", "Failed polls, by kind of error.", "error"
-        ),
-        "poll_seconds_total": Spec(
-            "nearest_poller_poll_seconds", "counter", "Time spent polling, in seconds."
-        ),
-        "state_changes_total": Spec(
-            "nearest_poller_state_changes", "counter", "Device state changes found by polling."
-        ),
-        "supply_levels": _SKIP,  # per device: no device ids in labels
+        "devices_by_state": "nearest_devices{kind,state} has it",
+        "supply_levels": "nearest_device_supply_level_percent has it",
     },
-    # Exported above under their own names; this section is for ``nearestctl stats``.
+    "metrics": {
+        "url": "this page's own address",
+        "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
+    },
     "operations": {
-        key: _SKIP
-        for key in (
-            "reloads_ok",
-            "reloads_failed",
-            "last_reload_ok",
-            "last_reload",
-            "inventory_file",
-            "inventory_restored",
-            "inventory_writes_ok",
-            "inventory_writes_failed",
-            "inventory_last_write",
-            "stale_expired",
-            "systemd_notify",
-            "metrics",
-        )
-    },
-    # The socket counters are exported from the socket servers directly (see below).
-    "connections": {
-        "open": _SKIP,
-        "refused_at_cap": _SKIP,
-        "closed_idle": _SKIP,
-        "closed_slow": _SKIP,
-        "frames_too_large": _SKIP,
-        "fds": _SKIP,
-        "tasks": Spec("nearest_event_loop_tasks", "gauge", "Tasks on the daemon's event loop."),
+        "inventory_file": "a path",
+        "inventory_last_write": "a timestamp only for stats",
+        "systemd_notify": "a setting",
+        "metrics": "this page's own address",
     },
 }
 
 
-def _spec_for(section: str, prefix: str, raw_key: Any, value: Any) -> Spec | None:
-    """Return the export rule of one key: the section's table, else the generic rules."""
-    known = SPECS.get(section, {}).get(str(raw_key))
-    if known is not None:
-        return known
-    key = _name(raw_key)
-    if key is None:
-        return None
-    base, counter = _counter_key(key)
-    kind = "counter" if counter else "gauge"
-    if isinstance(value, Mapping):
-        label = key[3:] if key.startswith("by_") else LABELS.get(key, "type")
-        if not LABEL_NAME.fullmatch(label):
-            label = "type"
-        return Spec(f"nearest_{prefix}_{base}", kind, f"{section} {raw_key} by {label}", label)
-    return Spec(f"nearest_{prefix}_{base}", kind, f"{section} {raw_key}")
-
-
-def extra_families(section: str, data: Any) -> list[Family]:
-    """Return the families of one ``extra_stats`` section, by the rules in the module doc."""
-    prefix = _name(section)
-    if prefix is None or not isinstance(data, Mapping):
-        return []
-    out: list[Family] = []
-    for raw_key, value in data.items():
-        spec = _spec_for(section, prefix, raw_key, value)
-        if spec is None or spec.kind == "skip":
-            continue
-        if spec.kind == "flag":
-            out.append(Family(spec.name, "gauge", spec.help, (), (((), float(bool(value))),)))
-            continue
-        n = _num(value)
-        if n is not None and not spec.label:
-            out.append(Family(spec.name, spec.kind, spec.help, (), (((), n),)))
-            continue
-        if not isinstance(value, Mapping) or not spec.label:
-            continue
-        nested = [v for v in value.values() if isinstance(v, Mapping)]
-        if nested and str(raw_key).startswith("by_"):
-            inner: dict[str, dict[str, Any]] = {}
-            for outer, sub in value.items():
-                if isinstance(sub, Mapping):
-                    for ik, iv in sub.items():
-                        iname = _name(ik)
-                        if iname is not None:
-                            inner.setdefault(iname, {})[outer] = iv
-            for iname, by_label in sorted(inner.items()):
-                ibase, icounter = _counter_key(iname)
-                out.append(
-                    Family(
-                        f"nearest_{prefix}_{ibase}",
-                        "counter" if icounter else "gauge",
-                        f"{section} {iname} by {spec.label}",
-                        (spec.label,),
-                        tuple(((lv,), v) for lv, v in _labelled(by_label)),
-                    )
-                )
-            continue
-        out.append(
-            Family(
-                spec.name,
-                spec.kind,
-                spec.help,
-                (spec.label,),
-                tuple(((lv,), v) for lv, v in _labelled(value)),
-            )
-        )
+def exported_keys() -> dict[str, set[str]]:
+    """Return, per stats section, the keys some family reads or UNEXPORTED names."""
+    out: dict[str, set[str]] = {s: set(keys) for s, keys in UNEXPORTED.items()}
+    for fam in FAMILIES:
+        if fam.section:
+            out.setdefault(fam.section, set()).update(fam.keys)
     return out
 
 
-def snapshot_families(daemon: Daemon, now: float) -> tuple[Family, ...]:
-    """Return every family, read from the daemon; call on the event loop only."""
-    service = daemon.service
-    stats = service.stats
-    fams: list[Family] = [
-        Family(
-            "nearest_build_info",
-            "gauge",
-            "Version of nearestd and of the Python running it.",
-            ("version", "python_version"),
-            (((__version__, platform.python_version()), 1.0),),
-        ),
-        Family(
-            "nearest_start_time_seconds",
-            "gauge",
-            "When the daemon started, seconds since the epoch.",
-            (),
-            (((), stats.started),),
-        ),
-        Family(
-            "nearest_queries",
-            "counter",
-            "Requests answered, by interface, op and result (ok or an error code).",
-            ("interface", "op", "result"),
-            tuple(
-                ((label_value(i), label_value(o), label_value(r)), float(n))
-                for (i, o, r), n in sorted(stats.queries.items())
-            ),
-        ),
-        Family(
-            "nearest_query_duration_seconds",
-            "histogram",
-            "Time to decode, answer and encode one request, by interface.",
-            ("interface",),
-            tuple(
-                ((label_value(i),), (h.cumulative(), h.total))
-                for i, h in sorted(stats.latency.by_interface.items())
-            ),
-        ),
-    ]
-    by_kind_state: Counter[tuple[str, str]] = Counter()
-    by_site: Counter[tuple[str, str]] = Counter()
-    unlocated: Counter[str] = Counter()
-    for rec in service.table.records():
-        kind = str(rec.device.kind)
-        state = "stale" if rec.device.stale else str(rec.device.state)
-        by_kind_state[(kind, state)] += 1
-        if rec.placement is None:
-            unlocated[kind] += 1
-        else:
-            by_site[(rec.placement.site, kind)] += 1
-    zones_by_site: Counter[str] = Counter(z.site for z in service.sitemap.zones.values())
-    kinds = ("printer", "scanner")
-    fams += [
-        Family(
-            "nearest_devices",
-            "gauge",
-            "Known devices by kind and state (stale: restored, not yet rediscovered).",
-            ("kind", "state"),
-            tuple(((k, s), float(n)) for (k, s), n in sorted(by_kind_state.items())),
-        ),
-        Family(
-            "nearest_devices_unlocated",
-            "gauge",
-            "Devices no rule could place: listed, never answered as nearest.",
-            ("kind",),
-            tuple(((k,), float(unlocated[k])) for k in kinds),
-        ),
-        Family(
-            "nearest_site_devices",
-            "gauge",
-            "Located devices per site and kind.",
-            ("site", "kind"),
-            tuple(((label_value(s), k), float(n)) for (s, k), n in sorted(by_site.items())),
-        ),
-        Family(
-            "nearest_site_zones",
-            "gauge",
-            "Zones per site in the loaded site maps.",
-            ("site",),
-            tuple(((label_value(s),), float(n)) for s, n in sorted(zones_by_site.items())),
-        ),
-        Family(
-            "nearest_subnet_prefixes",
-            "gauge",
-            "Subnet prefixes that locate clients.",
-            (),
-            (((), float(len(service.sitemap.prefixes))),),
-        ),
-        Family(
-            "nearest_location_log_entries",
-            "gauge",
-            "Entries held in the in-memory location log.",
-            (),
-            (((), float(len(service.log))),),
-        ),
-        Family(
-            "nearest_location_log_purged",
-            "counter",
-            "Location-log entries purged at the end of their retention.",
-            (),
-            (((), float(service.log.purged)),),
-        ),
-        Family(
-            "nearest_location_log_dropped",
-            "counter",
-            "Location-log entries dropped because the log was full.",
-            (),
-            (((), float(service.log.dropped)),),
-        ),
-        Family(
-            "nearest_config_reloads",
-            "counter",
-            "Reloads of the configuration and site maps, by result.",
-            ("result",),
-            (
-                (("success",), float(daemon.reloads_ok)),
-                (("failure",), float(daemon.reloads_failed)),
-            ),
-        ),
-        Family(
-            "nearest_config_last_reload_successful",
-            "gauge",
-            "Whether the last reload succeeded (1 before any reload).",
-            (),
-            (((), float(getattr(daemon, "last_reload_ok", True))),),
-        ),
-        Family(
-            "nearest_config_last_reload_success_timestamp_seconds",
-            "gauge",
-            "When the configuration in use was loaded, seconds since the epoch.",
-            (),
-            (((), daemon.last_reload or stats.started),),
-        ),
-        Family(
-            "nearest_discovery_enabled",
-            "gauge",
-            "Whether mDNS discovery is enabled in the configuration.",
-            (),
-            (((), float(service.cfg.discovery.enabled)),),
-        ),
-        Family(
-            "nearest_mqtt_enabled",
-            "gauge",
-            "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
-            (),
-            (((), float(service.cfg.mqtt is not None)),),
-        ),
-    ]
-    conns = daemon.sockets.conns
-    fams += [
-        Family(
-            "nearest_connections_open",
-            "gauge",
-            "Open client connections over every socket.",
-            (),
-            (((), float(len(conns.open))),),
-        ),
-        Family(
-            "nearest_connections_refused",
-            "counter",
-            "Connections refused because the connection cap was reached.",
-            (),
-            (((), float(conns.refused)),),
-        ),
-        Family(
-            "nearest_connections_closed",
-            "counter",
-            "Connections closed by the daemon, by reason.",
-            ("reason",),
-            ((("idle",), float(conns.closed_idle)), (("slow_frame",), float(conns.closed_slow))),
-        ),
-        Family(
-            "nearest_frames_too_large",
-            "counter",
-            "Frames refused for announcing more than the frame limit.",
-            (),
-            (((), float(conns.too_large)),),
-        ),
-    ]
-    snaps = getattr(daemon, "snapshots", None)
-    if snaps is not None:
-        fams += [
-            Family(
-                "nearest_inventory_snapshot_writes",
-                "counter",
-                "Writes of the warm-restart inventory snapshot, by result.",
-                ("result",),
-                (
-                    (("success",), float(snaps.writes_ok)),
-                    (("failure",), float(snaps.writes_failed)),
-                ),
-            ),
-            Family(
-                "nearest_inventory_restored_devices",
-                "gauge",
-                "Devices restored (as stale) from the snapshot at start.",
-                (),
-                (((), float(snaps.restored)),),
-            ),
-            Family(
-                "nearest_inventory_stale_expired",
-                "counter",
-                "Restored devices dropped because discovery did not confirm them in time.",
-                (),
-                (((), float(snaps.expired)),),
-            ),
-        ]
-    fams.append(supply_family(service.table.records()))
-    taken = {f.name for f in fams}
-    extras = 0
-    for section, fn in list(service.extra_stats.items()):
+def _frozen(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def read_sections(sources: Mapping[str, Callable[[], Mapping[str, Any]]]) -> dict[str, Any]:
+    """Call each section's stats function; a section that fails is left out (and logged)."""
+    out: dict[str, Any] = {}
+    for name, fn in list(sources.items()):
         try:
             data = fn()
         except Exception:
-            LOG.exception("metrics section failed", extra={"section": section})
+            LOG.exception("stats section failed", extra={"section": name})
             continue
-        for fam in extra_families(section, data):
-            if fam.name in taken or extras >= MAX_EXTRA_FAMILIES:
-                continue
-            taken.add(fam.name)
-            fams.append(fam)
-            extras += 1
-    return tuple(fams)
+        if isinstance(data, Mapping):
+            out[name] = data
+    return out
 
 
-DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
-IPV4_RUN = re.compile(r"\d{1,3}(?:[.\-_]\d{1,3}){3}")
-MAX_SUPPLY_SERIES = 2000
-MAX_SUPPLIES_PER_DEVICE = 16
-
-
-def device_label(device_id: str) -> str:
-    """Return a device id fit to be a label, or ``other`` (an id that holds an address)."""
-    if DEVICE_LABEL.fullmatch(device_id) and not IPV4_RUN.search(device_id):
-        return device_id
-    return "other"
-
-
-def supply_family(records: Any) -> Family:
-    """Return supply levels per device id and supply: bounded by the device count."""
-    samples: dict[tuple[str, str], float] = {}
-    for rec in records:
-        supplies = getattr(rec.device, "supplies", ())
-        if not supplies:
-            continue
-        dev = device_label(rec.device.id)
-        if dev == "other":
-            continue
-        for supply in supplies[:MAX_SUPPLIES_PER_DEVICE]:
-            if supply.level is None or len(samples) >= MAX_SUPPLY_SERIES:
-                continue
-            name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply.name).strip("_"))
-            samples.setdefault((dev, name), float(supply.level))
-    return Family(
-        "nearest_device_supply_level_percent",
-        "gauge",
-        "Supply level a polled device reports, in percent, by device id and supply name "
-        f"(at most {MAX_SUPPLY_SERIES} series).",
-        ("device", "supply"),
-        tuple(sorted(samples.items())),
+def readings(service: Service, sections: Mapping[str, Mapping[str, Any]], now: float) -> Readings:
+    """Return one snapshot of the service and the given stats sections (event loop only)."""
+    stats = service.stats
+    zones: dict[str, int] = {}
+    for zone in service.sitemap.zones.values():
+        zones[zone.site] = zones.get(zone.site, 0) + 1
+    return Readings(
+        taken=now,
+        started=stats.started,
+        census=service.census(now),
+        queries=tuple(sorted(stats.queries.items())),
+        latency=tuple(
+            (i, h.cumulative(), h.total) for i, h in sorted(stats.latency.by_interface.items())
+        ),
+        zones_by_site=tuple(sorted(zones.items())),
+        prefixes=len(service.sitemap.prefixes),
+        log_entries=len(service.log),
+        log_purged=service.log.purged,
+        log_dropped=service.log.dropped,
+        discovery_enabled=service.cfg.discovery.enabled,
+        mqtt_enabled=service.cfg.mqtt is not None,
+        sections=_frozen(sections),
     )
 
 
@@ -669,44 +811,58 @@ def _le(bound: float) -> str:
     return "+Inf" if math.isinf(bound) else repr(bound)
 
 
-def to_metric(fam: Family) -> Metric:
-    """Return the prometheus-client family of a plain one."""
+def to_metric(fam: Family, samples: Iterable[Sample]) -> Metric:
+    """Return the prometheus-client family of a definition and its samples."""
     labels = list(fam.labels)
-    if fam.kind == "counter":
+    if fam.type == "counter":
         counter = CounterMetricFamily(fam.name, fam.help, labels=labels)
-        for values, v in fam.samples:
+        for values, v in samples:
             counter.add_metric(list(values), v)
         return counter
-    if fam.kind == "histogram":
+    if fam.type == "histogram":
         hist = HistogramMetricFamily(fam.name, fam.help, labels=labels)
-        for values, (buckets, total) in fam.samples:
+        for values, (buckets, total) in samples:
             hist.add_metric(list(values), [(_le(b), float(n)) for b, n in buckets], total)
         return hist
     gauge = GaugeMetricFamily(fam.name, fam.help, labels=labels)
-    for values, v in fam.samples:
+    for values, v in samples:
         gauge.add_metric(list(values), v)
     return gauge
 
 
+def families(r: Readings, defs: Iterable[Family] = FAMILIES) -> Iterator[Metric]:
+    """Yield every family the readings show: those of absent sections are left out."""
+    for fam in defs:
+        if fam.section and fam.section not in r.sections:
+            continue
+        try:
+            yield to_metric(fam, fam.read(r))
+        except (ValueError, TypeError, KeyError):
+            # One family that cannot be read must not fail the whole page.
+            LOG.exception("metric family skipped", extra={"family": fam.name})
+
+
 class SnapshotCollector:
-    """A prometheus-client collector that serves snapshots fetched from the event loop."""
+    """A prometheus-client collector that serves readings fetched from the event loop."""
 
     def __init__(
         self,
-        build: Callable[[], Snapshot],
+        build: Callable[[], Readings],
         loop: asyncio.AbstractEventLoop,
         timeout: float = SNAPSHOT_TIMEOUT,
+        defs: tuple[Family, ...] = FAMILIES,
     ) -> None:
         self._build = build
         self._loop = loop
         self._timeout = timeout
+        self._defs = defs
         self._lock = threading.Lock()
-        self._last = Snapshot(0.0, ())
+        self._last: Readings | None = None
         self.fallbacks = 0
 
-    def latest(self) -> Snapshot:
-        """Return a fresh snapshot from the loop, or the last one if the loop is stuck."""
-        fut: concurrent.futures.Future[Snapshot] = concurrent.futures.Future()
+    def latest(self) -> Readings | None:
+        """Return fresh readings from the loop, or the last ones if the loop is stuck."""
+        fut: concurrent.futures.Future[Readings] = concurrent.futures.Future()
 
         def fill() -> None:
             if fut.set_running_or_notify_cancel():
@@ -728,28 +884,16 @@ class SnapshotCollector:
         return snap
 
     def collect(self) -> Iterator[Metric]:
-        """Yield every family of the latest snapshot."""
+        """Yield every family of the latest readings (nothing before the first)."""
         snap = self.latest()
-        for fam in snap.families:
-            try:
-                metric = to_metric(fam)
-            except (ValueError, TypeError):
-                # One bad family (say, an adapter's odd name) must not fail the whole page.
-                LOG.exception("metric family skipped", extra={"family": fam.name})
-                continue
-            yield metric
-        age = GaugeMetricFamily(
-            "nearest_metrics_snapshot_age_seconds",
-            "Age of the snapshot served; grows while the event loop is stuck.",
+        if snap is None:
+            return
+        with self._lock:
+            fallbacks = self.fallbacks
+        yield from families(
+            replace(snap, age=max(0.0, time.time() - snap.taken), fallbacks=fallbacks),
+            self._defs,
         )
-        age.add_metric([], max(0.0, time.time() - snap.taken) if snap.taken else math.nan)
-        yield age
-        fallbacks = CounterMetricFamily(
-            "nearest_metrics_snapshot_fallbacks",
-            "Scrapes served an older snapshot because the event loop did not answer in time.",
-        )
-        fallbacks.add_metric([], float(self.fallbacks))
-        yield fallbacks
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -759,50 +903,43 @@ def split_listen(listen: str) -> tuple[str, int]:
 
 
 class MetricsExporter:
-    """The HTTP endpoint on ``[metrics] listen``, with a registry of its own."""
+    """The HTTP endpoint on ``[metrics] listen``, with a registry of its own (a component)."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
+    name = "metrics"
+
+    def __init__(
+        self, service: Service, sections: Callable[[], Mapping[str, Mapping[str, Any]]]
+    ) -> None:
+        self.service = service
+        self._sections = sections
         self.registry = CollectorRegistry()
         self.address = ""
         self._server: Any = None
         self._thread: threading.Thread | None = None
         self.collector: SnapshotCollector | None = None
-        self._listen = daemon.service.cfg.metrics.listen
-        daemon.reload_hooks.append(self._on_reload)
-        daemon.service.extra_stats["operations"] = self.operations_view
+        self._listen = service.cfg.metrics.listen
 
-    def operations_view(self) -> dict[str, Any]:
-        """Return reload, snapshot and supervision figures for ``nearestctl stats``."""
-        d = self.daemon
-        snaps = d.snapshots
-        return {
-            "reloads_ok": d.reloads_ok,
-            "reloads_failed": d.reloads_failed,
-            "last_reload_ok": d.last_reload_ok,
-            "last_reload": d.last_reload or d.service.stats.started,
-            "inventory_file": str(snaps.path),
-            "inventory_restored": snaps.restored,
-            "inventory_writes_ok": snaps.writes_ok,
-            "inventory_writes_failed": snaps.writes_failed,
-            "inventory_last_write": snaps.last_write,
-            "stale_expired": snaps.expired,
-            "systemd_notify": d.notifier.enabled,
-            "metrics": f"http://{self.address}/metrics" if self.address else "",
-        }
+    def stats(self) -> Mapping[str, Any]:
+        """Return where the page is served and how often the loop was too slow for a scrape."""
+        return MappingProxyType(
+            {
+                "url": f"http://{self.address}/metrics" if self.address else "",
+                "snapshot_fallbacks": self.collector.fallbacks if self.collector else 0,
+            }
+        )
 
-    def _on_reload(self, daemon: Daemon) -> None:
-        wanted = daemon.service.cfg.metrics.listen
+    def reconfigure(self, cfg: Config) -> None:
+        """Warn that a new ``[metrics] listen`` waits for a restart."""
+        wanted = cfg.metrics.listen
         if wanted != self._listen:
             LOG.warning(
                 "metrics listen changed; it takes effect at the next restart",
                 extra={"listening": self._listen or "off", "configured": wanted or "off"},
             )
 
-    def build(self) -> Snapshot:
-        """Return a snapshot of the daemon now (event loop only)."""
-        now = time.time()
-        return Snapshot(now, snapshot_families(self.daemon, now))
+    def build(self) -> Readings:
+        """Return readings of the service now (event loop only)."""
+        return readings(self.service, self._sections(), time.time())
 
     async def start(self) -> None:
         """Bind ``[metrics] listen`` and serve from a thread; nothing when it is empty."""
@@ -825,9 +962,12 @@ class MetricsExporter:
         LOG.info("metrics listening", extra={"listen": f"http://{self.address}/metrics"})
 
     async def stop(self) -> None:
-        """Stop the HTTP server (waits for its thread's poll, at most half a second)."""
+        """Stop the HTTP server and wait for its thread (its poll ends within half a second)."""
         server, self._server = self._server, None
         if server is None:
             return
         await asyncio.to_thread(server.shutdown)
         server.server_close()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 5.0)

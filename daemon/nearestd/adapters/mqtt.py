@@ -16,6 +16,15 @@ and jitter; the sockets keep serving meanwhile, and each change of state is logg
 
 MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
 trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+
+Fair shares. The broker does not say which client published a request, so an *asker*
+is known by where it wants the answer: the MQTT 5 Response Topic, else the 3.1.1
+``reply_to``. Each asker has a token bucket (``[mqtt] rate``, ``burst``); a request over
+it is dropped as it is read from the socket, before it is queued, and counted (no
+reply: a rate-limited answer per request would let a flood double itself through the
+broker; MQTT requesters time out and retry). Requests waiting to be answered are
+bounded by ``max_queued``; beyond it they are dropped and counted too, so a flood
+costs neither memory nor everyone else's answers.
 With federation the query subscription is shared (``$share/nearestd/P/query``), so a
 federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 """
@@ -32,7 +41,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -47,6 +56,7 @@ from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
+from nearestd.core.limits import RateLimiter
 from nearestd.core.mqtt_payload import (
     MSGPACK,
     TRANSPORT_KEYS,
@@ -96,7 +106,8 @@ STOP_TIMEOUT = 2.5  # within the daemon's shutdown grace
 INVENTORY_PERIOD = 0.25
 PUBLISH_BATCH = 256
 MAX_REPLY_TASKS = 1024
-MAX_QUEUED = 20000
+MAX_QUEUED = 20000  # every incoming message (records, status); requests have their own bound
+MAX_ASKERS = 4096  # rate buckets held at most (LRU; see core.limits)
 SHARE_GROUP = "nearestd"
 JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
@@ -159,6 +170,52 @@ class Counters:
     federated_refused: int = 0
     conflicts: int = 0
     internal_errors: int = 0
+    rate_limited: int = 0
+    dropped: int = 0
+    dropped_other: int = 0
+
+
+class Inbox(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue: admits requests by their asker's rate, bounds them, counts drops.
+
+    aiomqtt puts each message in from paho's read callback, on the event loop, so the
+    decision is made before a refused request costs any memory.
+    """
+
+    def __init__(
+        self,
+        request_topics: frozenset[str],
+        admit: Callable[[aiomqtt.Message], bool],
+        max_requests: int,
+        maxsize: int = 0,
+    ) -> None:
+        super().__init__(maxsize)
+        self.request_topics = request_topics
+        self._admit = admit
+        self.max_requests = max_requests
+        self.requests = 0
+        self.dropped = 0
+        self.dropped_other = 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        """Queue a message, or drop it (counted) when over a rate or a bound."""
+        if item.topic.value in self.request_topics:
+            if not self._admit(item):
+                return
+            if self.requests >= self.max_requests or self.full():
+                self.dropped += 1
+                return
+            self.requests += 1
+        elif self.full():
+            self.dropped_other += 1
+            return
+        super().put_nowait(item)
+
+    def _get(self) -> aiomqtt.Message:
+        item: aiomqtt.Message = super()._get()
+        if item.topic.value in self.request_topics:
+            self.requests -= 1
+        return item
 
 
 def parse_url(url: str) -> tuple[str, int, bool]:
@@ -203,6 +260,8 @@ class MqttAdapter:
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         self._reply_tasks: set[asyncio.Task[None]] = set()
+        self.askers = RateLimiter(cfg.rate, cfg.burst, MAX_ASKERS)
+        self._inbox: Inbox | None = None
         self._state: tuple[str, str] = ("", "")
         self._syncing = False
         self._synced = asyncio.Event()
@@ -236,7 +295,7 @@ class MqttAdapter:
             t.cancel()
 
     def stats(self) -> dict[str, Any]:
-        """Return the adapter's figures; counters that metrics would not know end in ``_total``."""
+        """Return the adapter's figures for ``stats`` and the metrics families."""
         c = self.counters
         return {
             "connected": c.connected,
@@ -244,14 +303,19 @@ class MqttAdapter:
             "received": c.received,
             "replied": c.replied,
             "malformed": c.malformed,
-            "unanswerable_total": c.unanswerable,
+            "unanswerable": c.unanswerable,
             "records_published": c.records_published,
-            "records_cleared_total": c.records_cleared,
+            "records_cleared": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
-            "federation_conflicts_total": c.conflicts,
+            "federation_conflicts": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
-            "internal_errors_total": c.internal_errors,
+            "internal_errors": c.internal_errors,
+            "requests_rate_limited": c.rate_limited,
+            "requests_dropped": c.dropped + (self._inbox.dropped if self._inbox else 0),
+            "requests_queued": self._inbox.requests if self._inbox else 0,
+            "askers": len(self.askers),
+            "messages_dropped": c.dropped_other + (self._inbox.dropped_other if self._inbox else 0),
         }
 
     def _set_state(self, state: str, detail: str = "") -> None:
@@ -349,11 +413,42 @@ class MqttAdapter:
             # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=MAX_QUEUED,
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", self._new_inbox),
             logger=CLIENT_LOG,
         )
         # Many publishes in flight are by design here (inventory batches, QoS 1 replies).
         client.pending_calls_threshold = MAX_REPLY_TASKS + PUBLISH_BATCH * 2
         return client
+
+    def _new_inbox(self, maxsize: int = 0) -> Inbox:
+        if self._inbox is not None:  # the previous session's drops stay counted
+            self.counters.dropped += self._inbox.dropped
+            self.counters.dropped_other += self._inbox.dropped_other
+        topics = frozenset((self.query_topic, self.direct_topic))
+        self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, maxsize)
+        return self._inbox
+
+    def _admit(self, message: aiomqtt.Message) -> bool:
+        """Return whether a request's asker may ask now (else it is counted as rate-limited)."""
+        asker = getattr(message.properties, "ResponseTopic", None)
+        if not isinstance(asker, str):
+            asker = self._reply_to(message.payload, message.properties)
+        if self.askers.take(asker, 1, self.clock()) == 1:
+            return True
+        self.counters.rate_limited += 1
+        return False
+
+    def _reply_to(self, payload: Any, props: Properties | None) -> str:
+        """Return a 3.1.1 request's ``reply_to`` ("" when it names none: those share a bucket)."""
+        if not isinstance(payload, bytes):
+            return ""
+        ctype = getattr(props, "ContentType", None) if props is not None else None
+        try:
+            obj = decode_request(payload, ctype, self.cfg.max_payload)
+        except WireError:
+            return ""
+        reply_to = obj.get("reply_to")
+        return reply_to if isinstance(reply_to, str) else ""
 
     async def _session(self) -> None:
         client = self._new_client()
@@ -458,6 +553,7 @@ class MqttAdapter:
     async def _keep_inventory(self, client: aiomqtt.Client) -> None:
         while True:
             await asyncio.sleep(INVENTORY_PERIOD)
+            self.askers.prune(self.clock())
             gen = self.service.table.generation
             if gen != self._generation:
                 self._generation = gen

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from nearestd.config import PollerConfig
+from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
 from nearestd.core.state import (
@@ -56,6 +57,7 @@ from nearestd.core.state import (
     printer_live,
     scanner_live,
     unreachable,
+    uri_host,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ ERROR_KINDS = (
     "http-error",
     "bad-response",
     "too-large",
+    "refused-address",
 )
 
 
@@ -170,12 +173,17 @@ class Poller:
         self._started_at = 0.0
         # When discovery last heard of each failing device, as of its last failed poll.
         self._heard: dict[str, float] = {}
+        # Which addresses are never polled (loopback, this host's own, ...); set at start.
+        self._policy = AddressPolicy(loopback_ok=True)
+        self.refused: Counter[str] = Counter()
+        self._refused_ids: set[str] = set()
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start the thread pool and the schedule."""
         if self._runner is not None or not self.cfg.enabled:
             return
+        self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
         self._started_at = self._clock()
         self._runner = asyncio.ensure_future(self._run())
@@ -199,6 +207,18 @@ class Poller:
         self._runner = None
         self._in_flight.clear()
         self._results = queue.SimpleQueue()
+
+    def address_policy(self) -> AddressPolicy:
+        """Return the addresses never polled: this host's own and loopback, unless allowed."""
+        if self.cfg.poll_this_host:
+            return AddressPolicy(link_local_ok=True, loopback_ok=True)
+        from nearestd.adapters.mdns import host_address_policy
+
+        return host_address_policy()
+
+    def refusal(self, address: str) -> str | None:
+        """Return why an address is never polled, or None."""
+        return address_refusal(address, self._policy)
 
     def forget(self) -> None:
         """Drop every live state found so far: with the poller off, states are unknown."""
@@ -241,6 +261,17 @@ class Poller:
             if target is None:
                 continue
             device_id = rec.device.id
+            host = uri_host(target.url) or ""
+            why = self.refusal(host)
+            if why is not None and why != "not-an-address":  # a host name: checked at connect
+                if device_id not in self._refused_ids and len(self._refused_ids) < 65536:
+                    self._refused_ids.add(device_id)
+                    self.refused[why] += 1
+                    LOG.warning(
+                        "device not polled: refused address",
+                        extra={"device": device_id, "reason": why},
+                    )
+                continue
             seen.add(device_id)
             old = self._targets.get(device_id)
             if old != target:
@@ -308,7 +339,13 @@ class Poller:
         failure = detail = ""
         try:
             live = fetch_live(
-                target, request_id, self.cfg.timeout, self.cfg.max_response, self._tls, self._open
+                target,
+                request_id,
+                self.cfg.timeout,
+                self.cfg.max_response,
+                self._tls,
+                self._open,
+                self.refusal,
             )
         except PollFailure as exc:
             failure, detail = exc.kind, str(exc)
@@ -397,26 +434,23 @@ class Poller:
     # ---- figures -------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Return the poller's figures for ``stats`` and the metrics adapter."""
-        by_state: Counter[str] = Counter()
+        census = self.service.census(time.time())
+        running = self.cfg.enabled and self._runner is not None
+        by_state = dict(census.polled_by_state) if running else {}
         supplies: dict[str, dict[str, int]] = {}
-        for device_id in self._targets:
-            rec = self.service.table.get(device_id)
-            if rec is None:
-                continue
-            by_state[str(rec.device.state)] += 1
-            levels = {s.name: s.level for s in rec.device.supplies if s.level is not None}
-            if levels:
-                supplies[device_id] = levels
+        for device_id, name, level in census.supplies:
+            supplies.setdefault(device_id, {})[name] = level
         return {
-            "enabled": self.cfg.enabled and self._runner is not None,
-            "devices_polled": len(self._targets),
-            "devices_by_state": dict(by_state),
+            "enabled": running,
+            "devices_polled": sum(by_state.values()),
+            "devices_by_state": by_state,
             "devices_unreachable": by_state.get(str(DeviceState.UNREACHABLE), 0),
             "in_flight": len(self._in_flight),
             "polls_total": self.polls,
             "poll_errors_total": {kind: self.errors.get(kind, 0) for kind in ERROR_KINDS},
             "poll_seconds_total": round(self.poll_seconds, 6),
             "state_changes_total": self.transitions,
+            "refused_targets": dict(self.refused),
             "supply_levels": supplies,
         }
 
@@ -428,6 +462,7 @@ def fetch_live(
     limit: int,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets | None = None,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> Live:
     """Poll one device (blocking, in a worker thread) and decide its live state.
 
@@ -440,7 +475,7 @@ def fetch_live(
         body = encode_get_printer_attributes(
             target.printer_uri, request_id, PRINTER_ATTRIBUTES, user="nearestd"
         )
-        data = exchange("POST", target.url, body, limit, deadline, tls, open_sockets)
+        data = exchange("POST", target.url, body, limit, deadline, tls, open_sockets, refuse)
         try:
             reply = decode_response(data)
         except IppDecodeError as exc:
@@ -451,7 +486,7 @@ def fetch_live(
             raise PollFailure("bad-response", "IPP request-id does not match")
         return printer_live(reply.printer)
     data = exchange(
-        "GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls, open_sockets
+        "GET", target.url, None, min(limit, MAX_ESCL_BYTES), deadline, tls, open_sockets, refuse
     )
     try:
         return scanner_live(data)
@@ -493,10 +528,15 @@ def exchange(
     deadline: float,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets | None = None,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure."""
+    """Send one HTTP/1.1 request and read its reply by ``deadline``; errors are PollFailure.
+
+    A redirect is never followed (any status but 200 fails the poll); ``refuse`` says
+    which resolved addresses must not be connected to.
+    """
     try:
-        return _http(method, url, body, limit, deadline, tls, open_sockets or OpenSockets())
+        return _http(method, url, body, limit, deadline, tls, open_sockets or OpenSockets(), refuse)
     except PollFailure:
         raise
     except TimeoutError:
@@ -562,10 +602,20 @@ class _Conn:
         return bytes(self.buf)
 
 
-def _connect(host: str, port: int, deadline: float, open_sockets: OpenSockets) -> socket.socket:
-    """Connect to the first address of host that answers, by the deadline."""
-    error: OSError = OSError(f"no address for {host!r}")
+def _connect(
+    host: str,
+    port: int,
+    deadline: float,
+    open_sockets: OpenSockets,
+    refuse: Callable[[str], str | None] | None = None,
+) -> socket.socket:
+    """Connect to the first address of host that answers and is not refused, by the deadline."""
+    error: OSError | PollFailure = OSError(f"no address for {host!r}")
     for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        why = refuse(str(addr[0])) if refuse is not None else None
+        if why is not None:
+            error = PollFailure("refused-address", f"{host} is at a {why} address")
+            continue
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError
@@ -592,6 +642,7 @@ def _http(
     deadline: float,
     tls: ssl.SSLContext,
     open_sockets: OpenSockets,
+    refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
     # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
     # close-delimited replies, every read bounded in size and by the deadline.
@@ -600,7 +651,7 @@ def _http(
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
     host = (parts.hostname or "").replace("%25", "%")
     port = parts.port or (443 if secure else 80)
-    sock = _connect(host, port, deadline, open_sockets)
+    sock = _connect(host, port, deadline, open_sockets, refuse)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if secure:

@@ -26,6 +26,7 @@ from time import perf_counter
 from typing import Any
 
 from nearest_wire import ErrorCode, FrameDecoder, FrameEncoder, FrameTooLarge, error_reply
+from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
 from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service, wall_clock
 
@@ -48,6 +49,8 @@ class Limits:
     idle_timeout: float = 60.0
     frame_timeout: float = 5.0
     max_in_flight: int = 64
+    max_per_source: int = 64
+    reserved: int = 64
 
 
 class Connections:
@@ -60,21 +63,25 @@ class Connections:
         # Admin connections have a small cap of their own, so a flood of query
         # connections never locks the operator out.
         self.admin_open = 0
+        self.slots = ConnectionSlots(limits.max_connections, limits.max_per_source, limits.reserved)
         self.refused = 0
+        self.refused_per_source = 0
         self.closed_idle = 0
         self.closed_slow = 0
         self.too_large = 0
 
-    def add(self, conn: QueryProtocol) -> bool:
-        """Count a new connection in, or return False when its cap is reached."""
+    def add(self, conn: QueryProtocol) -> str | None:
+        """Count a new connection in and return None, or return which cap refuses it."""
         if conn.interface == "admin":
             if self.admin_open >= ADMIN_MAX_CONNECTIONS:
-                return False
+                return "full"
             self.admin_open += 1
-        elif len(self.open) - self.admin_open >= self.limits.max_connections:
-            return False
+        else:
+            why = self.slots.admit(conn.source, conn.slot_trusted)
+            if why is not None:
+                return why
         self.open.add(conn)
-        return True
+        return None
 
     def forget(self, conn: QueryProtocol) -> None:
         """Count a closed connection out (idempotent)."""
@@ -82,6 +89,8 @@ class Connections:
             self.open.discard(conn)
             if conn.interface == "admin":
                 self.admin_open -= 1
+            else:
+                self.slots.release(conn.source, conn.slot_trusted)
 
     def sweep(self) -> None:
         """Close idle connections and those whose frame is too slow to arrive."""
@@ -126,27 +135,31 @@ class QueryProtocol(asyncio.Protocol):
         self._eof = False
         self._limited = False
         self._prepaid = 0
+        # What the connection slots and the rate limiter count this client by.
+        self.source = interface
+        self.slot_trusted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Accept the connection, or refuse it when the cap is reached."""
+        """Accept the connection, or refuse it when a cap is reached."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        if not self.conns.add(self):
+        peer = self.peer_for(transport.get_extra_info("peername"))
+        if peer.ip is not None:
+            self.source = source_key(peer.ip)
+            self.slot_trusted = peer.trusted
+        why = self.conns.add(self)
+        if why is not None:
             self.conns.refused += 1
+            if why == "per-source":
+                self.conns.refused_per_source += 1
             self._closing = True
-            transport.write(
-                _encode(
-                    error_reply(
-                        None, ErrorCode.UNAVAILABLE, "too many connections; try again later"
-                    )
-                )
-            )
+            transport.write(_refusal(why))
             transport.close()
             return
         transport.set_write_buffer_limits(high=WRITE_HIGH)
-        self.peer = self.peer_for(transport.get_extra_info("peername"))
+        self.peer = peer
         # Trusted peers ask on behalf of many clients; Unix sockets are guarded by permissions.
-        self._limited = self.peer.ip is not None and not self.peer.trusted
+        self._limited = peer.ip is not None and not peer.trusted
 
     def data_received(self, data: bytes) -> None:
         """Queue every complete frame and answer up to ``max_in_flight`` of them now."""
@@ -188,7 +201,7 @@ class QueryProtocol(asyncio.Protocol):
         granted = min(n, self._prepaid)
         if self._limited and peer.ip is not None:
             if n > granted:
-                granted += service.limiter.take(peer.ip, n - granted, wall)
+                granted += service.limiter.take(self.source, n - granted, wall)
         else:
             granted = n
         out: list[bytes] = []
@@ -333,6 +346,8 @@ class SocketServers:
             "open": len(c.open) - c.admin_open,
             "admin_open": c.admin_open,
             "refused_at_cap": c.refused,
+            "refused_per_source": c.refused_per_source,
+            "untrusted_sources": c.slots.sources,
             "closed_idle": c.closed_idle,
             "closed_slow": c.closed_slow,
             "frames_too_large": c.too_large,
@@ -344,6 +359,10 @@ class SocketServers:
         """Replace who may query and who is trusted (after a reload)."""
         self.allow = NetSet(allow)
         self.trusted = NetSet(trusted)
+        d = self.service.cfg.daemon
+        self.conns.slots.configure(
+            self.conns.limits.max_connections, d.max_connections_per_source, d.reserved_connections
+        )
 
     def _tcp_peer(self, peername: Any) -> Peer:
         ip = normalise_peer(str(peername[0])) if peername else "0.0.0.0"
@@ -411,6 +430,15 @@ class SocketServers:
             await asyncio.sleep(0.02)
         for conn in list(self.conns.open):
             conn.abort("shutdown")
+
+
+def _refusal(why: str) -> bytes:
+    """Return the ``unavailable`` frame that tells a refused connection which cap it met."""
+    if why == "per-source":
+        text = "too many connections from this address; close some or try again later"
+    else:
+        text = "too many connections; try again later"
+    return _encode(error_reply(None, ErrorCode.UNAVAILABLE, text))
 
 
 def _unix_socket(path: Path, mode: int, group: str) -> socket.socket:

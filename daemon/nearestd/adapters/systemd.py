@@ -131,14 +131,6 @@ class Notifier:
             self._sock = None
 
 
-def status_line(service: Service) -> str:
-    """Return the STATUS text: device counts and the site map's size."""
-    total = unlocated = stale = 0
-    for rec in service.table.records():
-        total += 1
-        unlocated += rec.placement is None
-        stale += rec.device.stale
-    return (
-        f"serving {total} devices ({unlocated} unlocated, {stale} stale) "
-        f"in {len(service.sitemap.zones)} zones"
-    )
+def status_line(service: Service, now: float) -> str:
+    """Return the STATUS text: the census's device counts and the site map's size."""
+    return service.census(now).status_line(len(service.sitemap.zones))

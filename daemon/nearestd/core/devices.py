@@ -130,11 +130,14 @@ def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
     )
 
 
+_IDLE = DeviceState.IDLE
+
+
 def state_rank(device: Device) -> int:
     """Return the tie-break rank of a device's state: idle first, unavailable last."""
     if not device.available:
         return 2
-    return 0 if device.state == DeviceState.IDLE else 1
+    return 0 if device.state is _IDLE else 1
 
 
 class DeviceTable:

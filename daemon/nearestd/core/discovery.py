@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import re
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -69,8 +70,72 @@ SECURE_TYPES = frozenset(("_ipps._tcp", "_uscans._tcp"))
 TEXT_MAX = 255
 _UUID_SAFE = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_URI_SAFE = "/-._~!$&'()*+,;=:@"
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
+# What a plain path segment of a TXT ``rp`` or ``rs`` may not hold: '%', '?', '#', '\\',
+# control characters ('.' and '..' are refused separately).
+_NOT_IN_SEGMENT = re.compile(r"[%?#\\\x00-\x1f\x7f-\x9f]")
+_URI_SAFE = "-._~!$&'()*+,;=:@"
+PATH_MAX = 255
+
+
+@dataclass(frozen=True, slots=True)
+class AddressPolicy:
+    """Which addresses a discovered device may have, besides never loopback and the like.
+
+    Not the daemon's own; and, unless ``link_local_ok`` (the daemon has no routable
+    address), not link-local. ``loopback_ok`` is for a daemon that browses nothing but
+    loopback (a single-host demo or test): there every peer is on this host.
+    """
+
+    own: frozenset[str] = frozenset()
+    link_local_ok: bool = False
+    loopback_ok: bool = False
+
+
+def address_refusal(addr: str, policy: AddressPolicy) -> str | None:
+    """Return why a device may not have an address (loopback, own-address, ...), or None."""
+    host = addr.partition("%")[0]
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return "not-an-address"
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None if policy.loopback_ok else "loopback"
+    if ip.is_unspecified:
+        return "unspecified"
+    if ip.is_multicast:
+        return "multicast"
+    if ip.version == 4 and ip == ipaddress.IPv4Address("255.255.255.255"):
+        return "broadcast"
+    if ip.is_link_local and not policy.link_local_ok:
+        return "link-local"
+    if str(ip) in policy.own:
+        return "own-address"
+    return None
+
+
+def plain_path(text: str | None) -> str | None:
+    """Return a TXT ``rp``/``rs`` as a URI path ("/a/b"), or None when it is not plain.
+
+    Plain: segments of unreserved and sub-delimiter characters joined by single
+    slashes, none of them '.' or '..', with at most one leading and one trailing
+    slash; absent or empty is the root.
+    """
+    if not text:
+        return "/"
+    if len(text) > PATH_MAX:
+        return None
+    inner = text[1:] if text.startswith("/") else text
+    inner = inner[:-1] if inner.endswith("/") else inner
+    if not inner:
+        return "/"
+    segments = inner.split("/")
+    for segment in segments:
+        if segment in ("", ".", "..") or _NOT_IN_SEGMENT.search(segment):
+            return None
+    return "/" + "/".join(urllib.parse.quote(seg, safe=_URI_SAFE) for seg in segments)
 
 
 class Problem:
@@ -83,6 +148,7 @@ class Problem:
     NON_UTF8 = "non-utf8-value"
     BAD_PAPER = "bad-papermax"
     BAD_BOOL = "bad-boolean"
+    BAD_PATH = "bad-path"
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +168,11 @@ class Txt:
         if raw is None:
             return None
         return clean_text(raw.decode("utf-8", "replace"))
+
+    def raw_text(self, key: str) -> str | None:
+        """Return a value decoded but not cleaned (to validate), or None."""
+        raw = self.values.get(key)
+        return None if raw is None else raw.decode("utf-8", "replace")
 
     def flag(self, key: str) -> bool | None:
         """Return a T/F value (case-insensitive), or None when absent or neither."""
@@ -282,6 +353,10 @@ def analyse(record: ServiceRecord) -> Parsed:
     for key in ("color", "duplex"):
         if txt.values.get(key) is not None and txt.flag(key) is None:
             problems.append((Problem.BAD_BOOL, f"key {key!r}: expected T or F"))
+    path_key = _path_key(base)
+    if path_key is not None and plain_path(txt.raw_text(path_key)) is None:
+        shown = ascii((txt.raw_text(path_key) or "")[:64])
+        problems.append((Problem.BAD_PATH, f"key {path_key!r}: not a plain path: {shown}"))
     return Parsed(
         record=record,
         txt=txt,
@@ -336,10 +411,13 @@ def host_literal(addr: str) -> str:
     return f"[{host}%25{zone}]" if pct else f"[{host}]"
 
 
-def _path(rp: str | None) -> str:
-    if not rp:
-        return "/"
-    return "/" + urllib.parse.quote(rp.strip("/"), safe=_URI_SAFE)
+def _path_key(base: str) -> str | None:
+    """Return the TXT key that gives a base type's request path (None: no path)."""
+    if base in ("_uscan._tcp", "_uscans._tcp"):
+        return "rs"
+    if base == "_pdl-datastream._tcp" or base not in SCHEMES:
+        return None
+    return "rp"
 
 
 def service_uris(p: Parsed) -> list[str]:
@@ -348,19 +426,23 @@ def service_uris(p: Parsed) -> list[str]:
     scheme = SCHEMES.get(base)
     if scheme is None:
         return []
+    path: str | None
     if base in ("_uscan._tcp", "_uscans._tcp"):
         # sane-airscan: absent rs means /eSCL/, an empty one means the root.
-        rs = p.txt.text("rs")
-        path = "/eSCL/" if rs is None and not p.txt.has("rs") else _path(rs)
-        if not path.endswith("/"):
+        rs = p.txt.raw_text("rs")
+        path = "/eSCL/" if rs is None and not p.txt.has("rs") else plain_path(rs)
+        if path is not None and not path.endswith("/"):
             path += "/"
     elif base == "_pdl-datastream._tcp":
         path = ""  # rp means nothing for raw sockets (Bonjour printing 9.2.2)
     else:
-        path = _path(p.txt.text("rp"))
+        path = plain_path(p.txt.raw_text("rp"))
+    if path is None:
+        return []  # a path with '..', '?', '%', ...: no request goes there
     port = p.record.port
     hosts = [host_literal(a) for a in order_addresses(p.record.addresses) if _usable(a)]
-    if p.record.host and _HOSTNAME.fullmatch(p.record.host):
+    # Only an mDNS host name: "localhost" or a DNS name would send clients elsewhere.
+    if p.record.host and _HOSTNAME.fullmatch(p.record.host) and p.record.host.endswith(".local"):
         hosts.append(p.record.host)
     return [f"{scheme}://{h}:{port}{path}" for h in hosts]
 
@@ -455,7 +537,14 @@ def build_device(kind: DeviceKind, group: GroupKey, members: list[Parsed]) -> De
         note=first_text("note"),
         endpoints=tuple(endpoints.values()),
         is_queue=any(m.is_queue for m in everyone),
-        extra=(("flags", tuple(flags)), ("services", len(members))),
+        extra=(
+            ("flags", tuple(flags)),
+            ("services", len(members)),
+            # Republished by unicast DNS-SD (core/dnssd.py) as the device said them.
+            ("pdl", first_text("pdl")),
+            ("urf", first_text("urf")),
+            ("adminurl", first_text("adminurl")),
+        ),
     )
 
 
@@ -472,10 +561,15 @@ class Merger:
     """Live services by key, grouped into devices; bounded by ``max_devices``."""
 
     max_devices: int = 5000
+    policy: AddressPolicy = field(default_factory=AddressPolicy)
     services: dict[ServiceKey, Parsed] = field(default_factory=dict)
     flags: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     heard: dict[ServiceKey, float] = field(default_factory=dict)
     refused: int = 0
+    # Services refused or trimmed for what they announced, by reason: each (service,
+    # reason) counted once.
+    refused_by: Counter[str] = field(default_factory=Counter)
+    _refusals: dict[tuple[ServiceKey, str], None] = field(default_factory=dict)
     _group_of: dict[ServiceKey, tuple[DeviceKind, GroupKey]] = field(default_factory=dict)
     _groups: dict[tuple[DeviceKind, GroupKey], set[ServiceKey]] = field(default_factory=dict)
     _by_name: dict[tuple[Any, ...], set[ServiceKey]] = field(default_factory=dict)
@@ -581,11 +675,24 @@ class Merger:
         flags = frozenset(self.flags.get((record.interface, record.name.lower()), ()))
         if not flags <= record.flags:
             record = replace(record, flags=record.flags | flags)
+        key = record.key
+        old = self.services.get(key)
+        if record.addresses:
+            kept = []
+            for addr in record.addresses:
+                why = address_refusal(addr, self.policy)
+                if why is None:
+                    kept.append(addr)
+                else:
+                    self._refusal(key, f"address-{why}")
+            if not kept:
+                # Every address is one no device may have: never placed, served or polled.
+                return (self.remove(*key_parts(old)) if old is not None else []), None
+            if len(kept) != len(record.addresses):
+                record = replace(record, addresses=tuple(kept))
         parsed = analyse(record)
         if parsed.kind is None:
             return [], None
-        key = record.key
-        old = self.services.get(key)
         if old is None and self._would_overflow(parsed):
             self.refused += 1
             return [], None
@@ -644,6 +751,16 @@ class Merger:
         return changes
 
     # ---- internals -----------------------------------------------------------------------
+    def _refusal(self, key: ServiceKey, reason: str) -> None:
+        """Count a refusal once per service and reason (bounded memory)."""
+        mark = (key, reason)
+        if mark in self._refusals:
+            return
+        if len(self._refusals) >= 4 * self.max_devices:
+            self._refusals.pop(next(iter(self._refusals)))
+        self._refusals[mark] = None
+        self.refused_by[reason] += 1
+
     def _would_overflow(self, parsed: Parsed) -> bool:
         if len(self._devices) < self.max_devices:
             return False
@@ -728,6 +845,11 @@ class Merger:
                 self._devices[g] = dev
                 changes.append(Change(dev.id, dev))
         return changes
+
+
+def key_parts(p: Parsed) -> tuple[str, str, str]:
+    """Return (interface, type, name) of a parsed service, as ``Merger.remove`` takes them."""
+    return (p.record.interface, p.record.type, p.record.name)
 
 
 def expired(last_heard: float, now: float, expire_after: float) -> bool:

@@ -1,6 +1,9 @@
-"""Rate limiting per client address: token buckets in a bounded, self-emptying table.
+"""Fair shares per client source: rate buckets, connection slots, the spike watch.
 
-Each key (a client address) has a bucket of ``burst`` tokens refilled at ``rate`` per
+A client's *source* is its IPv4 address or its IPv6 /64 (:func:`source_key`): both the
+rate limiter and the connection slots count by it.
+
+Rate limiting: each key (a client source) has a bucket of ``burst`` tokens refilled at ``rate`` per
 second; a request takes one token or is refused. The table holds at most
 ``max_keys`` buckets in least-recently-used order, so an attacker cycling through
 addresses evicts old buckets instead of growing memory. An evicted bucket would
@@ -12,6 +15,7 @@ at most ``burst / rate`` seconds after its last request.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import OrderedDict
 from collections.abc import Hashable
 
@@ -128,3 +132,87 @@ class SpikeWatch:
 
     def __len__(self) -> int:
         return len(self._counts)
+
+
+def source_key(ip: str) -> str:
+    """Return what per-source limits count by: an IPv4 address, or an IPv6 address's /64.
+
+    One IPv6 host is routinely given a whole /64 (SLAAC, privacy addresses), so it can
+    ask from 2**64 addresses: counted per /128 it would have 2**64 rate buckets and
+    connection shares. Anything that is not an IPv6 address is returned unchanged.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        packed = ipaddress.IPv6Address(ip.split("%", 1)[0]).packed
+    except ValueError:
+        return ip
+    return f"{ipaddress.IPv6Address(packed[:8] + bytes(8))}/64"
+
+
+class ConnectionSlots:
+    """Open connections counted per source, with a share only trusted connections may use.
+
+    ``total`` connections at most; untrusted ones (TCP clients outside ``trusted_peers``)
+    may hold at most ``total - reserved`` of them together and ``per_source`` from one
+    source key (see :func:`source_key`), so one address cannot take every slot and the
+    reserve stays free for trusted peers and Unix-socket clients. The reserve is capped
+    at half of ``total`` and the per-source cap at the untrusted share, so a small
+    ``total`` still leaves room for both kinds.
+    """
+
+    __slots__ = ("_by_source", "open", "per_source", "reserved", "total", "untrusted_open")
+
+    def __init__(self, total: int, per_source: int, reserved: int) -> None:
+        self._by_source: dict[str, int] = {}
+        self.open = 0
+        self.untrusted_open = 0
+        self.total = self.per_source = self.reserved = 0
+        self.configure(total, per_source, reserved)
+
+    def configure(self, total: int, per_source: int, reserved: int) -> None:
+        """Set the caps (at start or after a reload); open connections are kept."""
+        if total < 1 or per_source < 1 or reserved < 0:
+            raise ValueError("total and per_source must be positive, reserved not negative")
+        self.total = total
+        self.reserved = min(reserved, total // 2)
+        self.per_source = min(per_source, total - self.reserved)
+
+    def admit(self, source: str, trusted: bool) -> str | None:
+        """Count a connection in and return None, or return why it is refused.
+
+        Reasons: ``"full"`` (every slot taken), ``"reserved"`` (only the reserve is left,
+        and it is not for untrusted clients), ``"per-source"`` (this source holds its share).
+        """
+        if self.open >= self.total:
+            return "full"
+        if not trusted:
+            if self.untrusted_open >= self.total - self.reserved:
+                return "reserved"
+            held = self._by_source.get(source, 0)
+            if held >= self.per_source:
+                return "per-source"
+            self._by_source[source] = held + 1
+            self.untrusted_open += 1
+        self.open += 1
+        return None
+
+    def release(self, source: str, trusted: bool) -> None:
+        """Count a connection admitted with the same arguments out."""
+        self.open -= 1
+        if not trusted:
+            self.untrusted_open -= 1
+            held = self._by_source.get(source, 0) - 1
+            if held > 0:
+                self._by_source[source] = held
+            else:
+                self._by_source.pop(source, None)
+
+    def held_by(self, source: str) -> int:
+        """Return how many untrusted connections a source key holds."""
+        return self._by_source.get(source, 0)
+
+    @property
+    def sources(self) -> int:
+        """Return how many source keys hold untrusted connections."""
+        return len(self._by_source)

@@ -125,9 +125,11 @@ class Device:
     @property
     def available(self) -> bool:
         """Return whether the device may be answered as nearest."""
-        return (
-            self.state not in (DeviceState.STOPPED, DeviceState.UNREACHABLE) and self.accepting_jobs
-        )
+        return self.accepting_jobs and self.state not in _UNAVAILABLE
+
+
+# A module constant: looking members up on the enum class costs microseconds per device.
+_UNAVAILABLE = frozenset((DeviceState.STOPPED, DeviceState.UNREACHABLE))
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,6 +6,7 @@ import base64
 import json
 
 from nearest_wire import Capabilities, DeviceView, Inventory, Need, Supply, Where
+from nearestd.core.census import shown_state
 from nearestd.core.devices import DeviceTable, Record
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.model import Zone
@@ -32,7 +33,7 @@ def device_view(record: Record, hit: Hit | None = None) -> DeviceView:
         p.level if p else None,
         p.zone if p else None,
         Capabilities(c.color, c.duplex, c.paper_max, c.adf, c.secure),
-        "stale" if d.stale and d.state == "unknown" else str(d.state),
+        shown_state(d),
         d.stale,
         d.state_reasons,
         d.accepting_jobs,

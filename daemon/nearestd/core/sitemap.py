@@ -11,6 +11,7 @@ import csv
 import io
 import ipaddress
 import math
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -127,8 +128,11 @@ class PrefixTable:
 
     def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, zone_id: str) -> None:
         """Map a prefix to a zone; a later add of the same prefix replaces it."""
-        tree = self._v4 if network.version == 4 else self._v6
-        key = str(network)
+        self.add_key(str(network), zone_id)
+
+    def add_key(self, key: str, zone_id: str) -> None:
+        """Map a prefix in canonical text form (``str`` of an ip_network) to a zone."""
+        tree = self._v6 if ":" in key else self._v4
         # has_key, not ``in``: ``in`` is a longest-prefix match, true for a nested prefix.
         if not tree.has_key(key):
             self._count += 1
@@ -537,12 +541,13 @@ class _Builder:
         zid: str,
         field_name: str,
     ) -> None:
-        try:
-            net = ipaddress.ip_network(cidr, strict=True)
-        except ValueError as exc:
-            self.problem(file, where, f"{field_name}: bad CIDR {cidr!r} ({exc})")
-            return
-        key = str(net)
+        key = _canonical_v4(cidr)
+        if key is None:
+            try:
+                key = str(ipaddress.ip_network(cidr, strict=True))
+            except ValueError as exc:
+                self.problem(file, where, f"{field_name}: bad CIDR {cidr!r} ({exc})")
+                return
         prev = owner.get(key)
         if prev is not None and prev[0] != zid:
             self.problem(
@@ -552,7 +557,7 @@ class _Builder:
             )
             return
         owner[key] = (zid, file)
-        sm.prefixes.add(net, zid)
+        sm.prefixes.add_key(key, zid)
 
     def _placement(
         self,
@@ -738,6 +743,29 @@ class _Builder:
             capabilities=self.capabilities.setdefault(capabilities, capabilities),
             source="static",
         )
+
+
+_V4_CIDR = re.compile(
+    r"(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})/(0|[1-9][0-9]?)"
+)
+
+
+def _canonical_v4(cidr: str) -> str | None:
+    """Return a plain, valid IPv4 CIDR as is; None for anything else (ipaddress decides).
+
+    The common case of a large IPAM export, parsed without building ipaddress objects;
+    whatever this does not accept goes through ipaddress, whose message is the one shown.
+    """
+    m = _V4_CIDR.fullmatch(cidr)
+    if m is None:
+        return None
+    a, b, c, d, n = (int(g) for g in m.groups())
+    if a > 255 or b > 255 or c > 255 or d > 255 or n > 32:
+        return None
+    value = a << 24 | b << 16 | c << 8 | d
+    if value & ((1 << (32 - n)) - 1):
+        return None
+    return cidr
 
 
 def normalise_pin(key: str, value: str) -> str:

@@ -21,6 +21,7 @@ Rules (see also README "Live state"):
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -355,6 +356,11 @@ def poll_target(device: Device) -> PollTarget | None:
     if device.is_queue:
         return None
     uris = [device.uri, *(e.uri for e in device.endpoints)]
+    if device.source == "mdns":
+        # A discovered device is polled at an address literal (one of its own when it
+        # has any), never at a host name that some resolver might send elsewhere.
+        own = {a.lower() for a in device.addresses}
+        uris = [u for u in uris if _literal_of(uri_host(u), own)]
     order = ("ipps", "ipp") if device.kind == DeviceKind.PRINTER else ("https", "http")
     for wanted in order:
         for uri in uris:
@@ -369,6 +375,28 @@ def poll_target(device: Device) -> PollTarget | None:
             base = path.rstrip("/")
             return PollTarget("escl", f"{scheme}://{authority}{base}/ScannerStatus")
     return None
+
+
+def uri_host(uri: str) -> str | None:
+    """Return the host of an absolute URI: an IPv6 literal unbracketed, its zone with '%'."""
+    parts = _split_uri(uri)
+    if parts is None:
+        return None
+    authority = parts[1]
+    if authority.startswith("["):
+        host, sep, _ = authority[1:].partition("]")
+        return host.replace("%25", "%") if sep else None
+    return authority.rsplit(":", 1)[0] if ":" in authority else authority
+
+
+def _literal_of(host: str | None, own: set[str]) -> bool:
+    if host is None:
+        return False
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    return not own or host.lower() in own
 
 
 def _has_port(authority: str) -> bool:

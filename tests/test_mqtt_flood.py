@@ -1,0 +1,119 @@
+"""One MQTT asker floods the query topic (a real mosquitto): the daemon stays small and fair."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mosquitto import Mosquitto
+from mqtt_helpers import asker, flood, wait_payload
+from nearest_client import Client
+from support import DaemonProcess, require_tools, write_config
+
+pytestmark = pytest.mark.realpeer
+
+NEAREST = {"v": 1, "id": 1, "op": "nearest", "kind": "printer", "zone": "n0-lobby"}
+FLOOD = 20_000
+
+
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssPeak(threading.Thread):
+    """Samples a process's RSS every 10 ms; ``peak`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = rss_of(pid)
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(0.01):
+            self.peak = max(self.peak, rss_of(self.pid))
+
+    def stop(self) -> int:
+        self.halt.set()
+        self.join(5)
+        return self.peak
+
+
+@pytest.mark.parametrize("v311", [False, True], ids=["response-topic", "reply-to"])
+async def test_one_flooding_asker_is_limited_and_an_honest_one_is_answered(
+    tmp_path: Path, v311: bool
+) -> None:
+    require_tools("mosquitto")
+    broker = Mosquitto(tmp_path / "broker").start()
+    prefix, instance = "flood/v1", "solo"
+    cfg = write_config(
+        tmp_path / "d",
+        {"mqtt": {"url": broker.url, "topic_prefix": prefix, "instance": instance}},
+    )
+    d = DaemonProcess(cfg).wait_ready()
+    try:
+        await wait_payload(broker.port, f"{prefix}/status/{instance}", b"online", 15)
+        base = rss_of(d.proc.pid)
+        peak = RssPeak(d.proc.pid)
+        peak.start()
+        latencies: list[float] = []
+        lost = 0
+        async with asker(broker.port) as honest:
+            flooding = asyncio.create_task(
+                asyncio.to_thread(
+                    flood,
+                    broker.port,
+                    f"{prefix}/query",
+                    FLOOD,
+                    NEAREST,
+                    None if v311 else "flood/replies",
+                )
+            )
+            # The honest asker asks every 50 ms while the flood lasts, and a second after.
+            settle: float | None = None
+            while settle is None or time.monotonic() < settle:
+                if settle is None and flooding.done():
+                    settle = time.monotonic() + 1.0
+                t0 = time.monotonic()
+                try:
+                    reply = await honest.ask(f"{prefix}/query", NEAREST, timeout=10)
+                except TimeoutError:
+                    lost += 1
+                else:
+                    assert reply["ok"], reply
+                    latencies.append(time.monotonic() - t0)
+                await asyncio.sleep(0.05)
+            elapsed = await flooding
+        top = peak.stop()
+        with Client(f"unix://{d.admin}", timeout=10) as c:
+            st: dict[str, Any] = c.request({"op": "stats"})["stats"]["mqtt"]
+        latencies.sort()
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        growth = (top - base) / 2**20
+        figures = (
+            f"flood of {FLOOD} sent in {elapsed:.1f} s; honest: {len(latencies)} answered, "
+            f"{lost} lost, p99 {p99 * 1000:.0f} ms; RSS +{growth:.1f} MB; stats {st}"
+        )
+        # The defaults: 100 requests/s and a burst of 200 per asker. Twice that over the
+        # flood's time, plus the time the daemon took to read it, is still far below 20,000.
+        assert st["requests_rate_limited"] >= FLOOD - 2 * (200 + 100 * (elapsed + 10)), (
+            figures
+        )
+        assert lost == 0, figures
+        # Budgets in the bench: p99 under 500 ms, RSS growth under 8 MB; 10x headroom here.
+        # (Before the per-asker limit: RSS +105 MB and honest requests lost.)
+        assert p99 < 5.0, figures
+        assert growth < 80, figures
+        assert st["requests_queued"] <= 1024
+    finally:
+        d.stop()
+        broker.close()
