@@ -33,8 +33,14 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q -p no:cacheprovider
 
+# `make bench floods` runs one section (bench/floods.py); `make bench` runs them all.
+BENCH_SECTIONS := $(if $(filter bench,$(firstword $(MAKECMDGOALS))),$(wordlist 2,99,$(MAKECMDGOALS)))
 bench: $(STAMP)
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(BENCH_SECTIONS)
+ifneq ($(BENCH_SECTIONS),)
+$(BENCH_SECTIONS):
+	@:
+endif
 
 fuzz: $(STAMP)
 	$(BIN)/python -m bench.fuzz

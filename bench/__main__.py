@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 
-SECTIONS = ["startup", "resolver", "discovery", "mqtt", "floods", "poller"]
+SECTIONS = ["startup", "resolver", "discovery", "mqtt", "floods", "poller", "sites"]
 
 
 def main(argv: list[str]) -> int:

@@ -11,9 +11,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from guards import guarded_loop, no_leaked_threads
 from lan import Lan, can_run
 from mosquitto import Mosquitto
 from support import DaemonProcess, require_tools, skip_or_fail, write_config
+
+__all__ = ["guarded_loop", "no_leaked_threads"]  # autouse guards (tests/guards.py)
 
 
 @pytest.fixture

@@ -19,9 +19,12 @@ from nearestd.core.federation import (
     device_record,
     device_topic_id,
     encode_record,
+    interest,
     name_error,
     parse_record,
     record_origin,
+    record_topic,
+    split_key,
     topic_device_id,
 )
 from nearestd.core.model import DeviceKind, PlacementMethod
@@ -239,84 +242,248 @@ def test_inventory_diff_publishes_changes_and_clears_what_left() -> None:
     inv = Inventory()
     changed, gone = inv.diff(t.records(), "me")
     assert len(changed) == 17 and gone == []
+    # Each record's topic carries its site, so bridges and daemons subscribe per site.
+    assert all(level.startswith("hq/") for level, _ in changed)
     inv.mark(changed, gone)
     assert inv.diff(t.records(), "me") == ([], [])
     recs = [r for r in t.records() if r.device.id != "prn-n0-lobby"]
     changed, gone = inv.diff(recs, "me")
-    assert changed == [] and gone == ["prn-n0-lobby"]
+    assert changed == [] and gone == ["hq/prn-n0-lobby"]
+
+
+def test_an_inventory_seeded_with_what_the_broker_holds_sends_only_changes() -> None:
+    t = table()
+    first = Inventory()
+    changed, _ = first.diff(t.records(), "me")
+    held = dict(changed)
+    held["hq/gone-printer"] = b"{}"
+    held["prn-n0-lobby"] = b"{}"  # the one-level layout of an older version
+    again = Inventory(published=held)
+    changed, gone = again.diff(t.records(), "me")
+    assert changed == [] and sorted(gone) == ["hq/gone-printer", "prn-n0-lobby"]
+
+
+@pytest.mark.parametrize(
+    ("site", "device_id", "key"),
+    [
+        ("hq", "prn-1", "hq/prn-1"),
+        (None, "prn-1", "_/prn-1"),
+        ("_", "prn-1", "%5F/prn-1"),
+        ("North campus/B", "a/b", "North%20campus%2FB/a%2Fb"),
+    ],
+)
+def test_record_topics_carry_the_site_as_one_level(
+    site: str | None, device_id: str, key: str
+) -> None:
+    assert record_topic(site, device_id) == key
+    assert split_key(key) == (key.split("/")[0], key.split("/")[1])
+    assert split_key("prn-1") == (None, "prn-1")
+
+
+def test_interest_is_per_site_plus_the_legacy_layout() -> None:
+    assert interest("P", ["b", "a", "a"]) == [
+        "P/devices/a/+",
+        "P/devices/b/+",
+        "P/devices/_/+",
+        "P/devices/+",
+    ]
+    assert interest("P", None) == ["P/devices/+/+", "P/devices/+"]
 
 
 # ---- federation ----------------------------------------------------------------------------
-def rec_for(device_id: str, origin: str) -> bytes:
+T = 1000.0
+
+
+def rec_for(device_id: str, origin: str, site: str | None = "hq") -> bytes:
     obj = device_record(lobby(), origin)
     obj["id"] = device_id
+    if site is None:
+        obj["placement"] = None
+    else:
+        obj["placement"]["site"] = site
     return encode_record(obj)
 
 
 def test_foreign_devices_are_served_only_while_their_origin_is_online() -> None:
     f = Federation("me")
-    assert f.on_record("d1", rec_for("d1", "a")) == []  # origin status unknown: held
-    changes = f.on_status("a", ONLINE)
+    assert f.on_record("d1", rec_for("d1", "a"), T) == []  # origin status unknown: held
+    changes = f.on_status("a", ONLINE, T)
     assert [(c.device_id, c.device is not None) for c in changes] == [("d1", True)]
-    changes = f.on_record("d2", rec_for("d2", "a"))
+    changes = f.on_record("hq/d2", rec_for("d2", "a"), T)
     assert [(c.device_id, c.origin) for c in changes] == [("d2", "a")]
     assert {d.id for d in f.served()} == {"d1", "d2"}
-    changes = f.on_status("a", OFFLINE)
+    changes = f.on_status("a", OFFLINE, T)  # no grace: gone at once
     assert sorted((c.device_id, c.device) for c in changes) == [("d1", None), ("d2", None)]
     assert f.served() == []
-    assert f.on_status("a", OFFLINE) == []
-    assert len(f.on_status("a", ONLINE)) == 2
-    changes = f.on_record("d1", b"")  # cleared
+    assert f.on_status("a", OFFLINE, T) == []
+    assert len(f.on_status("a", ONLINE, T)) == 2
+    changes = f.on_record("d1", b"", T)  # cleared
     assert [(c.device_id, c.device) for c in changes] == [("d1", None)]
+    assert f.legacy == 1
+
+
+def test_an_offline_origin_s_devices_stay_stale_for_the_grace_then_leave() -> None:
+    f = Federation("me", grace=60.0)
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/d1", rec_for("d1", "a"), T)
+    assert f.next_wakeup() is None
+    changes = f.on_status("a", OFFLINE, T + 1)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("d1", True)
+    ]
+    assert f.stale_count() == 1 and f.next_wakeup() == T + 61
+    assert f.tick(T + 60.9) == []
+    changes = f.tick(T + 61)
+    assert [(c.device_id, c.device) for c in changes] == [("d1", None)]
+    assert f.served() == [] and f.expired == 1 and f.next_wakeup() is None
+    # The record is kept: the origin coming back brings its device back, fresh.
+    changes = f.on_status("a", ONLINE, T + 90)
+    assert [(c.device_id, c.device is not None and not c.device.stale) for c in changes] == [
+        ("d1", True)
+    ]
+
+
+@pytest.mark.parametrize("link", ["broker", "bridge:hub"])
+def test_a_link_down_makes_every_foreign_device_stale_and_up_makes_it_fresh(link: str) -> None:
+    f = Federation("me", grace=30.0)
+    for origin in ("a", "b"):
+        f.on_status(origin, ONLINE, T)
+        f.on_record(f"hq/{origin}1", rec_for(f"{origin}1", origin), T)
+    changes = f.link_down(link, T + 5)
+    assert sorted((c.device_id, c.device.stale) for c in changes if c.device) == [
+        ("a1", True),
+        ("b1", True),
+    ]
+    assert f.link_down(link, T + 6) == []  # already down: the grace runs from the first
+    # Records that change while the link is down arrive stale too.
+    changes = f.on_record("hq/a2", rec_for("a2", "a"), T + 10)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("a2", True)
+    ]
+    changes = f.link_up(link, T + 20)
+    assert sorted((c.device_id, c.device.stale) for c in changes if c.device) == [
+        ("a1", False),
+        ("a2", False),
+        ("b1", False),
+    ]
+    assert f.tick(T + 100) == [] and f.stale_count() == 0
+    f.link_down(link, T + 200)
+    changes = f.tick(T + 230)
+    assert sorted(c.device_id for c in changes if c.device is None) == ["a1", "a2", "b1"]
+    # Back up after the grace: the kept records are served again without any replay.
+    assert len(f.link_up(link, T + 300)) == 3
+
+
+def test_a_second_link_down_keeps_devices_stale_until_both_are_up() -> None:
+    f = Federation("me", grace=30.0)
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/a1", rec_for("a1", "a"), T)
+    f.link_down("broker", T)
+    f.link_down("bridge:hub", T + 1)
+    assert f.link_up("broker", T + 2) == []
+    assert f.stale_count() == 1
+    assert [c.device.stale for c in f.link_up("bridge:hub", T + 3) if c.device] == [False]
+
+
+def test_an_origin_whose_heartbeats_stop_is_cut_off_and_revives_with_the_next() -> None:
+    f = Federation("me", grace=10.0)
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/a1", rec_for("a1", "a"), T)
+    assert f.on_heartbeat("a", b"2", T) == []
+    assert f.next_wakeup() == T + 6  # three of its own intervals
+    assert f.on_heartbeat("a", b"2", T + 2) == [] and f.tick(T + 7.9) == []
+    changes = f.tick(T + 8)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("a1", True)
+    ]
+    assert f.next_wakeup() == T + 18  # the grace runs from when it fell silent
+    assert [c.device is None for c in f.tick(T + 18)] == [True]
+    changes = f.on_heartbeat("a", b"2", T + 30)
+    assert [(c.device_id, c.device is not None and c.device.stale) for c in changes] == [
+        ("a1", False)
+    ]
+
+
+@pytest.mark.parametrize("payload", [b"", b"x", b"0", b"-1", b"nan", b"99999", "\u00e9".encode()])
+def test_a_malformed_heartbeat_is_ignored(payload: bytes) -> None:
+    f = Federation("me")
+    assert f.on_heartbeat("a", payload, T) == [] and f.heard == {}
+
+
+def test_only_the_served_sites_are_held() -> None:
+    f = Federation("me", sites=frozenset({"hq"}))
+    f.on_status("a", ONLINE, T)
+    assert len(f.on_record("hq/d1", rec_for("d1", "a"), T)) == 1
+    assert f.on_record("lab/d2", rec_for("d2", "a", site="lab"), T) == []
+    assert f.on_record("d3", rec_for("d3", "a", site="lab"), T) == []  # legacy layout
+    assert f.other_site == 2 and set(f.records) == {"hq/d1"}
+    # Unlocated devices are never answered, but the inventory shows them.
+    assert len(f.on_record("_/d4", rec_for("d4", "a", site=None), T)) == 1
+
+
+def test_a_record_whose_site_disagrees_with_its_topic_is_refused() -> None:
+    f = Federation("me")
+    with pytest.raises(RecordError, match=r"placement\.site"):
+        f.on_record("lab/d1", rec_for("d1", "a", site="hq"), T)
+    with pytest.raises(RecordError, match=r"placement\.site"):
+        f.on_record("hq/d1", rec_for("d1", "a", site=None), T)
+    assert f.refused == 2 and f.records == {}
 
 
 def test_own_records_are_never_foreign() -> None:
     f = Federation("me")
-    f.on_status("me", ONLINE)
-    assert f.on_record("d1", rec_for("d1", "me")) == []
+    f.on_status("me", ONLINE, T)
+    assert f.on_record("hq/d1", rec_for("d1", "me"), T) == []
     assert f.served() == [] and f.records == {}
     # Our own record replacing another origin's record at the same topic removes theirs.
-    f.on_status("a", ONLINE)
-    f.on_record("d2", rec_for("d2", "a"))
-    changes = f.on_record("d2", rec_for("d2", "me"))
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/d2", rec_for("d2", "a"), T)
+    changes = f.on_record("hq/d2", rec_for("d2", "me"), T)
     assert [(c.device_id, c.origin, c.device) for c in changes] == [("d2", "a", None)]
 
 
 def test_a_record_moving_between_origins_moves_its_tag() -> None:
     f = Federation("me")
-    f.on_status("a", ONLINE)
-    f.on_status("b", ONLINE)
-    f.on_record("d", rec_for("d", "a"))
-    changes = f.on_record("d", rec_for("d", "b"))
+    f.on_status("a", ONLINE, T)
+    f.on_status("b", ONLINE, T)
+    f.on_record("hq/d", rec_for("d", "a"), T)
+    changes = f.on_record("hq/d", rec_for("d", "b"), T)
     assert [(c.origin, c.device is None) for c in changes] == [("a", True), ("b", False)]
+
+
+def test_a_replayed_identical_record_changes_nothing() -> None:
+    f = Federation("me")
+    f.on_status("a", ONLINE, T)
+    assert len(f.on_record("hq/d", rec_for("d", "a"), T)) == 1
+    assert f.on_record("hq/d", rec_for("d", "a"), T + 1) == []
 
 
 def test_resync_forgets_what_the_broker_no_longer_holds() -> None:
     f = Federation("me")
-    f.on_status("a", ONLINE)
-    f.on_status("b", ONLINE)
-    f.on_record("d1", rec_for("d1", "a"))
-    f.on_record("d2", rec_for("d2", "a"))
-    f.on_record("d3", rec_for("d3", "b"))
+    f.on_status("a", ONLINE, T)
+    f.on_status("b", ONLINE, T)
+    f.on_record("hq/d1", rec_for("d1", "a"), T)
+    f.on_record("hq/d2", rec_for("d2", "a"), T)
+    f.on_record("hq/d3", rec_for("d3", "b"), T)
     f.begin_resync()
-    f.on_status("a", ONLINE)
-    f.on_record("d1", rec_for("d1", "a"))
-    changes = f.end_resync()
+    f.on_status("a", ONLINE, T)
+    f.on_record("hq/d1", rec_for("d1", "a"), T)
+    changes = f.end_resync(T)
     assert sorted(c.device_id for c in changes) == ["d2", "d3"]
     assert {d.id for d in f.served()} == {"d1"}
 
 
 def test_federation_is_bounded_and_counts_refusals() -> None:
     f = Federation("me", max_devices=2)
-    f.on_record("d1", rec_for("d1", "a"))
-    f.on_record("d2", rec_for("d2", "a"))
+    f.on_record("hq/d1", rec_for("d1", "a"), T)
+    f.on_record("hq/d2", rec_for("d2", "a"), T)
     with pytest.raises(RecordError, match="more than 2"):
-        f.on_record("d3", rec_for("d3", "a"))
+        f.on_record("hq/d3", rec_for("d3", "a"), T)
     with pytest.raises(RecordError):
-        f.on_record("d4", b"junk")
+        f.on_record("hq/d4", b"junk", T)
     assert f.refused == 2
-    f.on_record("d1", rec_for("d1", "a"))  # an update of a known record still passes
-    assert f.on_status("a", b"something else") == []
+    f.on_record("hq/d1", rec_for("d1", "a"), T)  # an update of a known record still passes
+    assert f.on_status("a", b"something else", T) == []
 
 
 def test_config_names_each_bad_mqtt_key() -> None:

@@ -53,15 +53,20 @@ async def read_request(reader: asyncio.StreamReader) -> bytes:
 @pytest.fixture
 async def server() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     servers: list[asyncio.Server] = []
+    handlers: set[asyncio.Task[None]] = set()
 
     async def start(handler: Handler) -> int:
         async def wrapped(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)
             try:
                 await handler(r, w)
             except (OSError, asyncio.IncompleteReadError):
                 pass
             finally:
                 w.close()
+                handlers.discard(task)
 
         s = await asyncio.start_server(wrapped, "127.0.0.1", 0)
         servers.append(s)
@@ -71,6 +76,25 @@ async def server() -> AsyncIterator[Callable[[Handler], Awaitable[int]]]:
     for s in servers:
         s.close()
         await s.wait_closed()
+    # A handler still talking to a poller that gave up (a slow drip) ends with the test.
+    for task in list(handlers):
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def aservice(tmp_path: Path) -> Service:
+    """Build the service in a worker thread: loading the demo campus would block the loop."""
+    return await asyncio.to_thread(service, tmp_path)
 
 
 def service(tmp_path: Path) -> Service:
@@ -83,7 +107,7 @@ def service(tmp_path: Path) -> Service:
 
 
 async def poll_once(tmp_path: Path, uri: str, **cfg: object) -> Device:
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     kind = DeviceKind.SCANNER if uri.startswith("http") else DeviceKind.PRINTER
     svc.upsert_device(Device("d", kind, "D", uri, source="mdns"), time.time())
     poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, **{"timeout": 2.0, **cfg}))  # type: ignore[arg-type]
@@ -185,9 +209,10 @@ async def test_a_slow_drip_is_cut_at_the_timeout(server, tmp_path: Path) -> None
             await asyncio.sleep(0.1)
 
     port = await server(handler)
-    t0 = time.monotonic()
-    dev = await poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print", timeout=0.5)
-    assert time.monotonic() - t0 < 1.5
+    # The drip lasts 10 s; the poll gives up at its 0.5 s timeout (a generous deadline here).
+    dev = await asyncio.wait_for(
+        poll_once(tmp_path, f"ipp://127.0.0.1:{port}/ipp/print", timeout=0.5), 8.0
+    )
     assert dev.state_reasons == ("timeout",)
 
 
@@ -211,18 +236,21 @@ async def test_escl_status_over_http(server, tmp_path: Path) -> None:  # type: i
 
 
 async def test_refused_and_backoff_schedule(tmp_path: Path) -> None:
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
+    clock = Clock()
     poller = Poller(
-        svc, PollerConfig(enabled=True, poll_this_host=True, interval=1.0, max_backoff=8.0), rand=lambda: 0.5
+        svc,
+        PollerConfig(enabled=True, poll_this_host=True, interval=1.0, max_backoff=8.0),
+        clock=clock,
+        rand=lambda: 0.5,
     )
     await poller.start()
     try:
         for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
             await poller.poll_all()
-            due = poller._due["d"] - time.monotonic()
-            assert expected - 0.2 < due <= expected, (expected, due)
+            assert poller._due["d"] - clock.now == expected
     finally:
         await poller.stop()
     rec = svc.table.get("d")
@@ -247,40 +275,45 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
 
 
 async def test_stopping_wakes_a_poll_blocked_in_its_socket(server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    closed = asyncio.Event()
+    asked, closed = asyncio.Event(), asyncio.Event()
 
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         await read_request(r)
+        asked.set()
         await r.read()  # never answers; returns when the poller's side goes away
         closed.set()
 
     port = await server(handler)
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     uri = f"ipp://127.0.0.1:{port}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), time.time())
     poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=30.0))
     await poller.start()
     task = asyncio.ensure_future(poller.poll_all())
-    await asyncio.sleep(0.5)
-    t0 = time.monotonic()
+    await asyncio.wait_for(asked.wait(), 10.0)
     await poller.stop()
     task.cancel()
-    await asyncio.wait_for(closed.wait(), 2.0)
-    assert time.monotonic() - t0 < 2.0
+    # The poll would wait 30 s for its answer; stopping closes its socket long before.
+    await asyncio.wait_for(closed.wait(), 10.0)
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path) -> None:
-    svc = service(tmp_path)
+    svc = await aservice(tmp_path)
     uri = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     svc.upsert_device(Device("d", DeviceKind.PRINTER, "D", uri, source="mdns"), 1000.0)
+    clock = Clock()
     poller = Poller(
-        svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0, max_backoff=300.0), rand=lambda: 0.5
+        svc,
+        PollerConfig(enabled=True, poll_this_host=True, interval=30.0, max_backoff=300.0),
+        clock=clock,
+        rand=lambda: 0.5,
     )
     await poller.start()
     try:
         await poller.poll_all()
         await poller.poll_all()
-        now = time.monotonic()
+        now = clock.now
         assert poller._due["d"] - now > 50  # backing off: two failures, 60 s
         poller._heard_again(now)
         assert poller._due["d"] > now + 50  # not heard since: nothing changes
@@ -289,7 +322,7 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
         assert poller._due["d"] == now
         await poller.poll_all()  # still refused
         svc.table.touch("d", 1002.0)
-        later = time.monotonic()
+        clock.now = later = now + 1.0
         poller._heard_again(later)
         assert poller._due["d"] > later + 50  # once per failure streak
     finally:
@@ -297,11 +330,12 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
 
 
 async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
-    svc = service(tmp_path)
-    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), rand=lambda: 0.99)
+    svc = await aservice(tmp_path)
+    clock = Clock()
+    poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0), clock=clock, rand=lambda: 0.99)
     await poller.start()
     try:
-        now = time.monotonic()
+        now = clock.now
         svc.upsert_device(Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/"), 0.0)
         poller.sync_targets(now)
         assert poller._due["a"] > now + 25  # at start: spread over the interval
@@ -352,9 +386,10 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
         listener.settimeout(5)
         while not conns and time.monotonic() < deadline:
             conns.append(listener.accept()[0])  # the poll is now waiting for a reply
+        # SIGTERM to exit within 5 s is a documented guarantee, not a speed figure.
         t0 = time.monotonic()
         assert daemon.stop() == 0
-        assert time.monotonic() - t0 < 3.0
+        assert time.monotonic() - t0 < 5.0
     finally:
         daemon.kill()
         listener.close()

@@ -107,7 +107,8 @@ def test_spike_watch_fires_once_per_window() -> None:
         ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
         ("2001:DB8:1:2::ffff", "2001:db8:1:2::/64"),  # one /64 however it is written
         ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
-        ("fe80::1%eth0", "fe80::/64"),
+        ("fe80::1%eth0", "fe80::1"),  # a link's hosts all share fe80::/64
+        ("fe80::2", "fe80::2"),
         ("::1", "::/64"),
         ("not-an-address", "not-an-address"),
     ],

@@ -229,6 +229,7 @@ def v6_lan() -> Iterator[Lan]:
         lan.down()
 
 
+@pytest.mark.lan
 def test_ipv6_rate_limit_counts_one_64_as_one_client(tmp_path: Path, v6_lan: Lan) -> None:
     rate, burst = 20.0, 40
     cfg = write_config(
@@ -283,4 +284,52 @@ def test_ipv6_rate_limit_counts_one_64_as_one_client(tmp_path: Path, v6_lan: Lan
         for s in [*clients, bystander]:
             s.close()
     finally:
+        d.stop()
+
+
+def test_open_file_limit_is_raised_to_cover_the_connection_cap(tmp_path: Path) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        skip_or_fail(f"needs a hard open-file limit of 2048, it is {hard}")
+    cfg = write_config(tmp_path, {"daemon": {"max_connections": 1024}})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # the daemon inherits 256
+    try:
+        d = DaemonProcess(cfg)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        d.wait_ready()
+        limits = Path(f"/proc/{d.proc.pid}/limits").read_text()
+        line = next(ln for ln in limits.splitlines() if ln.startswith("Max open files"))
+        assert int(line.split()[3]) >= 1024 + 16 + 256, line
+    finally:
+        d.stop()
+
+
+def test_a_reload_changes_the_share_per_source(tmp_path: Path) -> None:
+    sections = {"daemon": {"trusted_peers": [f"{TRUSTED}/32"], "max_connections_per_source": 2}}
+    cfg = write_config(tmp_path, sections)
+    d = DaemonProcess(cfg).wait_ready()
+    url = tcp_url(cfg)
+    held: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            held.append(connect(url, HOG))
+            held[-1].sendall(PING)
+            assert (read_frame(held[-1]) or {}).get("ok")
+        third = connect(url, HOG)
+        assert (read_frame(third) or {}).get("error", {}).get("code") == "unavailable"
+        third.close()
+        text = cfg.read_text().replace(
+            "max_connections_per_source = 2", "max_connections_per_source = 3"
+        )
+        cfg.write_text(text)
+        with Client(f"unix://{d.admin}", timeout=10) as c:
+            assert c.request({"op": "reload"})["ok"]
+        held.append(connect(url, HOG))
+        held[-1].sendall(PING)
+        assert (read_frame(held[-1]) or {}).get("ok")
+    finally:
+        for s in held:
+            s.close()
         d.stop()

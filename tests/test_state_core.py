@@ -19,6 +19,7 @@ from nearestd.core.state import (
     next_delay,
     overlay,
     parse_geo_uri,
+    poll_target,
     printer_live,
     scanner_live,
     unreachable,
@@ -407,3 +408,18 @@ def test_backoff_schedule() -> None:
 def test_backoff_is_bounded(failures: int, interval: float, cap: float, rand: float) -> None:
     d = next_delay(failures, interval, cap, rand, jitter=0.1)
     assert 0.9 * interval - 1e-9 <= d <= 1.1 * max(cap, interval) + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("source", "is_queue", "polled"),
+    [("mdns", False, True), ("static", False, True), ("mqtt", False, False), ("cups", True, False)],
+)
+def test_only_devices_this_daemon_can_reach_are_polled(
+    source: str, is_queue: bool, polled: bool
+) -> None:
+    # Another instance's device is polled by its origin, which publishes the state.
+    dev = Device(
+        id="p", kind=DeviceKind.PRINTER, name="P", uri="ipp://198.18.1.2/ipp/print",
+        source=source, is_queue=is_queue,
+    )  # fmt: skip
+    assert (poll_target(dev) is not None) is polled

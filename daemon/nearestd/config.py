@@ -146,6 +146,20 @@ class MqttConfig:
     rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
     burst: int = _doc("Token-bucket burst per asker.", 200)
     max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
+    foreign_grace: Duration = _doc(
+        "How long other instances' devices stay served, marked stale, after their origin goes "
+        "offline or the link to it (this daemon's broker, or a bridge) goes down.",
+        Duration(60.0),
+    )
+    heartbeat: Duration = _doc(
+        "With federate: how often to publish a heartbeat on P/alive/<instance>; an origin "
+        "silent for three of its intervals counts as cut off. 0s: none.",
+        Duration(5.0),
+    )
+    max_foreign: int = _doc("Most devices of other instances held, over all sites.", 10000)
+    max_foreign_per_site: int = _doc(
+        "Most devices of other instances held per site this daemon serves.", 2000
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +438,16 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"burst: expected 1 to 1000000, got {m.burst}")
     if not 16 <= m.max_queued <= 1_000_000:
         out.append(f"max_queued: expected 16 to 1000000 requests, got {m.max_queued}")
+    if not 0 <= m.foreign_grace <= 86400:
+        out.append(f"foreign_grace: expected 0s to 24h, got {float(m.foreign_grace):g} seconds")
+    if float(m.heartbeat) != 0.0 and not 0.1 <= m.heartbeat <= 3600:
+        out.append(
+            f"heartbeat: expected 0s (none) or 0.1s to 1h, got {float(m.heartbeat):g} seconds"
+        )
+    if not 1 <= m.max_foreign <= 1_000_000:
+        out.append(f"max_foreign: expected 1 to 1000000, got {m.max_foreign}")
+    if not 1 <= m.max_foreign_per_site <= 1_000_000:
+        out.append(f"max_foreign_per_site: expected 1 to 1000000, got {m.max_foreign_per_site}")
     if m.password_file and not m.username:
         out.append("password_file: set, but username is empty")
     return out

@@ -247,13 +247,21 @@ class MqttAdapter:
         self.query_topic = f"{self.prefix}/query"
         self.direct_topic = f"{self.prefix}/query/{self.instance}"
         self.devices_prefix = f"{self.prefix}/devices/"
+        self.bridge_prefix = f"{self.prefix}/bridge/"
+        self.alive_prefix = f"{self.prefix}/alive/"
+        self.alive_topic = f"{self.prefix}/alive/{self.instance}"
         self.status_prefix = f"{self.prefix}/status/"
         self.status_topic = f"{self.prefix}/status/{self.instance}"
         # Decode, answer and encode time, in the same histogram family as the sockets.
         self.latency = service.stats.latency.for_interface("mqtt")
         self.sync_topic = f"{self.prefix}/sync/{self.instance}"
         self.peer = Peer("mqtt", None, trusted=True, anonymous=True)
-        self.federation = Federation(self.instance) if cfg.federate else None
+        self.federation = (
+            Federation(self.instance, cfg.max_foreign, float(cfg.foreign_grace))
+            if cfg.federate
+            else None
+        )
+        self._expiry: asyncio.Task[None] | None = None
         self.inventory = Inventory()
         self.counters = Counters()
         self._client: aiomqtt.Client | None = None
@@ -265,23 +273,32 @@ class MqttAdapter:
         self._state: tuple[str, str] = ("", "")
         self._syncing = False
         self._synced = asyncio.Event()
-        self._own_retained: set[str] = set()
+        self._own_retained: dict[str, bytes] = {}
         self._generation = -1
         self._refused_logged: set[str] = set()
         # Tells our own ``online`` from another process's on the same status topic.
         self.session = secrets.token_hex(8)
         self._rival_session: str | None = None
         self._rival = False
+        # Built once, in a worker thread: loading the CA store takes about 0.2 s.
+        self._tls: ssl.SSLContext | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def start(self) -> None:
         """Start the connection task; the broker need not be up."""
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name="mqtt")
+        if self.federation is not None:
+            self._expiry = asyncio.create_task(self._expire(), name="mqtt-expiry")
 
     async def stop(self) -> None:
         """Publish ``offline``, disconnect cleanly and stop."""
         self._stopping.set()
+        expiry, self._expiry = self._expiry, None
+        if expiry is not None:
+            expiry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await expiry
         task, self._task = self._task, None
         if task is None:
             return
@@ -308,6 +325,11 @@ class MqttAdapter:
             "records_cleared": c.records_cleared,
             "federated_devices": len(self.federation.served()) if self.federation else 0,
             "federated_refused": self.federation.refused if self.federation else 0,
+            "federated_stale": self.federation.stale_count() if self.federation else 0,
+            "origins_silent": len(self.federation.silent) if self.federation else 0,
+            "federated_expired": self.federation.expired if self.federation else 0,
+            "federated_other_site": self.federation.other_site if self.federation else 0,
+            "federated_legacy_records": self.federation.legacy if self.federation else 0,
             "federation_conflicts": c.conflicts,
             "origins_online": len(self.federation.origins_online()) if self.federation else 0,
             "internal_errors": c.internal_errors,
@@ -361,6 +383,8 @@ class MqttAdapter:
             finally:
                 self.counters.connected = False
                 self._client = None
+                if self.federation is not None:
+                    self._apply(self.federation.link_down("broker", self.clock()))
             if self._stopping.is_set():
                 break
             # A rival daemon with our client id kicks us off as soon as we are connected: then
@@ -409,7 +433,7 @@ class MqttAdapter:
             clean_start=True,
             keepalive=self.cfg.keepalive,
             timeout=CONNECT_TIMEOUT,
-            tls_context=self._tls_context(),
+            tls_context=self._tls,
             # Without it a QoS 1 exchange stalls on Nagle + delayed ACK (about 40 ms).
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_queued_incoming_messages=MAX_QUEUED,
@@ -451,6 +475,8 @@ class MqttAdapter:
         return reply_to if isinstance(reply_to, str) else ""
 
     async def _session(self) -> None:
+        if self.tls and self._tls is None:
+            self._tls = await asyncio.to_thread(self._tls_context)
         client = self._new_client()
         async with client:
             self._client = client
@@ -496,39 +522,48 @@ class MqttAdapter:
         """Subscribe, sweep our stale records, republish the inventory, then say online."""
         self._syncing = True
         self._synced.clear()
-        self._own_retained = set()
+        self._own_retained = {}
         self._rival_session = None
+        sites = self._interest()
         if self.federation is not None:
+            self.federation.sites = sites
+            self.federation.max_devices = self._foreign_cap(sites)
             self.federation.begin_resync()
         query = f"$share/{SHARE_GROUP}/{self.query_topic}" if self.federation else self.query_topic
         opts = SubscribeOptions(qos=1)
+        # Our own sites' records only (and the legacy one-level layout, for one version):
+        # a daemon, and the bridge in front of it, carry no other site's inventory.
+        devices = fed.interest(self.prefix, sites)
         topics: list[tuple[str, SubscribeOptions]] = [
             (self.sync_topic, opts),
-            (f"{self.devices_prefix}+", opts),
+            *((t, opts) for t in devices),
             (query, opts),
             (self.direct_topic, opts),
         ]
         # Our own status too: finding another process's ``online`` there reveals a rival.
         status = f"{self.status_prefix}+" if self.federation else self.status_topic
         topics.append((status, opts))
+        if self.federation is not None:
+            topics.append((f"{self.bridge_prefix}+", opts))
+            topics.append((f"{self.alive_prefix}+", SubscribeOptions(qos=0)))
         await client.subscribe(topics, timeout=PUBLISH_TIMEOUT)
         await client.publish(self.sync_topic, b"sync", qos=1, timeout=PUBLISH_TIMEOUT)
         with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
             await asyncio.wait_for(self._synced.wait(), SYNC_TIMEOUT)
         self._syncing = False
         if self.federation is not None:
-            self._apply(self.federation.end_resync())
+            now = self.clock()
+            self._apply(self.federation.end_resync(now))
+            self._apply(self.federation.link_up("broker", now))
         else:
             await client.unsubscribe(
-                [f"{self.devices_prefix}+", self.sync_topic, self.status_topic],
-                timeout=PUBLISH_TIMEOUT,
+                [*devices, self.sync_topic, self.status_topic], timeout=PUBLISH_TIMEOUT
             )
         self._drop_unconfirmed()
-        self.inventory = Inventory()
+        # What the broker still holds from us counts as published: only changes go out, so a
+        # reconnection sends no burst across a bridge, and records of devices gone are cleared.
+        self.inventory = Inventory(published=dict(self._own_retained))
         self._generation = self.service.table.generation
-        keep = {fed.device_topic_id(r.device.id) for r in self._public_records()}
-        stale = sorted(self._own_retained - keep)
-        await self._publish_records(client, [], stale)
         await self._publish_inventory(client)
         if self._rival_session is not None and not self._rival:
             self._rival = True
@@ -544,6 +579,27 @@ class MqttAdapter:
         online.UserProperty = [("session", self.session)]
         await client.publish(self.status_topic, fed.ONLINE, qos=1, retain=True, properties=online)
 
+    def _interest(self) -> frozenset[str]:
+        """Return the sites whose records this daemon needs: those of its site maps.
+
+        A foreign device can be placed, and so answered, only on a site whose map this
+        daemon has; with ``allow_other_sites`` the operator gives it the neighbours' maps.
+        """
+        return frozenset(self.service.sitemap.projections)
+
+    def _foreign_cap(self, sites: frozenset[str]) -> int:
+        """Return the cap on foreign devices: per site served, never above the overall cap."""
+        return min(self.cfg.max_foreign, self.cfg.max_foreign_per_site * max(1, len(sites)))
+
+    async def _expire(self) -> None:
+        """Drop foreign devices stale for longer than the grace, whether connected or not."""
+        assert self.federation is not None
+        while True:
+            wake = self.federation.next_wakeup()
+            delay = 1.0 if wake is None else min(1.0, max(0.05, wake - self.clock()))
+            await asyncio.sleep(delay)
+            self._apply(self.federation.tick(self.clock()))
+
     def _public_records(self) -> list[Record]:
         svc = self.service
         return [
@@ -551,7 +607,14 @@ class MqttAdapter:
         ]
 
     async def _keep_inventory(self, client: aiomqtt.Client) -> None:
+        beat = float(self.cfg.heartbeat)
+        payload = f"{beat:g}".encode()
+        next_beat = 0.0
         while True:
+            if beat > 0 and time.monotonic() >= next_beat:
+                # Lets the others tell a silent path from a quiet one (docs/sites.md).
+                next_beat = time.monotonic() + beat
+                await client.publish(self.alive_topic, payload, qos=0)
             await asyncio.sleep(INVENTORY_PERIOD)
             self.askers.prune(self.clock())
             gen = self.service.table.generation
@@ -604,12 +667,18 @@ class MqttAdapter:
                         await self._reply(client, out, min(message.qos, 1))
                 elif topic.startswith(self.devices_prefix):
                     self._on_record(topic[len(self.devices_prefix) :], payload)
+                elif topic.startswith(self.alive_prefix):
+                    if self.federation is not None:
+                        origin = topic[len(self.alive_prefix) :]
+                        self._apply(self.federation.on_heartbeat(origin, payload, self.clock()))
+                elif topic.startswith(self.bridge_prefix):
+                    self._on_bridge(topic[len(self.bridge_prefix) :], payload)
                 elif topic == self.status_topic:
                     self._on_own_status(message)
                 elif topic.startswith(self.status_prefix):
                     if self.federation is not None:
                         origin = topic[len(self.status_prefix) :]
-                        self._apply(self.federation.on_status(origin, payload))
+                        self._apply(self.federation.on_status(origin, payload, self.clock()))
                 elif topic == self.sync_topic:
                     self._synced.set()
             except BrokerError:
@@ -712,13 +781,25 @@ class MqttAdapter:
         if session != self.session:
             self._rival_session = str(session)
 
+    def _on_bridge(self, link: str, payload: bytes) -> None:
+        """A bridge's notification: ``1`` the link to the hub is up, ``0`` it is down."""
+        if self.federation is None or not link or payload not in (b"0", b"1"):
+            return
+        now = self.clock()
+        name = f"bridge:{link}"
+        if payload == b"0":
+            LOG.warning("mqtt bridge down; foreign devices are stale", extra={"bridge": link[:64]})
+            self._apply(self.federation.link_down(name, now))
+        else:
+            self._apply(self.federation.link_up(name, now))
+
     def _on_record(self, level: str, payload: bytes) -> None:
         if self._syncing and payload and self._is_own(payload):
-            self._own_retained.add(level)
+            self._own_retained[level] = payload
         if self.federation is None:
             return
         try:
-            changes = self.federation.on_record(level, payload)
+            changes = self.federation.on_record(level, payload, self.clock())
         except RecordError as exc:
             self.counters.federated_refused += 1
             if level not in self._refused_logged and len(self._refused_logged) < 1000:

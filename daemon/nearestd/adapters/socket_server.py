@@ -16,6 +16,7 @@ import contextlib
 import grp
 import logging
 import os
+import resource
 import socket
 import stat
 from collections import deque
@@ -38,6 +39,8 @@ _encode = FrameEncoder().encode
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
 ACCEPT_BURST = 128
+# Descriptors beyond the connection caps: listening sockets, mDNS, the broker, files.
+FD_MARGIN = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +334,7 @@ class SocketServers:
         self.conns = Connections(limits, clock)
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[Path] = []
+        _ensure_fd_room(limits.max_connections + ADMIN_MAX_CONNECTIONS + FD_MARGIN)
         self.allow = NetSet(service.cfg.daemon.allow)
         self.trusted = NetSet(service.cfg.daemon.trusted_peers)
         service.extra_stats["connections"] = self.connections_view
@@ -430,6 +434,27 @@ class SocketServers:
             await asyncio.sleep(0.02)
         for conn in list(self.conns.open):
             conn.abort("shutdown")
+
+
+def _ensure_fd_room(wanted: int) -> None:
+    """Raise the soft open-file limit so the connection caps, not EMFILE, refuse clients.
+
+    Out of descriptors, accept() fails for every socket alike, the Unix and admin sockets
+    too, and the reserve for trusted clients would mean nothing.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        LOG.warning(
+            "the open-file limit is below max_connections plus a margin; "
+            "connections beyond it fail for every client alike",
+            extra={"limit": target, "wanted": wanted},
+        )
 
 
 def _refusal(why: str) -> bytes:

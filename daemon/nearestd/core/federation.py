@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import quote, unquote
 
@@ -37,6 +37,10 @@ MAX_URI = 1024
 MAX_REASONS = 16
 MAX_FOREIGN = 10000
 MAX_RECORD = 64 * 1024
+UNLOCATED = "_"
+# An origin whose heartbeats stop for this many of its own intervals is treated as cut off.
+SILENCE_FACTOR = 3.0
+MIN_HEARTBEAT, MAX_HEARTBEAT = 0.1, 3600.0
 URI_SCHEMES = ("ipp://", "ipps://", "http://", "https://", "socket://", "lpd://")
 _SAFE = "-._~"
 _TOPIC_WORD = re.compile(r"^[^/+#\x00]{1,128}$")
@@ -149,7 +153,8 @@ class Inventory:
             if hit is not None and hit[0] is rec:
                 level, payload = hit[1], hit[2]
             else:
-                level = device_topic_id(rec.device.id)
+                site = rec.placement.site if rec.placement is not None else None
+                level = record_topic(site, rec.device.id)
                 payload = encode_record(device_record(rec, instance))
             cache[rec.device.id] = (rec, level, payload)
             want[level] = payload
@@ -286,91 +291,256 @@ class Change:
     device: Device | None = None
 
 
+def site_level(site: str | None) -> str:
+    """Return a site as one topic level: ``_`` for no site, else percent-encoded (``_`` too)."""
+    if site is None:
+        return UNLOCATED
+    # quote() never escapes "_": escape it by hand, so no site's level is the unlocated "_".
+    return quote(site, safe="-.~").replace("_", "%5F")
+
+
+def record_topic(site: str | None, device_id: str) -> str:
+    """Return a device record's topic below ``P/devices/``: ``<site>/<device id>``."""
+    return f"{site_level(site)}/{device_topic_id(device_id)}"
+
+
+def split_key(key: str) -> tuple[str | None, str]:
+    """Return (site level or None for the one-level legacy layout, device id level)."""
+    site, sep, rest = key.partition("/")
+    if not sep:
+        return None, key
+    return site, rest
+
+
+def interest(prefix: str, sites: Iterable[str] | None) -> list[str]:
+    """Return the device-record subscriptions for a daemon serving ``sites`` (None: all).
+
+    The one-level legacy layout ``P/devices/<id>`` is read for one version, whatever the sites.
+    """
+    base = f"{prefix}/devices/"
+    if sites is None:
+        return [f"{base}+/+", f"{base}+"]
+    return [f"{base}{site_level(s)}/+" for s in sorted(set(sites))] + [
+        f"{base}{UNLOCATED}/+",
+        f"{base}+",
+    ]
+
+
 @dataclass(slots=True)
 class Federation:
-    """The foreign records seen, their origins' status, and which of them are served."""
+    """The foreign records seen, their origins' status, and which of them are served.
+
+    Theory of operation. A record is served while its origin's status is ``online`` and
+    every link to the broker (the daemon's own connection and any bridge that reports its
+    state) is up. When the origin goes offline or a link goes down, its devices stay served,
+    marked stale, for ``grace`` seconds, then leave the table; the records themselves are
+    kept, so a link or an origin that comes back brings them back without a replay. An
+    origin that sends heartbeats and then falls silent for ``SILENCE_FACTOR`` of its own
+    interval counts as cut off too: that catches a path that fails without any broker
+    saying so (a bridge that reconnects without a notification, a partitioned cluster).
+    ``shown`` mirrors what the table holds (key -> stale?), so every event yields only the
+    table changes it causes.
+    """
 
     instance: str
     max_devices: int = MAX_FOREIGN
+    grace: float = 0.0
+    sites: frozenset[str] | None = None
     records: dict[str, Device] = field(default_factory=dict)
     status: dict[str, bool] = field(default_factory=dict)
+    offline_since: dict[str, float] = field(default_factory=dict)
+    down: dict[str, float] = field(default_factory=dict)
+    shown: dict[str, bool] = field(default_factory=dict)
+    heard: dict[str, tuple[float, float]] = field(default_factory=dict)
+    silent: set[str] = field(default_factory=set)
     refused: int = 0
+    legacy: int = 0
+    other_site: int = 0
+    expired: int = 0
+    _deadline: float | None = None
     _unconfirmed: set[str] = field(default_factory=set)
     _unconfirmed_status: set[str] = field(default_factory=set)
 
-    def _served(self, device: Device) -> bool:
-        return self.status.get(device.origin or "", False)
+    # ---- what is served -----------------------------------------------------------------
+    def _want(self, device: Device, now: float) -> bool | None:
+        """Return None if not served, else whether it is served stale."""
+        origin = device.origin or ""
+        since: float | None = None
+        if not self.status.get(origin, False):
+            since = self.offline_since.get(origin)
+            if since is None:
+                return None
+        elif origin in self.silent:
+            at, limit = self.heard[origin]
+            since = at + limit
+        if self.down:
+            first = min(self.down.values())
+            since = first if since is None else min(since, first)
+        if since is None:
+            return False
+        if now - since < self.grace:
+            end = since + self.grace
+            self._deadline = end if self._deadline is None else min(self._deadline, end)
+            return True
+        return None
 
-    def on_record(self, topic_level: str, payload: bytes) -> list[Change]:
-        """Take a (retained) record or its clearing; return the table changes it causes."""
-        self._unconfirmed.discard(topic_level)
-        old = self.records.get(topic_level)
-        if not payload:
-            if old is None:
+    def _sync(self, key: str, now: float, changed: bool = False) -> list[Change]:
+        device = self.records[key]
+        want = self._want(device, now)
+        had = self.shown.get(key)
+        if want is None:
+            if had is None:
                 return []
-            del self.records[topic_level]
-            return [Change(old.id, old.origin or "")] if self._served(old) else []
+            del self.shown[key]
+            return [Change(device.id, device.origin or "")]
+        if had == want and not changed:
+            return []
+        self.shown[key] = want
+        shown = replace(device, stale=True) if want else device
+        return [Change(device.id, device.origin or "", shown)]
+
+    def _sync_all(self, now: float, origin: str | None = None) -> list[Change]:
+        self._deadline = None
+        changes: list[Change] = []
+        for key in list(self.records):
+            device = self.records[key]
+            if origin is None or device.origin == origin:
+                changes += self._sync(key, now)
+            elif self.shown.get(key):
+                self._want(device, now)  # keeps the deadline of the other stale ones
+        return changes
+
+    # ---- events ---------------------------------------------------------------------------
+    def on_record(self, key: str, payload: bytes, now: float) -> list[Change]:
+        """Take a (retained) record or its clearing; return the table changes it causes."""
+        self._unconfirmed.discard(key)
+        site, id_level = split_key(key)
+        old = self.records.get(key)
+        if not payload:
+            return self._forget(key)
         try:
-            device = parse_record(payload, topic_level)
+            device = parse_record(payload, id_level)
+            placed = device.origin_placement[0] if device.origin_placement else None
+            if site is not None and site != site_level(placed):
+                raise RecordError("placement.site: does not match the record's topic")
         except RecordError:
             self.refused += 1
             raise
+        if site is None:
+            self.legacy += 1
         if device.origin == self.instance:
             # Our own record (or one from our previous life): never foreign.
-            if old is not None:
-                del self.records[topic_level]
-                return [Change(old.id, old.origin or "")] if self._served(old) else []
-            return []
+            return self._forget(key)
+        if self.sites is not None and placed is not None and placed not in self.sites:
+            self.other_site += 1
+            return self._forget(key)
         if old is None and len(self.records) >= self.max_devices:
             self.refused += 1
             raise RecordError(f"more than {self.max_devices} federated devices")
-        self.records[topic_level] = device
-        changes = []
-        if old is not None and old.origin != device.origin and self._served(old):
-            changes.append(Change(old.id, old.origin or ""))
-        if self._served(device):
-            changes.append(Change(device.id, device.origin or "", device))
-        return changes
+        changes: list[Change] = []
+        if old is not None and old.origin != device.origin and key in self.shown:
+            changes += self._forget(key)
+        self.records[key] = device
+        return changes + self._sync(key, now, changed=old != device)
 
-    def on_status(self, origin: str, payload: bytes) -> list[Change]:
-        """Take an origin's status; its devices are served only while it is online."""
+    def _forget(self, key: str) -> list[Change]:
+        old = self.records.pop(key, None)
+        if old is None or key not in self.shown:
+            return []
+        del self.shown[key]
+        return [Change(old.id, old.origin or "")]
+
+    def on_status(self, origin: str, payload: bytes, now: float) -> list[Change]:
+        """Take an origin's status; its devices are served while it is online, then for grace."""
         self._unconfirmed_status.discard(origin)
-        if origin == self.instance:
+        if origin == self.instance or payload not in (ONLINE, OFFLINE, b""):
             return []
         online = payload == ONLINE
-        if payload not in (ONLINE, OFFLINE, b""):
-            return []
         was = self.status.get(origin, False)
         if online:
             self.status[origin] = True
+            self.offline_since.pop(origin, None)
         else:
             self.status.pop(origin, None)
+            if was:
+                self.offline_since[origin] = now
         if was == online:
             return []
-        mine = [d for d in self.records.values() if d.origin == origin]
-        if online:
-            return [Change(d.id, origin, d) for d in mine]
-        return [Change(d.id, origin) for d in mine]
+        return self._sync_all(now, origin)
+
+    def on_heartbeat(self, origin: str, payload: bytes, now: float) -> list[Change]:
+        """Take an origin's heartbeat (its interval in seconds, as text); a silent one revives."""
+        if origin == self.instance:
+            return []
+        try:
+            interval = float(payload.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return []
+        if not MIN_HEARTBEAT <= interval <= MAX_HEARTBEAT:
+            return []
+        self.heard[origin] = (now, SILENCE_FACTOR * interval)
+        if origin in self.silent:
+            self.silent.discard(origin)
+            return self._sync_all(now, origin)
+        return []
+
+    def link_down(self, link: str, now: float) -> list[Change]:
+        """A link to the origins went down (the broker, or a bridge): their devices turn stale."""
+        if link in self.down:
+            return []
+        self.down[link] = now
+        return self._sync_all(now)
+
+    def link_up(self, link: str, now: float) -> list[Change]:
+        """A link came back: what it kept serves again, fresh."""
+        if self.down.pop(link, None) is None:
+            return []
+        return self._sync_all(now)
+
+    def tick(self, now: float) -> list[Change]:
+        """Mark origins that fell silent; drop what has been stale for longer than the grace."""
+        changes: list[Change] = []
+        for origin, (at, limit) in self.heard.items():
+            if origin not in self.silent and now >= at + limit:
+                self.silent.add(origin)
+                changes += self._sync_all(now, origin)
+        if self._deadline is None or now < self._deadline:
+            return changes
+        before = len(self.shown)
+        changes += self._sync_all(now)
+        self.expired += max(0, before - len(self.shown))
+        return changes
+
+    def next_wakeup(self) -> float | None:
+        """Return when ``tick`` next has work, or None."""
+        times = [at + limit for o, (at, limit) in self.heard.items() if o not in self.silent]
+        if self._deadline is not None:
+            times.append(self._deadline)
+        return min(times, default=None)
 
     def begin_resync(self) -> None:
         """Start a reconnection: what the broker does not replay by ``end_resync`` is gone."""
         self._unconfirmed = set(self.records)
         self._unconfirmed_status = set(self.status)
 
-    def end_resync(self) -> list[Change]:
-        """Forget records and statuses cleared while we were away; return the removals."""
+    def end_resync(self, now: float) -> list[Change]:
+        """Forget records and statuses cleared while we were away; return the table changes."""
         origins, keys = self._unconfirmed_status, self._unconfirmed
         self._unconfirmed, self._unconfirmed_status = set(), set()
         changes: list[Change] = []
         for origin in sorted(origins):
-            changes += self.on_status(origin, OFFLINE)
+            changes += self.on_status(origin, OFFLINE, now)
         for key in sorted(keys):
-            changes += self.on_record(key, b"")
+            changes += self._forget(key)
         return changes
 
     def served(self) -> list[Device]:
-        """Return every foreign device that should be in the table now."""
-        return [d for d in self.records.values() if self._served(d)]
+        """Return every foreign device that the table holds now (fresh or stale)."""
+        return [self.records[k] for k in self.shown]
+
+    def stale_count(self) -> int:
+        """Return how many served foreign devices are stale."""
+        return sum(1 for stale in self.shown.values() if stale)
 
     def origins_online(self) -> list[str]:
         """Return the other instances currently online."""

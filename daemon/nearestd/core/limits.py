@@ -139,15 +139,19 @@ def source_key(ip: str) -> str:
 
     One IPv6 host is routinely given a whole /64 (SLAAC, privacy addresses), so it can
     ask from 2**64 addresses: counted per /128 it would have 2**64 rate buckets and
-    connection shares. Anything that is not an IPv6 address is returned unchanged.
+    connection shares. Link-local addresses are the exception: every host on a link
+    shares fe80::/64, so each of them counts by its own address. Anything that is not an
+    IPv6 address is returned unchanged.
     """
     if ":" not in ip:
         return ip
     try:
-        packed = ipaddress.IPv6Address(ip.split("%", 1)[0]).packed
+        addr = ipaddress.IPv6Address(ip.split("%", 1)[0])
     except ValueError:
         return ip
-    return f"{ipaddress.IPv6Address(packed[:8] + bytes(8))}/64"
+    if addr.is_link_local:
+        return str(addr)
+    return f"{ipaddress.IPv6Address(addr.packed[:8] + bytes(8))}/64"
 
 
 class ConnectionSlots:

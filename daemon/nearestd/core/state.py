@@ -351,9 +351,11 @@ def poll_target(device: Device) -> PollTarget | None:
 
     Printers: the first ipps URI among the device's own URI and its endpoints, else
     the first ipp URI (IPP's port 631 by default); scanners: the first https, else
-    http eSCL root, whose ``ScannerStatus`` is read. CUPS queues are not polled.
+    http eSCL root, whose ``ScannerStatus`` is read. CUPS queues are not polled, nor are
+    other instances' devices (their origin polls them, from their own segment, and
+    publishes the state; this daemon may have no route to them at all).
     """
-    if device.is_queue:
+    if device.is_queue or device.source == "mqtt":
         return None
     uris = [device.uri, *(e.uri for e in device.endpoints)]
     if device.source == "mdns":

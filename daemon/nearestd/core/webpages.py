@@ -63,7 +63,7 @@ def device_link(site: str, building: str, level: int) -> Callable[[str], str]:
     return lambda device_id: f"{base}?device={quote(device_id, safe='')}#panel"
 
 
-def page(title: str, body: str, events: str | None, version: str, lookup: str = "") -> str:
+def page(title: str, body: str, events: str | None, version: str, form: str = "") -> str:
     """Return a whole page around ``body``: header, navigation and the lookup box."""
     live = f' data-events="{attr(events)}" data-version="{attr(version)}"' if events else ""
     return (
@@ -74,7 +74,7 @@ def page(title: str, body: str, events: str | None, version: str, lookup: str = 
         '<script src="/static/live.js" defer></script></head>'
         f"<body{live}><header><nav>"
         '<a href="/">Sites</a> <a href="/devices">Unlocated and quarantined</a></nav>'
-        f"{lookup_form(lookup)}"
+        f"{form or lookup_form()}"
         '<span id="live" class="live" data-live="off">live: off</span></header>'
         f"<main>{body}</main></body></html>"
     )
@@ -336,8 +336,8 @@ def locate_page(
     """Return ``/locate``: the address's zone highlighted on its floor, the answers in order."""
     form = lookup_form(ip, kind, k)
     if zone is None:
-        body = f'<h1>Lookup</h1>{form}<p class="error" id="lookup-error">{text(error or "")}</p>'
-        return page("Lookup", body, None, version, lookup=ip)
+        body = f'<h1>Lookup</h1><p class="error" id="lookup-error">{text(error or "")}</p>'
+        return page("Lookup", body, None, version, form)
     rows = []
     for i, a in enumerate(answers, 1):
         d = a.record.device
@@ -368,7 +368,7 @@ def locate_page(
         link=device_link(zone.site, zone.building, zone.level),
     )
     body = (
-        f"<h1>Lookup: {text(ip)}</h1>{form}"
+        f"<h1>Lookup: {text(ip)}</h1>"
         f'<p id="lookup-where" data-zone="{attr(zone.id)}">{text(ip)} is in '
         f"<strong>{text(zone.name)}</strong> ({text(zone.id)}), {text(zone.site)} / "
         f"{text(zone.building)} / level {zone.level}. A {text(kind)} query would be answered, "
@@ -378,7 +378,7 @@ def locate_page(
         f'<div class="side">{legend_svg()}</div></div>'
     )
     events = "/events" + floor_url(zone.site, zone.building, zone.level)
-    return page(f"Lookup {ip}", body, events, version, lookup=ip)
+    return page(f"Lookup {ip}", body, events, version, form)
 
 
 def floor_regions(
