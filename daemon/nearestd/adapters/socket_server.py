@@ -26,14 +26,16 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-from nearest_wire import ErrorCode, FrameDecoder, FrameEncoder, FrameTooLarge, error_reply
+from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, error_reply
+from nearest_wire.fast import FastFrameEncoder
 from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
 from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
-# One encoder for every reply: the loop is single-threaded.
-_encode = FrameEncoder().encode
+# One encoder for every reply (the loop is single-threaded): msgspec's, the same bytes as
+# msgpack's Packer in half the time.
+_encode = FastFrameEncoder().encode
 # A connection's output budget: replies are answered while the bytes it has not read stay
 # under this; then it is neither answered nor read until it catches up.
 WRITE_HIGH = 256 * 1024
