@@ -199,19 +199,6 @@ def encode_frame(obj: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-class FrameEncoder:
-    """Encode maps as frames with one reused packer: for one thread (an event loop)."""
-
-    def __init__(self) -> None:
-        # A Packer resets itself after each call, and after a failure.
-        self._pack = msgpack.Packer(use_bin_type=True).pack
-
-    def encode(self, obj: dict[str, Any]) -> bytes:
-        """Return ``encode_frame(obj)``."""
-        body: bytes = self._pack(obj)
-        return HEADER.pack(len(body)) + body
-
-
 class FrameReader:
     """Frames out of a byte stream for a client: feed what arrives, take whole payloads."""
 

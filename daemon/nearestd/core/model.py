@@ -164,16 +164,6 @@ class Zone:
     representative_lonlat: tuple[float, float]
     source: str
 
-    def where(self) -> dict[str, Any]:
-        """Return the contract's ``where`` map."""
-        return {
-            "site": self.site,
-            "building": self.building,
-            "level": self.level,
-            "zone": self.id,
-            "zone_name": self.name,
-        }
-
 
 @dataclass(frozen=True, slots=True)
 class PlacedDevice:
