@@ -26,6 +26,7 @@ from nearest_wire.schema import (
     MAX_K,
     MAX_ZONE_LEN,
     NearestRequest,
+    Need,
     _nearest_request,
     check_ip,
 )
@@ -59,13 +60,8 @@ _decode = msgspec.msgpack.Decoder(_Nearest).decode
 _FLAGS = tuple(_FLAG_BITS.items())
 
 
-def fast_nearest(payload: bytes) -> NearestRequest | None:
-    """Return the ``nearest`` request a payload holds, or None: then ask ``parse_request``."""
-    try:
-        msg = _decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
-    need = msg.need
+def _need_value(need: _Need | None) -> Need:
+    """Return the shared Need that ``parse_request`` gives for this need map."""
     code = 0
     if need is not None:
         for flag, bit in _FLAGS:
@@ -75,13 +71,29 @@ def fast_nearest(payload: bytes) -> NearestRequest | None:
             code |= _PAPER_CODES[need.paper]
         if need.state == "any":
             code |= _ANY_STATE
+    return _NEEDS[code]
+
+
+# Every decoded need (a frozen Struct, so hashable) to its value: at most 2^4 x 7 x 3 keys.
+_need_values: dict[_Need | None, Need] = {}
+
+
+def fast_nearest(payload: bytes) -> NearestRequest | None:
+    """Return the ``nearest`` request a payload holds, or None: then ask ``parse_request``."""
+    try:
+        msg = _decode(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    need = _need_values.get(msg.need)
+    if need is None:
+        need = _need_values[msg.need] = _need_value(msg.need)
     client_ip = msg.client_ip
     if client_ip is not None:
         try:
             client_ip = check_ip(client_ip, "client_ip", msg.id)
         except WireError:
             return None
-    return _nearest_request(msg.id, msg.kind, msg.k, _NEEDS[code], client_ip, msg.zone)
+    return _nearest_request(msg.id, msg.kind, msg.k, need, client_ip, msg.zone)
 
 
 class FastFrameEncoder:
