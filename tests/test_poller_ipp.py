@@ -373,7 +373,7 @@ async def test_ipps_with_a_self_signed_certificate(peers: Peers, tmp_path: Path)
     port = free_port()
     await asyncio.to_thread(peers.ippeveprinter, "Secure One", port)
     svc = await asyncio.to_thread(_service, tmp_path)
-    uri = f"ipps://localhost:{port}/ipp/print"
+    uri = f"ipps://127.0.0.1:{port}/ipp/print"  # a discovered device: an address literal
     svc.upsert_device(Device("ipps-1", DeviceKind.PRINTER, "S", uri, source="mdns"), time.time())
     poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, timeout=5.0))
     await poller.start()
@@ -415,6 +415,7 @@ def _site_map(path: Path, devices: list[tuple[str, str, str, float, float]]) -> 
         props = {
             "feature_type": "device",
             "static": True,
+            "poll": True,  # static devices are polled only when their map or config says so
             "id": dev_id,
             "name": dev_id,
             "kind": kind,

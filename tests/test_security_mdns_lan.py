@@ -31,6 +31,8 @@ HIGH = [[b"\xff" * 30], [b"Caf\xe9 \x80\x81"], ["Ünïcödé ".encode() * 6]]
 LONG = [[b"L" * 64], [b"M" * 200], [b"n" * 60, b"o" * 60, b"p" * 60, b"q" * 60, b"r" * 60]]
 EMPTY = [[b""], [b"."], [b"a..b"], [b".lead"], [b"trail."]]
 BAD_NAMES = CONTROL + HIGH + LONG + EMPTY
+PINNED_UUID = "0b9e6a52-1c1d-4f00-9a00-0000000f0001"
+UNPINNED_UUID = "0b9e6a52-1c1d-4f00-9a00-0000000f0002"
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +40,21 @@ def daemon(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
     d = tmp_path_factory.mktemp("mdns-hostile")
     site = {
         "type": "FeatureCollection",
-        "features": [zone_feature("z-lan", lab_square(0), [lan.subnet, "169.254.0.0/16"])],
+        "features": [
+            zone_feature("z-lan", lab_square(0), [lan.subnet, "169.254.0.0/16"]),
+            {
+                "type": "Feature",
+                "geometry": {"type": "Point", "coordinates": [4.9001, 52.3701]},
+                "properties": {
+                    "feature_type": "device",
+                    "site": "lab",
+                    "building": "main",
+                    "level": 0,
+                    "match": {"uuid": PINNED_UUID},
+                    "subnets": [f"{lan.ip(3)}/32"],
+                },
+            },
+        ],
     }
     (d / "site.geojson").write_text(json.dumps(site))
     cfg = write_config(
@@ -200,3 +216,47 @@ def test_refused_addresses_and_paths_are_never_placed_served_or_polled(
         with pytest.raises(BlockingIOError):
             listener.accept()
         listener.close()
+
+
+def ipp_spec(lan: Lan, host: int, hostname: str, uuid: str, type_: str) -> dict[str, Any]:
+    return {
+        "type": type_,
+        "host": hostname,
+        "port": 631,
+        "addresses": [lan.ip(host)],
+        "txt": {"txtvers": "1", "rp": "ipp/print", "UUID": uuid},
+    }
+
+
+@pytest.mark.parametrize(("uuid", "why"), [(UNPINNED_UUID, "held by"), (PINNED_UUID, "pinned")])
+def test_a_second_host_cannot_take_over_a_known_uuid(
+    lan: Lan, daemon: DaemonProcess, uuid: str, why: str
+) -> None:
+    real_name, rogue_name = f"Real {why}", f"Rogue {why}"
+    real = lan.zeroconf(3)
+    real.register(
+        "r", real_name, **ipp_spec(lan, 3, f"real-{why[:4]}.local.", uuid, "_ipp._tcp.local.")
+    )
+    wait_for("the real printer", lambda: real_name in inventory(daemon))
+    before = inventory(daemon)[real_name]
+    rogue = lan.zeroconf(5)
+    rogue.register(
+        "x", rogue_name, **ipp_spec(lan, 5, f"rogue-{why[:4]}.local.", uuid, "_ipps._tcp.local.")
+    )
+    held = wait_for(
+        "the rogue claim quarantined",
+        lambda: (d := inventory(daemon).get(rogue_name)) and d.get("quarantined") and d,
+        timeout=15.0,
+    )
+    assert "claims the uuid" in held["quarantined"], held
+    now = inventory(daemon)[real_name]
+    assert now["id"] == before["id"] and now["uri"] == f"ipp://{lan.ip(3)}:631/ipp/print"
+    assert all(lan.ip(5) not in e for e in now["endpoints"])
+    served = ask(daemon, {"op": "nearest", "kind": "printer", "k": 20, "client_ip": lan.ip(5)})
+    uris = [d["uri"] for d in served["devices"]]
+    assert f"ipp://{lan.ip(3)}:631/ipp/print" in uris
+    assert not any(lan.ip(5) in u for u in uris)
+    logs = daemon.logs()
+    assert logs.count('event="device quarantined"') >= 1 and uuid in logs
+    rogue.close()
+    real.close()

@@ -178,4 +178,4 @@ def test_site_map_pin_subnets_are_validated(tmp_path: Path) -> None:
     }
     with pytest.raises(SiteMapError) as err:
         build_sitemap([("m.geojson", doc)])
-    assert "feature #1: properties.subnets: bad CIDR" in str(err.value)
+    assert "feature #1: properties.subnets[0]: bad CIDR '10.0.0.0/33'" in str(err.value)

@@ -111,15 +111,19 @@ STATIC = {
         ),
         (
             [zone("a", subnets=["10.0.0.0/24"]), zone("b", lon=4.01, subnets=["10.0.0.0/24"])],
-            "m.geojson: feature 'b': properties.subnets: prefix 10.0.0.0/24 is given to zone 'b' and to zone 'a'",
+            "m.geojson: feature 'b': properties.subnets[0]: prefix 10.0.0.0/24 is given to zone 'b' and to zone 'a'",
         ),
         (
-            [zone("a", subnets=["10.0.0.1/24"])],
-            "m.geojson: feature 'a': properties.subnets: bad CIDR '10.0.0.1/24'",
+            [zone("a", subnets=["10.0.0.0/8", "10.0.0.1/24"])],
+            "m.geojson: feature 'a': properties.subnets[1]: bad CIDR '10.0.0.1/24'",
         ),
         (
             [zone("a", subnets=["2001:db8::/129"])],
-            "m.geojson: feature 'a': properties.subnets: bad CIDR '2001:db8::/129'",
+            "m.geojson: feature 'a': properties.subnets[0]: bad CIDR '2001:db8::/129'",
+        ),
+        (
+            [zone("a", subnets=["10.0.0.0/8", 7])],
+            "m.geojson: feature 'a': properties.subnets[1]: expected a CIDR string, got int",
         ),
         ([zone("a", level="1")], "m.geojson: feature 'a': properties.level: expected an integer"),
         (

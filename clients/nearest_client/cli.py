@@ -18,7 +18,7 @@ from nearest_client.client import (
     default_server,
     parse_url,
 )
-from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, place_text
+from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, place_text, readiness
 from nearest_wire import KINDS, PAPER_NEEDS, DeviceView, NearestReply, Need, Where
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -257,6 +257,12 @@ def _set_default(reply: NearestReply, as_json: bool, driver_timeout: float) -> i
             file=sys.stderr,
         )
         return EXIT_NONE
+    ready = readiness()
+    for advice in ready.advice:
+        print(f"nearest: {advice}", file=sys.stderr)
+    if ready.missing_tools:
+        print("nearest: the default is unchanged", file=sys.stderr)
+        return EXIT_UNREACHABLE
     cups = Cups(driver_timeout=driver_timeout)
     for i, device in enumerate(devices):
         target = Target.from_reply(device)

@@ -36,14 +36,29 @@ def parse_duration(text: str) -> float:
     """Return seconds for a duration string, or raise ValueError."""
     m = DURATION.match(text)
     if not m:
-        raise ValueError(f'expected a duration like "90s", "10m" or "24h", got {text!r}')
-    return float(m.group(1)) * UNITS[m.group(2)]
+        raise ValueError(f'expected a duration like "90s", "10m" or "24h", got {_shown(text)}')
+    seconds = float(m.group(1)) * UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError(f"expected a finite duration, got {_shown(text)}")
+    return seconds
 
 
-def _doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+YEAR = 365 * 86400.0
+
+
+def _doc(
+    text: str,
+    default: Any = MISSING,
+    factory: Any = MISSING,
+    within: tuple[float, float] | None = None,
+) -> Any:
+    """Return a dataclass field with its docstring and, for numbers, its allowed range."""
+    meta: dict[str, Any] = {"doc": text}
+    if within is not None:
+        meta["range"] = within
     if factory is not MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,21 +81,42 @@ class DaemonConfig:
         "CIDRs that may ask on behalf of another IP (client_ip).",
         factory=lambda: ["127.0.0.1/32", "::1/128"],
     )
-    state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
-    max_connections: int = _doc("Open connections at most, over all sockets.", 1024)
+    state_dir: str = _doc(
+        "Directory for the device inventory snapshot and the compiled site map (a cache).",
+        "/var/lib/nearestd",
+    )
+    max_connections: int = _doc(
+        "Open connections at most, over all sockets.", 1024, within=(1, 1_000_000)
+    )
     max_connections_per_source: int = _doc(
-        "Open connections at most from one untrusted TCP address (IPv6: from one /64).", 64
+        "Open connections at most from one untrusted TCP address (IPv6: from one /64).",
+        64,
+        within=(1, 1_000_000),
     )
     reserved_connections: int = _doc(
-        "Of max_connections, kept for trusted peers and Unix sockets (at most half).", 64
+        "Of max_connections, kept for trusted peers and Unix sockets (at most half is used).",
+        64,
+        within=(0, 1_000_000),
     )
-    max_frame: int = _doc("Largest frame accepted, in bytes.", 65536)
-    max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64)
-    idle_timeout: Duration = _doc("Close connections idle this long.", Duration(60.0))
-    frame_timeout: Duration = _doc("Close a connection whose frame takes longer.", Duration(5.0))
-    rate: float = _doc("Requests per second allowed per client address (IPv6: per /64).", 200.0)
-    burst: int = _doc("Token-bucket burst per client address (IPv6: per /64).", 400)
-    rate_clients: int = _doc("Client addresses tracked by the rate limiter.", 16384)
+    max_frame: int = _doc("Largest frame accepted, in bytes.", 65536, within=(1, 16 * 1024 * 1024))
+    max_in_flight: int = _doc("Pipelined requests buffered per connection.", 64, within=(1, 65536))
+    idle_timeout: Duration = _doc(
+        "Close connections idle this long.", Duration(60.0), within=(0.001, YEAR)
+    )
+    frame_timeout: Duration = _doc(
+        "Close a connection whose frame takes longer.", Duration(5.0), within=(0.001, YEAR)
+    )
+    rate: float = _doc(
+        "Requests per second allowed per client address (IPv6: per /64); more than 0.",
+        200.0,
+        within=(0.0, 1e9),
+    )
+    burst: int = _doc(
+        "Token-bucket burst per client address (IPv6: per /64).", 400, within=(1, 1_000_000_000)
+    )
+    rate_clients: int = _doc(
+        "Client sources (address or IPv6 /64) rate-limited at once.", 16384, within=(1, 100_000_000)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,8 +127,15 @@ class DiscoveryConfig:
     interfaces: list[str] = _doc(
         "Interface names or addresses to browse on; required when enabled.", factory=list
     )
-    expire_after: Duration = _doc("Grace before a silent device is dropped.", Duration(600.0))
-    max_devices: int = _doc("Discovered devices kept at most.", 5000)
+    expire_after: Duration = _doc(
+        "Grace before a silent device is dropped.", Duration(600.0), within=(0.1, YEAR)
+    )
+    max_devices: int = _doc("Discovered devices kept at most.", 5000, within=(1, 10_000_000))
+    max_devices_per_source: int = _doc(
+        "Discovered devices one address may announce at most (a print server's queues count).",
+        256,
+        within=(1, 10_000_000),
+    )
     ipv6: bool = _doc("Also browse over IPv6.", False)
 
 
@@ -108,8 +151,12 @@ class SiteConfig:
 class RankingConfig:
     """[ranking]: the cost formula's parameters."""
 
-    floor_penalty_m: float = _doc("Metres added per floor of difference.", 20.0)
-    building_penalty_m: float = _doc("Metres added for another building.", 100.0)
+    floor_penalty_m: float = _doc(
+        "Metres added per floor of difference.", 20.0, within=(0.0, 1_000_000.0)
+    )
+    building_penalty_m: float = _doc(
+        "Metres added for another building.", 100.0, within=(0.0, 1_000_000.0)
+    )
     allow_other_sites: bool = _doc("Answer with devices of other sites.", False)
 
 
@@ -119,8 +166,10 @@ class PrivacyConfig:
 
     retention: Duration = _doc("How long location-log entries live.", Duration(86400.0))
     log_ip: str = _doc("'truncated' (/24 or /48 in logs) or 'none'.", "truncated")
-    max_entries: int = _doc("Location-log entries held at most.", 100000)
-    spike_per_minute: int = _doc("Warn when one pseudonym asks more often.", 600)
+    max_entries: int = _doc("Location-log entries held at most.", 100000, within=(1, 100_000_000))
+    spike_per_minute: int = _doc(
+        "Warn when one pseudonym asks more often.", 600, within=(1, 1_000_000_000)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +192,13 @@ class MqttConfig:
     federate: bool = _doc("Also serve devices other instances publish.", False)
     keepalive: int = _doc("MQTT keepalive, seconds.", 30)
     max_payload: int = _doc("Largest request payload accepted, bytes.", 65536)
-    rate: float = _doc("Requests per second allowed per asker (its reply topic).", 100.0)
-    burst: int = _doc("Token-bucket burst per asker.", 200)
-    max_queued: int = _doc("Requests waiting to be answered at most; later ones are dropped.", 1024)
+    rate: float = _doc(
+        "Requests per second per asker (its reply topic); more than 0.", 100.0, within=(0.0, 1e6)
+    )
+    burst: int = _doc("Token-bucket burst per asker.", 200, within=(1, 1_000_000))
+    max_queued: int = _doc(
+        "Requests waiting to be answered at most; more are dropped.", 1024, within=(16, 1_000_000)
+    )
     foreign_grace: Duration = _doc(
         "How long other instances' devices stay served, marked stale, after their origin goes "
         "offline or the link to it (this daemon's broker, or a bridge) goes down.",
@@ -167,7 +220,11 @@ class PollerConfig:
     """[poller]: live state from IPP Get-Printer-Attributes and eSCL ScannerStatus."""
 
     enabled: bool = _doc(
-        "Poll every printer (ipp/ipps) and scanner (eSCL) for its live state.", False
+        "Poll every discovered printer (ipp/ipps) and scanner (eSCL) for its live state.", True
+    )
+    static: bool = _doc(
+        "Poll the site maps' static devices too; a device's own 'poll' property overrides this.",
+        False,
     )
     interval: Duration = _doc(
         "Time between polls of one device (spread +/- jitter).", Duration(30.0)
@@ -179,9 +236,14 @@ class PollerConfig:
     max_backoff: Duration = _doc(
         "Longest wait between polls of an unreachable device (doubling per failure).",
         Duration(300.0),
+        within=(0.0, YEAR),
     )
     jitter: float = _doc("Fraction by which each wait is randomly shortened or lengthened.", 0.1)
-    max_response: int = _doc("Largest status reply read from a device, in bytes.", 262144)
+    max_response: int = _doc(
+        "Largest status reply read from a device, in bytes.",
+        262144,
+        within=(1024, 1024 * 1024 * 1024),
+    )
     poll_this_host: bool = _doc(
         "Also poll devices at this host's own or loopback addresses (a local CUPS); off, "
         "such addresses (and unspecified, multicast, link-local) are never polled.",
@@ -301,7 +363,10 @@ def _convert(value: Any, t: Any) -> Any:
     if t is float:
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError
-        return float(value)
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"expected a finite number, got {_shown(value)}")
+        return number
     if t is str:
         if not isinstance(value, str):
             raise TypeError
@@ -312,6 +377,10 @@ def _convert(value: Any, t: Any) -> Any:
         inner = get_args(t)[0]
         return [_convert(v, inner) for v in value]
     raise TypeError  # pragma: no cover
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) and not x.is_integer() else f"{int(x)}"
 
 
 def _shown(value: Any) -> str:
@@ -325,6 +394,7 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
         return cls()
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
+    ranges = {f.name: f.metadata["range"] for f in fields(cls) if "range" in f.metadata}
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
@@ -335,6 +405,13 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
         t = hints[key]
         try:
             values[key] = _convert(value, t)
+            if key in ranges and not ranges[key][0] <= values[key] <= ranges[key][1]:
+                lo, hi = ranges[key]
+                problems.append(
+                    f"{file}: [{name}] {key}: expected {_type_name(t)} from {_num(lo)} to "
+                    f"{_num(hi)}, got {_shown(value)}"
+                )
+                del values[key]
         except ValueError as exc:
             problems.append(f"{file}: [{name}] {key}: {exc}")
         except TypeError:
@@ -361,23 +438,6 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
     for key in ("admin_mode", "socket_mode"):
         if not re.fullmatch(r"0?[0-7]{3}", getattr(d, key)):
             problems.append(f'{file}: [daemon] {key}: expected octal permissions like "0600"')
-    positive = {
-        "max_connections": d.max_connections,
-        "max_frame": d.max_frame,
-        "max_in_flight": d.max_in_flight,
-        "burst": d.burst,
-        "rate_clients": d.rate_clients,
-        "max_connections_per_source": d.max_connections_per_source,
-    }
-    for key, val in positive.items():
-        if val < 1:
-            problems.append(f"{file}: [daemon] {key}: expected a positive integer, got {val}")
-    if d.reserved_connections < 0:
-        problems.append(
-            f"{file}: [daemon] reserved_connections: expected 0 or more, got {d.reserved_connections}"
-        )
-    if d.max_frame > 16 * 1024 * 1024:
-        problems.append(f"{file}: [daemon] max_frame: at most 16777216 bytes")
     if d.rate <= 0:
         problems.append(f"{file}: [daemon] rate: expected a positive number")
     if cfg.discovery.enabled and not cfg.discovery.interfaces:
@@ -405,8 +465,6 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f"{file}: [poller] concurrency: expected an integer from 1 to 1024")
     if not 0 <= pc.jitter <= 0.5:
         problems.append(f"{file}: [poller] jitter: expected a number from 0 to 0.5")
-    if pc.max_response < 1024:
-        problems.append(f"{file}: [poller] max_response: expected at least 1024 bytes")
     if cfg.dnssd is not None:
         problems.extend(f"{file}: [dnssd] {p}" for p in _dnssd_problems(cfg.dnssd))
     if cfg.web is not None:
@@ -432,12 +490,8 @@ def _mqtt_problems(m: MqttConfig) -> list[str]:
         out.append(f"keepalive: expected 5 to 65535 seconds, got {m.keepalive}")
     if not 256 <= m.max_payload <= 16 * 1024 * 1024:
         out.append(f"max_payload: expected 256 to 16777216 bytes, got {m.max_payload}")
-    if not (math.isfinite(m.rate) and 0 < m.rate <= 1e6):
-        out.append(f"rate: expected a number above 0 and at most 1000000, got {m.rate}")
-    if not 1 <= m.burst <= 1_000_000:
-        out.append(f"burst: expected 1 to 1000000, got {m.burst}")
-    if not 16 <= m.max_queued <= 1_000_000:
-        out.append(f"max_queued: expected 16 to 1000000 requests, got {m.max_queued}")
+    if m.rate <= 0:
+        out.append("rate: expected a positive number")
     if not 0 <= m.foreign_grace <= 86400:
         out.append(f"foreign_grace: expected 0s to 24h, got {float(m.foreign_grace):g} seconds")
     if float(m.heartbeat) != 0.0 and not 0.1 <= m.heartbeat <= 3600:
@@ -543,12 +597,35 @@ def listen_error(url: str) -> str | None:
     return None
 
 
+MAX_INT_DIGITS = 4300
+
+
+def _deepest_line(text: str) -> str:
+    """Return " (line N)" where brackets first nest 100 deep, ignoring quoting; or ""."""
+    depth = 0
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        for ch in line:
+            depth += 1 if ch in "[{" else -1 if ch in "]}" else 0
+            if depth >= 100:
+                return f" (line {lineno})"
+    return ""
+
+
 def parse_config(text: str, file: str) -> Config:
     """Parse TOML text into a Config, or raise ConfigError listing every problem."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{file}: not valid TOML: {exc}"]) from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (CPython's limit)
+        m = re.search(r"\d{" + str(MAX_INT_DIGITS + 1) + ",}", text)
+        where = f" (line {text.count(chr(10), 0, m.start()) + 1})" if m else ""
+        what = f"an integer longer than {MAX_INT_DIGITS} digits" if m else str(exc)
+        raise ConfigError([f"{file}: not valid TOML{where}: {what}"]) from None
+    except RecursionError:
+        raise ConfigError(
+            [f"{file}: not valid TOML{_deepest_line(text)}: arrays or tables nested too deeply"]
+        ) from None
     problems: list[str] = []
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
@@ -568,7 +645,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and parse a config file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8").removeprefix("\ufeff")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read: {exc.strerror or exc}"]) from None
     except UnicodeDecodeError:
@@ -583,6 +660,10 @@ def section_docs() -> dict[str, list[tuple[str, str, Any]]]:
         rows = []
         for f in fields(cls):
             default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
-            rows.append((f.name, f.metadata.get("doc", ""), default))
+            doc = f.metadata.get("doc", "")
+            if "range" in f.metadata:
+                lo, hi = f.metadata["range"]
+                doc += f" From {_num(lo)} to {_num(hi)}."
+            rows.append((f.name, doc, default))
         out[name] = rows
     return out

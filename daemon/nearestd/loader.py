@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,28 @@ import orjson
 from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
+from nearestd.logs import host_literals
 
 MAX_MAP_BYTES = 64 * 1024 * 1024
+# GeoJSON needs a handful of levels (a MultiPolygon's positions are 6 deep); Python's
+# parser gives up near 1,000 with a RecursionError, which must not become a traceback.
+MAX_JSON_DEPTH = 64
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def json_too_deep(text: str, limit: int = MAX_JSON_DEPTH) -> tuple[int, int] | None:
+    """Return (line, column) where JSON text nests deeper than ``limit``, or None."""
+    depth = 0
+    for m in _JSON_TOKENS.finditer(text):
+        ch = m.group()
+        if ch in "[{":
+            depth += 1
+            if depth > limit:
+                line = text.count("\n", 0, m.start()) + 1
+                return line, m.start() - text.rfind("\n", 0, m.start())
+        elif ch in "]}":
+            depth -= 1
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +53,7 @@ def _read(path: Path, problems: list[Problem]) -> str | None:
         if path.stat().st_size > MAX_MAP_BYTES:
             problems.append(Problem(str(path), "file", f"larger than {MAX_MAP_BYTES} bytes"))
             return None
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
     except FileNotFoundError:
         problems.append(Problem(str(path), "file", "not found"))
     except UnicodeDecodeError:
@@ -56,17 +77,18 @@ def _parse_json(text: str) -> Any:
 
 def _cache_key(cfg: Config) -> bytes | None:
     """Return the cache key of the config's map files, or None when one cannot be read."""
-    files: list[tuple[str, bytes]] = []
+    key = mapcache.KeyHasher()
     for kind, names in (("map", cfg.site.maps), ("csv", cfg.site.subnets)):
         for name in names:
             path = cfg.resolve(name)
             try:
                 if path.stat().st_size > MAX_MAP_BYTES:
                     return None
-                files.append((f"{kind}:{path}", path.read_bytes()))
+                # One file at a time: a large map is never held whole just to be hashed.
+                key.add(f"{kind}:{path}", path.read_bytes())
             except OSError:
                 return None
-    return mapcache.cache_key(files)
+    return key.digest()
 
 
 def load_sitemap(cfg: Config) -> SiteMap:
@@ -82,6 +104,13 @@ def load_sitemap(cfg: Config) -> SiteMap:
                 continue
             try:
                 doc = _parse_json(text)
+            except RecursionError:
+                deep = json_too_deep(text)
+                where = f"line {deep[0]} column {deep[1]}" if deep else "file"
+                map_problems.append(
+                    Problem(str(path), where, f"nested more than {MAX_JSON_DEPTH} levels deep")
+                )
+                continue
             except json.JSONDecodeError as exc:
                 map_problems.append(
                     Problem(
@@ -105,6 +134,11 @@ def load_sitemap(cfg: Config) -> SiteMap:
     problems = map_problems
     try:
         sitemap = build_sitemap(docs(), csvs)
+    except RecursionError:
+        # A document under the parser's limit but deep enough for a recursive check.
+        problems.extend(csv_problems)
+        problems.append(Problem("site maps", "file", f"nested more than {MAX_JSON_DEPTH} deep"))
+        raise SiteMapError(problems) from None
     except SiteMapError as exc:
         problems.extend(csv_problems)
         problems.extend(exc.problems)
@@ -167,3 +201,43 @@ def load_world(path: str | Path, use_cache: bool = False) -> World:
             mapcache.save(state_dir, key, sitemap)
 
     return World(cfg, sitemap, save)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            yield from _strings(getattr(value, f.name))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+
+
+_ADDRESS_START = frozenset("0123456789[")
+
+
+def config_addresses(cfg: Config) -> set[str]:
+    """Return the host addresses the config names (not personal data)."""
+    found: set[str] = set()
+    for text in _strings(cfg):
+        found |= host_literals(text)
+    return found
+
+
+def map_addresses(sitemap: SiteMap) -> set[str]:
+    """Return the host addresses the site maps' static devices and pins name."""
+    found: set[str] = set()
+    for device, _ in sitemap.static_devices:
+        host = device.uri.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        # Most devices have names: only an address-like host is worth parsing.
+        if host[:1] in _ADDRESS_START:
+            found |= host_literals(host)
+    for pin in sitemap.pins:
+        if pin.field == "ip":
+            found |= host_literals(pin.value)
+    return found

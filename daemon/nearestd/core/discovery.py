@@ -69,7 +69,10 @@ ENDPOINT_NAMES = {
 SECURE_TYPES = frozenset(("_ipps._tcp", "_uscans._tcp"))
 TEXT_MAX = 255
 _UUID_SAFE = re.compile(r"[0-9a-z][0-9a-z-]{0,63}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Control characters, and the bidirectional controls that can make a name read as
+# another (U+200E/F marks, U+202A-202E embeddings and overrides, U+2066-2069 isolates).
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL = CONTROL_CHARS
 _HOSTNAME = re.compile(r"[a-z0-9_](?:[a-z0-9_.-]{0,251}[a-z0-9_])?")
 # What a plain path segment of a TXT ``rp`` or ``rs`` may not hold: '%', '?', '#', '\\',
 # control characters ('.' and '..' are refused separately).
@@ -561,6 +564,8 @@ class Merger:
     """Live services by key, grouped into devices; bounded by ``max_devices``."""
 
     max_devices: int = 5000
+    # Devices one source (the address a device is announced at) may have at most.
+    max_per_source: int = 256
     policy: AddressPolicy = field(default_factory=AddressPolicy)
     services: dict[ServiceKey, Parsed] = field(default_factory=dict)
     flags: dict[tuple[str, str], set[str]] = field(default_factory=dict)
@@ -582,6 +587,15 @@ class Merger:
     # is grouped on its own, so it can neither merge into (and withhold or hijack) the
     # real device that shares its UUID or name, nor be served: the table quarantines it.
     suspect: Callable[[Parsed], bool] | None = None
+    # Says whether a service matches a site-map pin: such a device is always admitted.
+    pinned: Callable[[Parsed], bool] | None = None
+    # UUID claims refused because another host holds the UUID, by service: the reason.
+    _conflicts: dict[ServiceKey, str] = field(default_factory=dict)
+    # Devices by source, and each device group's source, for ``max_per_source``.
+    _per_source: Counter[str] = field(default_factory=Counter)
+    _source_of: dict[tuple[DeviceKind, GroupKey], str] = field(default_factory=dict)
+    # Device groups seen before (bounded): a known device comes back even when full.
+    _known: dict[tuple[DeviceKind, GroupKey], None] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self._devices)
@@ -589,11 +603,6 @@ class Merger:
     def devices(self) -> list[Device]:
         """Return every device the live services make."""
         return list(self._devices.values())
-
-    def device_of(self, key: ServiceKey) -> Device | None:
-        """Return the device a service belongs to."""
-        g = self._group_of.get(key)
-        return None if g is None else self._devices.get(g)
 
     def set_flag(self, interface: str, name: str, flag: str, present: bool) -> list[Change]:
         """Note a subtype flag (``universal``, ``print``, ``cups``) for a service name."""
@@ -693,13 +702,24 @@ class Merger:
         parsed = analyse(record)
         if parsed.kind is None:
             return [], None
-        if old is None and self._would_overflow(parsed):
-            self.refused += 1
-            return [], None
+        conflict = self._uuid_conflict(key, parsed)
+        was_conflict = key in self._conflicts
+        if old is None:
+            full = self._would_overflow(parsed, conflict is not None)
+            if full is not None:
+                self.refused += 1
+                self._refusal(key, full)
+                return [], None
+        if conflict is None:
+            self._conflicts.pop(key, None)
+        else:
+            if key not in self._conflicts:
+                self._refusal(key, "uuid-conflict")
+            self._conflicts[key] = conflict
         if now is not None:
             self.heard[key] = now
         self._expired.pop((record.interface, record.name.lower()), None)
-        if old is not None and old.record == record:
+        if old is not None and old.record == record and was_conflict == (conflict is not None):
             return [], parsed
         affected = self._detach(key)
         self.services[key] = parsed
@@ -720,6 +740,7 @@ class Merger:
         del self.services[key]
         self.heard.pop(key, None)
         self._probed.pop(key, None)
+        self._conflicts.pop(key, None)
         return self._regroup(affected)
 
     def drop_links(self, keep: set[str]) -> list[Change]:
@@ -746,6 +767,9 @@ class Merger:
             self._by_full_name,
             self._by_host,
             self._expired,
+            self._conflicts,
+            self._per_source,
+            self._source_of,
         ):
             table.clear()
         return changes
@@ -761,11 +785,56 @@ class Merger:
         self._refusals[mark] = None
         self.refused_by[reason] += 1
 
-    def _would_overflow(self, parsed: Parsed) -> bool:
-        if len(self._devices) < self.max_devices:
-            return False
-        # Joining an existing device is always allowed; a new device is not.
-        return self._group_key(parsed) not in self._groups
+    def _would_overflow(self, parsed: Parsed, conflict: bool = False) -> str | None:
+        """Return why a new service may not make a new device ('table-full', ...), or None.
+
+        Joining an existing device is always allowed, and so is a device seen before or
+        one a site-map pin names: a flood can neither evict nor lock out known devices.
+        """
+        g: tuple[DeviceKind, GroupKey]
+        if conflict:
+            rec = parsed.record
+            q = "q" if parsed.is_queue else "d"
+            assert parsed.kind is not None
+            g = (parsed.kind, ("c", q, rec.interface, rec.host or "", rec.instance.casefold()))
+        else:
+            g = self._group_key(parsed)
+        if g in self._groups or g in self._known:
+            return None
+        if self.pinned is not None and self.pinned(parsed) and not conflict:
+            return None
+        if len(self._devices) >= self.max_devices:
+            return "table-full"
+        if self._per_source[source_of(parsed)] >= self.max_per_source:
+            return "source-cap"
+        return None
+
+    def _uuid_conflict(self, key: ServiceKey, p: Parsed) -> str | None:
+        """Return why a service may not have its UUID (another host holds it), or None.
+
+        A UUID belongs to the host of the live services that first showed it: their mDNS
+        host names and addresses. A service with the UUID from another host name and
+        none of those addresses is a rogue claim, never merged.
+        """
+        if not p.uuid or (self.suspect is not None and self.suspect(p)):
+            return None
+        owners = [
+            m
+            for kind in (DeviceKind.PRINTER, DeviceKind.SCANNER)
+            for q in ("d", "q")
+            for k in self._groups.get((kind, ("u", q, p.uuid)), ())
+            if k != key and (m := self.services.get(k)) is not None
+        ]
+        if not owners:
+            return None
+        rec = p.record
+        hosts = {m.record.host for m in owners if m.record.host}
+        addrs = {a for m in owners for a in m.record.addresses}
+        if (rec.host and rec.host in hosts) or addrs.intersection(rec.addresses):
+            return None
+        held = ", ".join(sorted(hosts)[:2] + sorted(addrs)[:2]) or "another host"
+        shown = ", ".join(rec.addresses[:4]) or clean_text(rec.host or "", 64) or "no address"
+        return f"claims the uuid {p.uuid[:64]} held by {clean_text(held, 200)} from {shown}"
 
     @staticmethod
     def _name_index(p: Parsed) -> tuple[Any, ...]:
@@ -804,6 +873,9 @@ class Merger:
         if self.suspect is not None and self.suspect(p):
             rec = p.record
             return (p.kind, ("r", q, rec.interface, rec.host or "", rec.instance.casefold()))
+        if p.record.key in self._conflicts:
+            rec = p.record
+            return (p.kind, ("c", q, rec.interface, rec.host or "", rec.instance.casefold()))
         if p.uuid:
             return (p.kind, ("u", q, p.uuid))
         uuids = sorted(s.uuid for k in self._siblings(p) if (s := self.services.get(k)) and s.uuid)
@@ -835,16 +907,39 @@ class Merger:
             parsed = [self.services[k] for k in sorted(self._groups.get(g, ()))]
             kind, gkey = g
             dev = build_device(kind, gkey, parsed) if parsed else None
+            if dev is not None and gkey[0] == "c":
+                reason = next((self._conflicts[m.record.key] for m in parsed), "")
+                dev = replace(dev, extra=(*dev.extra, ("conflict", reason)))
             old = self._devices.get(g)
             if dev is None:
                 if old is not None:
                     del self._devices[g]
                     changes.append(Change(old.id, None))
+                    src = self._source_of.pop(g, None)
+                    if src is not None:
+                        self._per_source[src] -= 1
+                        if self._per_source[src] <= 0:
+                            del self._per_source[src]
                 continue
+            if old is None:
+                src = source_of(parsed[0])
+                self._source_of[g] = src
+                self._per_source[src] += 1
+                self._known[g] = None
+                if len(self._known) > 4 * self.max_devices:
+                    self._known.pop(next(iter(self._known)))
             if old != dev:
                 self._devices[g] = dev
                 changes.append(Change(dev.id, dev))
         return changes
+
+
+def source_of(p: Parsed) -> str:
+    """Return where a service is announced from, for the per-source cap: its best address."""
+    addresses = order_addresses(p.record.addresses)
+    if addresses:
+        return addresses[0].partition("%")[0]
+    return "host:" + (p.record.host or p.record.instance.casefold())
 
 
 def key_parts(p: Parsed) -> tuple[str, str, str]:

@@ -44,7 +44,7 @@ MIN_HEARTBEAT, MAX_HEARTBEAT = 0.1, 3600.0
 URI_SCHEMES = ("ipp://", "ipps://", "http://", "https://", "socket://", "lpd://")
 _SAFE = "-._~"
 _TOPIC_WORD = re.compile(r"^[^/+#\x00]{1,128}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 class RecordError(ValueError):

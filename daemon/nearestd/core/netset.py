@@ -17,7 +17,7 @@ class NetSet:
         self.cidrs: tuple[str, ...] = ()
         kept = []
         for cidr in cidrs:
-            net = ipaddress.ip_network(cidr, strict=False)
+            net = normalise_network(ipaddress.ip_network(cidr, strict=False))
             (self._v4 if net.version == 4 else self._v6)[str(net)] = True
             kept.append(str(net))
         self.cidrs = tuple(kept)
@@ -39,3 +39,20 @@ def normalise_peer(ip: str) -> str:
     if low.startswith("::ffff:") and "." in low:
         return low[7:]
     return ip
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def normalise_network(
+    net: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """Return an IPv4-mapped IPv6 prefix (``::ffff:10.0.0.0/104``) as IPv4 (``10.0.0.0/8``).
+
+    Peers are matched as IPv4 (``normalise_peer``), so a mapped entry would never match.
+    """
+    if isinstance(net, ipaddress.IPv6Network) and net.subnet_of(_MAPPED):
+        mapped = net.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+    return net

@@ -87,7 +87,12 @@ def expected_networks(pin: Pin, sitemap: SiteMap) -> Sequence[Network]:
 
 def quarantine_reason(device: Device, sitemap: SiteMap) -> str | None:
     """Return why a discovered device must be quarantined, or None to accept it."""
-    if device.source == "static" or not sitemap.pins:
+    if device.source == "static":
+        return None
+    conflict = dict(device.extra).get("conflict")
+    if isinstance(conflict, str) and conflict:
+        return conflict  # another host's UUID (see core.discovery.Merger)
+    if not sitemap.pins:
         return None
     for key in IDENTITY_KEYS:
         value = _identity(device, key)
@@ -144,3 +149,22 @@ def service_is_suspect(parsed: Parsed, sitemap: SiteMap) -> bool:
         addresses=tuple(rec.addresses),
     )
     return quarantine_reason(probe, sitemap) is not None
+
+
+def service_is_pinned(parsed: Parsed, sitemap: SiteMap) -> bool:
+    """Return whether a discovered service matches a site-map pin (by uuid, name, host or ip)."""
+    rec = parsed.record
+    if not sitemap.pins or parsed.kind is None:
+        return False
+    probe = Device(
+        id="",
+        kind=parsed.kind,
+        name="",
+        uri="",
+        source="mdns",
+        uuid=parsed.uuid,
+        instance=rec.instance,
+        host=rec.host,
+        addresses=tuple(rec.addresses),
+    )
+    return find_pin(probe, sitemap) is not None

@@ -28,6 +28,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from nearestd.core.discovery import CONTROL_CHARS
 from nearestd.core.ipp import Value
 from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
 
@@ -144,7 +145,7 @@ def _first(attrs: Mapping[str, Sequence[Value]], name: str) -> Value:
 def _text(value: Value) -> str | None:
     if not isinstance(value, str):
         return None
-    text = " ".join(value.split())[:MAX_TEXT]
+    text = " ".join(CONTROL_CHARS.sub(" ", value).split())[:MAX_TEXT]
     return text or None
 
 
