@@ -540,8 +540,8 @@ def flood_slot_hogging(d: DaemonProcess, n: int = 1024) -> None:
 
 
 def _mqtt_flood_run(port: int, prefix: str, n: int) -> tuple[float, list[float], int]:
-    """Flood from one client while an honest asker asks every 50 ms; return its figures."""
-    from mqtt_helpers import asker, flood
+    """Flood from a child process while an honest asker asks every 50 ms; return its figures."""
+    from mqtt_helpers import asker, flood_process
 
     request = {"v": 1, "id": 1, "op": "nearest", "kind": "printer", "zone": "n0-lobby"}
 
@@ -549,16 +549,11 @@ def _mqtt_flood_run(port: int, prefix: str, n: int) -> tuple[float, list[float],
         latencies: list[float] = []
         lost = 0
         async with asker(port) as honest:
-            took: list[float] = []
-            flooding = threading.Thread(
-                target=lambda: took.append(
-                    flood(port, f"{prefix}/query", n, request, "flood/replies")
-                )
-            )
-            flooding.start()
+            await honest.ask(f"{prefix}/query", request, timeout=30)  # an established asker
+            proc = flood_process(port, f"{prefix}/query", n, request, "flood/replies", False)
             settle: float | None = None
             while settle is None or time.monotonic() < settle:
-                if settle is None and not flooding.is_alive():
+                if settle is None and proc.poll() is not None:
                     settle = time.monotonic() + 1.0
                 t0 = time.monotonic()
                 try:
@@ -568,8 +563,7 @@ def _mqtt_flood_run(port: int, prefix: str, n: int) -> tuple[float, list[float],
                 else:
                     latencies.append(time.monotonic() - t0)
                 await asyncio.sleep(0.05)
-            flooding.join()
-            return took[0], latencies, lost
+            return float(proc.communicate(timeout=30)[0]), latencies, lost
 
     return asyncio.run(run())
 

@@ -16,6 +16,8 @@ SHOWN = {
     "discovery": "`[discovery] enabled`",
     "mqtt": "an `[mqtt]` section",
     "poller": "always",
+    "dnssd": "a `[dnssd]` section",
+    "web": "a `[web]` section",
 }
 
 

@@ -376,14 +376,25 @@ class Lan:
         self.peers.append(peer)
         return peer
 
-    def avahi_node(self, i: int, host: str | None = None, maxsecs: int = 900) -> Path:
-        """Start avahi-daemon (and its private dbus) in host i; return its state directory."""
+    def avahi_node(
+        self, i: int, host: str | None = None, maxsecs: int = 900, browse_domains: str = ""
+    ) -> Path:
+        """Start avahi-daemon (and its private dbus) in host i; return its state directory.
+
+        ``browse_domains`` turns wide-area (unicast DNS-SD) browsing on for those domains,
+        asking the name servers of ``/etc/netns/<ns>/resolv.conf``.
+        """
         state = self.tmp / f"avahi{i}"
         if (state / "ready").exists():
             return state
         (state / "services").mkdir(parents=True, exist_ok=True)
         (state / "dbus.conf").write_text(DBUS_CONF)
-        (state / "avahi-daemon.conf").write_text(AVAHI_CONF.format(host=host or f"node{i}"))
+        conf = AVAHI_CONF.format(host=host or f"node{i}")
+        if browse_domains:
+            conf = conf.replace("enable-wide-area=no", "enable-wide-area=yes").replace(
+                "domain-name=local\n", f"domain-name=local\nbrowse-domains={browse_domains}\n"
+            )
+        (state / "avahi-daemon.conf").write_text(conf)
         env = dict(os.environ, STATE=str(state), MAXSECS=str(maxsecs))
         self.popen(
             i,

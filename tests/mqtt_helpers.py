@@ -161,11 +161,17 @@ def split_map(directory: Path, buildings: set[str]) -> Path:
 
 
 def flood(
-    port: int, topic: str, n: int, request: dict[str, Any], response_topic: str | None
+    port: int,
+    topic: str,
+    n: int,
+    request: dict[str, Any],
+    response_topic: str | None,
+    rotate: bool = False,
 ) -> float:
     """Publish ``n`` QoS-0 requests from one MQTT 5 client as fast as paho can; return the seconds.
 
-    With ``response_topic`` None the requests are 3.1.1-style, naming ``reply_to`` in the body.
+    With ``response_topic`` None the requests are 3.1.1-style, naming ``reply_to`` in the body;
+    with ``rotate`` each request names a reply topic of its own (``response_topic/<i>``).
     Blocking (paho's own network thread): run it in a thread next to an asyncio test.
     """
     import time
@@ -185,7 +191,7 @@ def flood(
             if response_topic is None:
                 body["reply_to"] = "flood/replies"
             else:
-                props.ResponseTopic = response_topic
+                props.ResponseTopic = f"{response_topic}/{i}" if rotate else response_topic
                 props.CorrelationData = str(i).encode()
             info = client.publish(topic, json.dumps(body).encode(), qos=0, properties=props)
         if info is not None:
@@ -194,3 +200,24 @@ def flood(
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def flood_process(
+    port: int, topic: str, n: int, request: dict[str, Any], response_topic: str | None, rotate: bool
+) -> Any:
+    """Run :func:`flood` in a child process (no GIL shared with the caller); it prints the seconds.
+
+    Returns the ``subprocess.Popen``; read ``float(proc.communicate()[0])`` once it exits.
+    """
+    import subprocess
+    import sys
+
+    args = json.dumps([port, topic, n, request, response_topic, rotate])
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); from mqtt_helpers import flood; "
+        "print(flood(*json.loads(sys.argv[2])))"
+    )
+    here = str(Path(__file__).resolve().parent)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, here, args], stdout=subprocess.PIPE, text=True
+    )

@@ -76,13 +76,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPro
     cfg = write_config(
         d,
         sections={
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "dnssd": {
-                "listen": [f"127.0.0.1:{port}"],
+                "listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
                 "domain": D,
                 "per_type": 32,
                 "ttl": "5s",
                 "trusted_resolvers": ["127.0.0.3/32"],
-            }
+            },
         },
         maps=[str(write_site(d / "site.geojson", many=30))],
         subnets=[],
@@ -275,7 +276,7 @@ def test_flood_from_one_prefix_is_rate_limited_others_served(
     assert other is not None and rcode(other) == 0
     stats = ask(proc, {"op": "stats"}, admin=True)["stats"]["dnssd"]
     assert stats["rate_limited_total"] - before >= 1000 - answered - 100
-    assert stats["by_rcode"]["NOERROR"]["replies_total"] > 0
+    assert stats["replies_by_rcode"]["NOERROR"] > 0
     assert stats["cache_entries"] > 0
 
 
@@ -284,3 +285,83 @@ def test_queries_are_location_log_entries(server: tuple[DaemonProcess, int]) -> 
     short(port, f"lb._dns-sd._udp.{D}", "PTR")
     entries = ask(proc, {"op": "privacy.export", "ip": "127.0.0.1"}, admin=True)["entries"]
     assert any(e["op"] == "dnssd" and e["zone"] == "z-a" for e in entries)
+
+
+def test_metrics_count_by_type_and_rcode_without_names(server: tuple[DaemonProcess, int]) -> None:
+    import tomllib
+    import urllib.request
+
+    proc, port = server
+    short(port, f"_ipp._tcp.z-a.{D}", "PTR", "+tcp")
+    dig(port, f"nope.{D}", "A")
+    listen = tomllib.loads(proc.config.read_text())["metrics"]["listen"]
+    page = urllib.request.urlopen(f"http://{listen}/metrics", timeout=10).read().decode()
+    lines = [x for x in page.splitlines() if x.startswith("nearest_dnssd_")]
+    assert any(x.startswith('nearest_dnssd_queries_total{qtype="PTR"}') for x in lines), lines
+    assert any(x.startswith('nearest_dnssd_replies_total{rcode="NXDOMAIN"}') for x in lines)
+    assert any(x.startswith("nearest_dnssd_cache_bytes ") for x in lines)
+    assert not any("127.0" in x or "example" in x for x in lines), lines
+
+
+def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> None:
+    proc, port = server
+    original = proc.config.read_text()
+    try:
+        proc.config.write_text(original.replace("per_type = 32", "per_type = 2").replace(
+            'ttl = "5s"', 'ttl = "3s"'
+        ))  # fmt: skip
+        assert ask(proc, {"op": "reload"}, admin=True)["ok"]
+        answers = dig(port, "+noall", "+answer", f"_ipp._tcp.z-a.{D}", "PTR")
+        lines = answers.splitlines()
+        assert len(lines) == 2 and all(line.split()[1] == "3" for line in lines), lines
+        proc.config.write_text(original.replace('ttl = "5s"', 'ttl = "11s"'))
+        from nearest_client.client import ServerError
+
+        with pytest.raises(ServerError) as refused:
+            ask(proc, {"op": "reload"}, admin=True)
+        assert any("[dnssd] ttl" in p for p in refused.value.reply["problems"])
+        assert len(short(port, f"_ipp._tcp.z-a.{D}", "PTR")) == 2  # still the old config
+    finally:
+        proc.config.write_text(original)
+        ask(proc, {"op": "reload"}, admin=True)
+
+
+def test_ipv6_listen_and_aaaa(server: tuple[DaemonProcess, int]) -> None:
+    _, port = server
+    require_tools("dig")
+    r = subprocess.run(
+        ["dig", "@::1", "-p", str(port), "+short", "+time=3", f"lb._dns-sd._udp.{D}", "PTR"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.stdout.split() == []  # ::1 is in no zone: NOERROR, no answer
+    assert short(port, f"ns.{D}", "A") == ["127.0.0.1"]
+    assert short(port, f"ns.{D}", "AAAA") == ["::1"]
+
+
+def test_tcp_connections_capped_and_idle_ones_closed(server: tuple[DaemonProcess, int]) -> None:
+    proc, port = server
+    conns = []
+    try:
+        for _ in range(130):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # The daemon closes the ones over the cap at once: reading them gives EOF.
+        closed = 0
+        for c in conns[-2:]:
+            c.settimeout(5)
+            closed += c.recv(1) == b""
+        assert closed == 2
+        stats = ask(proc, {"op": "stats"}, admin=True)["stats"]["dnssd"]
+        assert stats["tcp_refused_total"] >= 2 and stats["tcp_connections"] <= 128
+        # An idle one is closed after 10 s.
+        conns[0].settimeout(20)
+        started = time.monotonic()
+        assert conns[0].recv(1) == b""
+        assert 5 < time.monotonic() - started < 15
+    finally:
+        for c in conns:
+            c.close()
+    # Served again once they are gone.
+    q = DNSRecord.question(f"lb._dns-sd._udp.{D}", "PTR")
+    assert DNSRecord.parse(tcp(port, bytes(q.pack()))).rr

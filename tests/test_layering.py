@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,3 +62,64 @@ def test_service_does_not_import_adapters() -> None:
     )
     for path in (ROOT / "daemon/nearestd/core").glob("*.py"):
         assert not _hits(imports(path), {"nearestd.service"}), path
+
+
+def test_no_adapter_imports_the_app() -> None:
+    """Adapters are components the app lists; none knows the app (not even for typing)."""
+    for path in (ROOT / "daemon/nearestd/adapters").glob("*.py"):
+        assert not _hits(imports(path), {"nearestd.app"}), path
+
+
+HOOK_NAMES = {"starters", "stoppers", "reload_hooks", "extra_stats", "reloader"}
+
+
+def _names(path: Path) -> set[str]:
+    """Return every identifier a module defines or uses (names, attributes, defs, arguments)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            out.add(node.attr)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.arg) or (isinstance(node, ast.keyword) and node.arg):
+            out.add(node.arg)
+    return out
+
+
+def test_no_hooks_remain_only_components() -> None:
+    """Edges join the app one way: as components, not attach_* functions or hook lists."""
+    for path in (ROOT / "daemon/nearestd").rglob("*.py"):
+        names = _names(path)
+        assert not names & HOOK_NAMES, (path, names & HOOK_NAMES)
+        assert not [n for n in names if n.startswith("attach_")], path
+
+
+def test_every_component_of_the_app_has_the_component_face(tmp_path: Path) -> None:
+    from nearestd.adapters.component import Component
+    from nearestd.app import Daemon
+    from nearestd.loader import load_world
+    from support import write_config
+
+    cfg = write_config(
+        tmp_path,
+        sections={
+            "mqtt": {"url": "mqtt://127.0.0.1:1"},
+            "discovery": {"enabled": True, "interfaces": ["lo"]},
+        },
+    )
+    daemon = Daemon(load_world(cfg), str(cfg))  # a sync test: no loop to block
+    names = [c.name for c in daemon.components]
+    assert names == [
+        "inventory",
+        "discovery",
+        "poller",
+        "mqtt",
+        "metrics",
+        "connections",
+        "systemd",
+    ]
+    for component in daemon.components:
+        assert isinstance(component, Component), component
+        assert isinstance(component.stats(), Mapping), component.name

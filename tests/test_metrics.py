@@ -37,7 +37,7 @@ from nearestd.app import Daemon
 from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
 from nearestd.loader import load_world
 from nearestd.service import ADMIN_PEER, Service
-from support import DaemonProcess, free_port, require_tools, tcp_url, write_config
+from support import DaemonProcess, free_port, require_tools, tcp_url, wait_for, write_config
 
 NOW = 1_000_000.0
 
@@ -163,7 +163,8 @@ def test_supply_levels_by_device_and_supply_never_with_an_address(tmp_path: Path
         svc.live[dev_id] = None  # type: ignore[assignment]  # polled: the census counts them
     got = samples(page_of(readings(svc, {}, NOW)), "nearest_device_supply_level_percent")
     assert got == {
-        ("prn-lobby", "Black_Toner"): 75.0,
+        # The name as the device reports it, as stats show it: no underscore substitution.
+        ("prn-lobby", "Black Toner"): 75.0,
         ("mdns-printer-3f5e2c1a-7b1d-4c8e-9a4f-2b6d8e1f0a11", "Cyan"): 10.0,
     }
 
@@ -228,9 +229,13 @@ def scrape(address: str) -> str:
 
 def bound_address(d: DaemonProcess) -> str:
     """Return the metrics address the daemon logged (port 0 in the config: no port races)."""
-    m = re.search(r"listen=http://([^/\s]+)/metrics", d.logs())
-    assert m, d.logs()
-    return m.group(1)
+    # Ready (the admin socket answers) comes before every component has started.
+    m = wait_for(
+        "the metrics address in the log",
+        lambda: re.search(r"listen=http://([^/\s]+)/metrics", d.logs()),
+        show=d.logs,
+    )
+    return str(m.group(1))
 
 
 @pytest.fixture
@@ -304,12 +309,34 @@ def test_a_taken_metrics_port_is_reported_and_fatal(tmp_path: Path) -> None:
     assert "cannot listen" in d.logs()
 
 
+class Figures:
+    """A component that only has figures (or fails to give them)."""
+
+    def __init__(self, name: str, figures: dict[str, Any] | None) -> None:
+        self.name = name
+        self.figures = figures
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+    def reconfigure(self, cfg: Any) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        if self.figures is None:
+            raise RuntimeError("no figures")
+        return self.figures
+
+
 async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: Path) -> None:
     port = free_port()
     cfg = write_config(tmp_path, sections={"metrics": {"listen": f"[::1]:{port}"}})
-    daemon = Daemon(load_world(cfg), str(cfg))
-    daemon.service.extra_stats["mqtt"] = lambda: {"connected": True, "reconnects": 3}
-    daemon.service.extra_stats["broken"] = lambda: 1 / 0
+    daemon = await asyncio.to_thread(lambda: Daemon(load_world(cfg), str(cfg)))
+    mqtt = Figures("mqtt", {"connected": True, "reconnects": 3})
+    daemon.components += [mqtt, Figures("broken", None)]
     try:
         await daemon.start()
     except OSError as exc:
@@ -322,14 +349,18 @@ async def test_in_process_exporter_reads_snapshots_built_on_the_loop(tmp_path: P
         assert samples(fams, "nearest_mqtt_connected") == {(): 1.0}
         assert samples(fams, "nearest_mqtt_reconnects") == {(): 3.0}
         assert samples(fams, "nearest_metrics_snapshot_fallbacks") == {(): 0.0}
-        del daemon.service.extra_stats["mqtt"]
+        daemon.components.remove(mqtt)
         page = await asyncio.to_thread(scrape, f"[::1]:{port}")
         assert "# TYPE nearest_mqtt_connected " not in page
     finally:
         await daemon.stop()
     require_tools("promtool")
-    r = subprocess.run(
-        ["promtool", "check", "metrics"], input=page.encode(), capture_output=True, timeout=30
+    r = await asyncio.to_thread(
+        subprocess.run,
+        ["promtool", "check", "metrics"],
+        input=page.encode(),
+        capture_output=True,
+        timeout=30,
     )
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()
 
@@ -340,3 +371,25 @@ def test_readings_are_frozen(tmp_path: Path) -> None:
         r.sections["mqtt"]["x"] = 1  # type: ignore[index]
     with pytest.raises(TypeError):
         r.sections["mqtt"]["events"]["b"] = 2  # type: ignore[index]
+
+
+def _supply_samples(tmp_path: Path, names: list[str]) -> dict[tuple[str, ...], float]:
+    svc = service(tmp_path)
+    supplies = tuple(Supply(n, "toner", 10 + i) for i, n in enumerate(names))
+    d = Device("prn-a", DeviceKind.PRINTER, "A", "ipp://x/ipp", source="mdns", supplies=supplies)
+    svc.table.upsert(d, NOW)
+    svc.live["prn-a"] = None  # type: ignore[assignment]  # polled: the census counts them
+    return samples(page_of(readings(svc, {}, NOW)), "nearest_device_supply_level_percent")
+
+
+def test_a_supply_keeps_the_name_the_device_reports_escaped_only_by_the_format(
+    tmp_path: Path,
+) -> None:
+    names = ["Black Toner", 'Cyan "XL" cartridge', "Drum \\ unit", "Tóner negro", "Waste-Box 2"]
+    got = _supply_samples(tmp_path, names)
+    assert got == {("prn-a", n): float(10 + i) for i, n in enumerate(names)}
+
+
+def test_a_supply_name_that_could_carry_an_address_or_a_hash_is_folded(tmp_path: Path) -> None:
+    names = ["Toner 10.20.30.40", "fe80::1:2 toner", "Toner 0123456789abcdef", "a\nb", "x" * 65]
+    assert set(_supply_samples(tmp_path, names)) == {("prn-a", "other")}

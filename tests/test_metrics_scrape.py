@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dnslib import DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from lan import ZcPeer
@@ -159,6 +161,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
     metrics = f"127.0.0.1:{free_port()}"
     instance = f"scrape{os.getpid()}"
     dead = f"ipp://127.0.0.1:{free_port()}/ipp/print"
+    dns_port = free_port()
     site = site_map(tmp_path / "site.geojson", escl, dead)
     sections: dict[str, dict[str, Any]] = {
         "daemon": {"rate": 1.0, "burst": 20, "trusted_peers": ["::1/128"]},
@@ -166,16 +169,18 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
         "poller": {
             "enabled": True,
-            "poll_this_host": True,
             "interval": "1s",
             "timeout": "1s",
             "max_backoff": "2s",
+            "poll_this_host": True,  # the peers are on loopback
         },
+        "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "nearest.test."},
         "mqtt": {
             "url": f"mqtt://127.0.0.1:{broker.port}",
             "topic_prefix": PREFIX,
             "instance": instance,
         },
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
     }
     cfg = write_config(tmp_path / "d", sections=sections, maps=[str(site)], subnets=[])
     good_config = cfg.read_text()
@@ -206,6 +211,12 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
                 admin.request({"op": "reload"})
             assert refused.value.reply["problems"]
             cfg.write_text(good_config)
+        # Unicast DNS-SD: one browse query over UDP.
+        query = DNSRecord.question("_ipp._tcp.nearest.test.", "PTR").pack()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
+            dns.settimeout(10)
+            dns.sendto(query, ("127.0.0.1", dns_port))
+            assert DNSRecord.parse(dns.recv(65535)).header.id == DNSRecord.parse(query).header.id
         # Refusals: forbidden, malformed, then rate-limited (TCP is limited to a burst of 20).
         with Client(tcp_url(cfg)) as c:
             with pytest.raises(ServerError):
@@ -232,7 +243,16 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             )
             return fams if ready else None
 
-        fams = wait_for("discovery and polls on the page", busy, 30)
+        fams = wait_for(
+            "discovery and polls on the page",
+            busy,
+            30,
+            show=lambda: "\n".join(
+                line
+                for line in scrape(metrics).splitlines()
+                if line.startswith(("nearest_discovery", "nearest_poller", "nearest_devices"))
+            ),
+        )
         page = scrape(metrics)
         with Client(f"unix://{d.admin}") as admin:
             stats = admin.request({"op": "stats"})["stats"]
@@ -268,6 +288,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
     assert values(fams["nearest_discovery_events_total"])[(("event", "added"),)] >= 1
     assert values(fams["nearest_poller_polls_total"])[()] >= 2
     assert values(fams["nearest_poller_devices"])[()] >= 2
+    assert sum(values(fams["nearest_dnssd_queries_total"]).values()) >= 1
     # The census behind stats and the page is the same.
     on_page = {
         (dict(k)["kind"], dict(k)["state"]): v for k, v in values(fams["nearest_devices"]).items()

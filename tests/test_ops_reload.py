@@ -304,12 +304,12 @@ async def test_sighup_reload_parses_off_the_event_loop(
     from nearestd.loader import load_world
 
     s = Setup(tmp_path)
-    daemon = app.Daemon(load_world(s.cfg), str(s.cfg))
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
-    def slow_load(path: str) -> Any:
+    def slow_load(path: str, use_cache: bool = False) -> Any:
         time.sleep(slow_parse)  # stands in for a large campus (100k prefixes: ~4 s here)
-        return load_world(path)
+        return load_world(path, use_cache)
 
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
@@ -340,3 +340,87 @@ async def test_sighup_reload_parses_off_the_event_loop(
         assert daemon.service.table.get(PROBE_ID) is not None  # old state kept
     finally:
         await daemon.stop()
+
+
+async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admin op waits for its answer without holding up anyone else's."""
+    import asyncio
+
+    import nearestd.app as app
+    from nearestd.loader import load_world
+    from nearestd.service import ADMIN_PEER
+
+    s = Setup(tmp_path)
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
+    slow_parse = 1.0
+    threads: list[str] = []
+
+    def slow_load(path: str, use_cache: bool = False) -> Any:
+        import threading
+
+        threads.append(threading.current_thread().name)
+        time.sleep(slow_parse)
+        return load_world(path, use_cache)
+
+    monkeypatch.setattr(app, "load_world", slow_load)
+    await daemon.start()
+    try:
+        s.good()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        answer = daemon.service.handle({"v": 1, "id": 7, "op": "reload"}, ADMIN_PEER, time.time())
+        assert not isinstance(answer, dict)  # the reply comes when the reload is done
+        waiting = asyncio.ensure_future(answer)
+        worst = 0.0
+        while not waiting.done():
+            before = loop.time()
+            await asyncio.sleep(0.01)
+            worst = max(worst, loop.time() - before)
+            assert loop.time() - started < 10
+        assert waiting.result() == {"v": 1, "id": 7, "ok": True, "reloaded": True}
+        assert worst < 0.5, f"the event loop stalled {worst:.2f}s during the reload"
+        assert threads and threads[0] != "MainThread"
+        assert daemon.service.table.get(PROBE_ID) is not None
+        # SIGHUP during an admin reload: the asker still gets the answer of its own.
+        s.broken_toml()
+        answer = daemon.service.handle({"v": 1, "id": 8, "op": "reload"}, ADMIN_PEER, time.time())
+        daemon.reload_in_background()
+        reply = await asyncio.ensure_future(answer)  # type: ignore[arg-type]
+        assert reply["ok"] is False and len(reply["problems"]) == 2
+        assert daemon.reloads_failed == 1  # one read of the files for both askers
+    finally:
+        await daemon.stop()
+
+
+def test_pipelined_admin_requests_around_a_reload_are_answered_in_order(
+    setup: tuple[Setup, DaemonProcess],
+) -> None:
+    import socket
+
+    import msgpack
+
+    s, d = setup
+    s.good()
+    frames = b""
+    for i, op in enumerate(["ping", "reload", "stats", "ping"], start=1):
+        body = msgpack.packb({"v": 1, "id": i, "op": op}, use_bin_type=True)
+        frames += len(body).to_bytes(4, "big") + body
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(d.admin))
+        sock.sendall(frames)
+        replies = []
+        buf = b""
+        while len(replies) < 4:
+            chunk = sock.recv(65536)
+            assert chunk, "the daemon closed the connection"
+            buf += chunk
+            while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], "big"):
+                size = int.from_bytes(buf[:4], "big")
+                replies.append(msgpack.unpackb(buf[4 : 4 + size]))
+                buf = buf[4 + size :]
+    assert [r["id"] for r in replies] == [1, 2, 3, 4]
+    assert replies[1]["reloaded"] is True
+    assert replies[2]["stats"]["operations"]["reloads_ok"] == 1

@@ -200,7 +200,7 @@ def test_the_snapshot_codec_covers_every_device_field() -> None:
     assert {f.name for f in fields(Device)} - not_saved == written
 
 
-async def test_watchdog_pings_stop_while_the_event_loop_is_stuck(tmp_path: Path) -> None:
+def test_watchdog_pings_stop_while_the_event_loop_is_stuck(tmp_path: Path) -> None:
     import asyncio
     import time
 
@@ -217,16 +217,20 @@ async def test_watchdog_pings_stop_while_the_event_loop_is_stuck(tmp_path: Path)
                 return got
 
     n = Notifier(str(tmp_path / "notify"), watchdog=0.02)
-    task = asyncio.ensure_future(n.keepalive(lambda: "status"))
+    # The test's own loop: between two runs it is stuck (no task runs), as a blocked one is.
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(n.keepalive(lambda: "status"))
     try:
-        await asyncio.sleep(0.3)
+        loop.run_until_complete(asyncio.sleep(0.3))
         assert drain().count(b"WATCHDOG=1") >= 5
-        time.sleep(0.3)  # a stuck loop: no task runs, so no ping is sent
+        time.sleep(0.3)  # the loop is stuck: no ping is sent
         assert drain() == []
-        await asyncio.sleep(0.1)
+        loop.run_until_complete(asyncio.sleep(0.1))
         assert b"WATCHDOG=1" in drain()
     finally:
         task.cancel()
+        loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        loop.close()
         rx.close()
         n.close()
 
@@ -240,10 +244,14 @@ async def test_concurrent_snapshot_writes_are_serialised(tmp_path: Path) -> None
     from nearestd.service import Service
     from support import write_config
 
-    world = load_world(write_config(tmp_path))
-    service = Service(world.config, world.sitemap, time.time(), lambda: b"k" * 32)
-    for i in range(200):
-        service.upsert_device(sample_device(i), time.time())
+    def build() -> Service:
+        world = load_world(write_config(tmp_path))
+        service = Service(world.config, world.sitemap, time.time(), lambda: b"k" * 32)
+        for i in range(200):
+            service.upsert_device(sample_device(i), time.time())
+        return service
+
+    service = await asyncio.to_thread(build)  # loading the campus would block the loop
     snaps = InventorySnapshots(service)
     assert snaps.restore(time.time()) == 0
     for _ in range(5):

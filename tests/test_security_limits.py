@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearestd.core.limits import ConnectionSlots, RateLimiter, SpikeWatch, source_key
+from nearestd.core.limits import ConnectionSlots, RateLimiter, RecentKeys, SpikeWatch, source_key
 
 
 def test_burst_then_refill() -> None:
@@ -20,6 +20,22 @@ def test_burst_then_refill() -> None:
     assert rl.take("a", 1, 0.1) == 1  # 0.1 s at 10/s is one token
     assert rl.take("a", 10, 100.0) == 5  # never more than the burst
     assert rl.take("b", 5, 0.0) == 5  # another address is not affected
+
+
+@pytest.mark.parametrize(
+    ("steps", "granted"),
+    [
+        # The daemon's defaults in test_security_daemon.py: 20/s, a burst of 20.
+        ([(0.0, 100)], [20]),
+        ([(0.0, 100), (0.5, 30)], [20, 10]),  # half a second refills ten
+        ([(0.0, 100), (0.5, 30), (0.5, 5)], [20, 10, 0]),
+        ([(0.0, 20), (10.0, 30)], [20, 20]),  # a long pause refills the burst, no more
+        ([(0.0, 1), (0.05, 20)], [1, 20]),  # 0.05 s brings back the one token used
+    ],
+)
+def test_refill_follows_now(steps: list[tuple[float, int]], granted: list[int]) -> None:
+    rl = RateLimiter(rate=20, burst=20, max_keys=10)
+    assert [rl.take("greedy", n, now) for now, n in steps] == granted
 
 
 def test_clock_going_backwards_grants_nothing_extra() -> None:
@@ -189,3 +205,14 @@ def test_connection_slots_release_everything_and_reconfigure() -> None:
     assert slots.admit("a", False) == "per-source"
     with pytest.raises(ValueError):
         slots.configure(0, 1, 0)
+
+
+def test_recent_keys_forget_the_least_recently_noted() -> None:
+    recent = RecentKeys(max_keys=2)
+    recent.note("a")
+    recent.note("b")
+    recent.note("a")  # "a" is the most recent again
+    recent.note("c")  # forgets "b"
+    assert ("a" in recent, "b" in recent, "c" in recent, len(recent)) == (True, False, True, 2)
+    with pytest.raises(ValueError):
+        RecentKeys(0)

@@ -42,7 +42,7 @@ def connect(url: str, source: str) -> socket.socket:
 
 
 @pytest.fixture
-def many_fds() -> None:
+def many_fds() -> Iterator[None]:
     """Let this process (and the daemon it starts) hold a few thousand sockets."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4096
@@ -50,6 +50,10 @@ def many_fds() -> None:
         skip_or_fail(f"needs {want} open files, the hard limit is {hard}")
     if soft != resource.RLIM_INFINITY and soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 class Probe(threading.Thread):
@@ -143,6 +147,10 @@ def test_one_address_cannot_take_every_slot(tmp_path: Path, many_fds: None) -> N
             conns = c.request({"op": "stats"})["stats"]["connections"]
         assert conns["refused_per_source"] == 1024 - 64
         assert conns["untrusted_sources"] == 1
+        # One warning for the whole flood, naming the /24 and never the address.
+        warnings = [ln for ln in d.logs().splitlines() if "one source holds its share" in ln]
+        assert len(warnings) == 1 and "127.0.0.0/24" in warnings[0], warnings
+        assert HOG not in d.logs()
     finally:
         for s in hog:
             s.close()
@@ -331,5 +339,39 @@ def test_a_reload_changes_the_share_per_source(tmp_path: Path) -> None:
         assert (read_frame(held[-1]) or {}).get("ok")
     finally:
         for s in held:
+            s.close()
+        d.stop()
+
+
+@pytest.mark.lan
+def test_ipv6_connection_share_counts_one_64_as_one_source(tmp_path: Path, v6_lan: Lan) -> None:
+    cfg = write_config(
+        tmp_path,
+        {
+            "daemon": {
+                "listen": [f"tcp://[{V6_LINK}1]:7310", f"unix://{tmp_path}/query.sock"],
+                "trusted_peers": ["127.0.0.1/32"],
+                "max_connections_per_source": 8,
+            }
+        },
+    )
+    d = DaemonProcess(cfg, netns=v6_lan.ns(1)).wait_ready()
+    url = f"tcp://[{V6_LINK}1]:7310"
+    socks: list[socket.socket] = []
+    try:
+        with v6_lan.netns(2):
+            socks = [connect(url, f"{V6_CLIENTS}{i:x}") for i in range(1, 51)]
+            socks.append(connect(url, f"{V6_OTHER}1"))
+        served = 0
+        for s in socks[:50]:
+            with contextlib.suppress(OSError):
+                s.sendall(PING)
+            reply = read_frame(s)
+            served += bool(reply and reply.get("ok"))
+        assert served == 8  # 50 addresses, one /64: one source's share
+        socks[50].sendall(PING)
+        assert (read_frame(socks[50]) or {}).get("ok")  # another /64, another source
+    finally:
+        for s in socks:
             s.close()
         d.stop()

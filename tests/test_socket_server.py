@@ -15,7 +15,13 @@ import msgpack
 import pytest
 
 from nearest_wire import encode_frame
-from support import DaemonProcess, read_frame, tcp_url, write_config
+from nearestd.adapters.socket_server import Connections, Limits
+from support import DaemonProcess, ask, read_frame, tcp_url, wait_for, write_config
+
+
+def open_connections(daemon: DaemonProcess) -> int:
+    """Return the open query connections the daemon counts."""
+    return int(ask(daemon, {"op": "stats"}, admin=True)["stats"]["connections"]["open"])
 
 
 def connect(url: str, source: str | None = None) -> socket.socket:
@@ -122,7 +128,7 @@ def test_connection_cap_refuses_the_extra_one_and_frees_slots(daemon: DaemonProc
         assert is_closed(extra)
         for c in conns:
             c.close()
-        time.sleep(0.3)
+        wait_for("the slots to come back", lambda: open_connections(daemon) == 0)
 
 
 def test_idle_and_slow_connections_are_closed(daemon: DaemonProcess) -> None:
@@ -130,9 +136,62 @@ def test_idle_and_slow_connections_are_closed(daemon: DaemonProcess) -> None:
     idle = connect(url)
     slow = connect(url)
     slow.sendall(struct.pack(">I", 100) + b"\x80")  # a frame that never completes
-    t0 = time.monotonic()
-    assert is_closed(idle, 5) and is_closed(slow, 5)
-    assert time.monotonic() - t0 < 4
+    # Closed after their 1 s deadlines (when exactly: test_deadline_sweep_follows_the_clock).
+    assert is_closed(idle, 10) and is_closed(slow, 10)
+    conns = ask(daemon, {"op": "stats"}, admin=True)["stats"]["connections"]
+    assert conns["closed_idle"] == 1 and conns["closed_slow"] == 1
+
+
+class Conn:
+    """What the sweep reads of a connection, and what it does to one."""
+
+    def __init__(
+        self,
+        conns: Connections,
+        last_activity: float,
+        frame_started: float | None,
+        waiting: bool = False,
+    ) -> None:
+        self.interface = "tcp"
+        self.source = "192.0.2.1"
+        self.slot_trusted = False
+        self.last_activity = last_activity
+        self.frame_started = frame_started
+        self.waiting = waiting
+        self.conns = conns
+        self.closed = ""
+
+    def abort(self, why: str) -> None:
+        self.closed = why
+        self.conns.forget(self)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("last_activity", "frame_started", "waiting", "now", "closed"),
+    [
+        (0.0, None, False, 0.9, ""),
+        (0.0, None, False, 1.0, ""),  # exactly at the idle deadline: still open
+        (0.0, None, False, 1.01, "idle"),
+        (0.5, None, False, 1.01, ""),  # activity restarts the idle clock
+        (0.9, 0.0, False, 1.01, "frame not completed in time"),
+        (0.9, 0.5, False, 1.01, ""),  # a frame begun later has time left
+        (0.0, 0.0, False, 1.01, "frame not completed in time"),  # slow wins over idle
+        (0.0, None, True, 5.0, ""),  # the daemon is answering it (a reload): not idle
+    ],
+)
+def test_deadline_sweep_follows_the_clock(
+    last_activity: float, frame_started: float | None, waiting: bool, now: float, closed: str
+) -> None:
+    clock = [now]
+    conns = Connections(Limits(idle_timeout=1.0, frame_timeout=1.0), lambda: clock[0])
+    conn = Conn(conns, last_activity, frame_started, waiting)
+    assert conns.add(conn) is None  # type: ignore[arg-type]
+    conns.sweep()
+    assert conn.closed == closed
+    assert (conn in conns.open) == (not closed)
+    assert conns.closed_idle == (closed == "idle")
+    assert conns.closed_slow == (closed == "frame not completed in time")
+    assert conns.slots.untrusted_open == (not closed)  # a closed one gives its slot back
 
 
 def test_a_steady_stream_cut_mid_frame_is_not_a_slow_frame(daemon: DaemonProcess) -> None:

@@ -438,7 +438,9 @@ request_maps = st.fixed_dictionaries(
         "v": st.sampled_from([1, 1, 1, 2, 0, True, 1.0, "1", None, Int(1)]),
         "id": st.one_of(
             st.integers(-2, 2**64),
-            st.sampled_from([True, 1.5, "7", None, Int(3), 2**63 - 1, 2**63, -1, 2**64 - 1, -(2**63), 2**64]),
+            st.sampled_from(
+                [True, 1.5, "7", None, Int(3), 2**63 - 1, 2**63, -1, 2**64 - 1, -(2**63), 2**64]
+            ),
         ),
         "op": st.sampled_from(["nearest"] * 6 + ["ping", "locate", "x", 1, Str("nearest")]),
         "kind": st.sampled_from(["printer", "scanner", "fax", 1, None, Str("printer")]),

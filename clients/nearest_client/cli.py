@@ -19,7 +19,7 @@ from nearest_client.client import (
     default_server,
     parse_url,
 )
-from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target
+from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, readiness
 from nearest_wire import KINDS, PAPER_NEEDS, Need
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
@@ -266,6 +266,12 @@ def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) ->
             file=sys.stderr,
         )
         return EXIT_NONE
+    ready = readiness()
+    for advice in ready.advice:
+        print(f"nearest: {advice}", file=sys.stderr)
+    if ready.missing_tools:
+        print("nearest: the default is unchanged", file=sys.stderr)
+        return EXIT_UNREACHABLE
     cups = Cups(driver_timeout=driver_timeout)
     for i, device in enumerate(devices):
         target = Target.from_reply(device)

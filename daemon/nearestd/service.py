@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,8 +30,8 @@ from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
-from nearestd.core.devices import DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
+from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
+from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
@@ -53,6 +53,13 @@ SECURITY_RESULTS = {
     "too-large": "requests_malformed",
 }
 CACHE_MAX = 8192
+Reply = dict[str, Any]
+# What a request gets: its reply, or (``reload``) the reply once the daemon has reloaded.
+Answer = Reply | Awaitable[Reply]
+# Figures of the daemon's edges by section name, read when ``stats`` is asked.
+Sections = Callable[[], Mapping[str, Mapping[str, Any]]]
+# Starts (or joins) a reload of config and site maps; resolves to the problems (none: switched).
+Reload = Callable[[], Awaitable[list[str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +94,39 @@ def ranking_of(cfg: Config) -> Ranking:
     return Ranking(r.floor_penalty_m, r.building_penalty_m, r.allow_other_sites)
 
 
+@dataclass(frozen=True, slots=True)
+class Carry:
+    """What the service hands to a reload's worker thread: taken on the loop, cheaply."""
+
+    table: Carried
+    live: dict[str, Live]
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A new config with its site map, device table and warmed index, ready to swap in."""
+
+    cfg: Config
+    sitemap: SiteMap
+    table: DeviceTable
+    ranking: Ranking
+    carry: Carry
+
+
+def prepare(cfg: Config, sitemap: SiteMap, carry: Carry) -> Prepared:
+    """Build the table and neighbour lists of a new site map (thread-safe: reads ``carry`` only)."""
+    live = carry.live
+
+    def declared(device: Device) -> Device:
+        found = live.get(device.id)
+        return device if found is None else overlay(device, found)
+
+    table = DeviceTable(sitemap, carry.table, declared)
+    ranking = ranking_of(cfg)
+    table.index.warm(sitemap.zones.values(), tuple(DeviceKind), ranking)
+    return Prepared(cfg, sitemap, table, ranking, carry)
+
+
 class Service:
     """Answers requests from the device table and the site map."""
 
@@ -96,6 +136,8 @@ class Service:
         sitemap: SiteMap,
         now: float,
         key_source: Callable[[], bytes],
+        sections: Sections | None = None,
+        reload: Reload | None = None,
     ) -> None:
         self.cfg = cfg
         self.sitemap = sitemap
@@ -107,14 +149,13 @@ class Service:
         self._cache: OrderedDict[
             tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]
         ] = OrderedDict()
-        self.reloader: Callable[[], list[str]] | None = None
-        self.extra_stats: dict[str, Callable[[], Any]] = {}
+        self._sections = sections
+        self._reload = reload
         # What the poller last found per device; laid over every update from discovery.
         self.live: dict[str, Live] = {}
         d = cfg.daemon
         self.limiter = RateLimiter(d.rate, d.burst, d.rate_clients)
         self.spikes = SpikeWatch(cfg.privacy.spike_per_minute)
-        self.extra_stats["security"] = self.security_view
         self._census: Census | None = None
         self._census_key = (-1, -1)
         # Neighbour lists are built per zone on its first query (well under a millisecond
@@ -125,8 +166,8 @@ class Service:
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
 
     # ---- requests ----------------------------------------------------------------------
-    def handle_payload(self, payload: bytes, peer: Peer, now: float) -> dict[str, Any]:
-        """Decode one frame payload and answer it."""
+    def handle_payload(self, payload: bytes, peer: Peer, now: float) -> Answer:
+        """Decode one frame payload and answer it (``reload``: an awaitable reply)."""
         try:
             obj = decode_payload(payload)
         except WireError as exc:
@@ -136,8 +177,8 @@ class Service:
 
     def handle(
         self, obj: dict[str, Any], peer: Peer, now: float, extra_keys: frozenset[str] = frozenset()
-    ) -> dict[str, Any]:
-        """Answer one decoded request map; never raises for bad input."""
+    ) -> Answer:
+        """Answer one decoded request map; never raises for bad input (``reload``: awaitable)."""
         op = obj.get("op") if isinstance(obj.get("op"), str) else "invalid"
         op_label = op if op in _OPS else "invalid"
         try:
@@ -177,7 +218,7 @@ class Service:
             rid, ErrorCode.RATE_LIMITED, "too many requests from this address; slow down"
         )
 
-    def _dispatch(self, req: Any, peer: Peer, now: float) -> dict[str, Any]:
+    def _dispatch(self, req: Any, peer: Peer, now: float) -> Answer:
         if isinstance(req, NearestRequest):
             return self._nearest(req, peer, now)
         if isinstance(req, LocateRequest):
@@ -189,22 +230,10 @@ class Service:
         if isinstance(req, PingRequest):
             return {"v": 1, "id": req.id, "ok": True, "version": __version__}
         if isinstance(req, ReloadRequest):
-            if self.reloader is None:
+            if self._reload is None:
                 raise WireError(ErrorCode.UNAVAILABLE, "reload is not wired in", req.id)
-            problems = self.reloader()
-            if problems:
-                return {
-                    "v": 1,
-                    "id": req.id,
-                    "ok": False,
-                    "error": {
-                        "code": str(ErrorCode.BAD_REQUEST),
-                        "message": f"reload refused; still running the old configuration: "
-                        f"{len(problems)} problem(s)",
-                    },
-                    "problems": problems,
-                }
-            return {"v": 1, "id": req.id, "ok": True, "reloaded": True}
+            # Asked now (the files are read after this request), answered when done.
+            return self._reloaded(req.id, self._reload())
         if isinstance(req, StatsRequest):
             return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
         if isinstance(req, MapRequest):
@@ -213,11 +242,31 @@ class Service:
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
                 self.log.record_action("privacy.export", len(entries), now)
+                # The action and its count only: whose entries they were is not logged.
+                LOG.info("location log exported", extra={"op": req.op, "count": len(entries)})
                 return {"v": 1, "id": req.id, "ok": True, "entries": entries}
             n = self.log.erase(req.ip)
             self.log.record_action("privacy.erase", n, now)
+            LOG.info("location log erased", extra={"op": req.op, "count": n})
             return {"v": 1, "id": req.id, "ok": True, "erased": n}
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
+
+    @staticmethod
+    async def _reloaded(rid: int, reloading: Awaitable[list[str]]) -> Reply:
+        problems = await reloading
+        if problems:
+            return {
+                "v": 1,
+                "id": rid,
+                "ok": False,
+                "error": {
+                    "code": str(ErrorCode.BAD_REQUEST),
+                    "message": f"reload refused; still running the old configuration: "
+                    f"{len(problems)} problem(s)",
+                },
+                "problems": problems,
+            }
+        return {"v": 1, "id": rid, "ok": True, "reloaded": True}
 
     def _locate(
         self, client_ip: str | None, zone_id: str | None, peer: Peer, rid: int
@@ -298,7 +347,8 @@ class Service:
 
     def floor_drawing(self, req: MapRequest) -> str:
         """Return one floor as a standalone SVG document, or refuse an unknown floor."""
-        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+        atlas = Atlas.of(self.sitemap)
+        if not atlas.floor_zones(req.site, req.building, req.level):
             raise WireError(
                 ErrorCode.UNKNOWN_LOCATION,
                 "site, building, level: no zone of the site maps is on that floor",
@@ -312,7 +362,7 @@ class Service:
             req.building,
             req.level,
         )
-        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+        return floor_svg(atlas, req.site, req.building, req.level, marks)
 
     def explain(
         self, client_ip: str, kind: str, k: int, now: float
@@ -380,13 +430,45 @@ class Service:
     # ---- state -------------------------------------------------------------------------
     def apply(self, cfg: Config, sitemap: SiteMap) -> None:
         """Switch to a validated config and site map; discovered devices are placed again."""
-        self.cfg = cfg
-        self.sitemap = sitemap
-        self.ranking = ranking_of(cfg)
-        self.table.set_sitemap(sitemap)
-        # Static devices come back from the new map as declared: lay the live state over again.
+        self.swap(prepare(cfg, sitemap, self.carry()))
+
+    def carry(self) -> Carry:
+        """Return what a new table takes over (call on the loop; cheap, nothing deep-copied)."""
+        return Carry(self.table.carried(), dict(self.live))
+
+    def swap(self, new: Prepared) -> tuple[SiteMap, DeviceTable]:
+        """Switch to a prepared config and table; return the old site map and table.
+
+        Cheap, between requests: what changed in the table since ``carry()`` (devices
+        discovery added, changed or lost, polls that came back) is done again on the new one.
+        """
+        old_sitemap, old = self.sitemap, self.table
+        table = new.table
+        carried = {r.device.id: r for r in new.carry.table.records}
+        now_dynamic = {r.device.id: r for r in old.dynamic_records()}
+        old_held = {id(q) for q in new.carry.table.held}
+        self.cfg = cfg = new.cfg
+        self.sitemap = new.sitemap
+        self.ranking = new.ranking
+        table.generation = old.generation + 1
+        self.table = table
+        for device_id in carried:
+            if device_id not in now_dynamic:
+                table.remove(device_id)
+        for device_id, rec in now_dynamic.items():
+            if carried.get(device_id) is not rec:
+                table.upsert(rec.device, rec.last_seen)
+        for held in old.quarantine.values():
+            if id(held) not in old_held:
+                table.upsert(held.device, held.last_seen)
+        # Polls that came back meanwhile; static devices were given the live state as of carry().
+        before = new.carry.live
         for device_id, live in list(self.live.items()):
-            self.set_live(device_id, live)
+            if before.get(device_id) is not live:
+                self.set_live(device_id, live)
+        for device_id in before:
+            if device_id not in self.live:
+                self.set_live(device_id, None)
         self.log.retention = cfg.privacy.retention
         self.log.max_entries = cfg.privacy.max_entries
         d = cfg.daemon
@@ -394,6 +476,7 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
+        return old_sitemap, old
 
     def upsert_device(self, device: Device, now: float) -> str:
         """Add or update a device from discovery; return what changed.
@@ -498,12 +581,19 @@ class Service:
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
+            "location_log_bytes": self.log.bytes,
+            "location_log_oldest_at": self.log.oldest,
+            "location_log_oldest_age_s": None
+            if self.log.oldest is None
+            else round(now - self.log.oldest, 3),
             "location_log_purged": self.log.purged,
             "location_log_dropped": self.log.dropped,
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},
         }
-        for key, fn in self.extra_stats.items():
-            out[key] = _plain(fn())
+        out["security"] = self.security_view()
+        if self._sections is not None:
+            for key, value in self._sections().items():
+                out[key] = _plain(value)
         return out
 
 

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from nearestd.config import Config
+
+
+# Starts a component's long-running task; the app's runs it in its task group, where a
+# task that fails is logged instead of stopping the daemon.
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+def spawn_task(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a task on its own (a component used outside the app, as tests do)."""
+    return asyncio.create_task(coro, name=name)
 
 
 @runtime_checkable

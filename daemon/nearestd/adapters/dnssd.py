@@ -3,9 +3,10 @@
 The decisions are ``core.dnssd``'s; this adapter parses questions and builds replies with
 dnslib (measured here: parse about 1.3x, parse-and-build about 5x dnspython's rate, see
 docs/dnssd.md), and keeps every reply it built as wire bytes keyed by the query's bytes
-after the ID and the querier's zone. The cache is dropped whenever the device table's
-generation moves (any device added, changed or removed, or a new site map), so the hot
-path of a repeated question is one dict lookup and two byte slices (the ID patched in).
+after the ID and the querier's zone. When the device table's generation has moved since a
+reply was built, it is served again only if the device lists it was built from are
+unchanged (else rebuilt); a new site map or config drops the cache. The hot path of a
+repeated question is one dict lookup and two byte slices (the ID patched in).
 
 Defences: the question must be one class-IN query (else FORMERR/NOTIMP/REFUSED); replies
 over UDP are cut to the asker's EDNS size (512 without EDNS, at most 1232): additional
@@ -63,6 +64,7 @@ TCP_IDLE = 10.0
 TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
+LOG_MEMO = 65536
 
 
 class Entry(NamedTuple):
@@ -76,6 +78,9 @@ class Entry(NamedTuple):
     zone: str | None
     devices: tuple[str, ...]
     client: str | None
+    generation: int = -1
+    depends: tuple[tuple[str, bytes], ...] = ()
+    lists: tuple[Any, ...] = ()
 
 
 def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -159,18 +164,21 @@ class DnssdServer:
         self.cfg = cfg
         self.publisher = self._publisher(cfg)
         self.trusted = [_net(c) for c in cfg.trusted_resolvers]
+        self._trusted_memo: dict[str, bool] = {}
         self.limiter = RateLimiter(RATE, BURST, RATE_KEYS)
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
         self.cache_bytes = 0
         self.cache_max = CACHE_MAX
-        self._generation = -1
         self._sitemap: Any = None
+        self._logged: dict[tuple[str, str, tuple[str, ...]], None] = {}
+        self._log_window = 0.0
         self.queries: Counter[str] = Counter()
         self.rcodes: Counter[str] = Counter()
         self.truncated = 0
         self.rate_limited = 0
         self.malformed = 0
         self.dropped = 0
+        self.revalidated = 0
         self.tcp_refused = 0
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
@@ -231,19 +239,21 @@ class DnssdServer:
         self.cfg = new
         self.publisher = self._publisher(new)
         self.trusted = [_net(c) for c in new.trusted_resolvers]
+        self._trusted_memo = {}
         self._drop_cache()
 
     def stats(self) -> Mapping[str, Any]:
         """Return the counters: queries by type, replies by rcode, truncated, rate-limited."""
         return {
-            "by_qtype": {k: {"queries_total": v} for k, v in sorted(self.queries.items())},
-            "by_rcode": {k: {"replies_total": v} for k, v in sorted(self.rcodes.items())},
+            "queries_by_qtype": dict(sorted(self.queries.items())),
+            "replies_by_rcode": dict(sorted(self.rcodes.items())),
             "truncated_total": self.truncated,
             "rate_limited_total": self.rate_limited,
             "malformed_total": self.malformed,
             "tcp_refused_total": self.tcp_refused,
             "tcp_connections": len(self._conns),
             "cache_entries": len(self.cache),
+            "cache_revalidated_total": self.revalidated,
             "cache_bytes": self.cache_bytes,
         }
 
@@ -253,14 +263,21 @@ class DnssdServer:
         self.cache_bytes = 0
 
     def is_trusted(self, ip: str) -> bool:
-        """Return whether an address is one of the trusted resolvers."""
+        """Return whether an address is one of the trusted resolvers (memoised per address)."""
         if not self.trusted:
             return False
+        known = self._trusted_memo.get(ip)
+        if known is not None:
+            return known
         try:
             addr = ipaddress.ip_address(ip.split("%", 1)[0])
         except ValueError:
             return False
-        return any(addr in net for net in self.trusted)
+        found = any(addr in net for net in self.trusted)
+        if len(self._trusted_memo) >= LOG_MEMO:
+            self._trusted_memo.clear()
+        self._trusted_memo[ip] = found
+        return found
 
     def allow(self, ip: str, trusted: bool) -> bool:
         """Take a token for the source's prefix; count and refuse it when over the rate."""
@@ -275,13 +292,15 @@ class DnssdServer:
             self.malformed += 1
             return None
         svc = self.service
-        if svc.table.generation != self._generation or svc.sitemap is not self._sitemap:
-            self._generation = svc.table.generation
+        if svc.sitemap is not self._sitemap:
             self._sitemap = svc.sitemap
             self._drop_cache()
         source_zone = svc.sitemap.prefixes.lookup(ip) if _is_ip(ip) else None
         key = (data[2:], source_zone, trusted)
         entry = self.cache.get(key)
+        generation = svc.table.generation
+        if entry is not None and entry.generation != generation:
+            entry = self._revalidate(key, entry, generation)
         if entry is None:
             try:
                 entry = self._build(data, source_zone, ip, trusted)
@@ -290,7 +309,10 @@ class DnssdServer:
                 self.malformed += 1
                 self.rcodes["FORMERR"] += 1
                 return _header_only(data, 1)
-            if len(self.cache) >= self.cache_max:
+            stale = self.cache.pop(key, None)
+            if stale is not None:
+                self.cache_bytes -= len(stale.udp) + len(stale.tcp) + len(data)
+            elif len(self.cache) >= self.cache_max:
                 _, old = self.cache.popitem(last=False)
                 self.cache_bytes -= len(old.udp) + len(old.tcp) + len(data)
             self.cache[key] = entry
@@ -300,8 +322,44 @@ class DnssdServer:
         if udp and entry.truncated:
             self.truncated += 1
         if entry.zone is not None:
-            svc.remember_lookup(entry.client or ip, entry.zone, "dnssd", entry.devices, self.wall())
+            self._log(entry.client or ip, entry.zone, entry.devices)
         return data[:2] + (entry.udp if udp else entry.tcp)[2:]
+
+    def _revalidate(
+        self, key: tuple[bytes, str | None, bool], entry: Entry, generation: int
+    ) -> Entry | None:
+        """Keep a cached answer across a table change when the lists it shows are unchanged.
+
+        Most changes (a poll's state, a device far away) leave a zone's ``per_type`` nearest
+        devices as they were; only the answers built from a list that changed are rebuilt.
+        """
+        if entry.depends:
+            svc = self.service
+            now = self.publisher.lists(entry.depends, svc.table, svc.sitemap, svc.ranking)
+            if now != entry.lists:
+                return None
+        fresh = entry._replace(generation=generation)
+        self.cache[key] = fresh
+        self.revalidated += 1
+        return fresh
+
+    def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
+        """Make the location-log entry; the same answer to the same address once a second.
+
+        A client browsing asks a dozen names at once (and a resolver the same ones for
+        many clients): one entry per second for each distinct (address, zone, devices)
+        keeps what the log says and spares a keyed hash per packet.
+        """
+        now = self.wall()
+        if not 0 <= now - self._log_window < 1.0:
+            self._logged.clear()
+            self._log_window = now
+        key = (client, zone, devices)
+        if key in self._logged:
+            return
+        if len(self._logged) < LOG_MEMO:
+            self._logged[key] = None
+        self.service.remember_lookup(client, zone, "dnssd", devices, now)
 
     def _build(self, data: bytes, source_zone: str | None, ip: str, trusted: bool) -> Entry:
         query = DNSRecord.parse(data)
@@ -365,6 +423,7 @@ class DnssdServer:
                 msg.header.tc = 1
                 udp, truncated = bytes(msg.pack()), True
         rcode_name = RCODE.get(rcode, f"RCODE{rcode}")
+        lists = self.publisher.lists(reply.depends, svc.table, svc.sitemap, svc.ranking) or ()
         return Entry(
             udp,
             tcp,
@@ -374,6 +433,9 @@ class DnssdServer:
             reply.zone,
             reply.devices,
             client,
+            svc.table.generation,
+            reply.depends,
+            lists,
         )
 
     # ---- TCP ---------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from zeroconf._protocol.outgoing import DNSOutgoing
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV
 
-from nearestd.config import DiscoveryConfig
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config, DiscoveryConfig
 from nearestd.core.discovery import (
     BASE_TYPES,
     SUBTYPE_FLAGS,
@@ -54,7 +55,6 @@ from nearestd.core.discovery import (
 from nearestd.core.quarantine import service_is_pinned, service_is_suspect
 
 if TYPE_CHECKING:
-    from nearestd.app import Daemon
     from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.mdns")
@@ -235,13 +235,17 @@ def open_link(link: Link, ipv6: bool) -> AsyncZeroconf:
 class MdnsDiscovery:
     """Browses mDNS on the configured interfaces and keeps the service's devices current."""
 
+    name = "discovery"
+
     def __init__(
         self,
         service: Service,
         cfg: DiscoveryConfig,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn_long = spawn
         self.cfg = cfg
         self.clock = clock
         self.merger = Merger(
@@ -270,6 +274,8 @@ class MdnsDiscovery:
         self._overflow_logged = False
         self._touched = 0.0
         self._restart_lock = asyncio.Lock()
+        # Restarts after a reload: not among the tasks _close() cancels.
+        self._restarts: set[asyncio.Task[None]] = set()
 
     # ---- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
@@ -286,7 +292,7 @@ class MdnsDiscovery:
         except (DiscoveryError, OSError, ValueError) as exc:
             self.error = str(exc)
             LOG.error("discovery not started", extra={"error": self.error})
-            await self.stop()
+            await self._close()
             return
         # One python-zeroconf per link: instance names are unique only per link, and one
         # shared cache would let a cache flush on one link erase a record from another.
@@ -298,7 +304,7 @@ class MdnsDiscovery:
                 AsyncServiceBrowser(zc, list(BASE_TYPES), handlers=[self._handler(label)]),
                 AsyncServiceBrowser(zc, list(SUBTYPES), handlers=[self._flag_handler(label)]),
             ]
-        self._upkeep_task = asyncio.create_task(self._upkeep(), name="mdns-upkeep")
+        self._upkeep_task = self._spawn_long(self._upkeep(), "mdns-upkeep")
         LOG.info(
             "discovery started",
             extra={"interfaces": ",".join(self._links), "types": len(BASE_TYPES)},
@@ -306,6 +312,12 @@ class MdnsDiscovery:
 
     async def stop(self) -> None:
         """Stop browsing and close the sockets; the devices stay until the daemon exits."""
+        for task in list(self._restarts):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self._close()
+
+    async def _close(self) -> None:
         if self._upkeep_task is not None:
             self._upkeep_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -600,7 +612,14 @@ class MdnsDiscovery:
             for device_id, heard in self.merger.device_heard().items():
                 self.service.table.touch(device_id, heard)
 
-    def reconfigure(self, cfg: DiscoveryConfig) -> bool:
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload: new limits now; new links (or none) by a restart in the background."""
+        if self.follow(cfg.discovery):
+            task = self._spawn_long(self.restart(), "mdns-restart")
+            self._restarts.add(task)
+            task.add_done_callback(self._restarts.discard)
+
+    def follow(self, cfg: DiscoveryConfig) -> bool:
         """Take new limits; return whether the links changed (a restart is needed)."""
         restart = (
             cfg.interfaces != self.cfg.interfaces
@@ -615,36 +634,8 @@ class MdnsDiscovery:
     async def restart(self) -> None:
         """Reopen the links after a reload; forget services of links no longer browsed."""
         async with self._restart_lock:
-            await self.stop()
+            await self._close()
             keep = set(self.cfg.interfaces) if self.cfg.enabled else set()
             self._apply(self.merger.drop_links(keep), "removed")
             if self.cfg.enabled:
                 await self.start()
-
-
-def attach_mdns(daemon: Daemon) -> MdnsDiscovery:
-    """Register discovery's start, stop and reload hooks with the daemon."""
-    discovery = MdnsDiscovery(daemon.service, daemon.service.cfg.discovery)
-    daemon.service.extra_stats["discovery"] = discovery.stats
-    restarts: set[asyncio.Task[None]] = set()
-
-    async def start(_: Daemon) -> None:
-        await discovery.start()
-
-    async def stop(_: Daemon) -> None:
-        for task in list(restarts):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await discovery.stop()
-
-    def reload(d: Daemon) -> None:
-        if discovery.reconfigure(d.service.cfg.discovery):
-            # Not one of discovery's own tasks: stop() cancels those.
-            task = asyncio.ensure_future(discovery.restart())
-            restarts.add(task)
-            task.add_done_callback(restarts.discard)
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return discovery

@@ -56,6 +56,7 @@ LOG = logging.getLogger("nearestd.metrics")
 SNAPSHOT_TIMEOUT = 1.0
 MAX_LABEL_VALUES = 64
 MAX_SUPPLY_SERIES = 2000
+MAX_SUPPLY_NAME = 64
 SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,47}")
 HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")  # a hash or pseudonym
 DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
@@ -180,14 +181,31 @@ def by_label(section: str, key: str, name: str, kind: str, help: str, label: str
     return Family(name, kind, help, read, (label,), section=section, keys=(key,))
 
 
+def supply_label(name: str) -> str:
+    """Return a supply's name as the device reports it (as stats show it), or ``other``.
+
+    Label values may hold any text (the exposition format escapes what it must), so the
+    name is not rewritten; one too long, with control characters, or holding what could
+    be an address or a hash is folded into ``other``.
+    """
+    if (
+        0 < len(name) <= MAX_SUPPLY_NAME
+        and name.isprintable()
+        and not IPV4_RUN.search(name)
+        and not HEX_RUN.search(name)
+        and name.count(":") < 2
+    ):
+        return name
+    return "other"
+
+
 def _supplies(r: Readings) -> list[Sample]:
     out: dict[tuple[str, str], float] = {}
     for device_id, supply, level in r.census.supplies:
         dev = device_label(device_id)
         if dev == "other" or len(out) >= MAX_SUPPLY_SERIES:
             continue
-        name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply).strip("_"))
-        out.setdefault((dev, name), float(level))
+        out.setdefault((dev, supply_label(supply)), float(level))
     return sorted(out.items())
 
 
@@ -234,14 +252,15 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "nearest_devices",
         "gauge",
-        "Known devices by kind and shown state (stale: restored at start, state not yet known).",
+        "Known devices by kind and shown state (stale: not confirmed since a restart, or its "
+        "origin went silent; stopped and unreachable ones show those states).",
         lambda r: [((k, s), float(n)) for (k, s), n in r.census.by_kind_state],
         ("kind", "state"),
     ),
     Family(
         "nearest_devices_stale",
         "gauge",
-        "Devices restored from the warm-restart snapshot and not yet heard of again, by kind.",
+        "Stale devices (restored and not yet heard of again, or from a silent origin), by kind.",
         lambda r: _by_kind(r.census.stale_by_kind),
         ("kind",),
     ),
@@ -263,7 +282,8 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_device_supply_level_percent",
         "gauge",
         "Supply level a polled device reports, in percent, by device id and supply name "
-        f"(at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
+        "as the device reports it, as in stats (a name that could hold an address: other; "
+        f"at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
         _supplies,
         ("device", "supply"),
     ),
@@ -313,7 +333,7 @@ FAMILIES: tuple[Family, ...] = (
         "Whether an [mqtt] section configures MQTT (its state: nearest_mqtt_connected).",
         lambda r: r.mqtt_enabled,
     ),
-    # Reloads and the warm-restart inventory (the app's ``operations`` section).
+    # Reloads (the app's ``operations`` section) and the warm-restart inventory.
     Family(
         "nearest_config_reloads_total",
         "counter",
@@ -344,26 +364,56 @@ FAMILIES: tuple[Family, ...] = (
         "counter",
         "Writes of the warm-restart inventory snapshot, by result.",
         lambda r: [
-            (("success",), float(r.section("operations").get("inventory_writes_ok", 0))),
-            (("failure",), float(r.section("operations").get("inventory_writes_failed", 0))),
+            (("success",), float(r.section("inventory").get("writes_ok", 0))),
+            (("failure",), float(r.section("inventory").get("writes_failed", 0))),
         ],
         ("result",),
-        section="operations",
-        keys=("inventory_writes_ok", "inventory_writes_failed"),
+        section="inventory",
+        keys=("writes_ok", "writes_failed"),
     ),
     stat(
-        "operations",
-        "inventory_restored",
+        "inventory",
+        "restored",
         "nearest_inventory_restored_devices",
         "gauge",
         "Devices restored (as stale) from the snapshot at start.",
     ),
     stat(
-        "operations",
+        "inventory",
         "stale_expired",
         "nearest_inventory_stale_expired_total",
         "counter",
         "Restored devices dropped because discovery did not confirm them in time.",
+    ),
+    # The operators' web view (adapters/web.py), while [web] is set.
+    stat(
+        "web",
+        "requests",
+        "nearest_web_requests_total",
+        "counter",
+        "Requests the web view answered (pages, assets, event streams).",
+    ),
+    stat(
+        "web",
+        "unauthorised",
+        "nearest_web_unauthorised_total",
+        "counter",
+        "Web requests refused with 401 for a missing or wrong bearer token.",
+    ),
+    stat("web", "streams", "nearest_web_streams", "gauge", "Open web pages following live events."),
+    stat(
+        "web",
+        "events",
+        "nearest_web_events_total",
+        "counter",
+        "Live updates sent to open web pages.",
+    ),
+    stat(
+        "web",
+        "streams_dropped",
+        "nearest_web_streams_dropped_total",
+        "counter",
+        "Event streams closed because their reader fell too far behind.",
     ),
     # Client connections (the socket servers).
     stat(
@@ -471,14 +521,14 @@ FAMILIES: tuple[Family, ...] = (
         "rate_limiter_clients",
         "nearest_security_rate_limiter_clients",
         "gauge",
-        "Client addresses tracked by the rate limiter.",
+        "Client sources (addresses, IPv6 /64s) tracked by the rate limiter.",
     ),
     stat(
         "security",
         "rate_limiter_evicted",
         "nearest_security_rate_limiter_evicted_total",
         "counter",
-        "Client addresses evicted from the rate limiter's table.",
+        "Client sources evicted from the rate limiter's table.",
     ),
     stat(
         "security",
@@ -765,6 +815,79 @@ FAMILIES: tuple[Family, ...] = (
         "Devices never polled for their address (loopback, this host's own, ...), by reason.",
         "reason",
     ),
+    # Unicast DNS-SD (while a [dnssd] section is configured).
+    by_label(
+        "dnssd",
+        "queries_by_qtype",
+        "nearest_dnssd_queries_total",
+        "counter",
+        "DNS queries answered, by query type.",
+        "qtype",
+    ),
+    by_label(
+        "dnssd",
+        "replies_by_rcode",
+        "nearest_dnssd_replies_total",
+        "counter",
+        "DNS replies sent, by response code.",
+        "rcode",
+    ),
+    stat(
+        "dnssd",
+        "truncated_total",
+        "nearest_dnssd_truncated_total",
+        "counter",
+        "UDP replies truncated (TC) to the asker's size.",
+    ),
+    stat(
+        "dnssd",
+        "rate_limited_total",
+        "nearest_dnssd_rate_limited_total",
+        "counter",
+        "DNS queries dropped over the rate of their source prefix.",
+    ),
+    stat(
+        "dnssd",
+        "malformed_total",
+        "nearest_dnssd_malformed_total",
+        "counter",
+        "DNS messages dropped or answered FORMERR.",
+    ),
+    stat(
+        "dnssd",
+        "tcp_refused_total",
+        "nearest_dnssd_tcp_refused_total",
+        "counter",
+        "DNS TCP connections refused over the cap.",
+    ),
+    stat(
+        "dnssd",
+        "tcp_connections",
+        "nearest_dnssd_tcp_connections",
+        "gauge",
+        "Open DNS TCP connections.",
+    ),
+    stat(
+        "dnssd",
+        "cache_entries",
+        "nearest_dnssd_cache_entries",
+        "gauge",
+        "DNS answers cached as wire.",
+    ),
+    stat(
+        "dnssd",
+        "cache_revalidated_total",
+        "nearest_dnssd_cache_revalidated_total",
+        "counter",
+        "Cached DNS answers kept across a device-table change (their device lists unchanged).",
+    ),
+    stat(
+        "dnssd",
+        "cache_bytes",
+        "nearest_dnssd_cache_bytes",
+        "gauge",
+        "Bytes of DNS wire answers and their keys in the cache.",
+    ),
     # The exporter itself.
     always(
         "nearest_metrics_snapshot_age_seconds",
@@ -792,11 +915,14 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "url": "this page's own address",
         "snapshot_fallbacks": "nearest_metrics_snapshot_fallbacks_total has it",
     },
-    "operations": {
-        "inventory_file": "a path",
-        "inventory_last_write": "a timestamp only for stats",
-        "systemd_notify": "a setting",
-        "metrics": "this page's own address",
+    "inventory": {
+        "file": "a path",
+        "last_write": "a timestamp only for stats",
+    },
+    "systemd": {
+        "notify": "a setting",
+        "sent": "messages to the service manager, only for stats",
+        "failed": "messages the service manager did not take, only for stats",
     },
 }
 

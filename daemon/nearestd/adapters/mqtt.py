@@ -16,6 +16,8 @@ and jitter; the sockets keep serving meanwhile, and each change of state is logg
 
 MQTT clients are authenticated and authorised by the broker, so a request over MQTT is
 trusted to name ``client_ip`` or ``zone`` (it must: the broker hides who asks).
+With federation the query subscription is shared (``$share/nearestd/P/query``), so a
+federation answers each query once; ``P/query/<instance>`` addresses one daemon.
 
 Fair shares. The broker does not say which client published a request, so an *asker*
 is known by where it wants the answer: the MQTT 5 Response Topic, else the 3.1.1
@@ -24,15 +26,16 @@ it is dropped as it is read from the socket, before it is queued, and counted (n
 reply: a rate-limited answer per request would let a flood double itself through the
 broker; MQTT requesters time out and retry). Requests waiting to be answered are
 bounded by ``max_queued``; beyond it they are dropped and counted too, so a flood
-costs neither memory nor everyone else's answers.
-With federation the query subscription is shared (``$share/nearestd/P/query``), so a
-federation answers each query once; ``P/query/<instance>`` addresses one daemon.
+costs neither memory nor everyone else's answers. Half of that bound is kept for askers
+answered recently (the last 4,096): a flood naming a fresh reply topic per request gets
+a new bucket each time and so evades the rate, but it cannot crowd those askers out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import secrets
@@ -41,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -52,12 +55,14 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from nearest_wire import ErrorCode, WireError, error_reply
 from nearest_wire.schema import request_id
+from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, MqttConfig
 from nearestd.core import federation as fed
 from nearestd.core.devices import Record
 from nearestd.core.federation import Change, Federation, Inventory, RecordError
-from nearestd.core.limits import RateLimiter
+from nearestd.core.limits import RateLimiter, RecentKeys
 from nearestd.core.mqtt_payload import (
+    JSON,
     MSGPACK,
     TRANSPORT_KEYS,
     ReplyRoute,
@@ -69,9 +74,6 @@ from nearestd.core.mqtt_payload import (
     topic_error,
 )
 from nearestd.service import Peer, Service
-
-if TYPE_CHECKING:
-    from nearestd.app import Daemon
 
 LOG = logging.getLogger("nearestd.mqtt")
 CLIENT_LOG = logging.getLogger("nearestd.mqtt.client")
@@ -109,7 +111,6 @@ MAX_REPLY_TASKS = 1024
 MAX_QUEUED = 20000  # every incoming message (records, status); requests have their own bound
 MAX_ASKERS = 4096  # rate buckets held at most (LRU; see core.limits)
 SHARE_GROUP = "nearestd"
-JSON_TYPE = "application/json"
 # MQTT 5 CONNACK reason codes (and 3.1.1 return codes 4, 5) that mean "your credentials".
 CREDENTIAL_CODES = frozenset({4, 5, 134, 135, 140})
 SESSION_TAKEN_OVER = 142
@@ -167,12 +168,19 @@ class Counters:
     unanswerable: int = 0
     records_published: int = 0
     records_cleared: int = 0
-    federated_refused: int = 0
     conflicts: int = 0
     internal_errors: int = 0
     rate_limited: int = 0
     dropped: int = 0
     dropped_other: int = 0
+
+
+class Verdict(enum.Enum):
+    """What admission says of a request, before it is queued."""
+
+    REFUSED = "refused"  # over its asker's rate
+    KNOWN = "known"  # admitted, from an asker answered recently
+    NEW = "new"  # admitted, from an asker not answered recently
 
 
 class Inbox(asyncio.Queue[aiomqtt.Message]):
@@ -185,7 +193,7 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def __init__(
         self,
         request_topics: frozenset[str],
-        admit: Callable[[aiomqtt.Message], bool],
+        admit: Callable[[aiomqtt.Message], Verdict],
         max_requests: int,
         maxsize: int = 0,
     ) -> None:
@@ -200,9 +208,11 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
     def put_nowait(self, item: aiomqtt.Message) -> None:
         """Queue a message, or drop it (counted) when over a rate or a bound."""
         if item.topic.value in self.request_topics:
-            if not self._admit(item):
+            verdict = self._admit(item)
+            if verdict is Verdict.REFUSED:
                 return
-            if self.requests >= self.max_requests or self.full():
+            limit = self.max_requests if verdict is Verdict.KNOWN else self.max_requests // 2
+            if self.requests >= limit or self.full():
                 self.dropped += 1
                 return
             self.requests += 1
@@ -230,14 +240,18 @@ def parse_url(url: str) -> tuple[str, int, bool]:
 class MqttAdapter:
     """Keeps the broker connection, answers queries, publishes and reads the inventory."""
 
+    name = "mqtt"
+
     def __init__(
         self,
         service: Service,
         cfg: MqttConfig,
         config: Config,
         clock: Callable[[], float] = time.time,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.cfg = cfg
         self.config = config
         self.clock = clock
@@ -269,6 +283,7 @@ class MqttAdapter:
         self._stopping = asyncio.Event()
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self.askers = RateLimiter(cfg.rate, cfg.burst, MAX_ASKERS)
+        self.answered = RecentKeys(MAX_ASKERS)
         self._inbox: Inbox | None = None
         self._state: tuple[str, str] = ("", "")
         self._syncing = False
@@ -287,9 +302,9 @@ class MqttAdapter:
     async def start(self) -> None:
         """Start the connection task; the broker need not be up."""
         self._stopping.clear()
-        self._task = asyncio.create_task(self._run(), name="mqtt")
+        self._task = self._spawn(self._run(), "mqtt")
         if self.federation is not None:
-            self._expiry = asyncio.create_task(self._expire(), name="mqtt-expiry")
+            self._expiry = self._spawn(self._expire(), "mqtt-expiry")
 
     async def stop(self) -> None:
         """Publish ``offline``, disconnect cleanly and stop."""
@@ -452,15 +467,23 @@ class MqttAdapter:
         self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, maxsize)
         return self._inbox
 
-    def _admit(self, message: aiomqtt.Message) -> bool:
-        """Return whether a request's asker may ask now (else it is counted as rate-limited)."""
-        asker = getattr(message.properties, "ResponseTopic", None)
-        if not isinstance(asker, str):
-            asker = self._reply_to(message.payload, message.properties)
-        if self.askers.take(asker, 1, self.clock()) == 1:
-            return True
+    def _admit(self, message: aiomqtt.Message) -> Verdict:
+        """Say whether a request's asker may ask now (a refusal is counted as rate-limited)."""
+        try:
+            asker = getattr(message.properties, "ResponseTopic", None)
+            if not isinstance(asker, str):
+                asker = self._reply_to(message.payload, message.properties)
+            known = asker in self.answered
+            granted = self.askers.take(asker, 1, self.clock())
+        except Exception:
+            # Raised inside paho's read callback it would end the session: admit the
+            # request instead, and let answering it find what is wrong.
+            self.counters.internal_errors += 1
+            return Verdict.NEW
+        if granted == 1:
+            return Verdict.KNOWN if known else Verdict.NEW
         self.counters.rate_limited += 1
-        return False
+        return Verdict.REFUSED
 
     def _reply_to(self, payload: Any, props: Properties | None) -> str:
         """Return a 3.1.1 request's ``reply_to`` ("" when it names none: those share a bucket)."""
@@ -750,13 +773,17 @@ class MqttAdapter:
                 self.service.stats.queries[(self.peer.interface, "invalid", "bad-request")] += 1
                 reply = error_reply(request_id(obj), ErrorCode.BAD_REQUEST, why)
             else:
-                reply = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                answer = self.service.handle(obj, self.peer, now, extra_keys=TRANSPORT_KEYS)
+                # Only admin peers get a reply that comes later (reload); MQTT's never is one.
+                assert isinstance(answer, dict)
+                reply = answer
                 if not reply.get("ok") and malformed_code(reply["error"]["code"]):
                     self.counters.malformed += 1
             if route.has_echo:
                 reply["correlation"] = route.echo
+        self.answered.note(route.topic)
         out = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        out.ContentType = MSGPACK if is_msgpack else JSON_TYPE
+        out.ContentType = MSGPACK if is_msgpack else JSON
         if route.correlation_data is not None:
             out.CorrelationData = route.correlation_data
         return route.topic, encode_reply(reply, is_msgpack), out
@@ -801,7 +828,6 @@ class MqttAdapter:
         try:
             changes = self.federation.on_record(level, payload, self.clock())
         except RecordError as exc:
-            self.counters.federated_refused += 1
             if level not in self._refused_logged and len(self._refused_logged) < 1000:
                 self._refused_logged.add(level)
                 LOG.warning(
@@ -857,7 +883,7 @@ class MqttAdapter:
         if missing:
             self._apply(missing)
 
-    def on_reload(self, cfg: Config) -> None:
+    def reconfigure(self, cfg: Config) -> None:
         """Warn when a reload changes [mqtt]: the connection keeps its settings until a restart."""
         self.config = cfg
         if cfg.mqtt != self.cfg:
@@ -867,25 +893,3 @@ class MqttAdapter:
 def _stable_detail(err: BrokerError) -> str:
     # Connection-refused texts carry no varying parts; keep the first clause only.
     return err.detail.split(" (", 1)[0][:200]
-
-
-def attach_mqtt(daemon: Daemon) -> MqttAdapter:
-    """Register the MQTT adapter's start, stop and reload hooks with the daemon."""
-    cfg = daemon.service.cfg
-    assert cfg.mqtt is not None
-    adapter = MqttAdapter(daemon.service, cfg.mqtt, cfg)
-    daemon.service.extra_stats["mqtt"] = adapter.stats
-
-    async def start(_: Daemon) -> None:
-        await adapter.start()
-
-    async def stop(_: Daemon) -> None:
-        await adapter.stop()
-
-    def reload(d: Daemon) -> None:
-        adapter.on_reload(d.service.cfg)
-
-    daemon.starters.append(start)
-    daemon.stoppers.append(stop)
-    daemon.reload_hooks.append(reload)
-    return adapter

@@ -5,7 +5,7 @@ directory), at most once per debounce period after a change, and once more at
 shutdown. Restored devices are marked stale: they are answered at once, and lose
 the mark when discovery hears of them again; those it does not hear of within
 ``[discovery] expire_after`` are dropped here. This module is the only writer under
-``state_dir``; nothing about clients is ever written.
+``state_dir`` besides the compiled site map (nearestd.mapcache); nothing about clients is ever written.
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config
 from nearestd.core.inventory import (
     MAX_BYTES,
     InventoryError,
@@ -34,6 +37,7 @@ FILE_NAME = "inventory.json"
 DEBOUNCE = 2.0
 REFRESH = 60.0
 CHECK_EVERY = 0.5
+FLUSH_SECONDS = 1.0
 # Restored devices keep a state only when it makes them unavailable: a printer last
 # seen stopped must not be answered as nearest before it says otherwise.
 _KEPT_STATES = (DeviceState.STOPPED, DeviceState.UNREACHABLE)
@@ -73,14 +77,18 @@ def restored(device: Device) -> Device:
 class InventorySnapshots:
     """Saves and restores the non-static devices of a service's table."""
 
+    name = "inventory"
+
     def __init__(
         self,
         service: Service,
         clock: Callable[[], float] = time.time,
         debounce: float = DEBOUNCE,
         refresh: float = REFRESH,
+        spawn: Spawn = spawn_task,
     ) -> None:
         self.service = service
+        self._spawn = spawn
         self.clock = clock
         self.debounce = debounce
         self.refresh = refresh
@@ -96,6 +104,39 @@ class InventorySnapshots:
         self._ready = False
         # The upkeep task and the shutdown flush must not write the same temp file at once.
         self._writing = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    # ---- component -----------------------------------------------------------------------
+    async def start(self) -> None:
+        """Restore the saved devices (stale), then keep the file current in the background."""
+        self.restore(self.clock())
+        self._task = self._spawn(self.run(), "snapshots")
+
+    async def stop(self) -> None:
+        """Stop the upkeep and write what changed since the last write (bounded in time)."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        try:
+            await asyncio.wait_for(self.flush(), FLUSH_SECONDS)
+        except Exception:
+            LOG.exception("inventory snapshot not written at shutdown")
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Nothing to follow: the path and ``expire_after`` are read from the service's config."""
+
+    def stats(self) -> dict[str, Any]:
+        """Return the snapshot file and its restore, write and expiry figures."""
+        return {
+            "file": str(self.path),
+            "restored": self.restored,
+            "writes_ok": self.writes_ok,
+            "writes_failed": self.writes_failed,
+            "last_write": self.last_write,
+            "stale_expired": self.expired,
+        }
 
     @property
     def path(self) -> Path:

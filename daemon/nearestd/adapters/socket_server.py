@@ -19,8 +19,9 @@ import os
 import resource
 import socket
 import stat
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
@@ -29,9 +30,11 @@ from typing import Any
 import msgpack
 
 from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
+from nearestd.config import Config
 from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
-from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Service, wall_clock
+from nearestd.logs import client_label
+from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Reply, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
 # One packer for every reply (the loop is single-threaded): ``encode_frame`` without
@@ -40,6 +43,9 @@ _pack = msgpack.Packer(use_bin_type=True).pack
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
 ACCEPT_BURST = 128
+SHARE_WARNING_EVERY = 60.0
+# At shutdown, how long requests already received may take to be answered.
+DRAIN_SECONDS = 1.0
 # Descriptors beyond the connection caps: listening sockets, mDNS, the broker, files.
 FD_MARGIN = 256
 
@@ -56,6 +62,20 @@ class Limits:
     max_per_source: int = 64
     reserved: int = 64
 
+    @classmethod
+    def of(cls, cfg: Config) -> Limits:
+        """Return the limits a config sets."""
+        d = cfg.daemon
+        return cls(
+            d.max_connections,
+            d.max_frame,
+            d.idle_timeout,
+            d.frame_timeout,
+            d.max_in_flight,
+            max_per_source=d.max_connections_per_source,
+            reserved=d.reserved_connections,
+        )
+
 
 class Connections:
     """Open connections over every socket, for the cap and the deadline sweep."""
@@ -70,6 +90,8 @@ class Connections:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_per_source, limits.reserved)
         self.refused = 0
         self.refused_per_source = 0
+        self._warned_at = float("-inf")
+        self._warned_count = 0
         self.closed_idle = 0
         self.closed_slow = 0
         self.too_large = 0
@@ -87,6 +109,22 @@ class Connections:
         self.open.add(conn)
         return None
 
+    def warn_share(self, ip: str | None, log_ip: str) -> None:
+        """Log a source refused over its share, at most once a minute (a flood logs little)."""
+        now = self.clock()
+        if now - self._warned_at < SHARE_WARNING_EVERY:
+            return
+        LOG.warning(
+            "connections refused: one source holds its share",
+            extra={
+                "client": client_label(ip, log_ip),
+                "max_connections_per_source": self.slots.per_source,
+                "refused_since_last_warning": self.refused_per_source - self._warned_count,
+            },
+        )
+        self._warned_at = now
+        self._warned_count = self.refused_per_source
+
     def forget(self, conn: QueryProtocol) -> None:
         """Count a closed connection out (idempotent)."""
         if conn in self.open:
@@ -100,6 +138,8 @@ class Connections:
         """Close idle connections and those whose frame is too slow to arrive."""
         now = self.clock()
         for conn in list(self.open):
+            if conn.waiting:
+                continue  # not idle: the daemon is working on its request (a reload)
             if (
                 conn.frame_started is not None
                 and now - conn.frame_started > self.limits.frame_timeout
@@ -138,6 +178,8 @@ class QueryProtocol(asyncio.Protocol):
         self._scheduled = False
         self._eof = False
         self._limited = False
+        # A reply that comes later (reload): the frames after it wait, so replies keep order.
+        self._waiting: asyncio.Future[Reply] | None = None
         # What the connection slots and the rate limiter count this client by.
         self.source = interface
         self.slot_trusted = True
@@ -155,6 +197,7 @@ class QueryProtocol(asyncio.Protocol):
             self.conns.refused += 1
             if why == "per-source":
                 self.conns.refused_per_source += 1
+                self.conns.warn_share(peer.ip, self.service.cfg.privacy.log_ip)
             self._closing = True
             transport.write(_refusal(why))
             transport.close()
@@ -187,7 +230,13 @@ class QueryProtocol(asyncio.Protocol):
         self._scheduled = False
         transport = self.transport
         peer = self.peer
-        if self._closing or transport is None or peer is None or self._write_paused:
+        if (
+            self._closing
+            or transport is None
+            or peer is None
+            or self._write_paused
+            or self._waiting is not None
+        ):
             return
         pending = self._pending
         n = min(len(pending), self.conns.limits.max_in_flight)
@@ -223,7 +272,11 @@ class QueryProtocol(asyncio.Protocol):
             try:
                 if i < granted:
                     started = perf_counter()
-                    body = _pack(handle_payload(item, peer, wall))
+                    reply = handle_payload(item, peer, wall)
+                    if type(reply) is not dict:
+                        self._wait_for(reply)  # type: ignore[arg-type]
+                        break
+                    body = _pack(reply)
                     append(len(body).to_bytes(4, "big") + body)
                     observe(perf_counter() - started)
                 else:
@@ -235,6 +288,11 @@ class QueryProtocol(asyncio.Protocol):
                 out.append(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
         if out:
             transport.write(b"".join(out))
+        if self._waiting is not None:
+            if not self._backlog_paused:
+                self._backlog_paused = True
+                transport.pause_reading()
+            return
         if close:
             pending.clear()
             self._closing = True
@@ -258,10 +316,43 @@ class QueryProtocol(asyncio.Protocol):
             self._closing = True
             transport.close()
 
+    @property
+    def waiting(self) -> bool:
+        """Return whether a reply that comes later is awaited (a reload under way)."""
+        return self._waiting is not None
+
+    def _wait_for(self, reply: Awaitable[Reply]) -> None:
+        """Send a reply that comes later when it comes, then answer the frames after it."""
+        waiting = asyncio.ensure_future(reply)
+        self._waiting = waiting
+        waiting.add_done_callback(self._deferred_done)
+
+    def _deferred_done(self, waiting: asyncio.Future[Reply]) -> None:
+        self._waiting = None
+        self.last_activity = self.conns.clock()
+        transport = self.transport
+        if waiting.cancelled() or transport is None or self._closing or transport.is_closing():
+            return
+        exc = waiting.exception()
+        if exc is not None:
+            LOG.error(
+                "internal error answering a request",
+                extra={"interface": self.interface, "error": repr(exc)},
+            )
+            transport.write(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
+        else:
+            transport.write(encode_frame(waiting.result()))
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._answer)
+        if not self._pending and self._backlog_paused and not self._write_paused:
+            self._backlog_paused = False
+            transport.resume_reading()
+
     def eof_received(self) -> bool:
         """Answer what the peer sent before its half-close, then close."""
         self._eof = True
-        return bool(self._pending)
+        return bool(self._pending) or self._waiting is not None
 
     def finish(self) -> None:
         """Stop reading; close once every request already received is answered (shutdown)."""
@@ -271,7 +362,7 @@ class QueryProtocol(asyncio.Protocol):
         transport.pause_reading()
         self._backlog_paused = False
         self._eof = True  # as after a half-close: answer what is queued, then close
-        if not self._pending:
+        if not self._pending and self._waiting is None:
             self._closing = True
             transport.close()
         elif not self._scheduled and not self._write_paused:
@@ -311,17 +402,49 @@ class QueryProtocol(asyncio.Protocol):
 
 
 class SocketServers:
-    """Every listening socket of the daemon."""
+    """Every listening socket of the daemon: the query sockets and the admin socket."""
 
-    def __init__(self, service: Service, limits: Limits, clock: Callable[[], float]) -> None:
+    name = "connections"
+
+    def __init__(self, service: Service, clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service
+        limits = Limits.of(service.cfg)
         self.conns = Connections(limits, clock)
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[Path] = []
+        self.addresses: list[str] = []
         _ensure_fd_room(limits.max_connections + ADMIN_MAX_CONNECTIONS + FD_MARGIN)
         self.allow = NetSet(service.cfg.daemon.allow)
         self.trusted = NetSet(service.cfg.daemon.trusted_peers)
-        service.extra_stats["connections"] = self.connections_view
+
+    async def start(self) -> None:
+        """Listen on ``[daemon] listen`` and the admin socket; raise OSError if one cannot be."""
+        cfg = self.service.cfg
+        for url in cfg.daemon.listen:
+            if url.startswith("unix://"):
+                url = f"unix://{cfg.resolve(url[7:])}"
+            self.addresses.append(await self.listen(url))
+        if cfg.daemon.admin_socket:
+            self.addresses.append(
+                await self.listen_admin(
+                    cfg.resolve(cfg.daemon.admin_socket),
+                    int(cfg.daemon.admin_mode, 8),
+                    cfg.daemon.admin_group,
+                )
+            )
+
+    async def stop(self) -> None:
+        """Stop accepting; answer what was received (up to ``DRAIN_SECONDS``), then close."""
+        await self.stop_accepting()
+        await self.drain(DRAIN_SECONDS)
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Follow a reload: who may query and who is trusted (sockets stay where they are)."""
+        self.set_policy(cfg.daemon.allow, cfg.daemon.trusted_peers)
+
+    def stats(self) -> dict[str, Any]:
+        """Return open connections, refusals and deadline closes, and the event loop's tasks."""
+        return self.connections_view()
 
     def connections_view(self) -> dict[str, Any]:
         """Return open connections, refusals and deadline closes, and the event loop's tasks."""

@@ -11,11 +11,15 @@ systemd restarts the daemon.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Callable, Mapping, MutableMapping
+from typing import Any
 
+from nearestd.adapters.component import Spawn, spawn_task
+from nearestd.config import Config
 from nearestd.service import Service
 
 LOG = logging.getLogger("nearestd.systemd")
@@ -43,18 +47,64 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 class Notifier:
-    """Sends sd_notify messages; silent when the daemon is not run by systemd."""
+    """Sends sd_notify messages; silent when the daemon is not run by systemd.
 
-    def __init__(self, address: str | None, watchdog: float | None = None) -> None:
+    As a component it goes last: started when everything else is (READY=1), stopped
+    first (STOPPING=1), and it refreshes STATUS after a reload.
+    """
+
+    name = "systemd"
+
+    def __init__(
+        self,
+        address: str | None,
+        watchdog: float | None = None,
+        status_of: Callable[[], str] | None = None,
+        spawn: Spawn = spawn_task,
+    ) -> None:
         self.address = address
+        self._spawn = spawn
         self.watchdog = watchdog if address else None
         self.sent = 0
         self.failed = 0
         self._sock: socket.socket | None = None
         self._warned = False
+        self._status_of = status_of or (lambda: "serving")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Say READY=1 and keep the watchdog fed (nothing outside systemd)."""
+        if not self.enabled:
+            return
+        self._task = self._spawn(self.keepalive(self._status_of), "watchdog")
+        self.ready(self._status_of())
+
+    async def stop(self) -> None:
+        """Say STOPPING=1; stop the watchdog pings."""
+        self.stopping()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.close()
+
+    def reconfigure(self, cfg: Config) -> None:
+        """Refresh STATUS after a reload."""
+        if self.enabled:
+            self.status(self._status_of())
+
+    def stats(self) -> dict[str, Any]:
+        """Return whether systemd is told, and how many messages went and failed."""
+        return {"notify": self.enabled, "sent": self.sent, "failed": self.failed}
 
     @classmethod
-    def from_environment(cls, env: MutableMapping[str, str] | None = None) -> Notifier:
+    def from_environment(
+        cls,
+        env: MutableMapping[str, str] | None = None,
+        status_of: Callable[[], str] | None = None,
+        spawn: Spawn = spawn_task,
+    ) -> Notifier:
         """Read and unset ``NOTIFY_SOCKET`` and the watchdog variables (children must not inherit them)."""
         if env is None:
             env = os.environ
@@ -65,7 +115,7 @@ class Notifier:
         address = notify_address(raw) if raw else None
         if raw and address is None:
             LOG.warning("NOTIFY_SOCKET not understood; not notifying", extra={"value": raw[:80]})
-        return cls(address, watchdog)
+        return cls(address, watchdog, status_of, spawn)
 
     @property
     def enabled(self) -> bool:

@@ -8,15 +8,13 @@ aliases; the zone whose subnets hold one of the device's addresses; else unlocat
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 
 from nearestd.core.index import Entry, SpatialIndex, caps_mask
 from nearestd.core.model import Device, DeviceState, Placement, PlacementMethod, Zone
 from nearestd.core.quarantine import QUARANTINE_MAX, Quarantined, find_pin, quarantine_reason
 from nearestd.core.sitemap import SiteMap
-
-PIN_ORDER = ("uuid", "name", "host", "ip")
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +24,22 @@ class Record:
     device: Device
     placement: Placement | None
     last_seen: float
+
+
+@dataclass(frozen=True, slots=True)
+class Carried:
+    """What a table built for a new site map takes over from the table in use.
+
+    Taken on the event loop (references only, nothing copied deeply) and read in a
+    worker thread, which never touches the table in use.
+    """
+
+    records: tuple[Record, ...]
+    held: tuple[Quarantined, ...]
+    # The devices the old site map declared: they come back from the new map as declared.
+    old_static: Mapping[str, Placement]
+    quarantined_total: int
+    quarantine_dropped: int
 
 
 def place(device: Device, sitemap: SiteMap, static: Placement | None = None) -> Placement | None:
@@ -154,26 +168,77 @@ def state_rank(device: Device) -> int:
 class DeviceTable:
     """Every known device with its placement; the index holds the answerable ones."""
 
-    def __init__(self, sitemap: SiteMap) -> None:
+    def __init__(
+        self,
+        sitemap: SiteMap,
+        carried: Carried | None = None,
+        declared: Callable[[Device], Device] | None = None,
+    ) -> None:
+        """Build the table of a site map's static devices, plus what ``carried`` brings.
+
+        ``declared`` adjusts each static device before it is indexed (the live state a
+        poll found, laid over it again after a reload).
+        """
         self.sitemap = sitemap
         self.index = SpatialIndex(sitemap.projections)
-        self._records: dict[str, Record] = {}
-        self._static: dict[str, Placement] = {}
-        # Ids of the records whose device is not declared by a site map (source other than
-        # 'static'), in insertion order: upkeep that only concerns them need not scan all.
-        self._dynamic: dict[str, None] = {}
         self.generation = 0
         # Rogue claims of pinned identities, by (device id, addresses); bounded, oldest out.
         self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
         self.quarantined_total = 0
         self.quarantine_dropped = 0
-        entries = []
+        self._static: dict[str, Placement] = {}
+        records: dict[str, Record] = {}
         for device, placement in sitemap.static_devices:
             self._static[device.id] = placement
-            self._records[device.id] = Record(device, placement, 0.0)
-            self._note_source(device)
-            entries.append(entry_for(device, placement, restriction_of(device, placement, sitemap)))
-        self.index.bulk_load(entries)
+            records[device.id] = Record(
+                declared(device) if declared is not None else device, placement, 0.0
+            )
+        if carried is not None:
+            self._carry(carried, records)
+        self._records = records
+        # Ids of the records whose device is not declared by a site map (source other than
+        # 'static'), in insertion order: upkeep that only concerns them need not scan all.
+        self._dynamic: dict[str, None] = {
+            i: None for i, r in records.items() if r.device.source != "static"
+        }
+        self.index.bulk_load(
+            entry_for(r.device, r.placement, restriction_of(r.device, r.placement, sitemap))
+            for r in records.values()
+            if r.placement is not None and not r.device.is_queue
+        )
+
+    def _carry(self, carried: Carried, records: dict[str, Record]) -> None:
+        """Place the old table's other devices and quarantine again by the new map's pins."""
+        sitemap = self.sitemap
+        self.quarantined_total = carried.quarantined_total
+        self.quarantine_dropped = carried.quarantine_dropped
+        for rec in carried.records:
+            if rec.device.id in carried.old_static or rec.device.id in records:
+                continue
+            reason = quarantine_reason(rec.device, sitemap)
+            if reason is not None:
+                self.quarantine[(rec.device.id, rec.device.addresses)] = Quarantined(
+                    rec.device, reason, rec.last_seen, rec.last_seen
+                )
+                continue
+            records[rec.device.id] = Record(rec.device, place(rec.device, sitemap), rec.last_seen)
+        for q in carried.held:
+            reason = quarantine_reason(q.device, sitemap)
+            if reason is not None:
+                self.quarantine[(q.device.id, q.device.addresses)] = replace(q, reason=reason)
+            elif q.device.id not in records:
+                records[q.device.id] = Record(q.device, place(q.device, sitemap), q.last_seen)
+
+    def carried(self) -> Carried:
+        """Return what a table for a new site map takes over from this one (cheap)."""
+        records = self._records
+        return Carried(
+            tuple(records[device_id] for device_id in self._dynamic),
+            tuple(self.quarantine.values()),
+            self._static,
+            self.quarantined_total,
+            self.quarantine_dropped,
+        )
 
     def __len__(self) -> int:
         return len(self._records)
@@ -273,39 +338,9 @@ class DeviceTable:
 
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
-        old_static = set(self._static)
-        self.sitemap = sitemap
-        self.index = SpatialIndex(sitemap.projections)
-        self._static = {d.id: p for d, p in sitemap.static_devices}
-        records: dict[str, Record] = {}
-        for device, placement in sitemap.static_devices:
-            records[device.id] = Record(device, placement, 0.0)
-        held = list(self.quarantine.values())
-        self.quarantine = {}
-        for rec in self._records.values():
-            if rec.device.id in old_static or rec.device.id in records:
-                continue
-            reason = quarantine_reason(rec.device, sitemap)
-            if reason is not None:
-                self.quarantine[(rec.device.id, rec.device.addresses)] = Quarantined(
-                    rec.device, reason, rec.last_seen, rec.last_seen
-                )
-                continue
-            records[rec.device.id] = Record(rec.device, place(rec.device, sitemap), rec.last_seen)
-        for q in held:
-            reason = quarantine_reason(q.device, sitemap)
-            if reason is not None:
-                self.quarantine[(q.device.id, q.device.addresses)] = replace(q, reason=reason)
-            elif q.device.id not in records:
-                records[q.device.id] = Record(q.device, place(q.device, sitemap), q.last_seen)
-        self._records = records
-        self._dynamic = {i: None for i, r in records.items() if r.device.source != "static"}
-        self.index.bulk_load(
-            entry_for(r.device, r.placement, restriction_of(r.device, r.placement, sitemap))
-            for r in records.values()
-            if r.placement is not None and not r.device.is_queue
-        )
-        self.generation += 1
+        generation = self.generation
+        vars(self).update(vars(DeviceTable(sitemap, self.carried())))
+        self.generation = generation + 1
 
     def _reindex(self, device: Device, placement: Placement | None) -> None:
         if placement is None or device.is_queue:

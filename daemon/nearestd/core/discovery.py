@@ -604,11 +604,6 @@ class Merger:
         """Return every device the live services make."""
         return list(self._devices.values())
 
-    def device_of(self, key: ServiceKey) -> Device | None:
-        """Return the device a service belongs to."""
-        g = self._group_of.get(key)
-        return None if g is None else self._devices.get(g)
-
     def set_flag(self, interface: str, name: str, flag: str, present: bool) -> list[Change]:
         """Note a subtype flag (``universal``, ``print``, ``cups``) for a service name."""
         fkey = (interface, name.lower())

@@ -464,9 +464,6 @@ class _Near:
     restricted: bool
 
 
-_ANY = Need(any_state=True)
-
-
 class SpatialIndex:
     """Devices by (site, kind, building, level) in rtrees; exact k-nearest queries."""
 

@@ -38,6 +38,9 @@ class RateLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._buckets
+
     def take(self, key: Hashable, n: int, now: float) -> int:
         """Take up to ``n`` tokens for ``key``; return how many were granted."""
         buckets = self._buckets
@@ -83,6 +86,34 @@ class RateLimiter:
         while len(self._buckets) > max_keys:
             self._buckets.popitem(last=False)
             self.evicted += 1
+
+
+class RecentKeys:
+    """The ``max_keys`` keys noted most recently, in least-recently-noted order."""
+
+    __slots__ = ("_keys", "max_keys")
+
+    def __init__(self, max_keys: int) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be positive")
+        self.max_keys = max_keys
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+
+    def note(self, key: Hashable) -> None:
+        """Remember ``key`` as the most recent, forgetting the oldest beyond ``max_keys``."""
+        keys = self._keys
+        if key in keys:
+            keys.move_to_end(key)
+            return
+        keys[key] = None
+        if len(keys) > self.max_keys:
+            keys.popitem(last=False)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 class SpikeWatch:

@@ -42,6 +42,9 @@ class PlacementMethod(StrEnum):
     FEDERATED = "federated"
 
 
+_PAPER_RANK = {paper: i for i, paper in enumerate(PAPER_CLASSES)}
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a device can do; a capability it does not state counts as absent."""
@@ -57,7 +60,7 @@ class Capabilities:
         """Return the PaperMax class index, or -1 when unstated."""
         if self.paper_max is None:
             return -1
-        return PAPER_CLASSES.index(self.paper_max)
+        return _PAPER_RANK[self.paper_max]
 
     def to_wire(self) -> dict[str, Any]:
         """Return the map sent to clients."""
@@ -173,11 +176,3 @@ class Zone:
             "zone": self.id,
             "zone_name": self.name,
         }
-
-
-@dataclass(frozen=True, slots=True)
-class PlacedDevice:
-    """A device with its placement (None while unlocated)."""
-
-    device: Device
-    placement: Placement | None

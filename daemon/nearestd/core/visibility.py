@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 import pytricia
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-ALL = -1
 
 
 @dataclass(frozen=True, slots=True)
