@@ -16,7 +16,6 @@ from typing import Any
 from nearest_wire import (
     DevicesReply,
     DevicesRequest,
-    DeviceView,
     EraseReply,
     ErrorCode,
     ErrorReply,
@@ -59,7 +58,7 @@ from nearestd.core.resolve import (
     encode_cursor,
     inventory_view,
     page_key,
-    rank,
+    views_of,
     where_of,
 )
 from nearestd.core.sitemap import SiteMap
@@ -170,9 +169,9 @@ class Service:
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: OrderedDict[
-            tuple[str, str, Any, int, int], tuple[int, tuple[DeviceView, ...]]
-        ] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, Any, int, int], tuple[int, tuple[Hit, ...]]] = (
+            OrderedDict()
+        )
         self._wheres: dict[str, Where] = {}
         self._sections = sections
         self._reload = reload
@@ -350,17 +349,23 @@ class Service:
         visible = policy.client_mask(zone.id, ip) if policy.active else -1
         key = (zone.id, req.kind, req.need, req.k, visible)
         cached = self._cache.get(key)
-        gen = self.table.generation
+        table = self.table
+        gen = table.rank_generation
+        # The cache keeps who is answered and in what order, valid while nothing that ranks
+        # changes; the views are drawn per reply, so a new state or supply level shows at once.
         if cached is not None and cached[0] == gen:
-            devices = cached[1]
+            hits = cached[1]
         else:
-            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking, visible)
+            hits = tuple(
+                table.index.nearest(zone, req.kind, req.need, req.k, self.ranking, visible)
+            )
             if len(self._cache) >= CACHE_MAX:
                 # Oldest out, one at a time: clearing 8,192 answers at once stalls the loop
                 # for milliseconds, a spike in every client's latency. (An OrderedDict: a
                 # plain dict finds its oldest key by skipping every deleted slot first.)
                 self._cache.popitem(last=False)
-            self._cache[key] = (gen, devices)
+            self._cache[key] = (gen, hits)
+        devices = views_of(table, hits)
         # An operator's lookup is logged as such: the person's export shows someone looked.
         op = "admin.nearest" if peer.admin else "nearest"
         self._remember(ip, zone, op, tuple(d.id for d in devices), now)
