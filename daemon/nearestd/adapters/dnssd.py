@@ -65,6 +65,10 @@ TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
 LOG_MEMO = 65536
+QTYPE_NAMES = {
+    n: str(QTYPE[n])
+    for n in (1, 2, 5, 6, 12, 13, 15, 16, 28, 33, 35, 41, 43, 48, 64, 65, 251, 252, 255, 257)
+}
 
 
 class Entry(NamedTuple):
@@ -372,8 +376,7 @@ class DnssdServer:
             return Entry(wire, wire, "other", "FORMERR", False, None, (), None)
         q = query.questions[0]
         labels = tuple(q.qname.label)
-        qtype = QTYPE.get(q.qtype, f"TYPE{q.qtype}")
-        qtype_name = qtype if isinstance(qtype, str) and qtype.isalnum() else "other"
+        qtype_name = QTYPE_NAMES.get(q.qtype, "other")  # bounded: the counter's keys
         opt = next((r for r in query.ar if r.rtype == core.OPT), None)
         if not _name_ok(labels) or len([r for r in query.ar if r.rtype == core.OPT]) > 1:
             wire = _header_only(data, 1)
