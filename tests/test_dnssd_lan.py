@@ -3,8 +3,10 @@
 Topology (its own LAN, tests/lan.py): host 1 runs nearestd, multi-homed in three client
 subnets 10.9.{1,2,3}.0/24 (one zone each), serving DNS on 10.9.N.1:53 and the query
 protocol on 10.9.N.1:7310; hosts 2-4 are clients, one per subnet (10.9.N.10); host 5
-holds mDNS peers; host 6 runs Unbound (10.9.N.2), configured as docs/dnssd.md says.
-Clients use only their own subnet's addresses, so the daemon sees who they are.
+holds mDNS peers (python-zeroconf, avahi with ippeveprinter at 10.9.2.20); host 6 runs
+Unbound (10.9.N.2), configured as docs/dnssd.md says, and a second nearestd whose poller
+watches the ippeveprinter. Clients use only their own subnet's addresses, so the daemon
+sees who they are.
 """
 
 from __future__ import annotations
