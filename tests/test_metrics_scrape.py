@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dnslib import DNSRecord
 from prometheus_client.parser import text_string_to_metric_families
 
 from lan import ZcPeer
@@ -157,6 +159,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
     broker = Mosquitto(tmp_path / "broker").start()
     peer = ZcPeer.local("127.0.0.1", log=tmp_path / "peer.log")
     metrics = f"127.0.0.1:{free_port()}"
+    dns_port = free_port()
     instance = f"scrape{os.getpid()}"
     dead = f"ipp://127.0.0.1:{free_port()}/ipp/print"
     site = site_map(tmp_path / "site.geojson", escl, dead)
@@ -176,6 +179,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             "topic_prefix": PREFIX,
             "instance": instance,
         },
+        "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "print.example.org"},
     }
     cfg = write_config(tmp_path / "d", sections=sections, maps=[str(site)], subnets=[])
     good_config = cfg.read_text()
@@ -198,6 +202,12 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         )
         assert '"ok"' in reply
         mqtt(broker, "-t", f"{PREFIX}/query", "-m", "not json", tool="mosquitto_pub")
+        # DNS-SD: one question answered over UDP.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
+            dns.settimeout(10)
+            question = DNSRecord.question("lb._dns-sd._udp.print.example.org", "PTR")
+            dns.sendto(bytes(question.pack()), ("127.0.0.1", dns_port))
+            assert DNSRecord.parse(dns.recv(4096)).header.rcode == 0
         # Reloads: one that works, one refused (a broken config), then the good one back.
         with Client(f"unix://{d.admin}") as admin:
             assert admin.request({"op": "reload"})["reloaded"] is True
