@@ -259,6 +259,52 @@ def test_through_unbound(net: Lan, unbound: Path, host: int) -> None:
     check_client(net, host, n, server)
 
 
+def documented_bind() -> tuple[str, str]:
+    """Return the BIND options lines and the zone lines docs/dnssd.md shows."""
+    text = DOCS.read_text()
+    section = text[text.index("### BIND 9") :]
+    block = section[section.index("```conf\n") + 8 :]
+    block = block[: block.index("```")]
+    opts = block[block.index("options {") + 9 : block.index("};")]
+    return opts, block[block.index("};") + 2 :]
+
+
+@pytest.fixture(scope="module")
+def bind(net: Lan, daemon: DaemonProcess) -> Iterator[Path]:
+    """BIND 9 as the resolver on 10.9.N.3 (host 6), configured as docs/dnssd.md says."""
+    require_tools("named", "named-checkconf")
+    d = net.tmp / "bind"
+    d.mkdir()
+    for n in (1, 2, 3):
+        net._ip("-n", net.ns(RESOLVER), "addr", "add", f"10.9.{n}.3/24", "dev", "eth0")
+    opts, zones = documented_bind()
+    listen = " ".join(f"10.9.{n}.3;" for n in (1, 2, 3))
+    conf = d / "named.conf"
+    conf.write_text(
+        "options {\n"
+        f'    directory "{d}";\n    pid-file "{d}/named.pid";\n'
+        f"    listen-on port 53 {{ {listen} }};\n    listen-on-v6 {{ none; }};\n"
+        "    recursion yes;\n    allow-query { any; };\n    allow-recursion { any; };\n"
+        f"{opts}}};\n{zones}"
+    )
+    check = subprocess.run(["named-checkconf", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = net.popen(RESOLVER, ["named", "-g", "-c", str(conf)], log="named.out")
+    wait_for(
+        "named answers",
+        lambda: dig(net, 2, "10.9.1.3", D, "SOA") or proc.poll() is not None,
+        timeout=30,
+    )
+    assert proc.poll() is None, net.log("named.out")
+    yield conf
+
+
+@pytest.mark.parametrize("host", sorted(CLIENTS))
+def test_through_bind(net: Lan, bind: Path, host: int) -> None:
+    n = CLIENTS[host]
+    check_client(net, host, n, f"10.9.{n}.3")
+
+
 def test_avahi_wide_area_browses_and_resolves(net: Lan, unbound: Path) -> None:
     require_tools("avahi-daemon", "avahi-browse", "dbus-daemon")
     host, n = 3, 2
