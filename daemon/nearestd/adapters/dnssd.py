@@ -181,7 +181,6 @@ class DnssdServer:
         self.truncated = 0
         self.rate_limited = 0
         self.malformed = 0
-        self.dropped = 0
         self.revalidated = 0
         self.tcp_refused = 0
         self._transports: list[asyncio.DatagramTransport] = []
@@ -190,14 +189,7 @@ class DnssdServer:
         self.addresses: list[str] = []
 
     def _publisher(self, cfg: DnssdConfig) -> core.Publisher:
-        ns = []
-        for addr in cfg.listen:
-            host, _ = _split_listen(addr)
-            with contextlib.suppress(ValueError):
-                ip = ipaddress.ip_address(host)
-                if not ip.is_unspecified:
-                    ns.append(str(ip))
-        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), tuple(ns))
+        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), _ns(cfg))
 
     # ---- component ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,8 +232,12 @@ class DnssdServer:
             return
         if new.listen != self.cfg.listen:
             LOG.warning("[dnssd] listen changed: takes effect at the next restart")
+        if new.domain.lower().strip(".") == self.cfg.domain.lower().strip("."):
+            # Same domain: instance names stay what they were while their devices stay.
+            self.publisher.configure(new.per_type, max(1, int(new.ttl)), _ns(new))
+        else:
+            self.publisher = self._publisher(new)
         self.cfg = new
-        self.publisher = self._publisher(new)
         self.trusted = [_net(c) for c in new.trusted_resolvers]
         self._trusted_memo = {}
         self._drop_cache()
@@ -471,6 +467,18 @@ class DnssdServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _ns(cfg: DnssdConfig) -> tuple[str, ...]:
+    """Return the addresses ``ns.<domain>`` has: the specific ``listen`` addresses."""
+    out = []
+    for addr in cfg.listen:
+        host, _ = _split_listen(addr)
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(host)
+            if not ip.is_unspecified:
+                out.append(str(ip))
+    return tuple(out)
 
 
 def _is_ip(text: str) -> bool:
