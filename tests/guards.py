@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from pytest_asyncio import is_async_test
 
 SLOW_CALLBACK = 0.1
 # How long a test's threads may take to end after its teardown.
@@ -57,6 +58,8 @@ def guarded_loop(request: pytest.FixtureRequest, no_leaked_threads: None) -> Ite
     """
     runners = [n for n in request.fixturenames if n.endswith("_scoped_runner")]
     if not runners:
+        if is_async_test(request.node):  # a pytest-asyncio that names its runner otherwise
+            pytest.fail(f"{request.node.nodeid}: the loop guard cannot find the test's loop")
         yield
         return
     loop: asyncio.AbstractEventLoop = request.getfixturevalue(runners[0]).get_loop()

@@ -36,7 +36,7 @@ def rec(
         (U, True, "stale"),  # restored, nothing known since: stale
         (ST, True, "stopped"),  # restored stopped printer: still not answered, reads stopped
         (UR, True, "unreachable"),
-        (ID, True, "idle"),  # a poll found it idle before discovery confirmed it
+        (ID, True, "stale"),  # a poll found it idle, but discovery has not confirmed it
     ],
 )
 def test_one_rule_for_the_shown_state(state: DeviceState, stale: bool, shown: str) -> None:

@@ -31,6 +31,7 @@ from cups_peer import (
     zone,
 )
 from nearest_client import Client
+from staging import stage
 from support import DaemonProcess, free_port, require_tools, tcp_url, write_config
 
 pytestmark = pytest.mark.realpeer
@@ -414,7 +415,7 @@ def as_nobody(site: Site, cups: PrivateCups, *args: str) -> subprocess.Completed
             "--reuid=65534",
             "--regid=65534",
             "--init-groups",
-            sys.executable,
+            stage().python,  # this checkout may sit where nobody cannot read it
             "-m",
             "nearest_client.cli",
             *args,

@@ -96,7 +96,7 @@ def test_no_hooks_remain_only_components() -> None:
         assert not [n for n in names if n.startswith("attach_")], path
 
 
-async def test_every_component_of_the_app_has_the_component_face(tmp_path: Path) -> None:
+def test_every_component_of_the_app_has_the_component_face(tmp_path: Path) -> None:
     from nearestd.adapters.component import Component
     from nearestd.app import Daemon
     from nearestd.loader import load_world
@@ -109,7 +109,7 @@ async def test_every_component_of_the_app_has_the_component_face(tmp_path: Path)
             "discovery": {"enabled": True, "interfaces": ["lo"]},
         },
     )
-    daemon = Daemon(load_world(cfg), str(cfg))
+    daemon = Daemon(load_world(cfg), str(cfg))  # a sync test: no loop to block
     names = [c.name for c in daemon.components]
     assert names == [
         "inventory",

@@ -159,9 +159,9 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
     broker = Mosquitto(tmp_path / "broker").start()
     peer = ZcPeer.local("127.0.0.1", log=tmp_path / "peer.log")
     metrics = f"127.0.0.1:{free_port()}"
-    dns_port = free_port()
     instance = f"scrape{os.getpid()}"
     dead = f"ipp://127.0.0.1:{free_port()}/ipp/print"
+    dns_port = free_port()
     site = site_map(tmp_path / "site.geojson", escl, dead)
     sections: dict[str, dict[str, Any]] = {
         "daemon": {"rate": 1.0, "burst": 20, "trusted_peers": ["::1/128"]},
@@ -174,12 +174,13 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             "max_backoff": "2s",
             "poll_this_host": True,  # the peers are on loopback
         },
+        "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "nearest.test."},
         "mqtt": {
             "url": f"mqtt://127.0.0.1:{broker.port}",
             "topic_prefix": PREFIX,
             "instance": instance,
         },
-        "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "print.example.org"},
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
     }
     cfg = write_config(tmp_path / "d", sections=sections, maps=[str(site)], subnets=[])
     good_config = cfg.read_text()
@@ -202,12 +203,6 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         )
         assert '"ok"' in reply
         mqtt(broker, "-t", f"{PREFIX}/query", "-m", "not json", tool="mosquitto_pub")
-        # DNS-SD: one question answered over UDP.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
-            dns.settimeout(10)
-            question = DNSRecord.question("lb._dns-sd._udp.print.example.org", "PTR")
-            dns.sendto(bytes(question.pack()), ("127.0.0.1", dns_port))
-            assert DNSRecord.parse(dns.recv(4096)).header.rcode == 0
         # Reloads: one that works, one refused (a broken config), then the good one back.
         with Client(f"unix://{d.admin}") as admin:
             assert admin.request({"op": "reload"})["reloaded"] is True
@@ -216,6 +211,12 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
                 admin.request({"op": "reload"})
             assert refused.value.reply["problems"]
             cfg.write_text(good_config)
+        # Unicast DNS-SD: one browse query over UDP.
+        query = DNSRecord.question("_ipp._tcp.nearest.test.", "PTR").pack()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as dns:
+            dns.settimeout(10)
+            dns.sendto(query, ("127.0.0.1", dns_port))
+            assert DNSRecord.parse(dns.recv(65535)).header.id == DNSRecord.parse(query).header.id
         # Refusals: forbidden, malformed, then rate-limited (TCP is limited to a burst of 20).
         with Client(tcp_url(cfg)) as c:
             with pytest.raises(ServerError):
@@ -287,6 +288,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
     assert values(fams["nearest_discovery_events_total"])[(("event", "added"),)] >= 1
     assert values(fams["nearest_poller_polls_total"])[()] >= 2
     assert values(fams["nearest_poller_devices"])[()] >= 2
+    assert sum(values(fams["nearest_dnssd_queries_total"]).values()) >= 1
     # The census behind stats and the page is the same.
     on_page = {
         (dict(k)["kind"], dict(k)["state"]): v for k, v in values(fams["nearest_devices"]).items()

@@ -196,7 +196,7 @@ def test_broken_reload_keeps_the_old_state_and_reports_every_problem(
         assert any("[ranking] bogus: unknown key" in p for p in problems)
     # Old state kept: the probe from the last good config is still served.
     with Client(tcp_url(s.cfg)) as c:
-        ids = [x["id"] for x in c.nearest("printer", k=20)["devices"]]
+        ids = [x.id for x in c.nearest("printer", k=20).devices]
     assert PROBE_ID in ids
     logged = [line for line in d.logs().splitlines() if "reload refused" in line]
     assert len(logged) == len(problems)
@@ -239,8 +239,8 @@ while time.monotonic() < deadline and ok + failed < 500000:
         with Client(url, timeout=5) as c:  # a new connection now and then, too
             for _ in range(50):
                 reply = c.nearest("printer", k=3)
-                ok += 1 if reply["devices"] else 0
-                failed += 0 if reply["devices"] else 1
+                ok += 1 if reply.devices else 0
+                failed += 0 if reply.devices else 1
     except Exception as exc:
         failed += 1
         errors.append(repr(exc))
@@ -307,9 +307,9 @@ async def test_sighup_reload_parses_off_the_event_loop(
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
-    def slow_load(path: str) -> Any:
+    def slow_load(path: str, use_cache: bool = False) -> Any:
         time.sleep(slow_parse)  # stands in for a large campus (100k prefixes: ~4 s here)
-        return load_world(path)
+        return load_world(path, use_cache)
 
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
@@ -353,16 +353,16 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     from nearestd.service import ADMIN_PEER
 
     s = Setup(tmp_path)
-    daemon = app.Daemon(load_world(s.cfg), str(s.cfg))
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
     threads: list[str] = []
 
-    def slow_load(path: str) -> Any:
+    def slow_load(path: str, use_cache: bool = False) -> Any:
         import threading
 
         threads.append(threading.current_thread().name)
         time.sleep(slow_parse)
-        return load_world(path)
+        return load_world(path, use_cache)
 
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()

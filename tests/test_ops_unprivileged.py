@@ -15,7 +15,6 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -29,6 +28,7 @@ from nearest_client import Client, ClientError
 from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import Saved, decode_inventory, encode_inventory
 from nearestd.core.model import Device, DeviceKind
+from staging import stage
 from support import free_port, require_tools, skip_or_fail, write_config
 
 NOBODY = 65534
@@ -85,10 +85,11 @@ def unit_sandbox(path: Path) -> Path:
 
 def sandboxed(spec: Path, *argv: str) -> list[str]:
     """Return argv run as nobody, without new privileges, under the unit's filters."""
+    staged = stage()  # this checkout may sit where nobody cannot read it
     return [
         *("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
         "--no-new-privs",
-        *(sys.executable, str(HERE / "sandbox_exec.py"), str(spec), "--", *argv),
+        *(staged.python, str(staged.tests / "sandbox_exec.py"), str(spec), "--", *argv),
     ]
 
 
@@ -137,12 +138,15 @@ def test_runs_as_an_unprivileged_user_in_its_own_directories(workdir: Path) -> N
     run = workdir / "run"
     state = workdir / "state"
     port = free_port()
+    sites = stage().config / "sites"
     cfg = write_config(
         workdir / "etc",
         sections={
             "metrics": {"listen": f"127.0.0.1:{port}"},
             "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
         },
+        maps=[str(sites / "campus.geojson")],
+        subnets=[str(sites / "ipam-export.csv")],
     )
     text = cfg.read_text()
     text = text.replace(str(workdir / "etc" / "query.sock"), str(run / "nearestd.sock"))
@@ -195,7 +199,7 @@ def test_runs_as_an_unprivileged_user_in_its_own_directories(workdir: Path) -> N
         wanted = f"Sandbox Printer {os.getpid()}"
         while True:
             with Client(f"unix://{run / 'nearestd.sock'}", timeout=5) as c:
-                names = [x["name"] for x in c.nearest("printer", k=20)["devices"]]
+                names = [x.name for x in c.nearest("printer", k=20).devices]
             if wanted in names:
                 break
             assert time.monotonic() < deadline + 15, names

@@ -250,7 +250,7 @@ async def test_refused_and_backoff_schedule(tmp_path: Path) -> None:
     try:
         for expected in (1.0, 2.0, 4.0, 8.0, 8.0):
             await poller.poll_all()
-            assert poller._due["d"] - clock.now == expected
+            assert poller.plan.due["d"] - clock.now == expected
     finally:
         await poller.stop()
     rec = svc.table.get("d")
@@ -263,12 +263,14 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
     for i in range(200):
         uri = f"ipp://127.0.0.1:9/p{i}"
         svc.upsert_device(Device(f"d{i}", DeviceKind.PRINTER, "D", uri, source="mdns"), 0.0)
-    svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
-    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
+    svc.upsert_device(
+        Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True, source="mdns"), 0.0
+    )
+    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/", source="mdns"), 0.0)
     poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0))
-    poller._started_at = 99.0  # the poller has just started
+    poller.plan.started_at = 99.0  # the poller has just started
     poller.sync_targets(100.0)
-    due = sorted(poller._due.values())
+    due = sorted(poller.plan.due.values())
     assert len(due) == 200  # the CUPS queue and the non-IPP printer are not polled
     assert due[0] >= 100.0 and due[-1] <= 130.0
     assert due[100] - due[0] > 5 and due[-1] - due[100] > 5
@@ -314,17 +316,17 @@ async def test_a_failing_device_heard_again_is_asked_at_once_once(tmp_path: Path
         await poller.poll_all()
         await poller.poll_all()
         now = clock.now
-        assert poller._due["d"] - now > 50  # backing off: two failures, 60 s
-        poller._heard_again(now)
-        assert poller._due["d"] > now + 50  # not heard since: nothing changes
+        assert poller.plan.due["d"] - now > 50  # backing off: two failures, 60 s
+        poller.heard_again(now)
+        assert poller.plan.due["d"] > now + 50  # not heard since: nothing changes
         svc.table.touch("d", 1001.0)  # discovery hears it (an announcement after a reboot)
-        poller._heard_again(now)
-        assert poller._due["d"] == now
+        poller.heard_again(now)
+        assert poller.plan.due["d"] == now
         await poller.poll_all()  # still refused
         svc.table.touch("d", 1002.0)
         clock.now = later = now + 1.0
-        poller._heard_again(later)
-        assert poller._due["d"] > later + 50  # once per failure streak
+        poller.heard_again(later)
+        assert poller.plan.due["d"] > later + 50  # once per failure streak
     finally:
         await poller.stop()
 
@@ -341,13 +343,17 @@ async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     await poller.start()
     try:
         now = clock.now
-        svc.upsert_device(Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/"), 0.0)
+        svc.upsert_device(
+            Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
-        assert poller._due["a"] > now + 25  # at start: spread over the interval
-        poller._started_at = now - 31
-        svc.upsert_device(Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/"), 0.0)
+        assert poller.plan.due["a"] > now + 25  # at start: spread over the interval
+        poller.plan.started_at = now - 31
+        svc.upsert_device(
+            Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
-        assert poller._due["b"] <= now + 2.0
+        assert poller.plan.due["b"] <= now + 2.0
     finally:
         await poller.stop()
 
@@ -384,6 +390,7 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
         sections={
             "poller": {
                 "enabled": True,
+                "static": True,
                 "poll_this_host": True,
                 "interval": "0.2s",
                 "timeout": "60s",
@@ -460,7 +467,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
         "d", DeviceKind.PRINTER, "D", uri.format(port=port), source=source, addresses=addresses
     )
     svc.upsert_device(dev, time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=2.0))
+    poller = Poller(svc, PollerConfig(enabled=True, static=True, timeout=2.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -476,7 +483,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
     else:  # a discovered device is polled at an address literal only
         assert stats["devices_polled"] == 0 and stats["polls_total"] == 0
     # The same devices are polled when the operator allows this host.
-    allowed = Poller(svc, PollerConfig(enabled=True, timeout=2.0, poll_this_host=True))
+    allowed = Poller(svc, PollerConfig(enabled=True, static=True, timeout=2.0, poll_this_host=True))
     await allowed.start()
     try:
         await allowed.poll_all()

@@ -145,10 +145,19 @@ def test_idle_and_slow_connections_are_closed(daemon: DaemonProcess) -> None:
 class Conn:
     """What the sweep reads of a connection, and what it does to one."""
 
-    def __init__(self, conns: Connections, last_activity: float, frame_started: float | None):
+    def __init__(
+        self,
+        conns: Connections,
+        last_activity: float,
+        frame_started: float | None,
+        waiting: bool = False,
+    ) -> None:
         self.interface = "tcp"
+        self.source = "192.0.2.1"
+        self.slot_trusted = False
         self.last_activity = last_activity
         self.frame_started = frame_started
+        self.waiting = waiting
         self.conns = conns
         self.closed = ""
 
@@ -158,29 +167,31 @@ class Conn:
 
 
 @pytest.mark.parametrize(
-    ("last_activity", "frame_started", "now", "closed"),
+    ("last_activity", "frame_started", "waiting", "now", "closed"),
     [
-        (0.0, None, 0.9, ""),
-        (0.0, None, 1.0, ""),  # exactly at the idle deadline: still open
-        (0.0, None, 1.01, "idle"),
-        (0.5, None, 1.01, ""),  # activity restarts the idle clock
-        (0.9, 0.0, 1.01, "frame not completed in time"),
-        (0.9, 0.5, 1.01, ""),  # a frame begun later has time left
-        (0.0, 0.0, 1.01, "frame not completed in time"),  # slow wins over idle
+        (0.0, None, False, 0.9, ""),
+        (0.0, None, False, 1.0, ""),  # exactly at the idle deadline: still open
+        (0.0, None, False, 1.01, "idle"),
+        (0.5, None, False, 1.01, ""),  # activity restarts the idle clock
+        (0.9, 0.0, False, 1.01, "frame not completed in time"),
+        (0.9, 0.5, False, 1.01, ""),  # a frame begun later has time left
+        (0.0, 0.0, False, 1.01, "frame not completed in time"),  # slow wins over idle
+        (0.0, None, True, 5.0, ""),  # the daemon is answering it (a reload): not idle
     ],
 )
 def test_deadline_sweep_follows_the_clock(
-    last_activity: float, frame_started: float | None, now: float, closed: str
+    last_activity: float, frame_started: float | None, waiting: bool, now: float, closed: str
 ) -> None:
     clock = [now]
     conns = Connections(Limits(idle_timeout=1.0, frame_timeout=1.0), lambda: clock[0])
-    conn = Conn(conns, last_activity, frame_started)
-    conns.open.add(conn)  # type: ignore[arg-type]
+    conn = Conn(conns, last_activity, frame_started, waiting)
+    assert conns.add(conn) is None  # type: ignore[arg-type]
     conns.sweep()
     assert conn.closed == closed
     assert (conn in conns.open) == (not closed)
     assert conns.closed_idle == (closed == "idle")
     assert conns.closed_slow == (closed == "frame not completed in time")
+    assert conns.slots.untrusted_open == (not closed)  # a closed one gives its slot back
 
 
 def test_a_steady_stream_cut_mid_frame_is_not_a_slow_frame(daemon: DaemonProcess) -> None:

@@ -1,7 +1,8 @@
 """The poller: asks printers (IPP) and scanners (eSCL) whether they can serve, and how full.
 
-Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roots
-(scanners) is polled, discovered and static alike. Each device has its own due time:
+Every discovered device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL
+roots (scanners) is polled; a static device from a site map only when its ``poll``
+property, or else ``[poller] static``, says so. Each device has its own due time:
 the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
@@ -40,19 +41,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+import h11
+
 from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, PollerConfig
 from nearestd.core.discovery import AddressPolicy, address_refusal
 from nearestd.core.ipp import IppDecodeError, decode_response, encode_get_printer_attributes
 from nearestd.core.model import DeviceState
+from nearestd.core.schedule import PollSchedule
 from nearestd.core.state import (
     MAX_ESCL_BYTES,
     PRINTER_ATTRIBUTES,
     Live,
     PollTarget,
     StatusError,
-    first_delay,
-    next_delay,
     overlay,
     poll_target,
     printer_live,
@@ -71,7 +73,8 @@ TICK_SECONDS = 0.25
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
 LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
-MAX_LINE = 8192
+# The status line and headers together, at most (h11 refuses a longer head).
+MAX_HEAD = 16384
 MAX_HEADERS = 64
 # Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
 ERROR_KINDS = (
@@ -154,10 +157,8 @@ class Poller:
         self.cfg = cfg
         self._clock = clock
         self._rand = rand
-        self._targets: dict[str, PollTarget] = {}
-        self._due: dict[str, float] = {}
-        self._failures: dict[str, int] = {}
-        self._in_flight: set[str] = set()
+        # The decisions (who is due, backoff, heard-again) live in the core.
+        self.plan = PollSchedule(cfg.interval, cfg.max_backoff, cfg.jitter)
         self._generation = -1
         self._tls = insecure_tls_context()
         self._pool: Workers | None = None
@@ -175,9 +176,6 @@ class Poller:
             queue.SimpleQueue()
         )
         self._applied_at = 0.0
-        self._started_at = 0.0
-        # When discovery last heard of each failing device, as of its last failed poll.
-        self._heard: dict[str, float] = {}
         # Which addresses are never polled (loopback, this host's own, ...); set at start.
         self._policy = AddressPolicy(loopback_ok=True)
         self.refused: Counter[str] = Counter()
@@ -190,7 +188,7 @@ class Poller:
             return
         self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
         self._pool = Workers(self.cfg.concurrency)
-        self._started_at = self._clock()
+        self.plan.started_at = self._clock()
         self._runner = self._spawn(self._run(), "poller")
         LOG.info(
             "poller started",
@@ -217,7 +215,7 @@ class Poller:
             self._open.abort_all()
             self._pool = None
         self._runner = None
-        self._in_flight.clear()
+        self.plan.in_flight.clear()
         self._results = queue.SimpleQueue()
 
     def address_policy(self) -> AddressPolicy:
@@ -236,9 +234,7 @@ class Poller:
         """Drop every live state found so far: with the poller off, states are unknown."""
         for device_id in list(self.service.live):
             self.service.set_live(device_id, None)
-        self._targets.clear()
-        self._due.clear()
-        self._failures.clear()
+        self.plan = PollSchedule(self.cfg.interval, self.cfg.max_backoff, self.cfg.jitter)
         self._generation = -1
 
     def reconfigure(self, cfg: Config) -> None:
@@ -256,7 +252,11 @@ class Poller:
     def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
+        if cfg.static != self.cfg.static:
+            self._generation = -1  # which static devices are polled changed
         self.cfg = cfg
+        self.plan.interval, self.plan.max_backoff = cfg.interval, cfg.max_backoff
+        self.plan.jitter = cfg.jitter
         return restart
 
     # ---- schedule ------------------------------------------------------------------------
@@ -279,8 +279,14 @@ class Poller:
         if table.generation == self._generation:
             return
         self._generation = table.generation
-        seen: set[str] = set()
+        targets: dict[str, PollTarget] = {}
+        static_poll = self.service.sitemap.static_poll
         for rec in table.records():
+            # The cheap test first: a large map's static devices are mostly not polled.
+            if rec.device.source == "static" and not static_poll.get(
+                rec.device.id, self.cfg.static
+            ):
+                continue
             target = poll_target(rec.device)
             if target is None:
                 continue
@@ -296,53 +302,36 @@ class Poller:
                         extra={"device": device_id, "reason": why},
                     )
                 continue
-            seen.add(device_id)
-            old = self._targets.get(device_id)
-            if old != target:
-                # At start, first polls are spread over an interval; later, a new device or
-                # one at a new address is asked soon.
-                starting = old is None and now - self._started_at < self.cfg.interval
-                self._targets[device_id] = target
-                self._failures.pop(device_id, None)
-                self._due[device_id] = now + first_delay(
-                    self.cfg.interval if starting else min(self.cfg.interval, 2.0),
-                    self._rand(),
-                )
-        for device_id in list(self._targets):
-            if device_id not in seen:
-                del self._targets[device_id]
-                self._due.pop(device_id, None)
-                self._failures.pop(device_id, None)
-                self._heard.pop(device_id, None)
+            targets[device_id] = target
+        dropped = [d for d in self.plan.targets if d not in targets]
+        self.plan.follow(targets, now, self._rand())
+        for device_id in dropped:
+            if device_id in self.service.live:  # no longer polled: its state is unknown
+                self.service.set_live(device_id, None)
 
-    def _heard_again(self, now: float) -> None:
+    def heard_again(self, now: float) -> None:
         """Ask at once (once per failure streak) a failing device discovery hears from again."""
-        for device_id, heard in self._heard.items():
-            rec = self.service.table.get(device_id)
-            if rec is not None and rec.last_seen > heard:
-                self._due[device_id] = min(now, self._due.get(device_id, now))
-                self._heard[device_id] = math.inf
+        table = self.service.table
+        for device_id in [d for d, at in self.plan.heard_at_failure.items() if at != math.inf]:
+            rec = table.get(device_id)
+            if rec is not None:
+                self.plan.heard(device_id, rec.last_seen, now)
 
     def schedule(self, now: float) -> int:
         """Start a poll for every device that is due; return how many were started."""
         self.sync_targets(now)
-        if self._heard:
-            self._heard_again(now)
-        started = 0
-        for device_id, due in self._due.items():
-            if due > now or device_id in self._in_flight:
-                continue
-            self._submit(device_id, self._targets[device_id])
-            started += 1
-        return started
+        self.heard_again(now)
+        due = self.plan.take_due(now)
+        for device_id, target in due:
+            self._submit(device_id, target)
+        return len(due)
 
     async def poll_all(self) -> None:
         """Poll every pollable device once now, and wait for all of them (tests, bench)."""
         self.sync_targets(self._clock())
-        for device_id, target in list(self._targets.items()):
-            if device_id not in self._in_flight:
-                self._submit(device_id, target)
-        while self._in_flight:
+        for device_id, target in self.plan.take_all():
+            self._submit(device_id, target)
+        while self.plan.in_flight:
             await asyncio.sleep(0.01)
             self.collect()
         self.apply_pending()
@@ -351,8 +340,8 @@ class Poller:
     def _submit(self, device_id: str, target: PollTarget) -> None:
         """Hand one poll to the pool; its result comes back through ``collect``."""
         if self._pool is None:
+            self.plan.in_flight.discard(device_id)
             return
-        self._in_flight.add(device_id)
         request_id = next(self._ids) % 0x7FFFFFFF or 1
         self._pool.submit(lambda: self._work(device_id, target, request_id))
 
@@ -386,34 +375,30 @@ class Poller:
             except queue.Empty:
                 return n
             n += 1
-            self._in_flight.discard(device_id)
             self.polls += 1
             self.poll_seconds += elapsed
+            rec = self.service.table.get(device_id)
+            failures = self.plan.on_result(
+                device_id,
+                not failure,
+                self._clock(),
+                self._rand(),
+                last_seen=rec.last_seen if rec is not None else 0.0,
+            )
             if failure:
                 self.errors[failure] += 1
                 previous = self._pending.get(device_id) or self.service.live.get(device_id)
                 live = unreachable(previous, failure)
-                failures = self._failures.get(device_id, 0) + 1
-                self._failures[device_id] = failures
                 if failures == 1:
-                    rec = self.service.table.get(device_id)
-                    self._heard[device_id] = rec.last_seen if rec is not None else 0.0
                     LOG.info(
                         "device not answering",
                         extra={"device": device_id, "reason": failure, "detail": detail[:200]},
                     )
-            else:
-                failures = 0
-                self._failures.pop(device_id, None)
-                self._heard.pop(device_id, None)
-            if device_id not in self._targets or live is None:
+            if device_id not in self.plan.targets or live is None:
                 continue
             self._pending[device_id] = live
             if not self._urgent:
                 self._urgent = self._matters(device_id, live)
-            self._due[device_id] = self._clock() + next_delay(
-                failures, self.cfg.interval, self.cfg.max_backoff, self._rand(), self.cfg.jitter
-            )
 
     def _matters(self, device_id: str, live: Live) -> bool:
         """Return whether a result changes what can be answered, or where the device is."""
@@ -468,7 +453,7 @@ class Poller:
             "devices_polled": sum(by_state.values()),
             "devices_by_state": by_state,
             "devices_unreachable": by_state.get(str(DeviceState.UNREACHABLE), 0),
-            "in_flight": len(self._in_flight),
+            "in_flight": len(self.plan.in_flight),
             "polls_total": self.polls,
             "poll_errors_total": {kind: self.errors.get(kind, 0) for kind in ERROR_KINDS},
             "poll_seconds_total": round(self.poll_seconds, 6),
@@ -574,57 +559,6 @@ def exchange(
         raise PollFailure("connect-error", f"{type(exc).__name__}: {exc}") from None
 
 
-class _Conn:
-    """A socket read through a buffer, every read bounded by a deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buf = bytearray()
-        self.eof = False
-
-    def _fill(self) -> None:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        self.sock.settimeout(left)
-        chunk = self.sock.recv(65536)
-        if not chunk:
-            self.eof = True
-        self.buf += chunk
-
-    def line(self) -> bytes:
-        while True:
-            end = self.buf.find(b"\n", 0, MAX_LINE + 1)
-            if end >= 0:
-                out = bytes(self.buf[: end + 1])
-                del self.buf[: end + 1]
-                return out
-            if len(self.buf) > MAX_LINE:
-                raise PollFailure("http-error", f"a header line longer than {MAX_LINE} bytes")
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the headers")
-            self._fill()
-
-    def exactly(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            if self.eof:
-                raise PollFailure("http-error", "connection closed in the body")
-            self._fill()
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
-
-    def rest(self, limit: int) -> bytes:
-        while not self.eof:
-            if len(self.buf) > limit:
-                raise PollFailure("too-large", f"more than {limit} bytes")
-            self._fill()
-        if len(self.buf) > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        return bytes(self.buf)
-
-
 def _connect(
     host: str,
     port: int,
@@ -667,8 +601,9 @@ def _http(
     open_sockets: OpenSockets,
     refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    # A minimal HTTP/1.1 client: one request per connection, Content-Length, chunked or
-    # close-delimited replies, every read bounded in size and by the deadline.
+    # One request per connection through h11 (the sans-I/O HTTP/1.1 codec httpcore uses):
+    # it frames Content-Length, chunked and close-delimited replies; this bounds the head,
+    # the header count, the body and every read by the deadline.
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
@@ -688,62 +623,59 @@ def _http(
         path = parts.path or "/"
         if parts.query:
             path += "?" + parts.query
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
-            "Accept-Encoding: identity\r\nConnection: close\r\n"
-        )
+        headers = [
+            ("Host", parts.netloc),
+            ("User-Agent", USER_AGENT),
+            ("Accept-Encoding", "identity"),
+            ("Connection", "close"),
+        ]
         if body is not None:
-            head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+            headers += [("Content-Type", "application/ipp"), ("Content-Length", str(len(body)))]
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        out = conn.send(h11.Request(method=method, target=path, headers=headers))
+        if body:
+            out += conn.send(h11.Data(data=body))
+        out += conn.send(h11.EndOfMessage())
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(head.encode("latin-1") + b"\r\n" + (body or b""))
-        conn = _Conn(sock, deadline)
-        status, headers = _read_head(conn)
-        while status == 100:
-            status, headers = _read_head(conn)
-        if status != 200:
-            raise PollFailure("http-error", f"HTTP {status}")
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            return _read_chunked(conn, limit)
-        if "content-length" in headers:
-            length = int(headers["content-length"])
-            if length < 0 or length > limit:
-                raise PollFailure("too-large", f"{length} bytes announced")
-            return conn.exactly(length)
-        return conn.rest(limit)
+        sock.sendall(out)
+        return _read_reply(conn, sock, deadline, limit)
+    except h11.ProtocolError as exc:
+        raise PollFailure("http-error", f"bad HTTP reply: {exc}") from None
     finally:
         open_sockets.discard(sock)
         sock.close()
 
 
-def _read_head(conn: _Conn) -> tuple[int, dict[str, str]]:
-    """Read a status line and headers; return the status and the headers by lower-case name."""
-    line = conn.line()
-    fields = line.split(None, 2)
-    if len(fields) < 2 or not fields[0].startswith(b"HTTP/1.") or not fields[1].isdigit():
-        raise PollFailure("http-error", f"not an HTTP/1.x status line: {line[:60]!r}")
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADERS):
-        raw = conn.line()
-        if raw in (b"\r\n", b"\n"):
-            return int(fields[1]), headers
-        name, sep, value = raw.decode("latin-1").partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
-
-
-def _read_chunked(conn: _Conn, limit: int) -> bytes:
-    """Read a chunked body up to ``limit`` bytes."""
+def _read_reply(conn: h11.Connection, sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """Read one reply's body through h11: status 200 only, at most ``limit`` bytes."""
     data = bytearray()
     while True:
-        size_line = conn.line()
-        size = int(size_line.split(b";", 1)[0].strip() or b"x", 16)
-        if size == 0:
-            for _ in range(MAX_HEADERS):
-                if conn.line() in (b"\r\n", b"\n"):
-                    return bytes(data)
-            raise PollFailure("http-error", "endless chunked trailer")
-        if len(data) + size > limit:
-            raise PollFailure("too-large", f"more than {limit} bytes")
-        data += conn.exactly(size)
-        conn.exactly(2)
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, h11.InformationalResponse):
+            continue
+        elif isinstance(event, h11.Response):
+            if len(event.headers) > MAX_HEADERS:
+                raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
+            # h11 bounds a head that arrives in pieces; one read can bring a whole long one.
+            if sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
+                raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")
+            if event.status_code != 200:
+                # A redirect is never followed: the device answers at its own address or not.
+                raise PollFailure("http-error", f"HTTP {event.status_code}")
+            for name, value in event.headers:
+                if name == b"content-length" and int(value) > limit:
+                    raise PollFailure("too-large", f"{int(value)} bytes announced")
+        elif isinstance(event, h11.Data):
+            data += event.data
+            if len(data) > limit:
+                raise PollFailure("too-large", f"more than {limit} bytes")
+        elif isinstance(event, h11.EndOfMessage):
+            return bytes(data)
+        else:  # ConnectionClosed before the end of the message
+            raise PollFailure("http-error", "connection closed before the end of the reply")

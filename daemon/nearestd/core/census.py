@@ -2,14 +2,14 @@
 
 One pass over the table yields a frozen ``Census``; nobody else counts devices. The one
 definition of a device's shown state lives here too (``shown_state``), used by the wire
-view and the census alike:
+view, the census (``stats``, metrics, STATUS) and the web view's floor plan alike:
 
-- ``stale`` (a flag) marks a device restored from the warm-restart snapshot and not yet
-  heard of again. It is counted in ``stale`` whatever its state.
-- A device's shown state is its state, except that a stale device whose state is
-  ``unknown`` shows ``stale``: the snapshot kept a ``stopped`` or ``unreachable`` state so
-  that such a device is not answered, and those read as themselves everywhere (wire,
-  ``stats``, metrics).
+- ``stale`` (a flag) marks a device known but not confirmed now: restored from the
+  warm-restart snapshot and not yet heard of again, or federated from an origin that went
+  silent. It is counted in ``stale`` whatever its state.
+- A device's shown state is ``stopped`` or ``unreachable`` when it is (so that nobody
+  reads such a device as usable, stale or not), else ``stale`` when it is stale, else its
+  state.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ MAX_SUPPLIES_PER_DEVICE = 16
 
 
 def shown_state(device: Device) -> str:
-    """Return the state a device is shown with: ``stale`` for a restored, unknown one."""
-    if device.stale and device.state == DeviceState.UNKNOWN:
-        return STALE
-    return str(device.state)
+    """Return the state a device is shown with: stopped/unreachable, else stale, else its state."""
+    if device.state in (DeviceState.STOPPED, DeviceState.UNREACHABLE):
+        return str(device.state)
+    return STALE if device.stale else str(device.state)
 
 
 @dataclass(frozen=True, slots=True)
