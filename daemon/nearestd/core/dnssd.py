@@ -285,6 +285,13 @@ class Publisher:
     def __post_init__(self) -> None:
         self._domain = tuple(x.encode() for x in self.domain.lower().strip(".").split("."))
 
+    def configure(self, per_type: int, ttl: int, ns_addresses: tuple[str, ...]) -> None:
+        """Take new settings for the same domain; instance names are kept."""
+        self.per_type = per_type
+        self.ttl = ttl
+        self.ns_addresses = ns_addresses
+        self._lists.clear()
+
     @property
     def origin(self) -> Name:
         """Return the domain's labels (lower case)."""
