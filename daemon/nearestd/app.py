@@ -19,6 +19,7 @@ import gc
 import logging
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -43,6 +44,7 @@ STOP_BUDGET = 3.5
 # Free an old world this many objects at a time, so that no single free holds the GIL long.
 RELEASE_CHUNK = 2000
 RELEASE_DEPTH = 8
+RELOAD_SWITCH_INTERVAL = 0.001
 T = TypeVar("T")
 
 
@@ -252,6 +254,10 @@ class Daemon:
 
     async def _reload_once(self) -> list[str]:
         carry = self.service.carry()
+        # The loop's thread waits up to one switch interval for the GIL each time it wants
+        # it back while the worker builds: shorter turns keep query delays short.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
         freeze = self.freeze_gc
         if freeze:
             # Building a world allocates millions of objects: with the collector on, its
@@ -259,7 +265,7 @@ class Daemon:
             gc.disable()
         try:
             try:
-                prepared, save_cache = await in_thread(self._prepare, carry)
+                prepared = await in_thread(self._prepare, carry)
             except ConfigError as exc:
                 return self._refuse(exc.problems)
             old = self._switch(prepared)
@@ -269,21 +275,22 @@ class Daemon:
             except Exception:
                 LOG.exception("freeing the old world failed")
             del old
-            if save_cache is not None:
-                try:
-                    await in_thread(save_cache)
-                except Exception:
-                    LOG.exception("site map cache not written")
         finally:
+            sys.setswitchinterval(interval)
             if freeze:
                 gc.freeze()
                 gc.enable()
         return []
 
-    def _prepare(self, carry: Carry) -> tuple[Prepared, Callable[[], None] | None]:
-        """Read, validate and build the new world (worker thread: touches nothing in use)."""
-        world = load_world(self.config_path, use_cache=True)
-        return prepare(world.config, world.sitemap, carry), world.save_cache
+    def _prepare(self, carry: Carry) -> Prepared:
+        """Read, validate and build the new world (worker thread: touches nothing in use).
+
+        Not through the compiled-map cache, either way: unpickling or pickling a large
+        map is one C call that holds the GIL (measured: 0.2-0.7 s), stalling every query.
+        The cache is written at the next start.
+        """
+        world = load_world(self.config_path)
+        return prepare(world.config, world.sitemap, carry)
 
     def save_map_cache(self, world: World) -> None:
         """Write the compiled site map in a worker thread, if the world was not read from it."""
