@@ -13,6 +13,9 @@ have dbus-daemon || need="$need dbus-daemon"
 have ippeveprinter || need="$need cups-ipp-utils"
 have cupsd || need="$need cups-daemon"
 have lpadmin || need="$need cups-client"
+# A driverless queue prints ordinary files through cups-filters' texttopdf and pdftopdf
+# (without them `nearest printer --set-default` rightly warns on every run).
+[ -x /usr/lib/cups/filter/texttopdf ] || need="$need cups-filters"
 have scanimage || need="$need sane-utils"
 ls /usr/lib/*/sane/libsane-airscan.so* >/dev/null 2>&1 || need="$need sane-airscan"
 have promtool || need="$need prometheus"

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from nearest_wire import DeviceView
+
 MARKER = "managed by nearest"
 MARKER_RE = re.compile(r"\(managed by nearest: (?P<id>[^()]+)\)\s*$")
 QUEUE_PREFIX = "nearest-"
@@ -65,6 +67,16 @@ class Queue:
         return m.group("id") if m else None
 
 
+def place_text(site: str | None, building: str | None, level: int | None, zone: str | None) -> str:
+    """Return ``site / building / level N / zone``, leaving out what is unknown."""
+    parts = [str(x) for x in (site, building) if x]
+    if level is not None:
+        parts.append(f"level {level}")
+    if zone:
+        parts.append(zone)
+    return " / ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """The device a queue should point at, reduced to what CUPS needs."""
@@ -75,18 +87,13 @@ class Target:
     location: str = ""
 
     @classmethod
-    def from_reply(cls, device: Mapping[str, Any]) -> Target:
+    def from_reply(cls, device: DeviceView) -> Target:
         """Build from one device of a ``nearest`` reply."""
-        parts = [str(device[k]) for k in ("site", "building") if device.get(k)]
-        if device.get("level") is not None:
-            parts.append(f"level {device['level']}")
-        if device.get("zone"):
-            parts.append(str(device["zone"]))
         return cls(
-            device_id=str(device.get("id") or ""),
-            name=str(device.get("name") or device.get("id") or ""),
-            uri=str(device.get("uri") or ""),
-            location=" / ".join(parts),
+            device_id=device.id,
+            name=device.name or device.id,
+            uri=device.uri,
+            location=place_text(device.site, device.building, device.level, device.zone),
         )
 
     @property

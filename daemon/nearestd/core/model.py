@@ -166,13 +166,3 @@ class Zone:
     representative: tuple[float, float]
     representative_lonlat: tuple[float, float]
     source: str
-
-    def where(self) -> dict[str, Any]:
-        """Return the contract's ``where`` map."""
-        return {
-            "site": self.site,
-            "building": self.building,
-            "level": self.level,
-            "zone": self.id,
-            "zone_name": self.name,
-        }
