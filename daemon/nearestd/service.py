@@ -16,7 +16,6 @@ from typing import Any
 from nearest_wire import (
     DevicesReply,
     DevicesRequest,
-    DeviceView,
     EraseReply,
     ErrorCode,
     ErrorReply,
@@ -49,17 +48,18 @@ from nearestd.core.census import Census, census
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
 from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
-from nearestd.core.index import Hit, Ranking
+from nearestd.core.index import Hit
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
+from nearestd.core.ranking import Ranking
 from nearestd.core.resolve import (
     PageKey,
     decode_cursor,
     encode_cursor,
     inventory_view,
     page_key,
-    rank,
+    views_of,
     where_of,
 )
 from nearestd.core.sitemap import SiteMap
@@ -112,12 +112,6 @@ class Stats:
     latency: Latencies = field(default_factory=Latencies)
 
 
-def ranking_of(cfg: Config) -> Ranking:
-    """Return the ranking parameters of a config."""
-    r = cfg.ranking
-    return Ranking(r.floor_penalty_m, r.building_penalty_m, r.allow_other_sites)
-
-
 @dataclass(frozen=True, slots=True)
 class Carry:
     """What the service hands to a reload's worker thread: taken on the loop, cheaply."""
@@ -146,7 +140,7 @@ def prepare(cfg: Config, sitemap: SiteMap, carry: Carry) -> Prepared:
         return device if found is None else overlay(device, found)
 
     table = DeviceTable(sitemap, carry.table, declared)
-    ranking = ranking_of(cfg)
+    ranking = cfg.ranking
     table.index.warm(sitemap.zones.values(), tuple(DeviceKind), ranking)
     return Prepared(cfg, sitemap, table, ranking, carry)
 
@@ -166,13 +160,13 @@ class Service:
         self.cfg = cfg
         self.sitemap = sitemap
         self.table = DeviceTable(sitemap)
-        self.ranking = ranking_of(cfg)
+        self.ranking = cfg.ranking
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: OrderedDict[
-            tuple[str, str, Any, int, int], tuple[int, tuple[DeviceView, ...]]
-        ] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, Any, int, int], tuple[int, tuple[Hit, ...]]] = (
+            OrderedDict()
+        )
         self._wheres: dict[str, Where] = {}
         self._sections = sections
         self._reload = reload
@@ -350,17 +344,23 @@ class Service:
         visible = policy.client_mask(zone.id, ip) if policy.active else -1
         key = (zone.id, req.kind, req.need, req.k, visible)
         cached = self._cache.get(key)
-        gen = self.table.generation
+        table = self.table
+        gen = table.rank_generation
+        # The cache keeps who is answered and in what order, valid while nothing that ranks
+        # changes; the views are drawn per reply, so a new state or supply level shows at once.
         if cached is not None and cached[0] == gen:
-            devices = cached[1]
+            hits = cached[1]
         else:
-            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking, visible)
+            hits = tuple(
+                table.index.nearest(zone, req.kind, req.need, req.k, self.ranking, visible)
+            )
             if len(self._cache) >= CACHE_MAX:
                 # Oldest out, one at a time: clearing 8,192 answers at once stalls the loop
                 # for milliseconds, a spike in every client's latency. (An OrderedDict: a
                 # plain dict finds its oldest key by skipping every deleted slot first.)
                 self._cache.popitem(last=False)
-            self._cache[key] = (gen, devices)
+            self._cache[key] = (gen, hits)
+        devices = views_of(table, hits)
         # An operator's lookup is logged as such: the person's export shows someone looked.
         op = "admin.nearest" if peer.admin else "nearest"
         self._remember(ip, zone, op, tuple(d.id for d in devices), now)

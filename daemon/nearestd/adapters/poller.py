@@ -16,11 +16,10 @@ TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs 
 small thread pool, because its syscalls and handshakes cost far more than its Python
 and, on the event loop, they delayed queries (an ipps cycle doubled the query p99).
 The threads touch nothing shared: they put results on a queue, which the loop empties
-every quarter second (so a poll costs the loop no wakeup of its own). The loop hands
-them to ``Service.set_live`` in batches, since every change empties the answer cache: a
-change of what can be answered (availability) or of where a device is goes in the next
-tick's batch; one that only reorders ties or what is shown (idle/processing, reasons,
-supplies) waits up to ``LAZY_APPLY_SECONDS``.
+every quarter second (so a poll costs the loop no wakeup of its own), and hands them to
+``Service.set_live`` at once: the answer cache keeps who is answered and in what order,
+and only a change that can alter that (availability, place, the state tie-break)
+invalidates it, so a new supply level or state reason costs no cached answer.
 """
 
 from __future__ import annotations
@@ -55,7 +54,6 @@ from nearestd.core.state import (
     Live,
     PollTarget,
     StatusError,
-    overlay,
     poll_target,
     printer_live,
     scanner_live,
@@ -71,7 +69,6 @@ TICK_SECONDS = 0.25
 # Poll results are applied in batches, since each change empties the answer cache. A
 # change of what can be answered (availability, placement) goes in the next tick's batch;
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
-LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
 # The status line and headers together, at most (h11 refuses a longer head).
 MAX_HEAD = 16384
@@ -171,11 +168,9 @@ class Poller:
         self.transitions = 0
         self.poll_seconds = 0.0
         self._pending: dict[str, Live] = {}
-        self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
             queue.SimpleQueue()
         )
-        self._applied_at = 0.0
         # Which addresses are never polled (loopback, this host's own, ...); set at start.
         self._policy = AddressPolicy(loopback_ok=True)
         self.refused: Counter[str] = Counter()
@@ -265,9 +260,8 @@ class Poller:
             try:
                 now = self._clock()
                 self.collect()
-                if self._urgent or (self._pending and now - self._applied_at >= LAZY_APPLY_SECONDS):
+                if self._pending:
                     self.apply_pending()
-                    self._applied_at = now
                 self.schedule(now)
             except Exception:
                 LOG.exception("poll scheduling failed")
@@ -397,27 +391,10 @@ class Poller:
             if device_id not in self.plan.targets or live is None:
                 continue
             self._pending[device_id] = live
-            if not self._urgent:
-                self._urgent = self._matters(device_id, live)
-
-    def _matters(self, device_id: str, live: Live) -> bool:
-        """Return whether a result changes what can be answered, or where the device is."""
-        rec = self.service.table.get(device_id)
-        if rec is None:
-            return False
-        new = overlay(rec.device, live)
-        old = rec.device
-        return (new.available, new.geo, new.location_text, new.uuid) != (
-            old.available,
-            old.geo,
-            old.location_text,
-            old.uuid,
-        )
 
     def apply_pending(self) -> None:
         """Hand the poll results gathered since the last batch to the service."""
         pending, self._pending = self._pending, {}
-        self._urgent = False
         for device_id, live in pending.items():
             self._apply(device_id, live)
 

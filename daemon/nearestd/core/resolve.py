@@ -8,8 +8,9 @@ import json
 from nearest_wire import Capabilities, DeviceView, Inventory, Need, Supply, Where
 from nearestd.core.census import shown_state
 from nearestd.core.devices import DeviceTable, Record
-from nearestd.core.index import Hit, Ranking
+from nearestd.core.index import Hit
 from nearestd.core.model import Zone
+from nearestd.core.ranking import Ranking
 
 
 def where_of(zone: Zone) -> Where:
@@ -77,10 +78,15 @@ def rank(
     visible: int = -1,
 ) -> tuple[DeviceView, ...]:
     """Return the k nearest devices' views for a client in ``zone`` who sees ``visible``."""
-    hits = table.index.nearest(zone, kind, need, k, ranking, visible)
+    return views_of(table, tuple(table.index.nearest(zone, kind, need, k, ranking, visible)))
+
+
+def views_of(table: DeviceTable, hits: tuple[Hit, ...]) -> tuple[DeviceView, ...]:
+    """Return the views of ranked hits as the table holds the devices now (state, supplies)."""
     out = []
+    get = table.get
     for hit in hits:
-        rec = table.get(hit.device_id)
+        rec = get(hit.device_id)
         if rec is not None:
             out.append(device_view(rec, hit))
     return tuple(out)
