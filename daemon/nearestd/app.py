@@ -38,6 +38,8 @@ from nearestd.service import Carry, Prepared, Service, prepare
 
 LOG = logging.getLogger("nearestd")
 TICK_SECONDS = 0.5
+# The longest the background warming of neighbour lists holds the loop at a time.
+WARM_SLICE = 0.005
 SHUTDOWN_GRACE = 3.0
 # SIGTERM to exit stays under 5 s even when a component hangs in its stop.
 STOP_BUDGET = 3.5
@@ -161,6 +163,7 @@ class Daemon:
         for component in self.components:
             await component.start()
         self.note_infrastructure()  # the sockets' own addresses, now bound
+        self.spawn(self._warm(), "warm")
         LOG.info(
             "serving",
             extra={
@@ -181,6 +184,24 @@ class Daemon:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+    async def _warm(self) -> None:
+        """Build every zone's neighbour lists in slices of the loop's idle time after start.
+
+        Start-up does not wait for them (a query builds what it misses); warming them here
+        makes each zone's first client as quick as the rest without delaying anyone by more
+        than one slice.
+        """
+        steps = self.service.warming()
+        table = self.service.table
+        while self.service.table is table:  # a reload builds its own lists, off the loop
+            end = time.perf_counter() + WARM_SLICE
+            for _ in steps:
+                if time.perf_counter() >= end:
+                    break
+            else:
+                return
+            await asyncio.sleep(0)
 
     async def _ticker(self) -> None:
         while True:

@@ -9,7 +9,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -183,6 +183,12 @@ class Service:
     def warm(self) -> None:
         """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
+
+    def warming(self) -> Iterator[None]:
+        """Prepare every zone's neighbour lists a step at a time (see ``SpatialIndex.warming``)."""
+        return self.table.index.warming(
+            list(self.sitemap.zones.values()), tuple(DeviceKind), self.ranking
+        )
 
     # ---- requests ----------------------------------------------------------------------
     def handle_payload(self, payload: bytes, peer: Peer, now: float) -> Answer:

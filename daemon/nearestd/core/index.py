@@ -38,7 +38,7 @@ import bisect
 import ctypes
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -638,6 +638,20 @@ class SpatialIndex:
                 self._neighbours(zone, kind, ranking)
                 n += 1
         return n
+
+    def warming(
+        self, zones: Iterable[Zone], kinds: Iterable[str], ranking: Ranking
+    ) -> Iterator[None]:
+        """Prepare the zones' neighbour lists one at a time, yielding after each.
+
+        The caller spends a slice of time per step, so the lists of a large map are built
+        in the loop's idle time after start-up instead of delaying it.
+        """
+        kinds = tuple(kinds)
+        for zone in zones:
+            for kind in kinds:
+                self._neighbours(zone, kind, ranking)
+                yield
 
     def _neighbours(self, zone: Zone, kind: str, ranking: Ranking) -> _Near:
         """Return the cheapest devices of the zone's cheapest floor, whatever their state."""
