@@ -74,6 +74,7 @@ class Daemon:
         self._group: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.reloads_ok = 0
+        self.warmed_in: float | None = None
         self.reloads_failed = 0
         self.last_reload = 0.0
         self.last_reload_ok = True
@@ -144,6 +145,8 @@ class Daemon:
                 "reloads_failed": self.reloads_failed,
                 "last_reload_ok": self.last_reload_ok,
                 "last_reload": self.last_reload or self.service.stats.started,
+                # Seconds the background warming of neighbour lists took; None until done.
+                "lists_warmed_in": self.warmed_in,
             },
             # Refused, rate-limited and malformed requests: the service counts them.
             "security": self.service.security_view(),
@@ -194,12 +197,20 @@ class Daemon:
         """
         steps = self.service.warming()
         table = self.service.table
+        started = time.perf_counter()
+        lists = 0
         while self.service.table is table:  # a reload builds its own lists, off the loop
             end = time.perf_counter() + WARM_SLICE
             for _ in steps:
+                lists += 1
                 if time.perf_counter() >= end:
                     break
             else:
+                self.warmed_in = time.perf_counter() - started
+                LOG.info(
+                    "neighbour lists warmed",
+                    extra={"lists": lists, "seconds": round(self.warmed_in, 3)},
+                )
                 return
             await asyncio.sleep(0)
 
