@@ -169,6 +169,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
         "poller": {
             "enabled": True,
+            "static": True,  # the map's two static devices are the ones polled here
             "interval": "1s",
             "timeout": "1s",
             "max_backoff": "2s",
