@@ -294,17 +294,25 @@ def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
     assert reload_metrics(old)["nearest_config_reloads_total{success}"] == 1
 
 
+def built(tmp_path: Path) -> tuple[Setup, Any]:
+    """Write the files and build a Daemon in-process (slow: called in a worker thread)."""
+    import nearestd.app as app
+    from nearestd.loader import load_world
+
+    s = Setup(tmp_path)
+    return s, app.Daemon(load_world(s.cfg), str(s.cfg))
+
+
 async def test_sighup_reload_parses_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big site map takes seconds to parse; queries must not wait for it."""
     import asyncio
 
+    s, daemon = await asyncio.to_thread(built, tmp_path)  # imports the daemon there too
     import nearestd.app as app
     from nearestd.loader import load_world
 
-    s = Setup(tmp_path)
-    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
     def slow_load(path: str, use_cache: bool = False) -> Any:
@@ -314,7 +322,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        s.good()
+        await asyncio.to_thread(s.good)
         loop = asyncio.get_running_loop()
         started = loop.time()
         daemon.reload_in_background()
@@ -333,7 +341,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
         while daemon._reloading is not None and not daemon._reloading.done():
             await asyncio.sleep(0.05)
         assert daemon.reloads_ok == 2 and daemon.reloads_failed == 0
-        s.broken_toml()
+        await asyncio.to_thread(s.broken_toml)
         daemon.reload_in_background()
         while daemon.reloads_failed == 0:
             await asyncio.sleep(0.05)
@@ -348,12 +356,11 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     """The admin op waits for its answer without holding up anyone else's."""
     import asyncio
 
+    s, daemon = await asyncio.to_thread(built, tmp_path)  # imports the daemon there too
     import nearestd.app as app
     from nearestd.loader import load_world
     from nearestd.service import ADMIN_PEER
 
-    s = Setup(tmp_path)
-    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
     threads: list[str] = []
 
@@ -367,7 +374,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        s.good()
+        await asyncio.to_thread(s.good)
         loop = asyncio.get_running_loop()
         started = loop.time()
         answer = daemon.service.handle({"v": 1, "id": 7, "op": "reload"}, ADMIN_PEER, time.time())
@@ -384,7 +391,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
         assert threads and threads[0] != "MainThread"
         assert daemon.service.table.get(PROBE_ID) is not None
         # SIGHUP during an admin reload: the asker still gets the answer of its own.
-        s.broken_toml()
+        await asyncio.to_thread(s.broken_toml)
         answer = daemon.service.handle({"v": 1, "id": 8, "op": "reload"}, ADMIN_PEER, time.time())
         daemon.reload_in_background()
         reply = await asyncio.ensure_future(answer)  # type: ignore[arg-type]
