@@ -26,6 +26,7 @@ have dig || need="$need bind9-dnsutils"
 have unbound || need="$need unbound"
 have dnsperf || need="$need dnsperf"
 have nsd || need="$need nsd"
+have named || need="$need bind9"
 have chromium || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! have apt-get; then

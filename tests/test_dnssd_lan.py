@@ -3,8 +3,10 @@
 Topology (its own LAN, tests/lan.py): host 1 runs nearestd, multi-homed in three client
 subnets 10.9.{1,2,3}.0/24 (one zone each), serving DNS on 10.9.N.1:53 and the query
 protocol on 10.9.N.1:7310; hosts 2-4 are clients, one per subnet (10.9.N.10); host 5
-holds mDNS peers; host 6 runs Unbound (10.9.N.2), configured as docs/dnssd.md says.
-Clients use only their own subnet's addresses, so the daemon sees who they are.
+holds mDNS peers (python-zeroconf, avahi with ippeveprinter at 10.9.2.20); host 6 runs
+Unbound (10.9.N.2), configured as docs/dnssd.md says, and a second nearestd whose poller
+watches the ippeveprinter. Clients use only their own subnet's addresses, so the daemon
+sees who they are.
 """
 
 from __future__ import annotations
@@ -255,6 +257,52 @@ def test_through_unbound(net: Lan, unbound: Path, host: int) -> None:
     # answered for the client, not for the resolver.
     assert dig(net, host, server, f"lb._dns-sd._udp.{D}", "PTR") == [f"z-{n}.{D}."]
     check_client(net, host, n, server)
+
+
+def documented_bind() -> tuple[str, str]:
+    """Return the BIND options lines and the zone lines docs/dnssd.md shows."""
+    text = DOCS.read_text()
+    section = text[text.index("### BIND 9") :]
+    block = section[section.index("```conf\n") + 8 :]
+    block = block[: block.index("```")]
+    opts = block[block.index("options {") + 9 : block.index("};")]
+    return opts, block[block.index("};") + 2 :]
+
+
+@pytest.fixture(scope="module")
+def bind(net: Lan, daemon: DaemonProcess) -> Iterator[Path]:
+    """BIND 9 as the resolver on 10.9.N.3 (host 6), configured as docs/dnssd.md says."""
+    require_tools("named", "named-checkconf")
+    d = net.tmp / "bind"
+    d.mkdir()
+    for n in (1, 2, 3):
+        net._ip("-n", net.ns(RESOLVER), "addr", "add", f"10.9.{n}.3/24", "dev", "eth0")
+    opts, zones = documented_bind()
+    listen = " ".join(f"10.9.{n}.3;" for n in (1, 2, 3))
+    conf = d / "named.conf"
+    conf.write_text(
+        "options {\n"
+        f'    directory "{d}";\n    pid-file "{d}/named.pid";\n'
+        f"    listen-on port 53 {{ {listen} }};\n    listen-on-v6 {{ none; }};\n"
+        "    recursion yes;\n    allow-query { any; };\n    allow-recursion { any; };\n"
+        f"{opts}}};\n{zones}"
+    )
+    check = subprocess.run(["named-checkconf", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = net.popen(RESOLVER, ["named", "-g", "-c", str(conf)], log="named.out")
+    wait_for(
+        "named answers",
+        lambda: dig(net, 2, "10.9.1.3", D, "SOA") or proc.poll() is not None,
+        timeout=30,
+    )
+    assert proc.poll() is None, net.log("named.out")
+    yield conf
+
+
+@pytest.mark.parametrize("host", sorted(CLIENTS))
+def test_through_bind(net: Lan, bind: Path, host: int) -> None:
+    n = CLIENTS[host]
+    check_client(net, host, n, f"10.9.{n}.3")
 
 
 def test_avahi_wide_area_browses_and_resolves(net: Lan, unbound: Path) -> None:

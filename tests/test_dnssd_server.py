@@ -310,10 +310,12 @@ def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> N
         proc.config.write_text(original.replace("per_type = 32", "per_type = 2").replace(
             'ttl = "5s"', 'ttl = "3s"'
         ))  # fmt: skip
+        before = short(port, f"_ipp._tcp.z-a.{D}", "PTR", "+tcp")
         assert ask(proc, {"op": "reload"}, admin=True)["ok"]
         answers = dig(port, "+noall", "+answer", f"_ipp._tcp.z-a.{D}", "PTR")
         lines = answers.splitlines()
         assert len(lines) == 2 and all(line.split()[1] == "3" for line in lines), lines
+        assert {line.split()[-1] for line in lines} <= set(before)  # the same names
         proc.config.write_text(original.replace('ttl = "5s"', 'ttl = "11s"'))
         from nearest_client.client import ServerError
 

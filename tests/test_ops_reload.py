@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -14,10 +15,13 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import nearestd.app as app
 from nearest_client import Client, ServerError
 from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import Saved, encode_inventory
 from nearestd.core.model import Device, DeviceKind
+from nearestd.loader import load_world
+from nearestd.service import ADMIN_PEER
 from support import DEMO_CSV, DEMO_MAP, DaemonProcess, free_port, tcp_url, write_config
 
 PROBE_ID = "prn-reload-probe"
@@ -294,25 +298,12 @@ def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
     assert reload_metrics(old)["nearest_config_reloads_total{success}"] == 1
 
 
-def built(tmp_path: Path) -> tuple[Setup, Any]:
-    """Write the files and build a Daemon in-process (slow: called in a worker thread)."""
-    import nearestd.app as app
-    from nearestd.loader import load_world
-
-    s = Setup(tmp_path)
-    return s, app.Daemon(load_world(s.cfg), str(s.cfg))
-
-
 async def test_sighup_reload_parses_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big site map takes seconds to parse; queries must not wait for it."""
-    import asyncio
-
-    s, daemon = await asyncio.to_thread(built, tmp_path)  # imports the daemon there too
-    import nearestd.app as app
-    from nearestd.loader import load_world
-
+    s = await asyncio.to_thread(Setup, tmp_path)
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
     def slow_load(path: str, use_cache: bool = False) -> Any:
@@ -322,7 +313,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        await asyncio.to_thread(s.good)
+        await asyncio.to_thread(s.good)  # file writes stay off the loop
         loop = asyncio.get_running_loop()
         started = loop.time()
         daemon.reload_in_background()
@@ -354,13 +345,8 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The admin op waits for its answer without holding up anyone else's."""
-    import asyncio
-
-    s, daemon = await asyncio.to_thread(built, tmp_path)  # imports the daemon there too
-    import nearestd.app as app
-    from nearestd.loader import load_world
-    from nearestd.service import ADMIN_PEER
-
+    s = await asyncio.to_thread(Setup, tmp_path)
+    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
     threads: list[str] = []
 
@@ -374,7 +360,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        await asyncio.to_thread(s.good)
+        await asyncio.to_thread(s.good)  # file writes stay off the loop
         loop = asyncio.get_running_loop()
         started = loop.time()
         answer = daemon.service.handle({"v": 1, "id": 7, "op": "reload"}, ADMIN_PEER, time.time())

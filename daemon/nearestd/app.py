@@ -269,7 +269,8 @@ class Daemon:
             except ConfigError as exc:
                 return self._refuse(exc.problems)
             old = self._switch(prepared)
-            del prepared
+            # The old world's last references are in ``old`` now, to be freed off the loop.
+            del prepared, carry
             try:
                 await in_thread(release, old)
             except Exception:
@@ -334,7 +335,7 @@ class Daemon:
             "reloaded",
             extra={"zones": len(prepared.sitemap.zones), "devices": len(self.service.table)},
         )
-        return [old_world, old_sitemap, old_table]
+        return [old_world, old_sitemap, old_table, prepared.carry]
 
 
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -427,7 +428,9 @@ def release(old: list[object]) -> None:
     while seen:
         seen.pop()
     for tree in tries:
-        prefixes = tree.keys()  # a list: the tree is not iterated while it shrinks
+        # Listed a step at a time (``keys()`` is one C call: 0.2 s for 100,000 prefixes),
+        # then removed, so that the tree is not iterated while it shrinks.
+        prefixes = [prefix for prefix in tree]
         for prefix in prefixes:
             del tree[prefix]
     del tries

@@ -65,6 +65,10 @@ TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
 LOG_MEMO = 65536
+QTYPE_NAMES = {
+    n: str(QTYPE[n])
+    for n in (1, 2, 5, 6, 12, 13, 15, 16, 28, 33, 35, 41, 43, 48, 64, 65, 251, 252, 255, 257)
+}
 
 
 class Entry(NamedTuple):
@@ -177,7 +181,6 @@ class DnssdServer:
         self.truncated = 0
         self.rate_limited = 0
         self.malformed = 0
-        self.dropped = 0
         self.revalidated = 0
         self.tcp_refused = 0
         self._transports: list[asyncio.DatagramTransport] = []
@@ -186,14 +189,7 @@ class DnssdServer:
         self.addresses: list[str] = []
 
     def _publisher(self, cfg: DnssdConfig) -> core.Publisher:
-        ns = []
-        for addr in cfg.listen:
-            host, _ = _split_listen(addr)
-            with contextlib.suppress(ValueError):
-                ip = ipaddress.ip_address(host)
-                if not ip.is_unspecified:
-                    ns.append(str(ip))
-        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), tuple(ns))
+        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), _ns(cfg))
 
     # ---- component ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -236,8 +232,12 @@ class DnssdServer:
             return
         if new.listen != self.cfg.listen:
             LOG.warning("[dnssd] listen changed: takes effect at the next restart")
+        if new.domain.lower().strip(".") == self.cfg.domain.lower().strip("."):
+            # Same domain: instance names stay what they were while their devices stay.
+            self.publisher.configure(new.per_type, max(1, int(new.ttl)), _ns(new))
+        else:
+            self.publisher = self._publisher(new)
         self.cfg = new
-        self.publisher = self._publisher(new)
         self.trusted = [_net(c) for c in new.trusted_resolvers]
         self._trusted_memo = {}
         self._drop_cache()
@@ -372,8 +372,7 @@ class DnssdServer:
             return Entry(wire, wire, "other", "FORMERR", False, None, (), None)
         q = query.questions[0]
         labels = tuple(q.qname.label)
-        qtype = QTYPE.get(q.qtype, f"TYPE{q.qtype}")
-        qtype_name = qtype if isinstance(qtype, str) and qtype.isalnum() else "other"
+        qtype_name = QTYPE_NAMES.get(q.qtype, "other")  # bounded: the counter's keys
         opt = next((r for r in query.ar if r.rtype == core.OPT), None)
         if not _name_ok(labels) or len([r for r in query.ar if r.rtype == core.OPT]) > 1:
             wire = _header_only(data, 1)
@@ -468,6 +467,18 @@ class DnssdServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _ns(cfg: DnssdConfig) -> tuple[str, ...]:
+    """Return the addresses ``ns.<domain>`` has: the specific ``listen`` addresses."""
+    out = []
+    for addr in cfg.listen:
+        host, _ = _split_listen(addr)
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(host)
+            if not ip.is_unspecified:
+                out.append(str(ip))
+    return tuple(out)
 
 
 def _is_ip(text: str) -> bool:

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable, Record
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind, Zone
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import SiteMap
 
 Name = tuple[bytes, ...]
@@ -284,6 +284,13 @@ class Publisher:
 
     def __post_init__(self) -> None:
         self._domain = tuple(x.encode() for x in self.domain.lower().strip(".").split("."))
+
+    def configure(self, per_type: int, ttl: int, ns_addresses: tuple[str, ...]) -> None:
+        """Take new settings for the same domain; instance names are kept."""
+        self.per_type = per_type
+        self.ttl = ttl
+        self.ns_addresses = ns_addresses
+        self._lists.clear()
 
     @property
     def origin(self) -> Name:

@@ -50,6 +50,7 @@ from shapely.geometry.base import BaseGeometry
 
 from nearest_wire import PAPER_CLASSES, Need
 from nearestd.core.model import Zone
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import Projection
 
 COLOR, DUPLEX, ADF, SECURE = 1, 2, 4, 8
@@ -74,15 +75,6 @@ NEAR_CACHE = 65536
 # Filter word layout (word_of): capability bits, then one bit per paper class, then state.
 PAPER_SHIFT = 4
 AVAILABLE = 1 << (PAPER_SHIFT + len(PAPER_CLASSES))
-
-
-@dataclass(frozen=True, slots=True)
-class Ranking:
-    """The ranking parameters of the contract."""
-
-    floor_penalty_m: float = 20.0
-    building_penalty_m: float = 100.0
-    allow_other_sites: bool = False
 
 
 @dataclass(frozen=True, slots=True)
