@@ -174,7 +174,6 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             "timeout": "1s",
             "max_backoff": "2s",
             "poll_this_host": True,  # the peers are on loopback
-            "static": True,  # the map's scanner and dead printer (off by default)
         },
         "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "nearest.test."},
         "mqtt": {
