@@ -30,18 +30,29 @@ def request(reply_topic: str | None, v311_reply_to: str | None = None) -> aiomqt
 
 
 async def test_requests_over_the_bound_are_dropped_and_counted_other_messages_are_not() -> None:
-    inbox = Inbox(frozenset({QUERY}), lambda m: Verdict.KNOWN, max_requests=3, maxsize=10)
+    inbox = Inbox(frozenset({QUERY}), lambda m: Verdict.KNOWN, max_requests=3, max_others=10)
     for _ in range(5):
         inbox.put_nowait(request("r/a"))
     assert (inbox.qsize(), inbox.requests, inbox.dropped) == (3, 3, 2)
     record = aiomqtt.Message("p/devices/x", b"{}", 1, True, 2, None)
-    inbox.put_nowait(record)  # not a request: only the queue's own size bounds it
+    inbox.put_nowait(record)  # not a request: only its own bound applies
     assert inbox.qsize() == 4
     got = [await inbox.get() for _ in range(4)]
     assert got[-1] is record
     assert inbox.requests == 0
     inbox.put_nowait(request("r/a"))  # room again once answered
     assert inbox.requests == 1
+
+
+async def test_records_have_their_own_bound_which_requests_cannot_fill() -> None:
+    inbox = Inbox(frozenset({QUERY}), lambda m: Verdict.KNOWN, max_requests=3, max_others=5)
+    for _ in range(3):
+        inbox.put_nowait(request("r/a"))
+    records = [aiomqtt.Message(f"p/devices/s/{i}", b"{}", 1, True, i, None) for i in range(7)]
+    for rec in records:
+        inbox.put_nowait(rec)
+    # Queued requests do not take the records' room: five records kept, two dropped.
+    assert (inbox.qsize(), inbox.dropped_other, inbox.dropped) == (8, 2, 0)
 
 
 async def test_a_refused_request_is_never_queued() -> None:

@@ -195,9 +195,11 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
         request_topics: frozenset[str],
         admit: Callable[[aiomqtt.Message], Verdict],
         max_requests: int,
-        maxsize: int = 0,
+        max_others: int = 0,
     ) -> None:
-        super().__init__(maxsize)
+        # Unbounded as an asyncio queue; each kind of message has its own bound below.
+        super().__init__(0)
+        self.max_others = max_others
         self.request_topics = request_topics
         self._admit = admit
         self.max_requests = max_requests
@@ -212,11 +214,11 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
             if verdict is Verdict.REFUSED:
                 return
             limit = self.max_requests if verdict is Verdict.KNOWN else self.max_requests // 2
-            if self.requests >= limit or self.full():
+            if self.requests >= limit:
                 self.dropped += 1
                 return
             self.requests += 1
-        elif self.full():
+        elif self.max_others and self.qsize() - self.requests >= self.max_others:
             self.dropped_other += 1
             return
         super().put_nowait(item)
@@ -464,7 +466,11 @@ class MqttAdapter:
             self.counters.dropped += self._inbox.dropped
             self.counters.dropped_other += self._inbox.dropped_other
         topics = frozenset((self.query_topic, self.direct_topic))
-        self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, maxsize)
+        # Records and statuses are not requests: a retained replay of every foreign device
+        # arrives at once on each connection, and a record lost here would not come back
+        # until the device changes. Their bound follows the federation's cap instead.
+        others = maxsize + 2 * self.cfg.max_foreign if self.federation is not None else maxsize
+        self._inbox = Inbox(topics, self._admit, self.cfg.max_queued, others)
         return self._inbox
 
     def _admit(self, message: aiomqtt.Message) -> Verdict:
