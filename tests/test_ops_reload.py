@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import subprocess
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import nearestd.app as app
 from nearest_client import Client, ServerError
 from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import Saved, encode_inventory
 from nearestd.core.model import Device, DeviceKind
+from nearestd.loader import load_world
 from support import DEMO_CSV, DEMO_MAP, DaemonProcess, free_port, tcp_url, write_config
 
 PROBE_ID = "prn-reload-probe"
@@ -298,12 +301,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big site map takes seconds to parse; queries must not wait for it."""
-    import asyncio
-
-    import nearestd.app as app
-    from nearestd.loader import load_world
-
-    s = Setup(tmp_path)
+    s = await asyncio.to_thread(Setup, tmp_path)  # writing the maps would block the loop
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
@@ -346,13 +344,9 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The admin op waits for its answer without holding up anyone else's."""
-    import asyncio
-
-    import nearestd.app as app
-    from nearestd.loader import load_world
     from nearestd.service import ADMIN_PEER
 
-    s = Setup(tmp_path)
+    s = await asyncio.to_thread(Setup, tmp_path)  # writing the maps would block the loop
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
     threads: list[str] = []
