@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 
-SECTIONS = ["startup", "resolver", "reload", "discovery", "mqtt", "floods", "poller", "sites", "dnssd"]
+SECTIONS = ["startup", "resolver", "reload", "discovery", "mqtt", "floods", "poller", "sites", "dnssd", "web"]
 
 
 def main(argv: list[str]) -> int:

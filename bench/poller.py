@@ -333,7 +333,7 @@ def _scenario(
 
     directory = Path(tempfile.mkdtemp(prefix="pollbench-", dir=base))
     site, ips = _site(directory, ports, scheme)
-    on = {"enabled": True, "interval": f"{interval:g}s", "timeout": "2s", "concurrency": 16}
+    on = {"enabled": True, "static": True, "interval": f"{interval:g}s", "timeout": "2s", "concurrency": 16}
     # Two daemons, asked the same queries in turn: both see the same machine at the same
     # moments, which on a shared machine matters more than anything the poller does. Both
     # poll a first cycle, so they hold the same live state and send the same answers;

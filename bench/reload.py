@@ -159,6 +159,13 @@ def main() -> None:
         admin = tmp / "admin.sock"
         _wait_ready(proc, admin, 600)
         print(f"daemon ready in {time.perf_counter() - t0:.1f} s", flush=True)
+        # The daemon writes its compiled map (state_dir/sitemap.cache) once serving: not
+        # part of either figure, so both start after it.
+        cache = tmp / "state" / "sitemap.cache"
+        deadline = time.monotonic() + 300
+        while not cache.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2.0)
         zones = [z.id for z in world.zones]
 
         base, _ = _run_client(port, zones, lambda: time.sleep(BASELINE_SECONDS))
@@ -190,7 +197,7 @@ def main() -> None:
         took = [t for _, _, t in spans]
         worst = max(inside, default=0.0) * 1000
         print(
-            f"reload (read, validate, build table and neighbour lists, swap, free the old): "
+            f"reload (read and validate the files, build table and neighbour lists, swap, free the old): "
             f"{min(took):.1f}-{max(took):.1f} s each, answered by the admin op"
         )
         verdict = "met" if worst <= GOAL_MS else "NOT met"

@@ -13,6 +13,9 @@ have dbus-daemon || need="$need dbus-daemon"
 have ippeveprinter || need="$need cups-ipp-utils"
 have cupsd || need="$need cups-daemon"
 have lpadmin || need="$need cups-client"
+# A driverless queue prints ordinary files through cups-filters' texttopdf and pdftopdf
+# (without them `nearest printer --set-default` rightly warns on every run).
+[ -x /usr/lib/cups/filter/texttopdf ] || need="$need cups-filters"
 have scanimage || need="$need sane-utils"
 ls /usr/lib/*/sane/libsane-airscan.so* >/dev/null 2>&1 || need="$need sane-airscan"
 have promtool || need="$need prometheus"
@@ -23,6 +26,7 @@ have dig || need="$need bind9-dnsutils"
 have unbound || need="$need unbound"
 have dnsperf || need="$need dnsperf"
 have nsd || need="$need nsd"
+have named || need="$need bind9"
 have chromium || need="$need chromium"
 [ -z "$need" ] && exit 0
 if [ "$(id -u)" != 0 ] || ! have apt-get; then

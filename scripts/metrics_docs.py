@@ -17,6 +17,7 @@ SHOWN = {
     "mqtt": "an `[mqtt]` section",
     "poller": "always",
     "dnssd": "a `[dnssd]` section",
+    "web": "a `[web]` section",
 }
 
 

@@ -213,7 +213,7 @@ def txt_records(data: bytes) -> None:
         assert result in ("added", "updated", "unchanged", "quarantined")
         rec = table.get(dev.id)
         if rec is not None:
-            encode_frame({"d": inventory_view(rec)})
+            encode_frame({"d": inventory_view(rec).to_wire()})
         table.remove(dev.id)
     assert len(table) == len(sitemap().static_devices) and not table.quarantine
     merger.remove("lo", type_, record.name)

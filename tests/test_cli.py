@@ -72,7 +72,7 @@ def test_nearestctl_devices_and_locate(demo_daemon: DaemonProcess) -> None:
     r = ctl(demo_daemon, "locate", "192.0.2.1")
     assert r.returncode == 1 and "unknown-location" in r.stderr
     r = ctl(demo_daemon, "locate", "not-an-ip")
-    assert r.returncode == 1 and "client_ip: not an IPv4 or IPv6 address" in r.stderr
+    assert r.returncode == 2 and "client_ip: not an IPv4 or IPv6 address" in r.stderr
 
 
 def test_example_config_and_default_server_answer_on_this_machine(tmp_path: Path) -> None:

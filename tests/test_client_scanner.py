@@ -56,20 +56,20 @@ def test_printers_get_no_sane_lines(demo_daemon: DaemonProcess) -> None:
 
 def test_device_string_survives_awkward_names() -> None:
     # sane-airscan splits at the first two colons: a colon in the name must go.
-    sane = sane_device({"name": "Floor 2: Scan's", "uri": "http://10.0.0.5:8080/eSCL/"})
+    sane = sane_device("Floor 2: Scan's", "http://10.0.0.5:8080/eSCL/")
     assert sane is not None
     assert sane["device"] == "airscan:escl:Floor 2 Scan's:http://10.0.0.5:8080/eSCL/"
     # The shell line is quoted so it can be pasted as it is.
     argv = shlex.split(sane["scanimage"].split(" > ")[0])
     assert argv == ["scanimage", "-d", sane["device"], "--format=png"]
-    quoted = sane_device({"name": 'The "big" one', "uri": "https://[2001:db8::5]/eSCL/"})
+    quoted = sane_device('The "big" one', "https://[2001:db8::5]/eSCL/")
     assert quoted is not None
     assert quoted["airscan_conf"] == "\"The 'big' one\" = https://[2001:db8::5]/eSCL/, eSCL"
 
 
 def test_a_scanner_without_escl_says_so() -> None:
-    assert sane_device({"name": "Old", "uri": "socket://10.0.0.9:9100"}) is None
-    assert sane_device({"name": "Odd", "uri": "http://[bad"}) is None
+    assert sane_device("Old", "socket://10.0.0.9:9100") is None
+    assert sane_device("Odd", "http://[bad") is None
 
 
 def test_the_printed_scanimage_line_scans_through_sane_airscan(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from nearest_client.cups import (
     queue_name,
     translate,
 )
+from nearest_wire import DeviceView
 
 
 def test_plain_ids_keep_their_name() -> None:
@@ -52,7 +53,18 @@ def test_the_marker_survives_any_device_name() -> None:
 
 def test_target_location_from_a_reply() -> None:
     t = Target.from_reply(
-        {"id": "p", "name": "P", "uri": "ipps://h/ipp", "site": "hq", "building": "n", "level": 0}
+        DeviceView.from_wire(
+            {
+                "id": "p",
+                "name": "P",
+                "kind": "printer",
+                "uri": "ipps://h/ipp",
+                "site": "hq",
+                "building": "n",
+                "level": 0,
+                "state": "idle",
+            }
+        )
     )
     assert t.location == "hq / n / level 0"
 

@@ -275,7 +275,7 @@ def test_srv_targets_equal_nearest_for_every_zone(env: tuple[Publisher, DeviceTa
         for kind, types in (("printer", ("_ipp", "_ipps")), ("scanner", ("_uscan", "_uscans"))):
             expected = set()
             for dev in rank(table, zone, kind, Need(), pub.per_type, RANKING):
-                parts = urlsplit(dev["uri"])
+                parts = urlsplit(dev.uri)
                 if parts.hostname and not parts.hostname.startswith("fe80"):
                     expected.add((parts.hostname, parts.port or 631))
             got = set()

@@ -3,14 +3,18 @@
 Topology (its own LAN, tests/lan.py): host 1 runs nearestd, multi-homed in three client
 subnets 10.9.{1,2,3}.0/24 (one zone each), serving DNS on 10.9.N.1:53 and the query
 protocol on 10.9.N.1:7310; hosts 2-4 are clients, one per subnet (10.9.N.10); host 5
-holds mDNS peers; host 6 runs Unbound (10.9.N.2), configured as docs/dnssd.md says.
-Clients use only their own subnet's addresses, so the daemon sees who they are.
+holds mDNS peers (python-zeroconf, avahi with ippeveprinter at 10.9.2.20); host 6 runs
+Unbound (10.9.N.2), configured as docs/dnssd.md says, and a second nearestd whose poller
+watches the ippeveprinter. Clients use only their own subnet's addresses, so the daemon
+sees who they are.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,7 +39,7 @@ from support import (
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
 D = "print.example.org"
-PER_TYPE = 3
+PER_TYPE = 4
 TTL = 2.0
 CLIENTS = {2: 1, 3: 2, 4: 3}  # host -> subnet number (10.9.N.0/24, zone z-N)
 RESOLVER = 6
@@ -111,6 +115,9 @@ def daemon(net: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
                 + [f"unix://{d}/query.sock"],
             },
             "discovery": {"enabled": True, "interfaces": ["eth0"], "expire_after": "30s"},
+            # The static printers' addresses hold no printer: polled, all would (rightly)
+            # be unreachable. The poller's part is test_a_printer_that_stops_answering...
+            "poller": {"enabled": False},
             "dnssd": {
                 "listen": [f"10.9.{n}.1:53" for n in (1, 2, 3)],
                 "domain": D,
@@ -177,12 +184,13 @@ def check_client(lan: Lan, host: int, n: int, server: str) -> None:
     types = dig(lan, host, server, f"_services._dns-sd._udp.{domain}", "PTR")
     assert f"_ipp._tcp.{domain}." in types and f"_uscan._tcp.{domain}." in types
     got = published(lan, host, server, domain, ("_ipp", "_ipps"))
-    assert got == nearest_says(lan, host, n, "printer"), (host, n)
+    assert len(got) == PER_TYPE and got == nearest_says(lan, host, n, "printer"), (host, n)
+    assert {(f"10.9.{n}.{50 + j}", 631) for j in range(3)} <= got  # its own zone's printers
     got = published(lan, host, server, domain, ("_uscan", "_uscans"))
-    assert got == nearest_says(lan, host, n, "scanner"), (host, n)
+    assert got and got == nearest_says(lan, host, n, "scanner"), (host, n)
     universal = dig(lan, host, server, f"_universal._sub._ipp._tcp.{domain}", "PTR")
     assert sorted(universal) == sorted(dig(lan, host, server, f"_ipp._tcp.{domain}", "PTR"))
-    inst = dig(lan, host, server, f"_ipp._tcp.{domain}", "PTR")[0]
+    inst = f"Printer\\032{n}0._ipp._tcp.{domain}"  # one of the zone's own
     txt = " ".join(dig(lan, host, server, inst, "TXT"))
     assert f'"note=main, floor 0, Z{n}"' in txt and '"rp=ipp/print"' in txt, txt
 
@@ -251,6 +259,52 @@ def test_through_unbound(net: Lan, unbound: Path, host: int) -> None:
     check_client(net, host, n, server)
 
 
+def documented_bind() -> tuple[str, str]:
+    """Return the BIND options lines and the zone lines docs/dnssd.md shows."""
+    text = DOCS.read_text()
+    section = text[text.index("### BIND 9") :]
+    block = section[section.index("```conf\n") + 8 :]
+    block = block[: block.index("```")]
+    opts = block[block.index("options {") + 9 : block.index("};")]
+    return opts, block[block.index("};") + 2 :]
+
+
+@pytest.fixture(scope="module")
+def bind(net: Lan, daemon: DaemonProcess) -> Iterator[Path]:
+    """BIND 9 as the resolver on 10.9.N.3 (host 6), configured as docs/dnssd.md says."""
+    require_tools("named", "named-checkconf")
+    d = net.tmp / "bind"
+    d.mkdir()
+    for n in (1, 2, 3):
+        net._ip("-n", net.ns(RESOLVER), "addr", "add", f"10.9.{n}.3/24", "dev", "eth0")
+    opts, zones = documented_bind()
+    listen = " ".join(f"10.9.{n}.3;" for n in (1, 2, 3))
+    conf = d / "named.conf"
+    conf.write_text(
+        "options {\n"
+        f'    directory "{d}";\n    pid-file "{d}/named.pid";\n'
+        f"    listen-on port 53 {{ {listen} }};\n    listen-on-v6 {{ none; }};\n"
+        "    recursion yes;\n    allow-query { any; };\n    allow-recursion { any; };\n"
+        f"{opts}}};\n{zones}"
+    )
+    check = subprocess.run(["named-checkconf", str(conf)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    proc = net.popen(RESOLVER, ["named", "-g", "-c", str(conf)], log="named.out")
+    wait_for(
+        "named answers",
+        lambda: dig(net, 2, "10.9.1.3", D, "SOA") or proc.poll() is not None,
+        timeout=30,
+    )
+    assert proc.poll() is None, net.log("named.out")
+    yield conf
+
+
+@pytest.mark.parametrize("host", sorted(CLIENTS))
+def test_through_bind(net: Lan, bind: Path, host: int) -> None:
+    n = CLIENTS[host]
+    check_client(net, host, n, f"10.9.{n}.3")
+
+
 def test_avahi_wide_area_browses_and_resolves(net: Lan, unbound: Path) -> None:
     require_tools("avahi-daemon", "avahi-browse", "dbus-daemon")
     host, n = 3, 2
@@ -282,7 +336,9 @@ def test_goodbye_vanishes_within_ttl_and_comes_back(net: Lan, daemon: DaemonProc
         "type": "_ipp._tcp.local.",
         "host": "life.local.",
         "port": 631,
-        "addresses": ["10.9.2.50"],  # z-2; replaces p20 at the same spot as nearest
+        # In z-2, which has three static printers: static devices win ties (cost 0 inside
+        # the zone), so this one is the fourth of per_type.
+        "addresses": ["10.9.2.77"],
         "txt": {"txtvers": "1", "rp": "ipp/print", "UUID": LIFE_UUID, "note": "Z2"},
     }
     server, host = "10.9.2.1", 3
@@ -295,7 +351,7 @@ def test_goodbye_vanishes_within_ttl_and_comes_back(net: Lan, daemon: DaemonProc
     peer.register("life", "ZC Life", **spec)
     wait_for("published", lambda: any("ZC\\032Life" in x for x in names()), timeout=20)
     srv = dig(net, host, server, f"ZC\\032Life.{domain}", "SRV")
-    assert srv == [f"0 0 631 h-10-9-2-50.{D}."]
+    assert srv == [f"0 0 631 h-10-9-2-77.{D}."]
     t0 = time.monotonic()
     peer.unregister("life")
     wait_for("gone", lambda: not any("ZC\\032Life" in x for x in names()), timeout=TTL + 1)
@@ -306,20 +362,33 @@ def test_goodbye_vanishes_within_ttl_and_comes_back(net: Lan, daemon: DaemonProc
     peer.close()
 
 
-def test_cups_adds_the_printer_dnssd_answers_and_a_job_reaches_it(
-    net: Lan, daemon: DaemonProcess, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """ippeveprinter announced over mDNS is found by the daemon, published by unicast
-    DNS-SD, and a client's cupsd adds it from the SRV/A answer (lpadmin -m everywhere)."""
-    require_tools("avahi-daemon", "ippeveprinter", "cupsd", "lpadmin", "lp", "lpstat")
-    from cups_peer import PrivateCups, short_tempdir
+EVE_PORT = 8631
 
-    host, n, port = 3, 2, 8631
+
+@pytest.fixture(scope="module")
+def eve(net: Lan, daemon: DaemonProcess) -> Iterator[Any]:
+    """CUPS's ippeveprinter on host 5 (10.9.2.20, zone z-2), announced by its avahi."""
+    require_tools("avahi-daemon", "ippeveprinter")
     net._ip("-n", net.ns(PEERS), "addr", "flush", "dev", "eth0")
     net._ip("-n", net.ns(PEERS), "addr", "add", "10.9.2.20/24", "dev", "eth0")
     net.avahi_node(PEERS, host="eveprinter")
     formats = "application/pdf,image/pwg-raster,image/jpeg"
-    printer = net.ippeveprinter(PEERS, "Eve Printer", port, "Z2", extra=["-v", "-f", formats])
+    printer = net.ippeveprinter(PEERS, "Eve Printer", EVE_PORT, "Z2", extra=["-v", "-f", formats])
+    try:
+        yield printer
+    finally:
+        Lan.stop(printer)
+
+
+def test_cups_adds_the_printer_dnssd_answers_and_a_job_reaches_it(
+    net: Lan, eve: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """ippeveprinter announced over mDNS is found by the daemon, published by unicast
+    DNS-SD, and a client's cupsd adds it from the SRV/A answer (lpadmin -m everywhere)."""
+    require_tools("cupsd", "lpadmin", "lp", "lpstat")
+    from cups_peer import PrivateCups, short_tempdir
+
+    host, n, port = 3, 2, EVE_PORT
     server = f"10.9.{n}.1"
     domain = f"_ipp._tcp.z-{n}.{D}"
     wait_for(
@@ -354,7 +423,6 @@ def test_cups_adds_the_printer_dnssd_answers_and_a_job_reaches_it(
         )
     finally:
         cups.stop()
-        Lan.stop(printer)
 
 
 MINIMAL_PDF = (
@@ -363,3 +431,53 @@ MINIMAL_PDF = (
     b"3 0 obj<</Type/Page/Parent 2 0 R/MediaBox[0 0 595 842]>>endobj\n"
     b"trailer<</Root 1 0 R>>\n%%EOF\n"
 )
+
+
+@pytest.fixture(scope="module")
+def polling(net: Lan, eve: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A second nearestd on host 6 (10.9.2.2:8053) that polls what it discovers, every second.
+
+    Its own daemon: the first one's static printers do not exist, so a poller would (rightly)
+    take them all out of its answers.
+    """
+    d = tmp_path_factory.mktemp("dnssd-poll")
+    site = d / "site.geojson"
+    z2 = zone_feature("z-2", lab_square(3), ["10.9.2.0/24"], name="Z2")
+    site.write_text(json.dumps({"type": "FeatureCollection", "features": [z2]}))
+    cfg = write_config(
+        d,
+        sections={
+            "daemon": {"listen": [f"unix://{d}/query.sock"]},
+            "discovery": {"enabled": True, "interfaces": ["eth0"], "expire_after": "60s"},
+            "poller": {"enabled": True, "interval": "1s", "timeout": "1s", "max_backoff": "2s"},
+            "dnssd": {"listen": ["10.9.2.2:8053"], "domain": D, "ttl": f"{TTL:g}s"},
+        },
+        maps=[str(site)],
+        subnets=[],
+    )
+    proc = DaemonProcess(cfg, netns=net.ns(RESOLVER)).wait_ready()
+    try:
+        yield "10.9.2.2"
+    finally:
+        proc.stop()
+
+
+def test_a_printer_that_stops_answering_vanishes_and_comes_back(
+    net: Lan, eve: Any, polling: str
+) -> None:
+    host, domain = 3, f"_ipp._tcp.z-2.{D}"
+
+    def names() -> list[str]:
+        return dig(net, host, polling, "-p", "8053", domain, "PTR")
+
+    wait_for("published", lambda: any("Eve\\032Printer" in x for x in names()), timeout=30)
+    t0 = time.monotonic()
+    os.killpg(eve.pid, signal.SIGSTOP)  # alive on mDNS (its avahi), silent over IPP
+    try:
+        # One poll interval (1 s, +10% jitter) and one poll timeout (1 s) to notice it, then
+        # the records go at once: a resolver's copy lives at most TTL more.
+        wait_for("gone", lambda: not any("Eve" in x for x in names()), timeout=2.2 + TTL + 1)
+        assert time.monotonic() - t0 <= 2.2 + TTL + 1
+    finally:
+        os.killpg(eve.pid, signal.SIGCONT)
+    wait_for("back", lambda: any("Eve\\032Printer" in x for x in names()), timeout=20)

@@ -78,7 +78,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonPro
         sections={
             "metrics": {"listen": f"127.0.0.1:{free_port()}"},
             "dnssd": {
-                "listen": [f"127.0.0.1:{port}"],
+                "listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
                 "domain": D,
                 "per_type": 32,
                 "ttl": "5s",
@@ -310,10 +310,12 @@ def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> N
         proc.config.write_text(original.replace("per_type = 32", "per_type = 2").replace(
             'ttl = "5s"', 'ttl = "3s"'
         ))  # fmt: skip
+        before = short(port, f"_ipp._tcp.z-a.{D}", "PTR", "+tcp")
         assert ask(proc, {"op": "reload"}, admin=True)["ok"]
         answers = dig(port, "+noall", "+answer", f"_ipp._tcp.z-a.{D}", "PTR")
         lines = answers.splitlines()
         assert len(lines) == 2 and all(line.split()[1] == "3" for line in lines), lines
+        assert {line.split()[-1] for line in lines} <= set(before)  # the same names
         proc.config.write_text(original.replace('ttl = "5s"', 'ttl = "11s"'))
         from nearest_client.client import ServerError
 
@@ -324,3 +326,44 @@ def test_reload_follows_per_type_and_ttl(server: tuple[DaemonProcess, int]) -> N
     finally:
         proc.config.write_text(original)
         ask(proc, {"op": "reload"}, admin=True)
+
+
+def test_ipv6_listen_and_aaaa(server: tuple[DaemonProcess, int]) -> None:
+    _, port = server
+    require_tools("dig")
+    r = subprocess.run(
+        ["dig", "@::1", "-p", str(port), "+short", "+time=3", f"lb._dns-sd._udp.{D}", "PTR"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert r.stdout.split() == []  # ::1 is in no zone: NOERROR, no answer
+    assert short(port, f"ns.{D}", "A") == ["127.0.0.1"]
+    assert short(port, f"ns.{D}", "AAAA") == ["::1"]
+
+
+def test_tcp_connections_capped_and_idle_ones_closed(server: tuple[DaemonProcess, int]) -> None:
+    proc, port = server
+    conns = []
+    try:
+        for _ in range(130):
+            conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # The daemon closes the ones over the cap at once: reading them gives EOF.
+        closed = 0
+        for c in conns[-2:]:
+            c.settimeout(5)
+            closed += c.recv(1) == b""
+        assert closed == 2
+        stats = ask(proc, {"op": "stats"}, admin=True)["stats"]["dnssd"]
+        assert stats["tcp_refused_total"] >= 2 and stats["tcp_connections"] <= 128
+        # An idle one is closed after 10 s.
+        conns[0].settimeout(20)
+        started = time.monotonic()
+        assert conns[0].recv(1) == b""
+        assert 5 < time.monotonic() - started < 15
+    finally:
+        for c in conns:
+            c.close()
+    # Served again once they are gone.
+    q = DNSRecord.question(f"lb._dns-sd._udp.{D}", "PTR")
+    assert DNSRecord.parse(tcp(port, bytes(q.pack()))).rr

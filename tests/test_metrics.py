@@ -37,7 +37,7 @@ from nearestd.app import Daemon
 from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
 from nearestd.loader import load_world
 from nearestd.service import ADMIN_PEER, Service
-from support import DaemonProcess, free_port, require_tools, tcp_url, write_config
+from support import DaemonProcess, free_port, require_tools, tcp_url, wait_for, write_config
 
 NOW = 1_000_000.0
 
@@ -163,7 +163,8 @@ def test_supply_levels_by_device_and_supply_never_with_an_address(tmp_path: Path
         svc.live[dev_id] = None  # type: ignore[assignment]  # polled: the census counts them
     got = samples(page_of(readings(svc, {}, NOW)), "nearest_device_supply_level_percent")
     assert got == {
-        ("prn-lobby", "Black_Toner"): 75.0,
+        # The name as the device reports it, as stats show it: no underscore substitution.
+        ("prn-lobby", "Black Toner"): 75.0,
         ("mdns-printer-3f5e2c1a-7b1d-4c8e-9a4f-2b6d8e1f0a11", "Cyan"): 10.0,
     }
 
@@ -228,9 +229,13 @@ def scrape(address: str) -> str:
 
 def bound_address(d: DaemonProcess) -> str:
     """Return the metrics address the daemon logged (port 0 in the config: no port races)."""
-    m = re.search(r"listen=http://([^/\s]+)/metrics", d.logs())
-    assert m, d.logs()
-    return m.group(1)
+    # Ready (the admin socket answers) comes before every component has started.
+    m = wait_for(
+        "the metrics address in the log",
+        lambda: re.search(r"listen=http://([^/\s]+)/metrics", d.logs()),
+        show=d.logs,
+    )
+    return str(m.group(1))
 
 
 @pytest.fixture
@@ -366,3 +371,25 @@ def test_readings_are_frozen(tmp_path: Path) -> None:
         r.sections["mqtt"]["x"] = 1  # type: ignore[index]
     with pytest.raises(TypeError):
         r.sections["mqtt"]["events"]["b"] = 2  # type: ignore[index]
+
+
+def _supply_samples(tmp_path: Path, names: list[str]) -> dict[tuple[str, ...], float]:
+    svc = service(tmp_path)
+    supplies = tuple(Supply(n, "toner", 10 + i) for i, n in enumerate(names))
+    d = Device("prn-a", DeviceKind.PRINTER, "A", "ipp://x/ipp", source="mdns", supplies=supplies)
+    svc.table.upsert(d, NOW)
+    svc.live["prn-a"] = None  # type: ignore[assignment]  # polled: the census counts them
+    return samples(page_of(readings(svc, {}, NOW)), "nearest_device_supply_level_percent")
+
+
+def test_a_supply_keeps_the_name_the_device_reports_escaped_only_by_the_format(
+    tmp_path: Path,
+) -> None:
+    names = ["Black Toner", 'Cyan "XL" cartridge', "Drum \\ unit", "Tóner negro", "Waste-Box 2"]
+    got = _supply_samples(tmp_path, names)
+    assert got == {("prn-a", n): float(10 + i) for i, n in enumerate(names)}
+
+
+def test_a_supply_name_that_could_carry_an_address_or_a_hash_is_folded(tmp_path: Path) -> None:
+    names = ["Toner 10.20.30.40", "fe80::1:2 toner", "Toner 0123456789abcdef", "a\nb", "x" * 65]
+    assert set(_supply_samples(tmp_path, names)) == {("prn-a", "other")}

@@ -180,6 +180,7 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
             "topic_prefix": PREFIX,
             "instance": instance,
         },
+        "web": {"listen": f"127.0.0.1:{free_port()}"},
     }
     cfg = write_config(tmp_path / "d", sections=sections, maps=[str(site)], subnets=[])
     good_config = cfg.read_text()

@@ -117,7 +117,7 @@ async def test_json_and_msgpack_round_trips(
         )
         assert loc["where"]["building"] == "south"
         with Client(tcp_url(daemon.config)) as c:
-            assert c.nearest("printer")["devices"] == reply["devices"]
+            assert c.nearest("printer").to_wire()["devices"] == reply["devices"]
 
 
 async def test_v311_reply_to_with_correlation(
@@ -311,7 +311,7 @@ async def test_broker_absent_at_start_then_restarted_mid_run(
         )
         try:
             with Client(tcp_url(d.config)) as c:  # sockets serve without a broker
-                assert c.nearest("printer")["devices"][0]["id"] == "prn-n0-lobby"
+                assert c.nearest("printer").devices[0].id == "prn-n0-lobby"
             await asyncio.to_thread(broker.start)
             await online(broker, mqtt_prefix, "rs")
             for cycle in range(2):
@@ -363,7 +363,7 @@ async def test_wrong_password_is_logged_clearly_and_sockets_still_serve(
                 assert time.monotonic() < deadline, broker.logs()
                 await asyncio.sleep(0.1)
             with Client(tcp_url(d.config)) as c:
-                assert c.nearest("printer")["devices"][0]["id"] == "prn-n0-lobby"
+                assert c.nearest("printer").devices[0].id == "prn-n0-lobby"
             logs = d.logs()
             assert logs.count("refused the credentials") == 1, logs
             assert "username=nearestd" in logs and "Bad-Pa55word" not in logs
@@ -520,7 +520,7 @@ async def test_mqtts_with_a_configured_ca_file(tmp_path: Path, mqtt_prefix: str)
                 assert time.monotonic() < deadline, d.logs()
                 await asyncio.sleep(0.1)
             with Client(tcp_url(d.config)) as c:
-                assert c.nearest("printer")["devices"]
+                assert c.nearest("printer").devices
             assert (await stats(d))["mqtt"]["connected"] is False
         finally:
             await stopped(d)

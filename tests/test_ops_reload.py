@@ -199,7 +199,7 @@ def test_broken_reload_keeps_the_old_state_and_reports_every_problem(
         assert any("[ranking] bogus: unknown key" in p for p in problems)
     # Old state kept: the probe from the last good config is still served.
     with Client(tcp_url(s.cfg)) as c:
-        ids = [x["id"] for x in c.nearest("printer", k=20)["devices"]]
+        ids = [x.id for x in c.nearest("printer", k=20).devices]
     assert PROBE_ID in ids
     logged = [line for line in d.logs().splitlines() if "reload refused" in line]
     assert len(logged) == len(problems)
@@ -242,8 +242,8 @@ while time.monotonic() < deadline and ok + failed < 500000:
         with Client(url, timeout=5) as c:  # a new connection now and then, too
             for _ in range(50):
                 reply = c.nearest("printer", k=3)
-                ok += 1 if reply["devices"] else 0
-                failed += 0 if reply["devices"] else 1
+                ok += 1 if reply.devices else 0
+                failed += 0 if reply.devices else 1
     except Exception as exc:
         failed += 1
         errors.append(repr(exc))

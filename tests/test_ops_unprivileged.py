@@ -199,7 +199,7 @@ def test_runs_as_an_unprivileged_user_in_its_own_directories(workdir: Path) -> N
         wanted = f"Sandbox Printer {os.getpid()}"
         while True:
             with Client(f"unix://{run / 'nearestd.sock'}", timeout=5) as c:
-                names = [x["name"] for x in c.nearest("printer", k=20)["devices"]]
+                names = [x.name for x in c.nearest("printer", k=20).devices]
             if wanted in names:
                 break
             assert time.monotonic() < deadline + 15, names

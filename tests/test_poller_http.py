@@ -263,8 +263,10 @@ def test_first_polls_are_spread_over_one_interval(tmp_path: Path) -> None:
     for i in range(200):
         uri = f"ipp://127.0.0.1:9/p{i}"
         svc.upsert_device(Device(f"d{i}", DeviceKind.PRINTER, "D", uri, source="mdns"), 0.0)
-    svc.upsert_device(Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True), 0.0)
-    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/"), 0.0)
+    svc.upsert_device(
+        Device("q", DeviceKind.PRINTER, "Q", "ipp://h/", is_queue=True, source="mdns"), 0.0
+    )
+    svc.upsert_device(Device("w", DeviceKind.PRINTER, "W", "http://h/", source="mdns"), 0.0)
     poller = Poller(svc, PollerConfig(enabled=True, poll_this_host=True, interval=30.0))
     poller.plan.started_at = 99.0  # the poller has just started
     poller.sync_targets(100.0)
@@ -341,11 +343,15 @@ async def test_after_start_new_devices_are_asked_soon(tmp_path: Path) -> None:
     await poller.start()
     try:
         now = clock.now
-        svc.upsert_device(Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/"), 0.0)
+        svc.upsert_device(
+            Device("a", DeviceKind.PRINTER, "A", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
         assert poller.plan.due["a"] > now + 25  # at start: spread over the interval
         poller.plan.started_at = now - 31
-        svc.upsert_device(Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/"), 0.0)
+        svc.upsert_device(
+            Device("b", DeviceKind.PRINTER, "B", "ipp://127.0.0.1:9/", source="mdns"), 0.0
+        )
         poller.sync_targets(now)
         assert poller.plan.due["b"] <= now + 2.0
     finally:
@@ -384,6 +390,7 @@ def test_daemon_exits_promptly_with_polls_hanging(tmp_path: Path) -> None:
         sections={
             "poller": {
                 "enabled": True,
+                "static": True,
                 "poll_this_host": True,
                 "interval": "0.2s",
                 "timeout": "60s",
@@ -460,7 +467,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
         "d", DeviceKind.PRINTER, "D", uri.format(port=port), source=source, addresses=addresses
     )
     svc.upsert_device(dev, time.time())
-    poller = Poller(svc, PollerConfig(enabled=True, timeout=2.0))
+    poller = Poller(svc, PollerConfig(enabled=True, static=True, timeout=2.0))
     await poller.start()
     try:
         await poller.poll_all()
@@ -476,7 +483,7 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
     else:  # a discovered device is polled at an address literal only
         assert stats["devices_polled"] == 0 and stats["polls_total"] == 0
     # The same devices are polled when the operator allows this host.
-    allowed = Poller(svc, PollerConfig(enabled=True, timeout=2.0, poll_this_host=True))
+    allowed = Poller(svc, PollerConfig(enabled=True, static=True, timeout=2.0, poll_this_host=True))
     await allowed.start()
     try:
         await allowed.poll_all()

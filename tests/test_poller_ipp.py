@@ -415,6 +415,7 @@ def _site_map(path: Path, devices: list[tuple[str, str, str, float, float]]) -> 
         props = {
             "feature_type": "device",
             "static": True,
+            "poll": True,  # static devices are polled only when their map or config says so
             "id": dev_id,
             "name": dev_id,
             "kind": kind,

@@ -118,3 +118,70 @@ def test_discovered_printer_polled_placed_by_geo_and_served_while_answering(
         daemon.stop()
         Lan.stop(printer)
     assert "Traceback" not in daemon.logs()
+
+
+@pytest.mark.timeout(300)
+def test_with_the_default_config_a_silent_printer_stops_being_the_answer(
+    lan: Lan, tmp_path: Path
+) -> None:
+    """No [poller] section: the documented defaults (interval 30 s, timeout 5 s) must do it."""
+    require_tools("avahi-daemon", "dbus-daemon", "ippeveprinter")
+    from nearestd.config import PollerConfig
+
+    defaults = PollerConfig()
+    lan.avahi_node(HOST, host="default-mfp")
+    attrs = tmp_path / "geo.conf"
+    attrs.write_text(f'ATTR uri printer-geo-location "geo:{LAT},{LON};u=3"\n')
+    printer = lan.ippeveprinter(HOST, "Default Sim", PORT, extra=["-a", str(attrs)])
+    site = tmp_path / "tower.geojson"
+    site.write_text(
+        json.dumps({"type": "FeatureCollection", "features": [_zone("ground", 0, ["127.0.0.0/8"])]})
+    )
+    cfg = write_config(
+        tmp_path / "d",
+        sections={
+            "daemon": {"listen": [f"unix://{tmp_path / 'd' / 'query.sock'}"]},
+            "discovery": {"enabled": True, "interfaces": ["eth0"], "expire_after": "10m"},
+        },
+        maps=[str(site)],
+        subnets=[],
+    )
+    assert "[poller]" not in cfg.read_text()
+    daemon = DaemonProcess(cfg, netns=lan.ns(1)).wait_ready()
+
+    def device() -> dict[str, Any] | None:
+        with Client(f"unix://{daemon.admin}", timeout=5) as c:
+            inv = c.request({"op": "devices"})["devices"]
+        return next((d for d in inv if d["name"] == "Default Sim" and d["kind"] == "printer"), None)
+
+    def answer() -> list[str]:
+        with Client(f"unix://{tmp_path / 'd' / 'query.sock'}", timeout=5) as c:
+            reply = c.request({"op": "nearest", "kind": "printer", "k": 5})
+        return [d["name"] for d in reply["devices"]]
+
+    # First polls are spread over one interval; a poll then takes at most the timeout.
+    bound = defaults.interval * (1 + defaults.jitter) + defaults.timeout + 5.0
+    try:
+        _wait(
+            "the discovered printer polled idle with the defaults",
+            lambda: (d := device()) and d["state"] == "idle" and d,
+            bound + 15,
+            device,
+        )
+        assert "Default Sim" in answer()
+        os.killpg(printer.pid, signal.SIGSTOP)
+        try:
+            _wait(
+                "the silent printer to leave the answers",
+                lambda: "Default Sim" not in answer(),
+                bound,
+                device,
+            )
+            d = device()
+            assert d is not None and d["state"] == "unreachable"
+        finally:
+            os.killpg(printer.pid, signal.SIGCONT)
+    finally:
+        daemon.stop()
+        Lan.stop(printer)
+    assert "Traceback" not in daemon.logs()

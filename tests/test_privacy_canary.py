@@ -44,6 +44,8 @@ import pytest
 
 from nearest_client import Client
 from nearest_wire import decode_reply, encode_frame
+from nearestd import mapcache
+from nearestd.loader import _cache_key, load_world
 from support import DaemonProcess, free_port, skip_or_fail, tcp_url, write_config
 
 LEAKY = Path(__file__).parent / "leaky"
@@ -203,7 +205,9 @@ def file_sink(root: Path, name: str) -> Sink:
         out = {}
         if root.exists():
             for p in sorted(root.rglob("*")):
-                if p.is_file():
+                # The compiled site map is the operator's map (whose zones here are the
+                # canaries' /32s), not client data: run_scenario proves it holds only that.
+                if p.is_file() and p.name != mapcache.FILE_NAME:
                     out[f"{name}:{p.relative_to(root)}"] = p.read_bytes()
         return out
 
@@ -387,6 +391,7 @@ def run_scenario(tmp_path: Path, canaries: list[Canary], leak: str = "") -> list
             code = d.stop()
         assert code == 0, d.logs()[-2000:]
         blobs.update(file_sink(state, "state_dir-after-stop")())
+        _cache_holds_only_the_map(cfg, state / mapcache.FILE_NAME, tmp_path / "rebuilt")
         blobs["daemon stdout+stderr"] = d.log_path.read_bytes()
         if mqtt_read is not None:
             blobs.update(mqtt_read())
@@ -404,6 +409,16 @@ def run_scenario(tmp_path: Path, canaries: list[Canary], leak: str = "") -> list
     for sink, data in blobs.items():
         findings += scanner.scan(sink, data)
     return findings
+
+
+def _cache_holds_only_the_map(cfg: Path, cached: Path, scratch: Path) -> None:
+    """The daemon's compiled map is byte for byte what the map files alone compile to."""
+    assert cached.exists(), "the daemon wrote no compiled site map"
+    world = load_world(cfg)
+    key = _cache_key(world.config)
+    assert key is not None
+    mapcache.write(scratch / mapcache.FILE_NAME, key, world.sitemap)
+    assert (scratch / mapcache.FILE_NAME).read_bytes() == cached.read_bytes()
 
 
 @contextmanager

@@ -147,6 +147,10 @@ def test_one_address_cannot_take_every_slot(tmp_path: Path, many_fds: None) -> N
             conns = c.request({"op": "stats"})["stats"]["connections"]
         assert conns["refused_per_source"] == 1024 - 64
         assert conns["untrusted_sources"] == 1
+        # One warning for the whole flood, naming the /24 and never the address.
+        warnings = [ln for ln in d.logs().splitlines() if "one source holds its share" in ln]
+        assert len(warnings) == 1 and "127.0.0.0/24" in warnings[0], warnings
+        assert HOG not in d.logs()
     finally:
         for s in hog:
             s.close()

@@ -153,7 +153,7 @@ class Conn:
         waiting: bool = False,
     ) -> None:
         self.interface = "tcp"
-        self.source = "127.0.0.1"
+        self.source = "192.0.2.1"
         self.slot_trusted = False
         self.last_activity = last_activity
         self.frame_started = frame_started
@@ -191,6 +191,7 @@ def test_deadline_sweep_follows_the_clock(
     assert (conn in conns.open) == (not closed)
     assert conns.closed_idle == (closed == "idle")
     assert conns.closed_slow == (closed == "frame not completed in time")
+    assert conns.slots.untrusted_open == (not closed)  # a closed one gives its slot back
 
 
 def test_a_steady_stream_cut_mid_frame_is_not_a_slow_frame(daemon: DaemonProcess) -> None:

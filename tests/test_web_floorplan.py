@@ -16,12 +16,10 @@ from nearestd.core.devices import DeviceTable
 from nearestd.core.floorplan import (
     LOOKS,
     STATES,
-    building_frame,
+    Atlas,
     cost_parts,
     floor_marks,
     floor_svg,
-    floor_zones,
-    floors,
     legend_svg,
 )
 from nearestd.core.index import Ranking
@@ -69,12 +67,18 @@ def _device(name: str, zone_name: str, **kw: Any) -> Device:
 
 def test_every_floor_draws_exactly_its_zones_and_devices(sitemap: SiteMap) -> None:
     table = DeviceTable(sitemap)
+    atlas = Atlas.of(sitemap)
     seen_devices = set()
-    for (site, building), levels in floors(sitemap).items():
+    assert sum(len(levels) for levels in atlas.levels.values()) == 5
+    for (site, building), levels in atlas.levels.items():
         for level in levels:
             marks = floor_marks(table.records(), [], sitemap, site, building, level)
-            root = _parse(floor_svg(sitemap, site, building, level, marks))
-            zones = {z.id for z in floor_zones(sitemap, site, building, level)}
+            root = _parse(floor_svg(atlas, site, building, level, marks))
+            zones = {
+                z.id
+                for z in sitemap.zones.values()
+                if (z.site, z.building, z.level) == (site, building, level)
+            }
             assert set(_ids(root, "data-zone")) == zones
             assert len(_ids(root, "data-zone")) == len(zones)
             expected = {
@@ -98,7 +102,7 @@ def test_devices_are_drawn_inside_their_zone(sitemap: SiteMap) -> None:
     table = DeviceTable(sitemap)
     rec = table.get("prn-n0-lobby")
     assert rec is not None and rec.placement is not None
-    frame = building_frame(sitemap, "hq", "north")
+    frame = Atlas.of(sitemap).frame("hq", "north")
     x, y = frame.point(rec.placement.x, rec.placement.y)
     minx, miny, maxx, maxy = sitemap.zones["n0-lobby"].polygon.bounds
     x0, y0 = frame.point(minx, maxy)
@@ -127,7 +131,7 @@ def test_state_sets_shape_and_colour(
     dev = _device("Canteen printer", "Canteen", state=state, stale=stale, id="p1")
     assert table.upsert(dev, 0.0) == "added"
     marks = floor_marks(table.records(), [], sitemap, "hq", "south", 0)
-    root = _parse(floor_svg(sitemap, "hq", "south", 0, marks))
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "south", 0, marks))
     el = next(e for e in root.iter() if e.attrib.get("data-device") == "p1")
     assert el.attrib["data-state"] == drawn
     symbol = [c for c in el if not c.tag.endswith("title")]
@@ -164,7 +168,7 @@ def test_hostile_names_stay_text(sitemap: SiteMap, name: str) -> None:
     )
     table.upsert(dev, 0.0)
     marks = floor_marks(table.records(), [], sitemap, "hq", "south", 0)
-    root = _parse(floor_svg(sitemap, "hq", "south", 0, marks))
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "south", 0, marks))
     el = next(e for e in root.iter() if e.attrib.get("data-device", "").startswith("id-"))
     clean = "".join("\ufffd" if ord(c) < 32 or c == "\ufffe" else c for c in name)
     assert el.attrib["data-device"] == f"id-{clean}"
@@ -173,7 +177,7 @@ def test_hostile_names_stay_text(sitemap: SiteMap, name: str) -> None:
     assert not any(e.tag.endswith(("script", "img")) for e in root.iter())
     # The pages too: the floor with the panel open, and the lists.
     rec = table.get(dev.id)
-    html = floor_page(sitemap, "hq", "south", 0, marks, rec, dev.id, "v")
+    html = floor_page(Atlas.of(sitemap), "hq", "south", 0, marks, rec, dev.id, "v")
     html += lists_page([replace(rec, placement=None)] if rec else [], [], "v")  # type: ignore[arg-type]
     assert (
         "<img" not in html
@@ -181,6 +185,8 @@ def test_hostile_names_stay_text(sitemap: SiteMap, name: str) -> None:
         and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
     )
     assert "&lt;img src=x onerror=alert(1)&gt;" in html or "<img" not in name
+    # Supply levels are bars (<meter>, no inline style under the page's CSP).
+    assert '<meter min="0" max="100" low="15" high="40" optimum="100" value="40">' in html
 
 
 # client zone, device id -> (floor levels apart x floor penalty, building penalty)
@@ -281,11 +287,12 @@ def test_pages_parse_and_carry_no_inline_script_or_style(sitemap: SiteMap) -> No
         r = table.get(h.device_id)
         assert r is not None and r.placement is not None
         answers.append(Answer(r, *cost_parts(h, r.placement, z, Ranking())))
+    atlas = Atlas.of(sitemap)
     pages = [
-        index_page(sitemap, table.records(), [], "v"),
-        floor_page(sitemap, "hq", "north", 0, marks, rec, "prn-n0-lobby", "v"),
+        index_page(atlas, table.records(), [], "v"),
+        floor_page(atlas, "hq", "north", 0, marks, rec, "prn-n0-lobby", "v"),
         lists_page(table.records(), [], "v"),
-        locate_page(sitemap, "127.0.0.1", "printer", 3, z, answers, marks, None, "v"),
+        locate_page(atlas, "127.0.0.1", "printer", 3, z, answers, marks, None, "v"),
     ]
     for html in pages:
         assert "style=" not in html and "<style" not in html
@@ -300,3 +307,44 @@ def test_pages_parse_and_carry_no_inline_script_or_style(sitemap: SiteMap) -> No
 
 def test_example_config_is_what_the_tests_load() -> None:
     assert load_config(CONFIG_DIR / "example.toml").web is not None
+
+
+def test_quarantined_devices_are_listed_and_drawn_where_they_announce(sitemap: SiteMap) -> None:
+    from nearestd.core.quarantine import Quarantined
+
+    rogue = _device(HOSTILE[0], "Canteen", id="prn-n0-lobby", addresses=("10.20.51.9",))
+    held = Quarantined(rogue, "claims pin 'name' from outside its subnets", 1.0e9, 1.0e9)
+    table = DeviceTable(sitemap)
+    marks = floor_marks(table.records(), [held], sitemap, "hq", "south", 0)
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "south", 0, marks))
+    (q,) = [e for e in root.iter() if "data-quarantined" in e.attrib]
+    assert q.attrib["data-quarantined"] == "prn-n0-lobby"
+    assert q.attrib["data-state"] == "quarantined"
+    # Never counted as a device placed there: the real prn-n0-lobby is in the north building.
+    assert "prn-n0-lobby" not in _ids(root, "data-device")
+    html = lists_page(table.records(), [held], "v")
+    assert 'data-quarantined="prn-n0-lobby"' in html
+    assert "claims pin &#39;name&#39;" in html or "claims pin 'name'" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert "2001-09-09 01:46:40" in html
+
+
+def test_the_unlocated_list_is_capped(sitemap: SiteMap) -> None:
+    from nearestd.core.webpages import LIST_MAX, lists
+
+    table = DeviceTable(sitemap)
+    for i in range(LIST_MAX + 7):
+        table.upsert(_device(f"Lost {i}", "nowhere at all", id=f"lost-{i:04d}"), 0.0)
+    unlocated, _ = lists(table.records(), [])
+    assert unlocated.count("<tr data-device=") == LIST_MAX
+    assert f"Unlocated ({LIST_MAX + 7})" in unlocated
+    assert "and 7 more" in unlocated
+
+
+def test_the_chosen_device_is_ringed(sitemap: SiteMap) -> None:
+    table = DeviceTable(sitemap)
+    marks = floor_marks(table.records(), [], sitemap, "hq", "north", 1)
+    root = _parse(floor_svg(Atlas.of(sitemap), "hq", "north", 1, marks, selected="prn-n1-hr"))
+    chosen = [e.attrib["data-device"] for e in root.iter() if "data-selected" in e.attrib]
+    assert chosen == ["prn-n1-hr"]
+    assert sum(1 for e in root.iter() if e.attrib.get("class") == "selected") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import shlex
 import subprocess
 import sys
 import urllib.error
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from browser import chromium, require_browser
-from support import DaemonProcess, free_port, write_config
+from support import ROOT, DaemonProcess, free_port, write_config
 
 pytestmark = [pytest.mark.realpeer]
 TOKEN = "test-token-4f1c2a9b7d"
@@ -140,24 +141,23 @@ def test_page_weight_and_map_command(web: tuple[DaemonProcess, str], tmp_path: P
             e.get_attribute("data-device") for e in page.locator("[data-device]").all()
         )
         assert b.foreign(base) == []
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "nearestd.ctl",
-            "--socket",
-            str(daemon.admin),
-            "map",
-            "hq",
-            "north",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    # The README's command, pointed at this daemon's admin socket instead of `make run`'s.
+    readme = (ROOT / "README.md").read_text()
+    line = next(x for x in readme.splitlines() if " map hq north 1 > " in x)
+    argv, _, target = line.partition(" > ")
+    args = shlex.split(argv)
+    assert args[:3] == [".venv/bin/nearestctl", "--config", "config/example.toml"], args
+    out = tmp_path / target.strip()
+    with open(out, "w") as fh:
+        r = subprocess.run(
+            [sys.executable, "-m", "nearestd.ctl", "--socket", str(daemon.admin), *args[3:]],
+            stdout=fh,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
     assert r.returncode == 0, r.stderr
-    root = ET.fromstring(r.stdout)
+    root = ET.parse(out).getroot()
     assert root.tag == "{http://www.w3.org/2000/svg}svg"
     assert sorted(e.attrib["data-zone"] for e in root.iter() if "data-zone" in e.attrib) == zones
     assert (
@@ -182,3 +182,58 @@ def test_page_weight_and_map_command(web: tuple[DaemonProcess, str], tmp_path: P
     )
     assert r.returncode == 1
     assert "no zone of the site maps is on that floor" in r.stderr
+
+
+def test_reload_takes_a_new_token(
+    web_with_token: tuple[DaemonProcess, str], tmp_path: Path
+) -> None:
+    import signal
+
+    from support import wait_for
+
+    daemon, base = web_with_token
+    new = "rotated-token-9a8b7c6d5e"
+    (tmp_path / "token").write_text(new + "\n")
+    daemon.signal(signal.SIGHUP)
+    wait_for(
+        "the new token to be accepted",
+        lambda: _get(base + "/", {"Authorization": f"Bearer {new}"})[0] == 200,
+    )
+    assert _get(base + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 401
+
+
+def test_web_figures_are_in_stats_and_on_metric_families(
+    web_with_token: tuple[DaemonProcess, str],
+) -> None:
+    from nearestd.adapters.metrics import exported_keys
+    from support import ask
+
+    daemon, base = web_with_token
+    assert _get(base + "/")[0] == 401
+    assert _get(base + "/", {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+    stats = ask(daemon, {"op": "stats"}, admin=True)["stats"]["web"]
+    assert stats["unauthorised"] >= 1 and stats["requests"] >= 1 and stats["streams"] == 0
+    # Every figure is on a metric family (tests/test_metrics_scrape.py's rule).
+    assert set(stats) <= exported_keys()["web"]
+
+
+def test_open_event_streams_do_not_hold_up_shutdown(web: tuple[DaemonProcess, str]) -> None:
+    import time
+
+    daemon, base = web
+    streams = [
+        urllib.request.urlopen(base + path, timeout=10)
+        for path in ["/events/", "/events/devices", "/events/floors/hq/south/0?v=old"]
+    ]
+    try:
+        # The stale page (v=old) is sent every part of its page at once.
+        first = streams[2].read1(65536)
+        while b"event: regions" not in first:
+            first += streams[2].read1(65536)
+        assert b'"svg"' in first and b"prn-s0-corridor" in first
+        t0 = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        for s in streams:
+            s.close()

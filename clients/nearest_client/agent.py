@@ -169,7 +169,7 @@ def _evaluate(
     except ClientError as exc:
         log(f"{exc}; keeping the current default")
         return 0, {"result": "error"}
-    devices = reply.get("devices") or []
+    devices = reply.devices
     if not devices:
         log("no printer matches here; keeping the current default")
         return 0, {"result": "none"}

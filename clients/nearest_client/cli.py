@@ -7,7 +7,6 @@ import json
 import os
 import shlex
 import sys
-from typing import Any
 from urllib.parse import urlsplit
 
 from nearest_client import agent
@@ -19,8 +18,8 @@ from nearest_client.client import (
     default_server,
     parse_url,
 )
-from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target
-from nearest_wire import KINDS, PAPER_NEEDS, Need
+from nearest_client.cups import Cups, CupsError, DeviceUnusable, Target, place_text, readiness
+from nearest_wire import KINDS, PAPER_NEEDS, DeviceView, NearestReply, Need, Where
 
 EXIT_FOUND, EXIT_NONE, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 # --set-default asks for this many candidates, in case the nearest is not driverless.
@@ -91,43 +90,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _place(d: dict[str, Any]) -> str:
-    parts = [str(d.get(k)) for k in ("site", "building") if d.get(k)]
-    if d.get("level") is not None:
-        parts.append(f"level {d['level']}")
-    if d.get("zone"):
-        parts.append(str(d["zone"]))
-    return " / ".join(parts) or "unknown"
+def _place(d: DeviceView | Where) -> str:
+    return place_text(d.site, d.building, d.level, d.zone) or "unknown"
 
 
-def format_answer(reply: dict[str, Any]) -> str:
+def format_answer(reply: NearestReply) -> str:
     """Return the human-readable form of a ``nearest`` reply."""
-    where = reply.get("where", {})
-    lines = [f"You are in {where.get('zone_name') or where.get('zone')} ({_place(where)})."]
-    for i, d in enumerate(reply.get("devices", []), start=1):
-        caps = d.get("capabilities", {})
-        flags = [name for name in ("color", "duplex", "adf", "secure") if caps.get(name)]
-        if caps.get("paper_max"):
-            flags.append(f"up to {caps['paper_max']}")
-        lines.append(
-            f"{i}. {d.get('name')}" + (f"  [{d.get('make_model')}]" if d.get("make_model") else "")
-        )
-        lines.append(f"   where: {_place(d)}, {d.get('distance_m')} m away")
-        lines.append(f"   uri:   {d.get('uri')}")
-        state = d.get("state")
-        lines.append(f"   has:   {', '.join(flags) or 'no stated capabilities'}; state {state}")
-        if d.get("kind") == "scanner":
+    where = reply.where
+    lines = [f"You are in {where.zone_name or where.zone} ({_place(where)})."]
+    for i, d in enumerate(reply.devices, start=1):
+        caps = d.capabilities
+        flags = [name for name in ("color", "duplex", "adf", "secure") if getattr(caps, name)]
+        if caps.paper_max:
+            flags.append(f"up to {caps.paper_max}")
+        lines.append(f"{i}. {d.name}" + (f"  [{d.make_model}]" if d.make_model else ""))
+        lines.append(f"   where: {_place(d)}, {d.distance_m} m away")
+        lines.append(f"   uri:   {d.uri}")
+        lines.append(f"   has:   {', '.join(flags) or 'no stated capabilities'}; state {d.state}")
+        if d.kind == "scanner":
             lines.extend(_scanner_lines(d))
     return "\n".join(lines)
 
 
-def sane_device(d: dict[str, Any]) -> dict[str, str] | None:
-    """Return sane-airscan strings for a scanner, or None if it has no eSCL URI.
+def sane_device(name: str, uri: str) -> dict[str, str] | None:
+    """Return sane-airscan strings for a scanner, or None if ``uri`` is not eSCL.
 
     sane-airscan (0.99.4 and later) opens ``airscan:escl:NAME:URL`` directly, without any
     configuration; the ``[devices]`` line makes the scanner permanent in airscan.conf.
     """
-    uri = str(d.get("uri") or "")
     try:
         scheme = urlsplit(uri).scheme
     except ValueError:
@@ -135,7 +125,7 @@ def sane_device(d: dict[str, Any]) -> dict[str, str] | None:
     if scheme not in ("http", "https"):
         return None
     # sane-airscan splits the device string at the first two colons.
-    name = " ".join(str(d.get("name") or d.get("id") or "scanner").replace(":", " ").split())
+    name = " ".join((name or "scanner").replace(":", " ").split())
     device = f"airscan:escl:{name}:{uri}"
     conf_name = name.replace('"', "'")
     return {
@@ -146,10 +136,10 @@ def sane_device(d: dict[str, Any]) -> dict[str, str] | None:
     }
 
 
-def _scanner_lines(d: dict[str, Any]) -> list[str]:
-    sane = sane_device(d)
+def _scanner_lines(d: DeviceView) -> list[str]:
+    sane = sane_device(d.name or d.id, d.uri)
     if sane is None:
-        return [f"   sane:  no eSCL (AirScan) endpoint: {d.get('uri')}"]
+        return [f"   sane:  no eSCL (AirScan) endpoint: {d.uri}"]
     return [
         f"   eSCL:  {sane['escl']}",
         f"   scan:  {sane['scanimage']}",
@@ -245,27 +235,34 @@ def _main(argv: list[str] | None) -> int:
     if set_default:
         return _set_default(reply, as_json, args.driver_timeout)
     if as_json:
+        out = reply.to_wire()
         if args.kind == "scanner":
-            for d in reply.get("devices", []):
-                sane = sane_device(d)
+            for d, view in zip(out["devices"], reply.devices, strict=True):
+                sane = sane_device(view.name or view.id, view.uri)
                 if sane is not None:
                     d["sane"] = sane
-        print(json.dumps(reply, indent=2, ensure_ascii=False))
-    elif reply.get("devices"):
+        print(json.dumps(out, indent=2, ensure_ascii=False))
+    elif reply.devices:
         print(format_answer(reply))
     else:
         print(f"nearest: no {args.kind} matches what you asked for", file=sys.stderr)
-    return EXIT_FOUND if reply.get("devices") else EXIT_NONE
+    return EXIT_FOUND if reply.devices else EXIT_NONE
 
 
-def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) -> int:
-    devices = reply.get("devices") or []
+def _set_default(reply: NearestReply, as_json: bool, driver_timeout: float) -> int:
+    devices = reply.devices
     if not devices:
         print(
             "nearest: no printer matches what you asked for; the default is unchanged",
             file=sys.stderr,
         )
         return EXIT_NONE
+    ready = readiness()
+    for advice in ready.advice:
+        print(f"nearest: {advice}", file=sys.stderr)
+    if ready.missing_tools:
+        print("nearest: the default is unchanged", file=sys.stderr)
+        return EXIT_UNREACHABLE
     cups = Cups(driver_timeout=driver_timeout)
     for i, device in enumerate(devices):
         target = Target.from_reply(device)
@@ -280,7 +277,7 @@ def _set_default(reply: dict[str, Any], as_json: bool, driver_timeout: float) ->
         if as_json:
             print(
                 json.dumps(
-                    {**outcome.to_json(), "rank": i + 1, "where": reply.get("where")},
+                    {**outcome.to_json(), "rank": i + 1, "where": reply.where.to_wire()},
                     indent=2,
                     ensure_ascii=False,
                 )
@@ -334,7 +331,7 @@ def _forget(as_json: bool) -> int:
 def _where(server: str, source: str, timeout: float, as_json: bool) -> int:
     try:
         with Client(server, timeout=timeout) as client:
-            reply = client.request({"op": "locate"})
+            where = client.locate().where
     except ServerError as exc:
         print(f"server: {server} (from {source})")
         if exc.code == "unknown-location":
@@ -347,10 +344,9 @@ def _where(server: str, source: str, timeout: float, as_json: bool) -> int:
         print(f"nearest: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if as_json:
-        print(json.dumps({"server": server, "source": source, "where": reply["where"]}, indent=2))
+        print(json.dumps({"server": server, "source": source, "where": where.to_wire()}, indent=2))
     else:
-        where = reply["where"]
-        name = where.get("zone_name") or where.get("zone")
+        name = where.zone_name or where.zone
         print(f"server: {server} (from {source})\nwhere:  {name} ({_place(where)})")
     return EXIT_FOUND
 

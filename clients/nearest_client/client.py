@@ -8,10 +8,30 @@ import itertools
 import os
 import socket
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from nearest_wire import HEADER, Need, decode_reply, encode_frame
+from nearest_wire import (
+    DEFAULT_LIMIT,
+    DevicesReply,
+    DevicesRequest,
+    DeviceView,
+    ErrorReply,
+    FrameReader,
+    FrameTooLargeError,
+    LocateReply,
+    LocateRequest,
+    NearestReply,
+    NearestRequest,
+    Need,
+    Reply,
+    ReplyError,
+    Request,
+    decode_reply,
+    encode_frame,
+    parse_reply,
+)
 from nearest_wire.errors import WireError
 
 DEFAULT_SOCKET = "/run/nearestd/nearestd.sock"
@@ -99,22 +119,40 @@ def parse_url(url: str) -> tuple[str, Any]:
 def nearest_request(
     kind: str, need: Need | None = None, k: int = 1, client_ip: str | None = None
 ) -> dict[str, Any]:
-    """Build a ``nearest`` request map (without id)."""
-    req: dict[str, Any] = {"op": "nearest", "kind": kind, "k": k}
-    if need is not None:
-        req["need"] = need.to_wire()
-    if client_ip is not None:
-        req["client_ip"] = client_ip
-    return req
+    """Build a raw ``nearest`` request map (without id), for ``request``."""
+    wire = NearestRequest(0, kind, k, need or Need(), client_ip).to_wire()
+    return {key: value for key, value in wire.items() if key not in ("v", "id")}
 
 
 def _check(reply: dict[str, Any]) -> dict[str, Any]:
     if reply.get("ok") is True:
         return reply
-    err = reply.get("error")
-    if isinstance(err, dict):
-        raise ServerError(str(err.get("code")), str(err.get("message")), reply)
-    raise ClientError("malformed reply from the daemon")
+    try:
+        err = ErrorReply.from_wire(reply)
+    except ReplyError:
+        raise ClientError("malformed reply from the daemon") from None
+    raise ServerError(err.code, err.message, reply)
+
+
+def _typed(req: Request, reply: dict[str, Any]) -> Reply:
+    """Return the typed reply to ``req``, or raise ServerError / ClientError."""
+    if reply.get("id") not in (req.id, None):
+        raise ClientError("reply id does not match the request")
+    try:
+        parsed = parse_reply(reply, req.op)
+    except ReplyError as exc:
+        raise ClientError(f"malformed reply: {exc}") from None
+    if isinstance(parsed, ErrorReply):
+        raise ServerError(parsed.code, parsed.message, reply)
+    return parsed
+
+
+R = TypeVar("R", bound=Reply)
+
+
+def _expect(reply: Reply, typ: type[R]) -> R:
+    assert isinstance(reply, typ)
+    return reply
 
 
 class Client:
@@ -125,7 +163,7 @@ class Client:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._ids = itertools.count(1)
-        self._buf = bytearray()
+        self._frames = FrameReader(MAX_REPLY)
 
     def __enter__(self) -> Client:
         self.connect()
@@ -159,52 +197,86 @@ class Client:
             self._sock.close()
             self._sock = None
 
-    def _recv_exact(self, n: int) -> bytes:
+    def read_reply(self) -> dict[str, Any]:
+        """Read one reply frame as a raw map."""
         assert self._sock is not None
-        while len(self._buf) < n:
+        payload = self._frames.next()
+        while payload is None:
             try:
-                chunk = self._sock.recv(max(65536, n - len(self._buf)))
+                chunk = self._sock.recv(65536)
             except OSError as exc:
                 raise Unreachable(
                     f"connection to {self.url} failed: {exc.strerror or exc}"
                 ) from None
             if not chunk:
                 raise Unreachable(f"nearestd at {self.url} closed the connection")
-            self._buf += chunk
-        out = bytes(self._buf[:n])
-        del self._buf[:n]
-        return out
+            _feed(self._frames, chunk)
+            payload = self._frames.next()
+        return _decode(payload)
 
-    def read_reply(self) -> dict[str, Any]:
-        """Read one reply frame."""
-        (size,) = HEADER.unpack(self._recv_exact(4))
-        if size > MAX_REPLY:
-            raise ClientError(f"reply of {size} bytes is too large")
-        try:
-            return decode_reply(self._recv_exact(size)) if size else {}
-        except WireError as exc:
-            raise ClientError(f"malformed reply: {exc.message}") from None
-
-    def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its successful reply, or raise ServerError."""
-        if self._sock is None:
-            self.connect()
+    def _send(self, body: dict[str, Any]) -> None:
+        self.connect()
         assert self._sock is not None
-        body = {"v": 1, "id": next(self._ids), **req}
         try:
             self._sock.sendall(encode_frame(body))
         except OSError as exc:
             raise Unreachable(f"cannot send to {self.url}: {exc.strerror or exc}") from None
+
+    def request(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Send one raw request map (without v and id); return the raw successful reply."""
+        body = {"v": 1, "id": next(self._ids), **req}
+        self._send(body)
         reply = self.read_reply()
         if reply.get("id") not in (body["id"], None):
             raise ClientError("reply id does not match the request")
         return _check(reply)
 
+    def send(self, req: Request) -> Reply:
+        """Send one typed request; return its typed reply, or raise ServerError."""
+        self._send(req.to_wire())
+        return _typed(req, self.read_reply())
+
+    def next_id(self) -> int:
+        """Return an id for the next request."""
+        return next(self._ids)
+
     def nearest(
         self, kind: str, need: Need | None = None, k: int = 1, client_ip: str | None = None
-    ) -> dict[str, Any]:
+    ) -> NearestReply:
         """Ask for the nearest devices."""
-        return self.request(nearest_request(kind, need, k, client_ip))
+        req = NearestRequest(self.next_id(), kind, k, need or Need(), client_ip)
+        return _expect(self.send(req), NearestReply)
+
+    def locate(self, client_ip: str | None = None) -> LocateReply:
+        """Ask where the daemon places this machine (or ``client_ip``)."""
+        return _expect(self.send(LocateRequest(self.next_id(), client_ip)), LocateReply)
+
+    def devices(
+        self, kind: str | None = None, site: str | None = None, limit: int = DEFAULT_LIMIT
+    ) -> Iterator[DeviceView]:
+        """Yield the whole inventory (or one kind's or site's), a page per request."""
+        cursor: str | None = None
+        while True:
+            req = DevicesRequest(self.next_id(), kind, site, limit=limit, cursor=cursor)
+            page = _expect(self.send(req), DevicesReply)
+            yield from page.devices
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+
+def _feed(frames: FrameReader, chunk: bytes) -> None:
+    try:
+        frames.feed(chunk)
+    except FrameTooLargeError as exc:
+        raise ClientError(f"reply of {exc.declared} bytes is too large") from None
+
+
+def _decode(payload: bytes) -> dict[str, Any]:
+    try:
+        return decode_reply(payload) if payload else {}
+    except WireError as exc:
+        raise ClientError(f"malformed reply: {exc.message}") from None
 
 
 class AsyncClient:
@@ -217,6 +289,7 @@ class AsyncClient:
         self._writer: asyncio.StreamWriter | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+        self._frames = FrameReader(MAX_REPLY)
 
     async def __aenter__(self) -> AsyncClient:
         await self.connect()
@@ -247,40 +320,61 @@ class AsyncClient:
 
     async def _read(self) -> dict[str, Any]:
         assert self._reader is not None
-        try:
-            head = await asyncio.wait_for(self._reader.readexactly(4), self.timeout)
-            (size,) = HEADER.unpack(head)
-            if size > MAX_REPLY:
-                raise ClientError(f"reply of {size} bytes is too large")
-            body = await asyncio.wait_for(self._reader.readexactly(size), self.timeout)
-        except (asyncio.IncompleteReadError, OSError, TimeoutError) as exc:
-            raise Unreachable(f"nearestd at {self.url} did not answer: {exc}") from None
-        try:
-            return decode_reply(body)
-        except WireError as exc:
-            raise ClientError(f"malformed reply: {exc.message}") from None
+        payload = self._frames.next()
+        while payload is None:
+            try:
+                chunk = await asyncio.wait_for(self._reader.read(65536), self.timeout)
+            except (OSError, TimeoutError) as exc:
+                raise Unreachable(f"nearestd at {self.url} did not answer: {exc}") from None
+            if not chunk:
+                raise Unreachable(f"nearestd at {self.url} closed the connection")
+            _feed(self._frames, chunk)
+            payload = self._frames.next()
+        return _decode(payload)
 
-    async def request_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Pipeline several requests; return their raw replies in order."""
+    async def _write(self, frames: list[bytes]) -> None:
         if self._writer is None:
             await self.connect()
         assert self._writer is not None
+        self._writer.write(b"".join(frames))
+        try:
+            await self._writer.drain()
+        except OSError as exc:
+            raise Unreachable(f"cannot send to {self.url}: {exc}") from None
+
+    async def request_many(self, reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Pipeline several raw request maps; return their raw replies in order."""
         async with self._lock:
-            frames = [encode_frame({"v": 1, "id": next(self._ids), **r}) for r in reqs]
-            self._writer.write(b"".join(frames))
-            try:
-                await self._writer.drain()
-            except OSError as exc:
-                raise Unreachable(f"cannot send to {self.url}: {exc}") from None
+            await self._write([encode_frame({"v": 1, "id": next(self._ids), **r}) for r in reqs])
             return [await self._read() for _ in reqs]
 
     async def request(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Send one request and return its successful reply, or raise ServerError."""
+        """Send one raw request map; return its raw successful reply, or raise ServerError."""
         (reply,) = await self.request_many([req])
         return _check(reply)
 
+    async def send_many(self, reqs: list[Request]) -> list[Reply | ServerError]:
+        """Pipeline several typed requests; return each typed reply or its ServerError."""
+        async with self._lock:
+            await self._write([encode_frame(r.to_wire()) for r in reqs])
+            out: list[Reply | ServerError] = []
+            for req in reqs:
+                try:
+                    out.append(_typed(req, await self._read()))
+                except ServerError as exc:
+                    out.append(exc)
+            return out
+
+    async def send(self, req: Request) -> Reply:
+        """Send one typed request; return its typed reply, or raise ServerError."""
+        (reply,) = await self.send_many([req])
+        if isinstance(reply, ServerError):
+            raise reply
+        return reply
+
     async def nearest(
         self, kind: str, need: Need | None = None, k: int = 1, client_ip: str | None = None
-    ) -> dict[str, Any]:
+    ) -> NearestReply:
         """Ask for the nearest devices."""
-        return await self.request(nearest_request(kind, need, k, client_ip))
+        req = NearestRequest(next(self._ids), kind, k, need or Need(), client_ip)
+        return _expect(await self.send(req), NearestReply)

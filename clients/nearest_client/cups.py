@@ -19,6 +19,7 @@ import hashlib
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import time
@@ -26,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+from nearest_wire import DeviceView
 
 MARKER = "managed by nearest"
 MARKER_RE = re.compile(r"\(managed by nearest: (?P<id>[^()]+)\)\s*$")
@@ -64,6 +67,16 @@ class Queue:
         return m.group("id") if m else None
 
 
+def place_text(site: str | None, building: str | None, level: int | None, zone: str | None) -> str:
+    """Return ``site / building / level N / zone``, leaving out what is unknown."""
+    parts = [str(x) for x in (site, building) if x]
+    if level is not None:
+        parts.append(f"level {level}")
+    if zone:
+        parts.append(zone)
+    return " / ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """The device a queue should point at, reduced to what CUPS needs."""
@@ -74,18 +87,13 @@ class Target:
     location: str = ""
 
     @classmethod
-    def from_reply(cls, device: Mapping[str, Any]) -> Target:
+    def from_reply(cls, device: DeviceView) -> Target:
         """Build from one device of a ``nearest`` reply."""
-        parts = [str(device[k]) for k in ("site", "building") if device.get(k)]
-        if device.get("level") is not None:
-            parts.append(f"level {device['level']}")
-        if device.get("zone"):
-            parts.append(str(device["zone"]))
         return cls(
-            device_id=str(device.get("id") or ""),
-            name=str(device.get("name") or device.get("id") or ""),
-            uri=str(device.get("uri") or ""),
-            location=" / ".join(parts),
+            device_id=device.id,
+            name=device.name or device.id,
+            uri=device.uri,
+            location=place_text(device.site, device.building, device.level, device.zone),
         )
 
     @property
@@ -212,6 +220,73 @@ def translate(tool: str, stderr: str, action: str, server: str | None = None) ->
     if "unknown printer" in low or "does not exist" in low:
         return CupsError(f"cannot {action}: CUPS has no such queue.")
     return SchedulerError(f"cannot {action}: CUPS said: {msg or 'nothing (exit status only)'}.")
+
+
+# Where distributions install CUPS filters when CUPS_SERVERBIN does not say.
+FILTER_DIRS = ("/usr/lib/cups/filter", "/usr/libexec/cups/filter", "/usr/local/lib/cups/filter")
+# What a driverless (IPP Everywhere) queue runs to print an ordinary file: text and other
+# formats become PDF (texttopdf), PDF is prepared for the printer (pdftopdf). Both are in
+# cups-filters; without them ``lp file.txt`` fails with Unsupported document-format.
+NEEDED_FILTERS = ("texttopdf", "pdftopdf")
+INSTALL_FILTERS = (
+    "install cups-filters (Debian/Ubuntu: sudo apt install cups-filters; "
+    "Fedora: sudo dnf install cups-filters)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """What this machine lacks for a working driverless queue: sentences for the user."""
+
+    missing_tools: tuple[str, ...]
+    missing_filters: tuple[str, ...]
+    advice: tuple[str, ...]
+
+
+def _local_scheduler(env: Mapping[str, str]) -> bool:
+    """Return whether the scheduler is on this machine (its filters are ours to check)."""
+    server = env.get("CUPS_SERVER", "")
+    if not server or server.startswith("/"):
+        return True
+    host = server.rsplit(":", 1)[0] if server.count(":") == 1 else server
+    return host.strip("[]") in ("localhost", "127.0.0.1", "::1")
+
+
+def readiness(env: Mapping[str, str] | None = None) -> Readiness:
+    """Check for what a working IPP Everywhere queue needs: lpadmin, and cups-filters' filters.
+
+    ``PATH`` says where the tools are; ``CUPS_SERVERBIN`` (as for cupsd) where the filters
+    are, else the distributions' usual directories. A remote ``CUPS_SERVER`` runs its own
+    filters, so only the tools are checked then.
+    """
+    env = os.environ if env is None else env
+    path = env.get("PATH", os.defpath)
+    tools = tuple(t for t in ("lpadmin", "lpstat", "lpoptions") if not shutil.which(t, path=path))
+    advice = []
+    if tools:
+        advice.append(
+            f"{', '.join(tools)} {'is' if len(tools) == 1 else 'are'} not installed: "
+            "install the CUPS client tools (Debian/Ubuntu: sudo apt install cups-client; "
+            "Fedora: sudo dnf install cups-client)."
+        )
+    filters: tuple[str, ...] = ()
+    if _local_scheduler(env):
+        serverbin = env.get("CUPS_SERVERBIN")
+        dirs = [os.path.join(serverbin, "filter")] if serverbin else list(FILTER_DIRS)
+        filters = tuple(
+            f
+            for f in NEEDED_FILTERS
+            if not any(os.access(os.path.join(d, f), os.X_OK) for d in dirs)
+        )
+        if filters:
+            advice.append(
+                f"the CUPS filter{'s' if len(filters) > 1 else ''} {', '.join(filters)} "
+                f"{'are' if len(filters) > 1 else 'is'} missing from {' or '.join(dirs)}: "
+                "a driverless queue cannot print ordinary files without them "
+                '(lp file.txt fails with Unsupported document-format "text/plain"); '
+                f"{INSTALL_FILTERS}."
+            )
+    return Readiness(tools, filters, tuple(advice))
 
 
 class Cups:

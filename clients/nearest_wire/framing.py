@@ -197,3 +197,31 @@ def encode_frame(obj: dict[str, Any]) -> bytes:
     """Encode one map as a length-prefixed frame."""
     body = encode_payload(obj)
     return HEADER.pack(len(body)) + body
+
+
+class FrameReader:
+    """Frames out of a byte stream for a client: feed what arrives, take whole payloads."""
+
+    def __init__(self, max_frame: int) -> None:
+        self._decoder = FrameDecoder(max_frame)
+        self._ready: list[bytes] = []
+
+    def feed(self, data: bytes) -> None:
+        """Add received bytes; raise FrameTooLargeError if a header announces too much."""
+        for item in self._decoder.feed(data):
+            if isinstance(item, FrameTooLarge):
+                raise FrameTooLargeError(item.declared, item.limit)
+            self._ready.append(item)
+
+    def next(self) -> bytes | None:
+        """Return the oldest whole payload, or None when more bytes are needed."""
+        return self._ready.pop(0) if self._ready else None
+
+
+class FrameTooLargeError(Exception):
+    """A frame header announced more bytes than the reader accepts."""
+
+    def __init__(self, declared: int, limit: int) -> None:
+        super().__init__(f"frame of {declared} bytes exceeds the limit of {limit} bytes")
+        self.declared = declared
+        self.limit = limit

@@ -9,9 +9,11 @@ from __future__ import annotations
 import ipaddress
 import socket
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 from nearest_wire.errors import ErrorCode, WireError
+
+T = TypeVar("T")
 
 VERSION = 1
 KINDS = ("printer", "scanner")
@@ -34,6 +36,10 @@ NEED_FLAGS = ("color", "duplex", "adf", "secure")
 PUBLIC_OPS = ("nearest", "locate", "devices", "ping")
 ADMIN_OPS = ("privacy.export", "privacy.erase", "reload", "stats", "map")
 MAX_ZONE_LEN = 128
+# A devices reply holds at most this many records; ``limit`` asks for fewer.
+DEFAULT_LIMIT = 200
+MAX_LIMIT = 200
+MAX_CURSOR_LEN = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +63,39 @@ class Need:
         return out
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_common(req: Any) -> None:
+    """Validate the fields every request has (h11 style: a request is valid once built)."""
+    rid = req.id
+    if not _is_int(rid) or not MIN_ID <= rid <= MAX_ID:
+        raise _bad(f"id: expected an integer from {MIN_ID} to {MAX_ID}", None)
+
+
+def _check_where(req: Any) -> None:
+    """Validate and normalise ``client_ip`` and ``zone``."""
+    if req.client_ip is not None:
+        object.__setattr__(req, "client_ip", check_ip(req.client_ip, "client_ip", req.id))
+    _check_str(req.zone, "zone", req.id)
+
+
+def _check_str(value: object, key: str, rid: int | None, limit: int = MAX_ZONE_LEN) -> None:
+    if value is not None and (not isinstance(value, str) or not value or len(value) > limit):
+        raise _bad(f"{key}: expected a non-empty string of at most {limit} bytes", rid)
+
+
+def _wire(req: Any, *keys: str) -> dict[str, Any]:
+    """Return a request's map: v, id, op, then each of ``keys`` that is set."""
+    out: dict[str, Any] = {"v": VERSION, "id": req.id, "op": req.op}
+    for key in keys:
+        value = getattr(req, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 @dataclass(frozen=True, slots=True)
 class NearestRequest:
     """Ask for the k nearest devices of one kind that meet ``need``."""
@@ -69,6 +108,23 @@ class NearestRequest:
     zone: str | None = None
     op: str = "nearest"
 
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not _is_int(self.k) or not 1 <= self.k <= MAX_K:
+            raise _bad(f"k: expected an integer from 1 to {MAX_K}", self.id)
+        _kind(self.kind, self.id, required=True)
+        if not isinstance(self.need, Need):
+            raise _bad(f"need: expected a map, got {_type_name(self.need)}", self.id)
+        _check_where(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        out = _wire(self, "kind", "k", "client_ip", "zone")
+        need = self.need.to_wire()
+        if need:
+            out["need"] = need
+        return out
+
 
 @dataclass(frozen=True, slots=True)
 class LocateRequest:
@@ -79,17 +135,43 @@ class LocateRequest:
     zone: str | None = None
     op: str = "locate"
 
+    def __post_init__(self) -> None:
+        _check_common(self)
+        _check_where(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self, "client_ip", "zone")
+
 
 @dataclass(frozen=True, slots=True)
 class DevicesRequest:
-    """Ask for the inventory, optionally of one kind or site."""
+    """Ask for one page of the inventory (``limit`` records from ``cursor``), of a kind or site."""
 
     id: int
     kind: str | None = None
     site: str | None = None
     client_ip: str | None = None
     zone: str | None = None
+    limit: int = DEFAULT_LIMIT
+    cursor: str | None = None
     op: str = "devices"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        _kind(self.kind, self.id, required=False)
+        _check_str(self.site, "site", self.id)
+        _check_where(self)
+        if not _is_int(self.limit) or not 1 <= self.limit <= MAX_LIMIT:
+            raise _bad(f"limit: expected an integer from 1 to {MAX_LIMIT}", self.id)
+        _check_str(self.cursor, "cursor", self.id, MAX_CURSOR_LEN)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map (``limit`` only when not the default)."""
+        out = _wire(self, "kind", "site", "client_ip", "zone", "cursor")
+        if self.limit != DEFAULT_LIMIT:
+            out["limit"] = self.limit
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +181,13 @@ class PingRequest:
     id: int
     op: str = "ping"
 
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self)
+
 
 @dataclass(frozen=True, slots=True)
 class ReloadRequest:
@@ -106,6 +195,13 @@ class ReloadRequest:
 
     id: int
     op: str = "reload"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +211,13 @@ class StatsRequest:
     id: int
     op: str = "stats"
 
+    def __post_init__(self) -> None:
+        _check_common(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self)
+
 
 @dataclass(frozen=True, slots=True)
 class PrivacyRequest:
@@ -123,6 +226,24 @@ class PrivacyRequest:
     id: int
     op: str
     ip: str
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if self.op not in ("privacy.export", "privacy.erase"):
+            raise _bad("op: expected 'privacy.export' or 'privacy.erase'", self.id)
+        object.__setattr__(self, "ip", check_ip(self.ip, "ip", self.id))
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self, "ip")
+
+
+def _unchecked(cls: type[T], **values: Any) -> T:
+    """Build a request from values the parser has already checked (h11's ``_parsed``)."""
+    req = object.__new__(cls)
+    for f in fields(cls):  # type: ignore[arg-type]
+        object.__setattr__(req, f.name, values.get(f.name, f.default))
+    return req
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +255,20 @@ class MapRequest:
     building: str
     level: int
     op: str = "map"
+
+    def __post_init__(self) -> None:
+        _check_common(self)
+        if not _is_int(self.level) or not -1000 <= self.level <= 1000:
+            raise _bad("level: expected an integer from -1000 to 1000", self.id)
+        for key in ("site", "building"):
+            value = getattr(self, key)
+            if value is None:
+                raise _bad(f"{key}: missing; expected a string", self.id)
+            _check_str(value, key, self.id)
+
+    def to_wire(self) -> dict[str, Any]:
+        """Return the request map."""
+        return _wire(self, "site", "building", "level")
 
 
 Request = (
@@ -151,7 +286,7 @@ _COMMON = {"v", "id", "op"}
 _ALLOWED: dict[str, set[str]] = {
     "nearest": _COMMON | {"kind", "k", "need", "client_ip", "zone"},
     "locate": _COMMON | {"client_ip", "zone"},
-    "devices": _COMMON | {"kind", "site", "client_ip", "zone"},
+    "devices": _COMMON | {"kind", "site", "client_ip", "zone", "limit", "cursor"},
     "ping": _COMMON,
     "reload": _COMMON,
     "stats": _COMMON,
@@ -401,21 +536,33 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
             zone = _opt_str(obj, "zone", rid)
         return _nearest_request(rid, kind, k, need, client_ip, zone)
     if op == "locate":
-        return LocateRequest(id=rid, client_ip=client_ip, zone=_opt_str(obj, "zone", rid))
+        return _unchecked(
+            LocateRequest, id=rid, client_ip=client_ip, zone=_opt_str(obj, "zone", rid)
+        )
     if op == "devices":
-        return DevicesRequest(
+        kind = _kind(obj.get("kind"), rid, required=False)
+        site = _opt_str(obj, "site", rid)
+        zone = _opt_str(obj, "zone", rid)
+        limit = obj.get("limit", DEFAULT_LIMIT)
+        if not _is_int(limit) or not 1 <= limit <= MAX_LIMIT:
+            raise _bad(f"limit: expected an integer from 1 to {MAX_LIMIT}", rid)
+        cursor = _opt_str(obj, "cursor", rid, MAX_CURSOR_LEN)
+        return _unchecked(
+            DevicesRequest,
             id=rid,
-            kind=_kind(obj.get("kind"), rid, required=False),
-            site=_opt_str(obj, "site", rid),
+            kind=kind,
+            site=site,
             client_ip=client_ip,
-            zone=_opt_str(obj, "zone", rid),
+            zone=zone,
+            limit=limit,
+            cursor=cursor,
         )
     if op == "ping":
-        return PingRequest(id=rid)
+        return _unchecked(PingRequest, id=rid)
     if op == "reload":
-        return ReloadRequest(id=rid)
+        return _unchecked(ReloadRequest, id=rid)
     if op == "stats":
-        return StatsRequest(id=rid)
+        return _unchecked(StatsRequest, id=rid)
     if op == "map":
         level = obj.get("level")
         if not isinstance(level, int) or isinstance(level, bool) or not -1000 <= level <= 1000:
@@ -423,17 +570,7 @@ def parse_request(obj: dict[str, Any], *, extra_keys: frozenset[str] = frozenset
         site, building = _opt_str(obj, "site", rid), _opt_str(obj, "building", rid)
         if site is None or building is None:
             raise _bad(f"{'site' if site is None else 'building'}: missing; expected a string", rid)
-        return MapRequest(id=rid, site=site, building=building, level=level)
+        return _unchecked(MapRequest, id=rid, site=site, building=building, level=level)
     if "ip" not in obj:
         raise _bad("ip: missing; expected an IP address", rid)
-    return PrivacyRequest(id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))
-
-
-def error_reply(request_id: int | None, code: ErrorCode | str, message: str) -> dict[str, Any]:
-    """Build the contract's failure map."""
-    return {
-        "v": VERSION,
-        "id": request_id,
-        "ok": False,
-        "error": {"code": str(code), "message": message},
-    }
+    return _unchecked(PrivacyRequest, id=rid, op=op, ip=check_ip(obj["ip"], "ip", rid))

@@ -19,6 +19,7 @@ import gc
 import logging
 import secrets
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping
@@ -31,7 +32,8 @@ from nearestd.adapters.snapshot import InventorySnapshots
 from nearestd.adapters.socket_server import SocketServers
 from nearestd.adapters.systemd import Notifier, status_line
 from nearestd.config import Config, ConfigError
-from nearestd.loader import World, load_world
+from nearestd.loader import World, config_addresses, load_world, map_addresses
+from nearestd.logs import host_literals, set_infrastructure
 from nearestd.service import Carry, Prepared, Service, prepare
 
 LOG = logging.getLogger("nearestd")
@@ -41,6 +43,8 @@ SHUTDOWN_GRACE = 3.0
 STOP_BUDGET = 3.5
 # Free an old world this many objects at a time, so that no single free holds the GIL long.
 RELEASE_CHUNK = 2000
+RELEASE_DEPTH = 8
+RELOAD_SWITCH_INTERVAL = 0.001
 T = TypeVar("T")
 
 
@@ -107,6 +111,17 @@ class Daemon:
             status_of=lambda: status_line(self.service, time.time()), spawn=spawn
         )
         self.components.append(self.notifier)
+        self.note_infrastructure()
+
+    def note_infrastructure(self) -> None:
+        """Tell the log filter which addresses are the config's, the maps' and our sockets'."""
+        own: set[str] = set()
+        for address in self.addresses:
+            own |= host_literals(address)
+        sitemap = self.world.sitemap
+        set_infrastructure(
+            config_addresses(self.world.config) | own, lambda: map_addresses(sitemap)
+        )
 
     @property
     def config(self) -> Config:
@@ -145,6 +160,7 @@ class Daemon:
         self.spawn(self._ticker(), "ticker")
         for component in self.components:
             await component.start()
+        self.note_infrastructure()  # the sockets' own addresses, now bound
         LOG.info(
             "serving",
             extra={
@@ -238,6 +254,10 @@ class Daemon:
 
     async def _reload_once(self) -> list[str]:
         carry = self.service.carry()
+        # The loop's thread waits up to one switch interval for the GIL each time it wants
+        # it back while the worker builds: shorter turns keep query delays short.
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(RELOAD_SWITCH_INTERVAL)
         freeze = self.freeze_gc
         if freeze:
             # Building a world allocates millions of objects: with the collector on, its
@@ -245,7 +265,7 @@ class Daemon:
             gc.disable()
         try:
             try:
-                prepared, save_cache = await in_thread(self._prepare, carry)
+                prepared = await in_thread(self._prepare, carry)
             except ConfigError as exc:
                 return self._refuse(exc.problems)
             old = self._switch(prepared)
@@ -255,21 +275,22 @@ class Daemon:
             except Exception:
                 LOG.exception("freeing the old world failed")
             del old
-            if save_cache is not None:
-                try:
-                    await in_thread(save_cache)
-                except Exception:
-                    LOG.exception("site map cache not written")
         finally:
+            sys.setswitchinterval(interval)
             if freeze:
                 gc.freeze()
                 gc.enable()
         return []
 
-    def _prepare(self, carry: Carry) -> tuple[Prepared, Callable[[], None] | None]:
-        """Read, validate and build the new world (worker thread: touches nothing in use)."""
-        world = load_world(self.config_path, use_cache=True)
-        return prepare(world.config, world.sitemap, carry), world.save_cache
+    def _prepare(self, carry: Carry) -> Prepared:
+        """Read, validate and build the new world (worker thread: touches nothing in use).
+
+        Not through the compiled-map cache, either way: unpickling or pickling a large
+        map is one C call that holds the GIL (measured: 0.2-0.7 s), stalling every query.
+        The cache is written at the next start.
+        """
+        world = load_world(self.config_path)
+        return prepare(world.config, world.sitemap, carry)
 
     def save_map_cache(self, world: World) -> None:
         """Write the compiled site map in a worker thread, if the world was not read from it."""
@@ -289,7 +310,8 @@ class Daemon:
         self.reloads_failed += 1
         self.last_reload_ok = False
         for problem in problems:
-            LOG.error("reload refused", extra={"problem": problem})
+            # Problems quote the config and site-map files: shown as written there.
+            LOG.error("reload refused", extra={"problem": problem, "_verbatim": ("problem",)})
         return problems
 
     def _switch(self, prepared: Prepared) -> list[object]:
@@ -297,6 +319,7 @@ class Daemon:
         old_world = self.world
         old_sitemap, old_table = self.service.swap(prepared)
         self.world = World(prepared.cfg, prepared.sitemap)
+        self.note_infrastructure()
         for component in self.components:
             try:
                 component.reconfigure(prepared.cfg)
@@ -357,16 +380,19 @@ def release(old: list[object]) -> None:
     """Free an old world a piece at a time (worker thread).
 
     Dropping the last reference to a table of 100,000 devices frees them all in one C
-    call that holds the GIL (measured: 50-80 ms); every large container is emptied item
-    by item instead, so the event loop gets the GIL back between pieces.
+    call that holds the GIL (measured: 50-80 ms, and a 100,000-prefix pytricia tree
+    100-190 ms on a busy machine); so the large containers near the top of the old
+    world are emptied a slice at a time and the prefix trees a prefix at a time, and
+    the event loop gets the GIL back between pieces.
     """
     parts: list[list[Any]] = []
+    tries: list[Any] = []
     seen: set[int] = set()
-    stack: list[Any] = list(old)
+    stack: list[tuple[Any, int]] = [(o, 0) for o in old]
     old.clear()
     while stack:
-        obj = stack.pop()
-        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+        obj, depth = stack.pop()
+        if id(obj) in seen or depth > RELEASE_DEPTH:
             continue
         seen.add(id(obj))
         if isinstance(obj, dict):
@@ -380,22 +406,42 @@ def release(old: list[object]) -> None:
                 items = [getattr(obj, s, None) for s in slots]
             else:
                 items = list(fields.values())
-            stack.extend(items)
+            stack.extend((x, depth + 1) for x in items if _worth_walking(x))
+            continue
+        elif type(obj).__name__ == "PyTricia":
+            tries.append(obj)
             continue
         else:
             continue  # a library's object (a geometry, an array, an rtree): freed whole
         if len(items) >= RELEASE_CHUNK:
-            # A large container: keep its items alive here, so that freeing it is cheap,
-            # and free them one at a time below.
+            # Kept alive here, so that freeing the container is cheap; freed a slice at
+            # a time below. Only large containers among them are looked into.
             parts.append(items)
-            stack.extend(x for x in items if isinstance(x, (dict, list, tuple, set)))
+            stack.extend(
+                (x, depth + 1)
+                for x in items
+                if isinstance(x, (dict, list, set)) and len(x) >= RELEASE_CHUNK
+            )
         else:
-            stack.extend(items)
-    seen.clear()
-    stack.clear()
+            stack.extend((x, depth + 1) for x in items if _worth_walking(x))
+    while seen:
+        seen.pop()
+    for tree in tries:
+        prefixes = tree.keys()  # a list: the tree is not iterated while it shrinks
+        for prefix in prefixes:
+            del tree[prefix]
+    del tries
     for items in parts:
         while items:
             del items[-RELEASE_CHUNK // 8 :]
+
+
+def _worth_walking(obj: Any) -> bool:
+    """Return whether an object may hold a large part of a world (ours, a container, a trie)."""
+    if isinstance(obj, (dict, list, tuple, set, frozenset)):
+        return bool(obj)
+    kind = type(obj)
+    return kind.__module__.startswith("nearestd.") or kind.__name__ == "PyTricia"
 
 
 async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = None) -> int:
@@ -408,7 +454,9 @@ async def serve(config_path: str, on_ready: Callable[[Daemon], None] | None = No
         daemon = Daemon(world, config_path)
     except ConfigError as exc:
         for problem in exc.problems:
-            LOG.error("configuration problem", extra={"problem": problem})
+            LOG.error(
+                "configuration problem", extra={"problem": problem, "_verbatim": ("problem",)}
+            )
         return 2
     finally:
         # The site map and device table live until the next reload: keep the cyclic

@@ -81,7 +81,10 @@ class DaemonConfig:
         "CIDRs that may ask on behalf of another IP (client_ip).",
         factory=lambda: ["127.0.0.1/32", "::1/128"],
     )
-    state_dir: str = _doc("Directory for the device inventory snapshot.", "/var/lib/nearestd")
+    state_dir: str = _doc(
+        "Directory for the device inventory snapshot and the compiled site map (a cache).",
+        "/var/lib/nearestd",
+    )
     max_connections: int = _doc(
         "Open connections at most, over all sockets.", 1024, within=(1, 1_000_000)
     )
@@ -217,7 +220,11 @@ class PollerConfig:
     """[poller]: live state from IPP Get-Printer-Attributes and eSCL ScannerStatus."""
 
     enabled: bool = _doc(
-        "Poll every printer (ipp/ipps) and scanner (eSCL) for its live state.", False
+        "Poll every discovered printer (ipp/ipps) and scanner (eSCL) for its live state.", True
+    )
+    static: bool = _doc(
+        "Poll the site maps' static devices too; a device's own 'poll' property overrides this.",
+        False,
     )
     interval: Duration = _doc(
         "Time between polls of one device (spread +/- jitter).", Duration(30.0)

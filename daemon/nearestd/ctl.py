@@ -6,12 +6,37 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from nearest_client.cli import quiet_broken_pipe
 from nearest_client.client import Client, ClientError, ServerError, Unreachable
+from nearest_wire import (
+    DevicesReply,
+    DevicesRequest,
+    DeviceView,
+    EraseReply,
+    ExportEntry,
+    ExportReply,
+    LocateReply,
+    LocateRequest,
+    MapReply,
+    MapRequest,
+    NearestReply,
+    NearestRequest,
+    PingReply,
+    PingRequest,
+    PrivacyRequest,
+    ReloadReply,
+    ReloadRequest,
+    Reply,
+    Request,
+    StatsReply,
+    StatsRequest,
+    WireError,
+)
 from nearestd.config import ConfigError, load_config
 
 DEFAULT_ADMIN = "/run/nearestd/admin.sock"
@@ -92,25 +117,37 @@ def connect(candidates: list[tuple[str, str]], timeout: float) -> Client:
     raise Unreachable("cannot reach nearestd's admin socket; tried " + "; ".join(tried))
 
 
-def request_for(args: argparse.Namespace) -> dict[str, Any]:
-    """Return the admin request of a command line."""
+def request_for(args: argparse.Namespace, rid: int) -> Request:
+    """Return the admin request of a command line (``devices``: its first page)."""
     cmd = args.command
     if cmd == "devices":
-        req: dict[str, Any] = {"op": "devices"}
-        if args.kind:
-            req["kind"] = args.kind
-        if args.site:
-            req["site"] = args.site
-        return req
+        return DevicesRequest(rid, kind=args.kind, site=args.site)
     if cmd == "locate":
-        return {"op": "locate", "client_ip": args.ip}
+        return LocateRequest(rid, client_ip=args.ip)
     if cmd == "nearest":
-        return {"op": "nearest", "client_ip": args.ip, "kind": args.kind, "k": args.k}
+        return NearestRequest(rid, args.kind, args.k, client_ip=args.ip)
     if cmd == "privacy":
-        return {"op": f"privacy.{args.action}", "ip": args.ip}
+        return PrivacyRequest(rid, f"privacy.{args.action}", args.ip)
     if cmd == "map":
-        return {"op": "map", "site": args.site, "building": args.building, "level": args.level}
-    return {"op": cmd}
+        return MapRequest(rid, args.site, args.building, args.level)
+    if cmd == "ping":
+        return PingRequest(rid)
+    if cmd == "reload":
+        return ReloadRequest(rid)
+    return StatsRequest(rid)
+
+
+def fetch(client: Client, req: Request) -> Reply:
+    """Send a request; for ``devices``, follow the cursor and return every page as one."""
+    reply = client.send(req)
+    if isinstance(req, DevicesRequest) and isinstance(reply, DevicesReply):
+        devices = list(reply.devices)
+        while reply.next_cursor is not None:
+            reply = client.send(replace(req, id=client.next_id(), cursor=reply.next_cursor))
+            assert isinstance(reply, DevicesReply)
+            devices.extend(reply.devices)
+        return DevicesReply(req.id, tuple(devices))
+    return reply
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -120,33 +157,26 @@ def _table(rows: list[list[str]]) -> str:
     )
 
 
-def format_devices(devices: list[dict[str, Any]]) -> str:
+def format_devices(devices: Sequence[DeviceView]) -> str:
     """Return the devices as a table, unlocated ones first."""
     rows = [["ID", "KIND", "STATE", "PLACEMENT", "PLACED BY", "SOURCE", "NAME"]]
+    unlocated = 0
     for d in devices:
-        if d.get("located"):
-            place = f"{d['site']}/{d['building']}/L{d['level']}/{d.get('zone') or '-'}"
+        inv = d.inventory
+        if inv is not None and inv.located:
+            place = f"{d.site}/{d.building}/L{d.level}/{d.zone or '-'}"
         else:
             place = "UNLOCATED"
-        state = str(d.get("state"))
-        if d.get("state_reasons"):
-            state += f" ({','.join(d['state_reasons'])})"
-        if d.get("accepting_jobs") is False:
+            unlocated += 1
+        state = d.state
+        if d.state_reasons:
+            state += f" ({','.join(d.state_reasons)})"
+        if not d.accepting_jobs:
             state += " not-accepting"
-        if d.get("quarantined"):
-            state = f"quarantined ({d['quarantined']})"
-        rows.append(
-            [
-                str(d["id"]),
-                str(d["kind"]),
-                state,
-                place,
-                str(d.get("placed_by") or "-"),
-                str(d.get("source")),
-                str(d.get("name")),
-            ]
-        )
-    unlocated = sum(1 for d in devices if not d.get("located"))
+        if inv is not None and inv.quarantined:
+            state = f"quarantined ({inv.quarantined})"
+        placed_by = (inv.placed_by if inv else None) or "-"
+        rows.append([d.id, d.kind, state, place, placed_by, inv.source if inv else "-", d.name])
     return (
         _table(rows)
         + f"\nplaced by, first that applies: {PLACEMENT_ORDER}"
@@ -154,29 +184,28 @@ def format_devices(devices: list[dict[str, Any]]) -> str:
     )
 
 
-def format_reply(cmd: str, reply: dict[str, Any]) -> str:
+def format_reply(reply: Reply) -> str:
     """Return a human-readable reply."""
-    if cmd == "devices":
-        return format_devices(reply["devices"])
-    if cmd == "locate":
-        w = reply["where"]
-        return f"{w['site']} / {w['building']} / level {w['level']} / {w['zone']} ({w.get('zone_name')})"
-    if cmd == "nearest":
-        lines = []
-        for d in reply["devices"]:
-            lines.append(f"{d['distance_m']:>8} m  {d['id']}  {d['name']}  {d['uri']}")
+    if isinstance(reply, DevicesReply):
+        return format_devices(reply.devices)
+    if isinstance(reply, LocateReply):
+        w = reply.where
+        return f"{w.site} / {w.building} / level {w.level} / {w.zone} ({w.zone_name})"
+    if isinstance(reply, NearestReply):
+        lines = [f"{d.distance_m:>8} m  {d.id}  {d.name}  {d.uri}" for d in reply.devices]
         return "\n".join(lines) or "nothing matches"
-    if cmd == "privacy":
-        if "erased" in reply:
-            return f"erased {reply['erased']} entries"
-        return format_entries(reply["entries"])
-    if cmd == "map":
-        return str(reply["svg"])
-    if cmd == "reload":
+    if isinstance(reply, EraseReply):
+        return f"erased {reply.erased} entries"
+    if isinstance(reply, ExportReply):
+        return format_entries(reply.entries)
+    if isinstance(reply, MapReply):
+        return reply.svg
+    if isinstance(reply, ReloadReply):
         return "reloaded"
-    if cmd == "ping":
-        return f"alive (nearestd {reply.get('version')})"
-    return format_stats(reply.get("stats", {}))
+    if isinstance(reply, PingReply):
+        return f"alive (nearestd {reply.version})"
+    assert isinstance(reply, StatsReply)
+    return format_stats(reply.stats)
 
 
 def iso_time(ts: float) -> str:
@@ -184,18 +213,11 @@ def iso_time(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def format_entries(entries: list[dict[str, Any]]) -> str:
+def format_entries(entries: Sequence[ExportEntry]) -> str:
     """Return a subject-access export as a table with ISO 8601 UTC times."""
     rows = [["TIME (UTC)", "OP", "ZONE", "DEVICES"]]
     for e in entries:
-        rows.append(
-            [
-                iso_time(float(e["ts"])),
-                str(e.get("op")),
-                str(e.get("zone") or "-"),
-                ",".join(e.get("devices") or []) or "-",
-            ]
-        )
+        rows.append([iso_time(e.ts), e.op, e.zone or "-", ",".join(e.devices) or "-"])
     return _table(rows) + f"\n{len(entries)} entries"
 
 
@@ -204,7 +226,7 @@ TIME_KEYS = ("ts", "last_seen", "first_seen", "started", "oldest_entry")
 
 
 def _stat_lines(prefix: str, value: Any, out: list[str]) -> None:
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         if not value:
             out.append(f"{prefix}: -")
         for key in sorted(value, key=str):
@@ -226,7 +248,7 @@ def _stat_lines(prefix: str, value: Any, out: list[str]) -> None:
     out.append(f"{prefix}: {shown}")
 
 
-def format_stats(stats: dict[str, Any]) -> str:
+def format_stats(stats: Mapping[str, Any]) -> str:
     """Return stats as one ``dotted.key: value`` line each, sorted, times in ISO 8601 UTC."""
     out: list[str] = []
     _stat_lines("", stats, out)
@@ -234,7 +256,7 @@ def format_stats(stats: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; 0 on success, 1 refused, 2 usage, 3 unreachable, 141 stdout closed."""
+    """Run one command; 0 success, 1 refused, 2 usage, 3 unreachable, 141 stdout closed."""
     try:
         status = _main(argv)
         sys.stdout.flush()
@@ -251,8 +273,13 @@ def _main(argv: list[str] | None) -> int:
         print("\n".join(exc.problems), file=sys.stderr)
         return 2
     try:
+        req = request_for(args, 0)
+    except WireError as exc:  # refused as it was built: a usage error, nothing is sent
+        print(f"nearestctl: {exc.message}", file=sys.stderr)
+        return 2
+    try:
         with connect(candidates, args.timeout) as client:
-            reply = client.request(request_for(args))
+            reply = fetch(client, req)
     except ServerError as exc:
         if args.json:
             print(json.dumps(exc.reply, indent=2))
@@ -268,9 +295,9 @@ def _main(argv: list[str] | None) -> int:
         print(f"nearestctl: {exc}", file=sys.stderr)
         return 3
     if args.json:
-        print(json.dumps(reply, indent=2, ensure_ascii=False))
+        print(json.dumps(reply.to_wire(), indent=2, ensure_ascii=False))
     else:
-        print(format_reply(args.command, reply))
+        print(format_reply(reply))
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import orjson
 from nearestd import mapcache
 from nearestd.config import Config, ConfigError, load_config
 from nearestd.core.sitemap import Problem, SiteMap, SiteMapError, build_sitemap
+from nearestd.logs import host_literals
 
 MAX_MAP_BYTES = 64 * 1024 * 1024
 # GeoJSON needs a handful of levels (a MultiPolygon's positions are 6 deep); Python's
@@ -76,17 +77,18 @@ def _parse_json(text: str) -> Any:
 
 def _cache_key(cfg: Config) -> bytes | None:
     """Return the cache key of the config's map files, or None when one cannot be read."""
-    files: list[tuple[str, bytes]] = []
+    key = mapcache.KeyHasher()
     for kind, names in (("map", cfg.site.maps), ("csv", cfg.site.subnets)):
         for name in names:
             path = cfg.resolve(name)
             try:
                 if path.stat().st_size > MAX_MAP_BYTES:
                     return None
-                files.append((f"{kind}:{path}", path.read_bytes()))
+                # One file at a time: a large map is never held whole just to be hashed.
+                key.add(f"{kind}:{path}", path.read_bytes())
             except OSError:
                 return None
-    return mapcache.cache_key(files)
+    return key.digest()
 
 
 def load_sitemap(cfg: Config) -> SiteMap:
@@ -199,3 +201,43 @@ def load_world(path: str | Path, use_cache: bool = False) -> World:
             mapcache.save(state_dir, key, sitemap)
 
     return World(cfg, sitemap, save)
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif is_dataclass(value) and not isinstance(value, type):
+        for f in fields(value):
+            yield from _strings(getattr(value, f.name))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            yield from _strings(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+
+
+_ADDRESS_START = frozenset("0123456789[")
+
+
+def config_addresses(cfg: Config) -> set[str]:
+    """Return the host addresses the config names (not personal data)."""
+    found: set[str] = set()
+    for text in _strings(cfg):
+        found |= host_literals(text)
+    return found
+
+
+def map_addresses(sitemap: SiteMap) -> set[str]:
+    """Return the host addresses the site maps' static devices and pins name."""
+    found: set[str] = set()
+    for device, _ in sitemap.static_devices:
+        host = device.uri.partition("://")[2].partition("/")[0].rpartition("@")[2]
+        # Most devices have names: only an address-like host is worth parsing.
+        if host[:1] in _ADDRESS_START:
+            found |= host_literals(host)
+    for pin in sitemap.pins:
+        if pin.field == "ip":
+            found |= host_literals(pin.value)
+    return found

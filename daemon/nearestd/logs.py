@@ -10,6 +10,12 @@ Log hygiene is enforced in one place, here, in two layers:
    ``client_label``, unless it is already a prefix no finer than /24 or /48. Only the
    fields named in ``ADDRESS_FIELDS`` (device URIs and addresses, listen and broker
    URLs: never client data by construction) are left as they are.
+
+Infrastructure addresses are not personal data: in ``error`` and ``problem`` fields,
+an address the config, the site maps or the daemon's own sockets name (see
+``set_infrastructure``) is kept whole, and a field a caller marks as quoting the
+config or site-map files (``extra={"_verbatim": ("problem",)}``) is left as it is,
+so ``bad CIDR '10.20.99.1/24'`` is logged as the map says it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ _IP_CANDIDATE = re.compile(
     r"|[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:\d{1,3}(?:\.\d{1,3}){3})?"  # IPv6
     r")(?:%[\w.-]+)?(?:/(\d{1,3}))?(?![\w:]|\.\d)"
 )
+# Fields where an infrastructure address is shown whole.
+INFRA_FIELDS = frozenset(("error", "problem"))
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
 
@@ -52,11 +61,35 @@ def client_label(ip: str | None, mode: str) -> str:
     return str(ipaddress.ip_network(f"{addr}/48", strict=False))
 
 
-def _keep_or_label(m: re.Match[str], mode: str) -> str:
+_TOKEN = re.compile(r"[0-9A-Fa-f:.]{2,}(?:/(\d{1,3}))?")
+
+
+def host_literals(text: str) -> set[str]:
+    """Return the IP addresses written in a text (URLs too; not networks but /32 and /128)."""
+    out = set()
+    for m in _TOKEN.finditer(text):
+        token, bits = m.group(0).split("/", 1)[0], m.group(1)
+        candidates = [token, token.strip(":.")]
+        if token.count(":") == 1:  # an IPv4 address and a port
+            candidates.append(token.split(":", 1)[0])
+        for candidate in candidates:
+            try:
+                addr = ipaddress.ip_address(candidate)
+            except ValueError:
+                continue
+            if bits is None or int(bits) == addr.max_prefixlen:
+                out.add(str(addr))
+            break
+    return out
+
+
+def _keep_or_label(m: re.Match[str], mode: str, keep: frozenset[str] = frozenset()) -> str:
     text, bits = m.group(1), m.group(2)
     try:
         addr = ipaddress.ip_address(text)
     except ValueError:
+        return m.group(0)
+    if keep and str(addr) in keep:
         return m.group(0)
     if bits is not None:
         coarse = 24 if addr.version == 4 else 48
@@ -71,11 +104,11 @@ def _keep_or_label(m: re.Match[str], mode: str) -> str:
     return client_label(str(addr), mode)
 
 
-def scrub(text: str, mode: str) -> str:
-    """Return text with every IP literal finer than /24 or /48 replaced by its label."""
+def scrub(text: str, mode: str, keep: frozenset[str] = frozenset()) -> str:
+    """Return text with every IP literal finer than /24 or /48 (and not in ``keep``) labelled."""
     if "." not in text and ":" not in text:
         return text
-    return _IP_CANDIDATE.sub(lambda m: _keep_or_label(m, mode), text)
+    return _IP_CANDIDATE.sub(lambda m: _keep_or_label(m, mode, keep), text)
 
 
 class AddressScrubber(logging.Filter):
@@ -84,6 +117,22 @@ class AddressScrubber(logging.Filter):
     def __init__(self, mode: str = "truncated") -> None:
         super().__init__()
         self.mode = mode
+        self._infrastructure: frozenset[str] = frozenset()
+        self._more: Callable[[], set[str]] | None = None
+
+    @property
+    def infrastructure(self) -> frozenset[str]:
+        """Return the addresses kept whole in error fields (the lazy part read on first use)."""
+        more = self._more
+        if more is not None:
+            self._more = None
+            self._infrastructure |= _normalised(more())
+        return self._infrastructure
+
+    @infrastructure.setter
+    def infrastructure(self, addresses: frozenset[str]) -> None:
+        self._infrastructure = addresses
+        self._more = None
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Rewrite the record's message and fields; never drop a record."""
@@ -95,11 +144,14 @@ class AddressScrubber(logging.Filter):
         clean = scrub(message, mode)
         if clean != message or record.args:
             record.msg, record.args = clean, ()
+        verbatim = getattr(record, "_verbatim", ())
         for key, value in _fields(record).items():
             if key in ADDRESS_FIELDS or isinstance(value, (bool, int, float)) or value is None:
                 continue
+            if key in verbatim and key in INFRA_FIELDS:
+                continue
             text = str(value)
-            cleaned = scrub(text, mode)
+            cleaned = scrub(text, mode, self.infrastructure if key in INFRA_FIELDS else frozenset())
             if cleaned != text:
                 setattr(record, key, cleaned)
         return True
@@ -111,6 +163,25 @@ SCRUBBER = AddressScrubber()
 def set_ip_mode(mode: str) -> None:
     """Set what the backstop keeps of an address ("truncated" or "none")."""
     SCRUBBER.mode = mode
+
+
+def _normalised(addresses: set[str]) -> frozenset[str]:
+    keep = set()
+    for text in addresses:
+        try:
+            keep.add(str(ipaddress.ip_address(text)))
+        except ValueError:
+            continue
+    return frozenset(keep)
+
+
+def set_infrastructure(addresses: set[str], more: Callable[[], set[str]] | None = None) -> None:
+    """Name the addresses (config, site maps, own sockets) kept whole in error fields.
+
+    ``more`` yields further ones (a large map's devices), read when first needed.
+    """
+    SCRUBBER.infrastructure = _normalised(addresses)
+    SCRUBBER._more = more
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:

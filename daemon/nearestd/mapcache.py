@@ -7,8 +7,9 @@ map that passed validation is written. A cache that is corrupt, truncated, of an
 format version or for other files is ignored (and rebuilt from the files); so a stale
 cache can never change an answer or hide a validation error.
 
-The payload is a pickle written by this daemon into its own 0700 directory; it is only
-unpickled after its SHA-256 digest (stored in the header) matches, so a torn or
+The payload is a pickle written by this daemon into its own 0700 directory (the file
+0600); it is only unpickled when the file is owned by the daemon's user and writable by
+nobody else, and after its SHA-256 digest (stored in the header) matches, so a torn or
 bit-flipped file is refused before it is decoded.
 """
 
@@ -21,10 +22,9 @@ import logging
 import os
 import pickle
 import sys
-from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytricia
 import shapely
@@ -36,23 +36,30 @@ from nearestd.core.visibility import VisibilityPolicy
 LOG = logging.getLogger("nearestd.mapcache")
 FILE_NAME = "sitemap.cache"
 # Bump whenever SiteMap or anything it holds changes shape or meaning.
-FORMAT = 1
+FORMAT = 3
 MAGIC = b"NEARESTD-SITEMAP\n"
 _DIGEST = 32
 _HEADER = len(MAGIC) + 4 + _DIGEST + _DIGEST
+_CHUNK = 1 << 20
 
 
-def cache_key(files: Sequence[tuple[str, bytes]]) -> bytes:
-    """Return the key of a set of map files: their paths, in order, and their bytes."""
-    h = hashlib.sha256()
-    h.update(
-        f"format {FORMAT} python {sys.version_info[:2]} shapely {shapely.__version__}".encode()
-    )
-    for path, data in files:
-        h.update(b"\0file\0" + path.encode("utf-8", "surrogateescape") + b"\0")
-        h.update(len(data).to_bytes(8, "big"))
-        h.update(data)
-    return h.digest()
+class KeyHasher:
+    """The key of a set of map files: their paths, in order, and their bytes, one at a time."""
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(
+            f"format {FORMAT} python {sys.version_info[:2]} shapely {shapely.__version__}".encode()
+        )
+
+    def add(self, path: str, data: bytes) -> None:
+        """Add one file."""
+        self._hash.update(b"\0file\0" + path.encode("utf-8", "surrogateescape") + b"\0")
+        self._hash.update(len(data).to_bytes(8, "big"))
+        self._hash.update(data)
+
+    def digest(self) -> bytes:
+        """Return the key."""
+        return self._hash.digest()
 
 
 def _tricia(bits: int, items: list[tuple[str, Any]]) -> pytricia.PyTricia:
@@ -88,7 +95,9 @@ def _items(tree: pytricia.PyTricia | None) -> list[tuple[str, Any]] | None:
     return None if tree is None else [(key, tree[key]) for key in tree]
 
 
-_PLAIN = {cls: tuple(f.name for f in fields(cls)) for cls in (Device, Placement, Capabilities, Pin)}
+_PLAIN = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (Device, Placement, Capabilities, Pin, Zone)
+}
 
 
 class _Pickler(pickle.Pickler):
@@ -152,25 +161,33 @@ def write(path: Path, key: bytes, sitemap: SiteMap) -> None:
         raise
 
 
-def decode(key: bytes, data: bytes) -> SiteMap | None:
-    """Return the site map of a cache file made for ``key``, or None if it is not one."""
-    if len(data) < _HEADER or not data.startswith(MAGIC):
+def decode(key: bytes, fh: BinaryIO) -> SiteMap | None:
+    """Return the site map of a cache file made for ``key``, or None if it is not one.
+
+    The payload is read twice from the page cache rather than held whole: once to check
+    its digest, once by the unpickler, which streams it (tens of MB less at the peak).
+    """
+    head = fh.read(_HEADER)
+    if len(head) < _HEADER or not head.startswith(MAGIC):
         return None
     at = len(MAGIC)
-    if int.from_bytes(data[at : at + 4], "big") != FORMAT:
+    if int.from_bytes(head[at : at + 4], "big") != FORMAT:
         return None
     at += 4
-    if data[at : at + _DIGEST] != key:
+    if head[at : at + _DIGEST] != key:
         return None
     at += _DIGEST
-    payload = memoryview(data)[_HEADER:]
-    if hashlib.sha256(payload).digest() != data[at : at + _DIGEST]:
+    digest = hashlib.sha256()
+    while chunk := fh.read(_CHUNK):
+        digest.update(chunk)
+    if digest.digest() != head[at : at + _DIGEST]:
         return None
+    fh.seek(_HEADER)
     # Hundreds of thousands of objects and no cycles: the collector would only slow this.
     enabled = gc.isenabled()
     gc.disable()
     try:
-        sitemap = pickle.loads(payload)
+        sitemap = pickle.load(fh)
     except Exception:
         return None
     finally:
@@ -189,13 +206,22 @@ def load(state_dir: Path, key: bytes) -> SiteMap | None:
     """Return the cached site map for ``key``, or None (missing, stale or corrupt)."""
     path = state_dir / FILE_NAME
     try:
-        data = path.read_bytes()
+        with open(path, "rb", buffering=_CHUNK) as fh:
+            st = os.fstat(fh.fileno())
+            # Unpickling runs code named in the file: only a file this daemon's user wrote
+            # and nobody else could have changed is read (the digest only catches damage).
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                LOG.warning(
+                    "site map cache ignored: not owned by this user or writable by others",
+                    extra={"path": str(path)},
+                )
+                return None
+            sitemap = decode(key, fh)
     except FileNotFoundError:
         return None
     except OSError as exc:
         LOG.warning("site map cache unreadable", extra={"error": f"{path}: {exc.strerror}"})
         return None
-    sitemap = decode(key, data)
     if sitemap is None:
         LOG.info("site map cache stale or corrupt: rebuilding", extra={"path": str(path)})
     return sitemap

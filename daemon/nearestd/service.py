@@ -5,6 +5,7 @@ Everything here is synchronous and takes ``now``; adapters own the I/O and call 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -13,31 +14,53 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nearest_wire import (
+    DevicesReply,
     DevicesRequest,
+    EraseReply,
     ErrorCode,
+    ErrorReply,
+    ExportEntry,
+    ExportReply,
+    LocateReply,
     LocateRequest,
+    MapReply,
+    NearestReply,
     NearestRequest,
+    PingReply,
     PingRequest,
     PrivacyRequest,
+    ReloadReply,
     ReloadRequest,
+    StatsReply,
     StatsRequest,
+    Where,
     WireError,
     decode_payload,
     error_reply,
     parse_request,
 )
+from nearest_wire import Reply as WireReply
+from nearest_wire.fast import fast_nearest
 from nearest_wire.schema import ADMIN_OPS, MapRequest, Need, request_id
 from nearestd import __version__
 from nearestd.config import Config
 from nearestd.core.census import Census, census
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
-from nearestd.core.floorplan import floor_marks, floor_svg, floor_zones
+from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
 from nearestd.core.index import Hit, Ranking
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
-from nearestd.core.resolve import inventory_view, rank
+from nearestd.core.resolve import (
+    PageKey,
+    decode_cursor,
+    encode_cursor,
+    inventory_view,
+    page_key,
+    views_of,
+    where_of,
+)
 from nearestd.core.sitemap import SiteMap
 from nearestd.core.state import Live, overlay
 from nearestd.logs import client_label, set_ip_mode
@@ -146,9 +169,10 @@ class Service:
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: OrderedDict[
-            tuple[str, str, Any, int, int], tuple[int, list[dict[str, Any]]]
-        ] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, Any, int, int], tuple[int, tuple[Hit, ...]]] = (
+            OrderedDict()
+        )
+        self._wheres: dict[str, Where] = {}
         self._sections = sections
         self._reload = reload
         # What the poller last found per device; laid over every update from discovery.
@@ -168,6 +192,20 @@ class Service:
     # ---- requests ----------------------------------------------------------------------
     def handle_payload(self, payload: bytes, peer: Peer, now: float) -> Answer:
         """Decode one frame payload and answer it (``reload``: an awaitable reply)."""
+        req = fast_nearest(payload)
+        if req is not None:
+            # A valid nearest request, decoded by msgspec: what handle() does with it.
+            try:
+                if not peer.allowed:
+                    raise WireError(
+                        ErrorCode.FORBIDDEN, "this address may not query this daemon", req.id
+                    )
+                reply = self._nearest(req, peer, now)
+            except WireError as exc:
+                self._count(peer, "nearest", str(exc.code))
+                return error_reply(exc.request_id, exc.code, exc.message)
+            self._count(peer, "nearest", "ok")
+            return reply.to_wire()
         try:
             obj = decode_payload(payload)
         except WireError as exc:
@@ -196,7 +234,9 @@ class Service:
             self._count(peer, op_label, str(exc.code))
             return error_reply(exc.request_id, exc.code, exc.message)
         self._count(peer, op_label, "ok")
-        return reply
+        if isinstance(reply, Awaitable):
+            return reply
+        return reply.to_wire()
 
     def _count(self, peer: Peer, op: str, result: str) -> None:
         self.stats.queries[(peer.interface, op, result)] += 1
@@ -218,52 +258,58 @@ class Service:
             rid, ErrorCode.RATE_LIMITED, "too many requests from this address; slow down"
         )
 
-    def _dispatch(self, req: Any, peer: Peer, now: float) -> Answer:
+    def _dispatch(
+        self, req: Any, peer: Peer, now: float
+    ) -> WireReply | ErrorReply | Awaitable[Reply]:
         if isinstance(req, NearestRequest):
             return self._nearest(req, peer, now)
         if isinstance(req, LocateRequest):
             ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
             self._remember(ip, zone, "admin.locate" if peer.admin else "locate", (), now)
-            return {"v": 1, "id": req.id, "ok": True, "where": zone.where()}
+            return LocateReply(req.id, self._where(zone))
         if isinstance(req, DevicesRequest):
             return self._devices(req, peer)
         if isinstance(req, PingRequest):
-            return {"v": 1, "id": req.id, "ok": True, "version": __version__}
+            return PingReply(req.id, __version__)
         if isinstance(req, ReloadRequest):
             if self._reload is None:
                 raise WireError(ErrorCode.UNAVAILABLE, "reload is not wired in", req.id)
             # Asked now (the files are read after this request), answered when done.
             return self._reloaded(req.id, self._reload())
         if isinstance(req, StatsRequest):
-            return {"v": 1, "id": req.id, "ok": True, "stats": self.stats_view(now)}
+            return StatsReply(req.id, self.stats_view(now))
         if isinstance(req, MapRequest):
-            return {"v": 1, "id": req.id, "ok": True, "svg": self.floor_drawing(req)}
+            return MapReply(req.id, self.floor_drawing(req))
         if isinstance(req, PrivacyRequest):
             if req.op == "privacy.export":
                 entries = self.log.export(req.ip)
                 self.log.record_action("privacy.export", len(entries), now)
-                return {"v": 1, "id": req.id, "ok": True, "entries": entries}
+                # The action and its count only: whose entries they were is not logged.
+                LOG.info("location log exported", extra={"op": req.op, "count": len(entries)})
+                return ExportReply(req.id, tuple(ExportEntry(**e) for e in entries))
             n = self.log.erase(req.ip)
             self.log.record_action("privacy.erase", n, now)
-            return {"v": 1, "id": req.id, "ok": True, "erased": n}
+            LOG.info("location log erased", extra={"op": req.op, "count": n})
+            return EraseReply(req.id, n)
         raise WireError(ErrorCode.INTERNAL, "unhandled op", None)  # pragma: no cover
+
+    def _where(self, zone: Zone) -> Where:
+        where = self._wheres.get(zone.id)
+        if where is None:
+            where = self._wheres[zone.id] = where_of(zone)
+        return where
 
     @staticmethod
     async def _reloaded(rid: int, reloading: Awaitable[list[str]]) -> Reply:
         problems = await reloading
         if problems:
-            return {
-                "v": 1,
-                "id": rid,
-                "ok": False,
-                "error": {
-                    "code": str(ErrorCode.BAD_REQUEST),
-                    "message": f"reload refused; still running the old configuration: "
-                    f"{len(problems)} problem(s)",
-                },
-                "problems": problems,
-            }
-        return {"v": 1, "id": rid, "ok": True, "reloaded": True}
+            return ErrorReply(
+                rid,
+                ErrorCode.BAD_REQUEST,
+                f"reload refused; still running the old configuration: {len(problems)} problem(s)",
+                tuple(problems),
+            ).to_wire()
+        return ReloadReply(rid).to_wire()
 
     def _locate(
         self, client_ip: str | None, zone_id: str | None, peer: Peer, rid: int
@@ -297,27 +343,33 @@ class Service:
             )
         return ip, found
 
-    def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> dict[str, Any]:
+    def _nearest(self, req: NearestRequest, peer: Peer, now: float) -> NearestReply:
         ip, zone = self._locate(req.client_ip, req.zone, peer, req.id)
         policy = self.sitemap.visibility
         visible = policy.client_mask(zone.id, ip) if policy.active else -1
         key = (zone.id, req.kind, req.need, req.k, visible)
         cached = self._cache.get(key)
-        gen = self.table.generation
+        table = self.table
+        gen = table.rank_generation
+        # The cache keeps who is answered and in what order, valid while nothing that ranks
+        # changes; the views are drawn per reply, so a new state or supply level shows at once.
         if cached is not None and cached[0] == gen:
-            devices = cached[1]
+            hits = cached[1]
         else:
-            devices = rank(self.table, zone, req.kind, req.need, req.k, self.ranking, visible)
+            hits = tuple(
+                table.index.nearest(zone, req.kind, req.need, req.k, self.ranking, visible)
+            )
             if len(self._cache) >= CACHE_MAX:
                 # Oldest out, one at a time: clearing 8,192 answers at once stalls the loop
                 # for milliseconds, a spike in every client's latency. (An OrderedDict: a
                 # plain dict finds its oldest key by skipping every deleted slot first.)
                 self._cache.popitem(last=False)
-            self._cache[key] = (gen, devices)
+            self._cache[key] = (gen, hits)
+        devices = views_of(table, hits)
         # An operator's lookup is logged as such: the person's export shows someone looked.
         op = "admin.nearest" if peer.admin else "nearest"
-        self._remember(ip, zone, op, tuple(d["id"] for d in devices), now)
-        return {"v": 1, "id": req.id, "ok": True, "where": zone.where(), "devices": devices}
+        self._remember(ip, zone, op, tuple(d.id for d in devices), now)
+        return NearestReply(req.id, self._where(zone), devices)
 
     def remember_lookup(
         self, ip: str, zone_id: str, op: str, devices: tuple[str, ...], now: float
@@ -344,7 +396,8 @@ class Service:
 
     def floor_drawing(self, req: MapRequest) -> str:
         """Return one floor as a standalone SVG document, or refuse an unknown floor."""
-        if not floor_zones(self.sitemap, req.site, req.building, req.level):
+        atlas = Atlas.of(self.sitemap)
+        if not atlas.floor_zones(req.site, req.building, req.level):
             raise WireError(
                 ErrorCode.UNKNOWN_LOCATION,
                 "site, building, level: no zone of the site maps is on that floor",
@@ -358,7 +411,7 @@ class Service:
             req.building,
             req.level,
         )
-        return floor_svg(self.sitemap, req.site, req.building, req.level, marks)
+        return floor_svg(atlas, req.site, req.building, req.level, marks)
 
     def explain(
         self, client_ip: str, kind: str, k: int, now: float
@@ -393,35 +446,49 @@ class Service:
             return policy.client_mask(None, req.client_ip or peer.ip or LOCAL_HOST)
         return policy.client_mask(zone.id, ip)
 
-    def _devices(self, req: DevicesRequest, peer: Peer) -> dict[str, Any]:
-        out = []
+    def _devices(self, req: DevicesRequest, peer: Peer) -> DevicesReply:
+        """Return one page of the inventory: at most ``limit`` records after ``cursor``."""
         viewer = self._viewer(req, peer)
+        after: PageKey | None = None
+        if req.cursor is not None:
+            try:
+                after = decode_cursor(req.cursor)
+            except ValueError as exc:
+                raise WireError(ErrorCode.BAD_REQUEST, str(exc), req.id) from None
         policy = self.sitemap.visibility
+        # (key, record, restriction, quarantine entry): views are built for the page only.
+        found: list[tuple[PageKey, Record, int, Any]] = []
         for rec in self.table.records():
             if req.kind is not None and rec.device.kind != req.kind:
                 continue
             if req.site is not None and (rec.placement is None or rec.placement.site != req.site):
                 continue
+            key = page_key(rec)
+            if after is not None and key <= after:
+                continue
             restrict = restriction_of(rec.device, rec.placement, self.sitemap)
             if viewer is not None and restrict & ~viewer:
                 continue
-            view = inventory_view(rec)
-            if restrict and viewer is None:
-                view["visible_to"] = policy.rule_text(restrict)
-            out.append(view)
-        if peer.admin and viewer is None:
-            for held in self.table.quarantine.values():
+            found.append((key, rec, restrict, None))
+        if peer.admin and viewer is None and req.site is None:
+            for (_, addresses), held in self.table.quarantine.items():
                 if req.kind is not None and held.device.kind != req.kind:
                     continue
-                if req.site is not None:
-                    continue
-                view = inventory_view(Record(held.device, None, held.last_seen))
-                view["quarantined"] = held.reason
-                view["first_seen"] = held.first_seen
-                out.append(view)
-        # Unlocated first: they are what an operator must fix.
-        out.sort(key=lambda d: (d["located"], d["site"] or "", d["kind"], d["id"]))
-        return {"v": 1, "id": req.id, "ok": True, "devices": out}
+                rec = Record(held.device, None, held.last_seen)
+                key = page_key(rec, addresses)
+                if after is None or key > after:
+                    found.append((key, rec, 0, held))
+        page = heapq.nsmallest(req.limit + 1, found, key=lambda item: item[0])
+        more = len(page) > req.limit
+        del page[req.limit :]
+        views = []
+        for _, rec, restrict, held in page:
+            if held is not None:
+                views.append(inventory_view(rec, None, held.reason, held.first_seen))
+            else:
+                shown = tuple(policy.rule_text(restrict)) if restrict and viewer is None else None
+                views.append(inventory_view(rec, shown))
+        return DevicesReply(req.id, tuple(views), encode_cursor(page[-1][0]) if more else None)
 
     # ---- state -------------------------------------------------------------------------
     def apply(self, cfg: Config, sitemap: SiteMap) -> None:
@@ -472,6 +539,7 @@ class Service:
         self.spikes.threshold = cfg.privacy.spike_per_minute
         set_ip_mode(cfg.privacy.log_ip)
         self._cache.clear()
+        self._wheres.clear()
         return old_sitemap, old
 
     def upsert_device(self, device: Device, now: float) -> str:
@@ -577,6 +645,11 @@ class Service:
             "zones": len(self.sitemap.zones),
             "prefixes": len(self.sitemap.prefixes),
             "location_log_entries": len(self.log),
+            "location_log_bytes": self.log.bytes,
+            "location_log_oldest_at": self.log.oldest,
+            "location_log_oldest_age_s": None
+            if self.log.oldest is None
+            else round(now - self.log.oldest, 3),
             "location_log_purged": self.log.purged,
             "location_log_dropped": self.log.dropped,
             "queries": {"/".join(k): v for k, v in sorted(self.stats.queries.items())},

@@ -3,9 +3,10 @@
 The decisions are ``core.dnssd``'s; this adapter parses questions and builds replies with
 dnslib (measured here: parse about 1.3x, parse-and-build about 5x dnspython's rate, see
 docs/dnssd.md), and keeps every reply it built as wire bytes keyed by the query's bytes
-after the ID and the querier's zone. The cache is dropped whenever the device table's
-generation moves (any device added, changed or removed, or a new site map), so the hot
-path of a repeated question is one dict lookup and two byte slices (the ID patched in).
+after the ID and the querier's zone. When the device table's generation has moved since a
+reply was built, it is served again only if the device lists it was built from are
+unchanged (else rebuilt); a new site map or config drops the cache. The hot path of a
+repeated question is one dict lookup and two byte slices (the ID patched in).
 
 Defences: the question must be one class-IN query (else FORMERR/NOTIMP/REFUSED); replies
 over UDP are cut to the asker's EDNS size (512 without EDNS, at most 1232): additional
@@ -64,6 +65,10 @@ TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
 LOG_MEMO = 65536
+QTYPE_NAMES = {
+    n: str(QTYPE[n])
+    for n in (1, 2, 5, 6, 12, 13, 15, 16, 28, 33, 35, 41, 43, 48, 64, 65, 251, 252, 255, 257)
+}
 
 
 class Entry(NamedTuple):
@@ -77,6 +82,9 @@ class Entry(NamedTuple):
     zone: str | None
     devices: tuple[str, ...]
     client: str | None
+    generation: int = -1
+    depends: tuple[tuple[str, bytes], ...] = ()
+    lists: tuple[Any, ...] = ()
 
 
 def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -165,7 +173,6 @@ class DnssdServer:
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
         self.cache_bytes = 0
         self.cache_max = CACHE_MAX
-        self._generation = -1
         self._sitemap: Any = None
         self._logged: dict[tuple[str, str, tuple[str, ...]], None] = {}
         self._log_window = 0.0
@@ -174,7 +181,7 @@ class DnssdServer:
         self.truncated = 0
         self.rate_limited = 0
         self.malformed = 0
-        self.dropped = 0
+        self.revalidated = 0
         self.tcp_refused = 0
         self._transports: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.Server] = []
@@ -182,14 +189,7 @@ class DnssdServer:
         self.addresses: list[str] = []
 
     def _publisher(self, cfg: DnssdConfig) -> core.Publisher:
-        ns = []
-        for addr in cfg.listen:
-            host, _ = _split_listen(addr)
-            with contextlib.suppress(ValueError):
-                ip = ipaddress.ip_address(host)
-                if not ip.is_unspecified:
-                    ns.append(str(ip))
-        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), tuple(ns))
+        return core.Publisher(cfg.domain, cfg.per_type, max(1, int(cfg.ttl)), _ns(cfg))
 
     # ---- component ---------------------------------------------------------------------
     async def start(self) -> None:
@@ -232,8 +232,12 @@ class DnssdServer:
             return
         if new.listen != self.cfg.listen:
             LOG.warning("[dnssd] listen changed: takes effect at the next restart")
+        if new.domain.lower().strip(".") == self.cfg.domain.lower().strip("."):
+            # Same domain: instance names stay what they were while their devices stay.
+            self.publisher.configure(new.per_type, max(1, int(new.ttl)), _ns(new))
+        else:
+            self.publisher = self._publisher(new)
         self.cfg = new
-        self.publisher = self._publisher(new)
         self.trusted = [_net(c) for c in new.trusted_resolvers]
         self._trusted_memo = {}
         self._drop_cache()
@@ -249,6 +253,7 @@ class DnssdServer:
             "tcp_refused_total": self.tcp_refused,
             "tcp_connections": len(self._conns),
             "cache_entries": len(self.cache),
+            "cache_revalidated_total": self.revalidated,
             "cache_bytes": self.cache_bytes,
         }
 
@@ -287,13 +292,15 @@ class DnssdServer:
             self.malformed += 1
             return None
         svc = self.service
-        if svc.table.generation != self._generation or svc.sitemap is not self._sitemap:
-            self._generation = svc.table.generation
+        if svc.sitemap is not self._sitemap:
             self._sitemap = svc.sitemap
             self._drop_cache()
         source_zone = svc.sitemap.prefixes.lookup(ip) if _is_ip(ip) else None
         key = (data[2:], source_zone, trusted)
         entry = self.cache.get(key)
+        generation = svc.table.generation
+        if entry is not None and entry.generation != generation:
+            entry = self._revalidate(key, entry, generation)
         if entry is None:
             try:
                 entry = self._build(data, source_zone, ip, trusted)
@@ -302,7 +309,10 @@ class DnssdServer:
                 self.malformed += 1
                 self.rcodes["FORMERR"] += 1
                 return _header_only(data, 1)
-            if len(self.cache) >= self.cache_max:
+            stale = self.cache.pop(key, None)
+            if stale is not None:
+                self.cache_bytes -= len(stale.udp) + len(stale.tcp) + len(data)
+            elif len(self.cache) >= self.cache_max:
                 _, old = self.cache.popitem(last=False)
                 self.cache_bytes -= len(old.udp) + len(old.tcp) + len(data)
             self.cache[key] = entry
@@ -314,6 +324,24 @@ class DnssdServer:
         if entry.zone is not None:
             self._log(entry.client or ip, entry.zone, entry.devices)
         return data[:2] + (entry.udp if udp else entry.tcp)[2:]
+
+    def _revalidate(
+        self, key: tuple[bytes, str | None, bool], entry: Entry, generation: int
+    ) -> Entry | None:
+        """Keep a cached answer across a table change when the lists it shows are unchanged.
+
+        Most changes (a poll's state, a device far away) leave a zone's ``per_type`` nearest
+        devices as they were; only the answers built from a list that changed are rebuilt.
+        """
+        if entry.depends:
+            svc = self.service
+            now = self.publisher.lists(entry.depends, svc.table, svc.sitemap, svc.ranking)
+            if now != entry.lists:
+                return None
+        fresh = entry._replace(generation=generation)
+        self.cache[key] = fresh
+        self.revalidated += 1
+        return fresh
 
     def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
         """Make the location-log entry; the same answer to the same address once a second.
@@ -344,8 +372,7 @@ class DnssdServer:
             return Entry(wire, wire, "other", "FORMERR", False, None, (), None)
         q = query.questions[0]
         labels = tuple(q.qname.label)
-        qtype = QTYPE.get(q.qtype, f"TYPE{q.qtype}")
-        qtype_name = qtype if isinstance(qtype, str) and qtype.isalnum() else "other"
+        qtype_name = QTYPE_NAMES.get(q.qtype, "other")  # bounded: the counter's keys
         opt = next((r for r in query.ar if r.rtype == core.OPT), None)
         if not _name_ok(labels) or len([r for r in query.ar if r.rtype == core.OPT]) > 1:
             wire = _header_only(data, 1)
@@ -395,6 +422,7 @@ class DnssdServer:
                 msg.header.tc = 1
                 udp, truncated = bytes(msg.pack()), True
         rcode_name = RCODE.get(rcode, f"RCODE{rcode}")
+        lists = self.publisher.lists(reply.depends, svc.table, svc.sitemap, svc.ranking) or ()
         return Entry(
             udp,
             tcp,
@@ -404,6 +432,9 @@ class DnssdServer:
             reply.zone,
             reply.devices,
             client,
+            svc.table.generation,
+            reply.depends,
+            lists,
         )
 
     # ---- TCP ---------------------------------------------------------------------------
@@ -436,6 +467,18 @@ class DnssdServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+def _ns(cfg: DnssdConfig) -> tuple[str, ...]:
+    """Return the addresses ``ns.<domain>`` has: the specific ``listen`` addresses."""
+    out = []
+    for addr in cfg.listen:
+        host, _ = _split_listen(addr)
+        with contextlib.suppress(ValueError):
+            ip = ipaddress.ip_address(host)
+            if not ip.is_unspecified:
+                out.append(str(ip))
+    return tuple(out)
 
 
 def _is_ip(text: str) -> bool:

@@ -56,6 +56,7 @@ LOG = logging.getLogger("nearestd.metrics")
 SNAPSHOT_TIMEOUT = 1.0
 MAX_LABEL_VALUES = 64
 MAX_SUPPLY_SERIES = 2000
+MAX_SUPPLY_NAME = 64
 SAFE_VALUE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,47}")
 HEX_RUN = re.compile(r"[0-9A-Fa-f]{12,}")  # a hash or pseudonym
 DEVICE_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}")
@@ -180,14 +181,31 @@ def by_label(section: str, key: str, name: str, kind: str, help: str, label: str
     return Family(name, kind, help, read, (label,), section=section, keys=(key,))
 
 
+def supply_label(name: str) -> str:
+    """Return a supply's name as the device reports it (as stats show it), or ``other``.
+
+    Label values may hold any text (the exposition format escapes what it must), so the
+    name is not rewritten; one too long, with control characters, or holding what could
+    be an address or a hash is folded into ``other``.
+    """
+    if (
+        0 < len(name) <= MAX_SUPPLY_NAME
+        and name.isprintable()
+        and not IPV4_RUN.search(name)
+        and not HEX_RUN.search(name)
+        and name.count(":") < 2
+    ):
+        return name
+    return "other"
+
+
 def _supplies(r: Readings) -> list[Sample]:
     out: dict[tuple[str, str], float] = {}
     for device_id, supply, level in r.census.supplies:
         dev = device_label(device_id)
         if dev == "other" or len(out) >= MAX_SUPPLY_SERIES:
             continue
-        name = label_value(re.sub(r"[^A-Za-z0-9_.\-]+", "_", supply).strip("_"))
-        out.setdefault((dev, name), float(level))
+        out.setdefault((dev, supply_label(supply)), float(level))
     return sorted(out.items())
 
 
@@ -264,7 +282,8 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_device_supply_level_percent",
         "gauge",
         "Supply level a polled device reports, in percent, by device id and supply name "
-        f"(at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
+        "as the device reports it, as in stats (a name that could hold an address: other; "
+        f"at most {MAX_SUPPLY_SERIES} series; ids that hold an address are left out).",
         _supplies,
         ("device", "supply"),
     ),
@@ -365,6 +384,36 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_inventory_stale_expired_total",
         "counter",
         "Restored devices dropped because discovery did not confirm them in time.",
+    ),
+    # The operators' web view (adapters/web.py), while [web] is set.
+    stat(
+        "web",
+        "requests",
+        "nearest_web_requests_total",
+        "counter",
+        "Requests the web view answered (pages, assets, event streams).",
+    ),
+    stat(
+        "web",
+        "unauthorised",
+        "nearest_web_unauthorised_total",
+        "counter",
+        "Web requests refused with 401 for a missing or wrong bearer token.",
+    ),
+    stat("web", "streams", "nearest_web_streams", "gauge", "Open web pages following live events."),
+    stat(
+        "web",
+        "events",
+        "nearest_web_events_total",
+        "counter",
+        "Live updates sent to open web pages.",
+    ),
+    stat(
+        "web",
+        "streams_dropped",
+        "nearest_web_streams_dropped_total",
+        "counter",
+        "Event streams closed because their reader fell too far behind.",
     ),
     # Client connections (the socket servers).
     stat(
@@ -824,6 +873,13 @@ FAMILIES: tuple[Family, ...] = (
         "nearest_dnssd_cache_entries",
         "gauge",
         "DNS answers cached as wire.",
+    ),
+    stat(
+        "dnssd",
+        "cache_revalidated_total",
+        "nearest_dnssd_cache_revalidated_total",
+        "counter",
+        "Cached DNS answers kept across a device-table change (their device lists unchanged).",
     ),
     stat(
         "dnssd",

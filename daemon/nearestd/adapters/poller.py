@@ -1,7 +1,8 @@
 """The poller: asks printers (IPP) and scanners (eSCL) whether they can serve, and how full.
 
-Every device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL roots
-(scanners) is polled, discovered and static alike. Each device has its own due time:
+Every discovered device whose URI or endpoints name ipp/ipps (printers) or http(s) eSCL
+roots (scanners) is polled; a static device from a site map only when its ``poll``
+property, or else ``[poller] static``, says so. Each device has its own due time:
 the first poll is spread over one interval, later ones follow
 ``core.state.next_delay`` (interval +/- jitter, doubling per failure up to
 ``max_backoff``), so a cycle over many devices is a trickle, not a burst. The pool's
@@ -15,11 +16,10 @@ TLS handshake, request, bounded read, decoding into an immutable ``Live``) runs 
 small thread pool, because its syscalls and handshakes cost far more than its Python
 and, on the event loop, they delayed queries (an ipps cycle doubled the query p99).
 The threads touch nothing shared: they put results on a queue, which the loop empties
-every quarter second (so a poll costs the loop no wakeup of its own). The loop hands
-them to ``Service.set_live`` in batches, since every change empties the answer cache: a
-change of what can be answered (availability) or of where a device is goes in the next
-tick's batch; one that only reorders ties or what is shown (idle/processing, reasons,
-supplies) waits up to ``LAZY_APPLY_SECONDS``.
+every quarter second (so a poll costs the loop no wakeup of its own), and hands them to
+``Service.set_live`` at once: the answer cache keeps who is answered and in what order,
+and only a change that can alter that (availability, place, the state tie-break)
+invalidates it, so a new supply level or state reason costs no cached answer.
 """
 
 from __future__ import annotations
@@ -54,7 +54,6 @@ from nearestd.core.state import (
     Live,
     PollTarget,
     StatusError,
-    overlay,
     poll_target,
     printer_live,
     scanner_live,
@@ -70,7 +69,6 @@ TICK_SECONDS = 0.25
 # Poll results are applied in batches, since each change empties the answer cache. A
 # change of what can be answered (availability, placement) goes in the next tick's batch;
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
-LAZY_APPLY_SECONDS = 5.0
 USER_AGENT = "nearestd-poller"
 # The status line and headers together, at most (h11 refuses a longer head).
 MAX_HEAD = 16384
@@ -170,11 +168,9 @@ class Poller:
         self.transitions = 0
         self.poll_seconds = 0.0
         self._pending: dict[str, Live] = {}
-        self._urgent = False
         self._results: queue.SimpleQueue[tuple[str, Live | None, str, str, float]] = (
             queue.SimpleQueue()
         )
-        self._applied_at = 0.0
         # Which addresses are never polled (loopback, this host's own, ...); set at start.
         self._policy = AddressPolicy(loopback_ok=True)
         self.refused: Counter[str] = Counter()
@@ -251,6 +247,8 @@ class Poller:
     def follow(self, cfg: PollerConfig) -> bool:
         """Take a new config; return whether the poller must be restarted."""
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
+        if cfg.static != self.cfg.static:
+            self._generation = -1  # which static devices are polled changed
         self.cfg = cfg
         self.plan.interval, self.plan.max_backoff = cfg.interval, cfg.max_backoff
         self.plan.jitter = cfg.jitter
@@ -262,9 +260,8 @@ class Poller:
             try:
                 now = self._clock()
                 self.collect()
-                if self._urgent or (self._pending and now - self._applied_at >= LAZY_APPLY_SECONDS):
+                if self._pending:
                     self.apply_pending()
-                    self._applied_at = now
                 self.schedule(now)
             except Exception:
                 LOG.exception("poll scheduling failed")
@@ -277,7 +274,13 @@ class Poller:
             return
         self._generation = table.generation
         targets: dict[str, PollTarget] = {}
+        static_poll = self.service.sitemap.static_poll
         for rec in table.records():
+            # The cheap test first: a large map's static devices are mostly not polled.
+            if rec.device.source == "static" and not static_poll.get(
+                rec.device.id, self.cfg.static
+            ):
+                continue
             target = poll_target(rec.device)
             if target is None:
                 continue
@@ -294,7 +297,11 @@ class Poller:
                     )
                 continue
             targets[device_id] = target
+        dropped = [d for d in self.plan.targets if d not in targets]
         self.plan.follow(targets, now, self._rand())
+        for device_id in dropped:
+            if device_id in self.service.live:  # no longer polled: its state is unknown
+                self.service.set_live(device_id, None)
 
     def heard_again(self, now: float) -> None:
         """Ask at once (once per failure streak) a failing device discovery hears from again."""
@@ -384,27 +391,10 @@ class Poller:
             if device_id not in self.plan.targets or live is None:
                 continue
             self._pending[device_id] = live
-            if not self._urgent:
-                self._urgent = self._matters(device_id, live)
-
-    def _matters(self, device_id: str, live: Live) -> bool:
-        """Return whether a result changes what can be answered, or where the device is."""
-        rec = self.service.table.get(device_id)
-        if rec is None:
-            return False
-        new = overlay(rec.device, live)
-        old = rec.device
-        return (new.available, new.geo, new.location_text, new.uuid) != (
-            old.available,
-            old.geo,
-            old.location_text,
-            old.uuid,
-        )
 
     def apply_pending(self) -> None:
         """Hand the poll results gathered since the last batch to the service."""
         pending, self._pending = self._pending, {}
-        self._urgent = False
         for device_id, live in pending.items():
             self._apply(device_id, live)
 

@@ -5,7 +5,7 @@ directory), at most once per debounce period after a change, and once more at
 shutdown. Restored devices are marked stale: they are answered at once, and lose
 the mark when discovery hears of them again; those it does not hear of within
 ``[discovery] expire_after`` are dropped here. This module is the only writer under
-``state_dir``; nothing about clients is ever written.
+``state_dir`` besides the compiled site map (nearestd.mapcache); nothing about clients is ever written.
 """
 
 from __future__ import annotations

@@ -27,21 +27,24 @@ from pathlib import Path
 from time import perf_counter
 from typing import Any
 
-import msgpack
-
-from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, encode_frame, error_reply
+from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, error_reply
+from nearest_wire.fast import FastFrameEncoder
 from nearestd.config import Config
 from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
+from nearestd.logs import client_label
 from nearestd.service import ADMIN_PEER, UNIX_PEER, Peer, Reply, Service, wall_clock
 
 LOG = logging.getLogger("nearestd.socket")
-# One packer for every reply (the loop is single-threaded): ``encode_frame`` without
-# building a Packer per call. It resets itself after each reply, and after a failure.
-_pack = msgpack.Packer(use_bin_type=True).pack
+# One encoder for every reply (the loop is single-threaded): msgspec's, the same bytes as
+# msgpack's Packer in half the time.
+_encode = FastFrameEncoder().encode
+# A connection's output budget: replies are answered while the bytes it has not read stay
+# under this; then it is neither answered nor read until it catches up.
 WRITE_HIGH = 256 * 1024
 ADMIN_MAX_CONNECTIONS = 16
 ACCEPT_BURST = 128
+SHARE_WARNING_EVERY = 60.0
 # At shutdown, how long requests already received may take to be answered.
 DRAIN_SECONDS = 1.0
 # Descriptors beyond the connection caps: listening sockets, mDNS, the broker, files.
@@ -88,6 +91,8 @@ class Connections:
         self.slots = ConnectionSlots(limits.max_connections, limits.max_per_source, limits.reserved)
         self.refused = 0
         self.refused_per_source = 0
+        self._warned_at = float("-inf")
+        self._warned_count = 0
         self.closed_idle = 0
         self.closed_slow = 0
         self.too_large = 0
@@ -104,6 +109,22 @@ class Connections:
                 return why
         self.open.add(conn)
         return None
+
+    def warn_share(self, ip: str | None, log_ip: str) -> None:
+        """Log a source refused over its share, at most once a minute (a flood logs little)."""
+        now = self.clock()
+        if now - self._warned_at < SHARE_WARNING_EVERY:
+            return
+        LOG.warning(
+            "connections refused: one source holds its share",
+            extra={
+                "client": client_label(ip, log_ip),
+                "max_connections_per_source": self.slots.per_source,
+                "refused_since_last_warning": self.refused_per_source - self._warned_count,
+            },
+        )
+        self._warned_at = now
+        self._warned_count = self.refused_per_source
 
     def forget(self, conn: QueryProtocol) -> None:
         """Count a closed connection out (idempotent)."""
@@ -158,6 +179,7 @@ class QueryProtocol(asyncio.Protocol):
         self._scheduled = False
         self._eof = False
         self._limited = False
+        self._prepaid = 0
         # A reply that comes later (reload): the frames after it wait, so replies keep order.
         self._waiting: asyncio.Future[Reply] | None = None
         # What the connection slots and the rate limiter count this client by.
@@ -177,6 +199,7 @@ class QueryProtocol(asyncio.Protocol):
             self.conns.refused += 1
             if why == "per-source":
                 self.conns.refused_per_source += 1
+                self.conns.warn_share(peer.ip, self.service.cfg.privacy.log_ip)
             self._closing = True
             transport.write(_refusal(why))
             transport.close()
@@ -205,7 +228,12 @@ class QueryProtocol(asyncio.Protocol):
             self._answer()
 
     def _answer(self) -> None:
-        """Answer a batch of queued frames; yield to other connections when more wait."""
+        """Answer a batch of queued frames; yield to other connections when more wait.
+
+        Each reply counts against the connection's output budget before the next is
+        computed: once the replies it has not read reach ``WRITE_HIGH`` bytes, the batch
+        stops there and the rest waits (unread) until the peer catches up.
+        """
         self._scheduled = False
         transport = self.transport
         peer = self.peer
@@ -223,22 +251,31 @@ class QueryProtocol(asyncio.Protocol):
             return
         service = self.service
         wall = wall_clock()
-        granted = n
+        # Tokens taken for frames a batch left unanswered pay for the next batch first.
+        granted = min(n, self._prepaid)
         if self._limited and peer.ip is not None:
-            granted = service.limiter.take(self.source, n, wall)
+            if n > granted:
+                granted += service.limiter.take(self.source, n - granted, wall)
+        else:
+            granted = n
         out: list[bytes] = []
         close = False
         handle_payload = service.handle_payload
         observe = self.latency.observe
         popleft = pending.popleft
         append = out.append
+        budget = WRITE_HIGH - transport.get_write_buffer_size()
+        answered = 0
         for i in range(n):
+            if budget <= 0 and i:  # at least one: the write then pauses a full buffer
+                break
+            answered += 1
             item = popleft()
             if isinstance(item, FrameTooLarge):
                 self.conns.too_large += 1
                 service.stats.queries[(self.interface, "invalid", str(ErrorCode.TOO_LARGE))] += 1
                 out.append(
-                    encode_frame(
+                    _encode(
                         error_reply(
                             None,
                             ErrorCode.TOO_LARGE,
@@ -255,16 +292,18 @@ class QueryProtocol(asyncio.Protocol):
                     if type(reply) is not dict:
                         self._wait_for(reply)  # type: ignore[arg-type]
                         break
-                    body = _pack(reply)
-                    append(len(body).to_bytes(4, "big") + body)
+                    frame = _encode(reply)
                     observe(perf_counter() - started)
                 else:
-                    out.append(encode_frame(service.rate_limited_reply(item, peer)))
+                    frame = _encode(service.rate_limited_reply(item, peer))
             except Exception:
                 LOG.exception(
                     "internal error answering a request", extra={"interface": self.interface}
                 )
-                out.append(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
+                frame = _encode(error_reply(None, ErrorCode.INTERNAL, "internal error"))
+            append(frame)
+            budget -= len(frame)
+        self._prepaid = max(0, granted - answered) if self._limited else 0
         if out:
             transport.write(b"".join(out))
         if self._waiting is not None:
@@ -318,9 +357,9 @@ class QueryProtocol(asyncio.Protocol):
                 "internal error answering a request",
                 extra={"interface": self.interface, "error": repr(exc)},
             )
-            transport.write(encode_frame(error_reply(None, ErrorCode.INTERNAL, "internal error")))
+            transport.write(_encode(error_reply(None, ErrorCode.INTERNAL, "internal error")))
         else:
-            transport.write(encode_frame(waiting.result()))
+            transport.write(_encode(waiting.result()))
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._answer)
@@ -549,7 +588,7 @@ def _refusal(why: str) -> bytes:
         text = "too many connections from this address; close some or try again later"
     else:
         text = "too many connections; try again later"
-    return encode_frame(error_reply(None, ErrorCode.UNAVAILABLE, text))
+    return _encode(error_reply(None, ErrorCode.UNAVAILABLE, text))
 
 
 def _unix_socket(path: Path, mode: int, group: str) -> socket.socket:

@@ -181,7 +181,12 @@ class DeviceTable:
         """
         self.sitemap = sitemap
         self.index = SpatialIndex(sitemap.projections)
+        # Bumped by every change; ``rank_generation`` only by those that can change an
+        # answer's devices or order (the index entry: place, kind, capabilities,
+        # availability, visibility, tie-break), so a supply level or a state reason leaves
+        # cached answers valid.
         self.generation = 0
+        self.rank_generation = 0
         # Rogue claims of pinned identities, by (device id, addresses); bounded, oldest out.
         self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
         self.quarantined_total = 0
@@ -315,7 +320,9 @@ class DeviceTable:
             return bool(held)
         del self._records[device_id]
         self._dynamic.pop(device_id, None)
-        self.index.remove(device_id)
+        if self.index.get(device_id) is not None:
+            self.index.remove(device_id)
+            self.rank_generation += 1
         self.generation += 1
         return True
 
@@ -338,14 +345,19 @@ class DeviceTable:
 
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
-        generation = self.generation
+        generation, rank_generation = self.generation, self.rank_generation
         vars(self).update(vars(DeviceTable(sitemap, self.carried())))
         self.generation = generation + 1
+        self.rank_generation = rank_generation + 1
 
     def _reindex(self, device: Device, placement: Placement | None) -> None:
+        before = self.index.get(device.id)
         if placement is None or device.is_queue:
-            self.index.remove(device.id)
-        else:
-            self.index.upsert(
-                entry_for(device, placement, restriction_of(device, placement, self.sitemap))
-            )
+            if before is not None:
+                self.index.remove(device.id)
+                self.rank_generation += 1
+            return
+        entry = entry_for(device, placement, restriction_of(device, placement, self.sitemap))
+        if entry != before:
+            self.index.upsert(entry)
+            self.rank_generation += 1

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -94,6 +94,9 @@ class Reply:
     authoritative: bool = True
     zone: str | None = None
     devices: tuple[str, ...] = ()
+    # The (zone id, service type label) lists the answer was built from: while they are
+    # unchanged the answer stands, whatever else changed in the table.
+    depends: tuple[tuple[str, bytes], ...] = ()
 
 
 REFUSE = Reply(REFUSED, authoritative=False)
@@ -277,9 +280,17 @@ class Publisher:
     _taken: dict[bytes, str] = field(default_factory=dict)
     _lists: dict[tuple[str, bytes], tuple[Instance, ...]] = field(default_factory=dict)
     _generation: int = -1
+    _touched: list[tuple[str, bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._domain = tuple(x.encode() for x in self.domain.lower().strip(".").split("."))
+
+    def configure(self, per_type: int, ttl: int, ns_addresses: tuple[str, ...]) -> None:
+        """Take new settings for the same domain; instance names are kept."""
+        self.per_type = per_type
+        self.ttl = ttl
+        self.ns_addresses = ns_addresses
+        self._lists.clear()
 
     @property
     def origin(self) -> Name:
@@ -316,6 +327,39 @@ class Publisher:
         ranking: Ranking,
     ) -> Reply:
         """Return the reply to one question from a querier placed in ``querier``."""
+        self._touched = []
+        reply = self._answer(qname, qtype, qclass, querier, table, sitemap, ranking)
+        if self._touched:
+            reply = replace(reply, depends=tuple(dict.fromkeys(self._touched)))
+        return reply
+
+    def lists(
+        self,
+        depends: Iterable[tuple[str, bytes]],
+        table: DeviceTable,
+        sitemap: SiteMap,
+        ranking: Ranking,
+    ) -> tuple[tuple[Instance, ...], ...] | None:
+        """Return the current instance lists an answer depends on (None: a zone is gone)."""
+        self.sync(table, sitemap)
+        out = []
+        for zid, label in depends:
+            zone = sitemap.zones.get(zid)
+            if zone is None:
+                return None
+            out.append(self.published(zone, _TYPE_BY_LABEL[label], table, sitemap, ranking))
+        return tuple(out)
+
+    def _answer(
+        self,
+        qname: Name,
+        qtype: int,
+        qclass: int,
+        querier: Zone | None,
+        table: DeviceTable,
+        sitemap: SiteMap,
+        ranking: Ranking,
+    ) -> Reply:
         self.sync(table, sitemap)
         if qclass not in (CLASS_IN, ANY) or qtype in (AXFR, IXFR, OPT) or qtype == 0:
             return REFUSE
@@ -504,6 +548,7 @@ class Publisher:
     ) -> tuple[Instance, ...]:
         """Return the instances of a type under a zone: ``nearest``'s answer, those it can."""
         key = (zone.id, st.labels[0])
+        self._touched.append(key)
         found = self._lists.get(key)
         if found is not None:
             return found

@@ -112,41 +112,43 @@ class Frame:
         return f"{-margin:.2f} {-margin:.2f} {w:.2f} {h:.2f}"
 
 
-def floors(sitemap: SiteMap) -> dict[tuple[str, str], list[int]]:
-    """Return every (site, building) with its levels, sorted."""
-    out: dict[tuple[str, str], set[int]] = {}
-    for zone in sitemap.zones.values():
-        out.setdefault((zone.site, zone.building), set()).add(zone.level)
-    return {key: sorted(out[key]) for key in sorted(out)}
+@dataclass(frozen=True, slots=True)
+class Atlas:
+    """Every floor of a site map: levels per building, zones per floor, each building's frame.
 
+    Built in one pass over the zones, once per site map: a 10,000-zone map would
+    otherwise be walked several times for every page.
+    """
 
-def floor_zones(sitemap: SiteMap, site: str, building: str, level: int) -> list[Zone]:
-    """Return the zones of one floor, by id."""
-    return sorted(
-        (
-            z
-            for z in sitemap.zones.values()
-            if z.site == site and z.building == building and z.level == level
-        ),
-        key=lambda z: z.id,
-    )
+    levels: dict[tuple[str, str], list[int]]
+    zones: dict[tuple[str, str, int], list[Zone]]
+    frames: dict[tuple[str, str], Frame]
 
+    @classmethod
+    def of(cls, sitemap: SiteMap) -> Atlas:
+        """Return the atlas of a site map."""
+        zones: dict[tuple[str, str, int], list[Zone]] = {}
+        boxes: dict[tuple[str, str], list[float]] = {}
+        for z in sitemap.zones.values():
+            zones.setdefault((z.site, z.building, z.level), []).append(z)
+            b = z.polygon.bounds
+            box = boxes.setdefault((z.site, z.building), [b[0], b[1], b[2], b[3]])
+            box[:] = [min(box[0], b[0]), min(box[1], b[1]), max(box[2], b[2]), max(box[3], b[3])]
+        levels: dict[tuple[str, str], list[int]] = {}
+        for site, building, level in sorted(zones):
+            levels.setdefault((site, building), []).append(level)
+        for floor in zones.values():
+            floor.sort(key=lambda z: z.id)
+        frames = {key: Frame(*box) for key, box in boxes.items()}
+        return cls(levels, zones, frames)
 
-def building_frame(sitemap: SiteMap, site: str, building: str) -> Frame:
-    """Return the box of all zones of a building, every floor."""
-    boxes = [
-        z.polygon.bounds
-        for z in sitemap.zones.values()
-        if z.site == site and z.building == building
-    ]
-    if not boxes:
-        return Frame(0.0, 0.0, 1.0, 1.0)
-    return Frame(
-        min(b[0] for b in boxes),
-        min(b[1] for b in boxes),
-        max(b[2] for b in boxes),
-        max(b[3] for b in boxes),
-    )
+    def floor_zones(self, site: str, building: str, level: int) -> list[Zone]:
+        """Return the zones of one floor, by id (empty: no such floor)."""
+        return self.zones.get((site, building, level), [])
+
+    def frame(self, site: str, building: str) -> Frame:
+        """Return the box of all zones of a building, every floor."""
+        return self.frames.get((site, building), Frame(0.0, 0.0, 1.0, 1.0))
 
 
 def on_floor(p: Placement | None, site: str, building: str, level: int) -> bool:
@@ -250,7 +252,9 @@ def _polygon(kind: str, x: float, y: float, r: float) -> str:
     return " ".join(f"{x + dx * r:.2f},{y + dy * r:.2f}" for dx, dy in _UNIT_POLYGONS[kind])
 
 
-def mark_svg(mark: Mark, frame: Frame, link: Callable[[str], str] | None = None) -> str:
+def mark_svg(
+    mark: Mark, frame: Frame, link: Callable[[str], str] | None = None, selected: bool = False
+) -> str:
     """Return one device's element: ``data-device`` (or ``data-quarantined``), state, title."""
     x, y = frame.point(mark.x, mark.y)
     look = LOOKS[mark.state]
@@ -260,9 +264,16 @@ def mark_svg(mark: Mark, frame: Frame, link: Callable[[str], str] | None = None)
     if d.state_reasons:
         title += ": " + ", ".join(d.state_reasons)
     body = f"<title>{text(title)}</title>{shape(look, x, y, frame.unit)}"
+    if selected:
+        u = frame.unit
+        body += (
+            f'<circle cx="{x:g}" cy="{y:g}" r="{2.2 * u:.2f}" fill="none" stroke="#b8860b" '
+            f'stroke-width="{u / 3:.2f}" class="selected"/>'
+        )
+    chosen = ' data-selected="true"' if selected else ""
     common = (
         f'{ident}="{attr(d.id)}" data-key="{attr(mark.key)}" data-state="{look.state}" '
-        f'class="dev st-{look.state}"'
+        f'class="dev st-{look.state}"{chosen}'
     )
     if link is not None and not mark.quarantined:
         return f'<a href="{attr(link(d.id))}" {common}>{body}</a>'
@@ -289,7 +300,7 @@ def zone_svg(zone: Zone, frame: Frame, here: bool = False) -> str:
 
 
 def floor_svg(
-    sitemap: SiteMap,
+    atlas: Atlas,
     site: str,
     building: str,
     level: int,
@@ -297,11 +308,12 @@ def floor_svg(
     here: str | None = None,
     link: Callable[[str], str] | None = None,
     standalone: bool = True,
+    selected: str | None = None,
 ) -> str:
     """Return the SVG of one floor: zones, device marks and a legend of shapes and words."""
-    frame = building_frame(sitemap, site, building)
+    frame = atlas.frame(site, building)
     u = frame.unit
-    zones = floor_zones(sitemap, site, building, level)
+    zones = atlas.floor_zones(site, building, level)
     head = f' xmlns="{SVG_NS}"' if standalone else ""
     title = f"{site} / {building} / level {level}"
     out = [
@@ -312,7 +324,7 @@ def floor_svg(
         '<g class="zones">',
         *(zone_svg(z, frame, z.id == here) for z in zones),
         '</g><g class="devices" id="devices">',
-        *(mark_svg(m, frame, link) for m in marks),
+        *(mark_svg(m, frame, link, m.device.id == selected and not m.quarantined) for m in marks),
         "</g></svg>",
     ]
     return "".join(out)

@@ -42,6 +42,9 @@ class PlacementMethod(StrEnum):
     FEDERATED = "federated"
 
 
+_PAPER_RANK = {paper: i for i, paper in enumerate(PAPER_CLASSES)}
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a device can do; a capability it does not state counts as absent."""
@@ -57,7 +60,7 @@ class Capabilities:
         """Return the PaperMax class index, or -1 when unstated."""
         if self.paper_max is None:
             return -1
-        return PAPER_CLASSES.index(self.paper_max)
+        return _PAPER_RANK[self.paper_max]
 
     def to_wire(self) -> dict[str, Any]:
         """Return the map sent to clients."""
@@ -163,13 +166,3 @@ class Zone:
     representative: tuple[float, float]
     representative_lonlat: tuple[float, float]
     source: str
-
-    def where(self) -> dict[str, Any]:
-        """Return the contract's ``where`` map."""
-        return {
-            "site": self.site,
-            "building": self.building,
-            "level": self.level,
-            "zone": self.id,
-            "zone_name": self.name,
-        }

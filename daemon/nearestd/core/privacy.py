@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -42,6 +43,16 @@ class LogEntry(NamedTuple):
             "op": self.op,
             "devices": list(self.devices),
         }
+
+
+def entry_bytes(entry: LogEntry) -> int:
+    """Return the memory an entry holds of its own (zone, op and device ids are shared)."""
+    return (
+        sys.getsizeof(entry)
+        + sys.getsizeof(entry.ts)
+        + sys.getsizeof(entry.pseudonym)
+        + sys.getsizeof(entry.devices)
+    )
 
 
 @dataclass(slots=True)
@@ -76,9 +87,16 @@ class LocationLog:
         self._per_epoch: Counter[int] = Counter()
         self.dropped = 0
         self.purged = 0
+        # What the entries themselves occupy in memory, kept as they come and go.
+        self.bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def oldest(self) -> float | None:
+        """Return the time of the oldest entry held, or None when the log is empty."""
+        return self._entries[0].ts if self._entries else None
 
     @property
     def keys_held(self) -> int:
@@ -121,8 +139,11 @@ class LocationLog:
         entries = self._entries
         entries.append(entry)
         self._per_epoch[entry.epoch] += 1
+        self.bytes += entry_bytes(entry)
         if len(entries) > self.max_entries:
-            self._per_epoch[entries.popleft().epoch] -= 1
+            old = entries.popleft()
+            self._per_epoch[old.epoch] -= 1
+            self.bytes -= entry_bytes(old)
             self.dropped += 1
 
     def purge(self, now: float) -> int:
@@ -132,7 +153,9 @@ class LocationLog:
         entries = self._entries
         per_epoch = self._per_epoch
         while entries and entries[0].ts <= cutoff:
-            per_epoch[entries.popleft().epoch] -= 1
+            old = entries.popleft()
+            per_epoch[old.epoch] -= 1
+            self.bytes -= entry_bytes(old)
             n += 1
         self.purged += n
         self._drop_unused_keys()
@@ -164,6 +187,7 @@ class LocationLog:
         n = len(self._entries) - len(kept)
         self._entries = kept
         self._per_epoch = Counter(e.epoch for e in kept)
+        self.bytes = sum(entry_bytes(e) for e in kept)
         self._drop_unused_keys()
         return n
 

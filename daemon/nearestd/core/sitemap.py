@@ -67,16 +67,15 @@ class Projection:
 
     lon0: float
     lat0: float
+    # Metres per degree of longitude (at the site's latitude) and of latitude: computed
+    # once, not per projected point (100,000s of them in a large map).
+    kx: float = field(init=False, repr=False, compare=False)
+    ky: float = field(init=False, repr=False, compare=False)
 
-    @property
-    def ky(self) -> float:
-        """Return metres per degree of latitude."""
-        return EARTH_RADIUS_M * math.pi / 180.0
-
-    @property
-    def kx(self) -> float:
-        """Return metres per degree of longitude at the site's latitude."""
-        return self.ky * math.cos(math.radians(self.lat0))
+    def __post_init__(self) -> None:
+        ky = EARTH_RADIUS_M * math.pi / 180.0
+        object.__setattr__(self, "ky", ky)
+        object.__setattr__(self, "kx", ky * math.cos(math.radians(self.lat0)))
 
     def forward(self, lon: float, lat: float) -> tuple[float, float]:
         """Project a WGS84 position to site-frame metres."""
@@ -166,6 +165,8 @@ class SiteMap:
     static_devices: tuple[tuple[Device, Placement], ...] = ()
     names: dict[str, str] = field(default_factory=dict)
     visibility: VisibilityPolicy = field(default_factory=VisibilityPolicy)
+    # Static devices whose ``poll`` property says whether the poller asks them.
+    static_poll: dict[str, bool] = field(default_factory=dict)
 
     def zone_for_ip(self, ip: str) -> Zone | None:
         """Return the client's zone by longest-prefix match."""
@@ -224,9 +225,23 @@ def _fid(feature: Any, index: int) -> str:
     return f"feature #{index}"
 
 
+_NUMBER = (int, float)
+
+
 def _check_coords(coords: Any, depth: int) -> str | None:
     """Return a problem with nested GeoJSON positions, or None."""
     if depth == 0:
+        # The common case, a plain [lon, lat] of JSON numbers within range, without the
+        # general checks below (which decide everything else, with their messages).
+        if type(coords) is list and len(coords) == 2:
+            lon, lat = coords
+            if (
+                type(lon) in _NUMBER
+                and type(lat) in _NUMBER
+                and -180.0 <= lon <= 180.0
+                and -90.0 <= lat <= 90.0
+            ):
+                return None
         if (
             not isinstance(coords, list)
             or len(coords) < 2
@@ -294,7 +309,8 @@ def _is_box(geom: BaseGeometry) -> bool:
 
 
 # What a static device's placement and visibility read of its properties after _device().
-_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to")
+_MISSING: Any = object()
+_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to", "poll")
 
 
 class _Builder:
@@ -304,17 +320,19 @@ class _Builder:
         self.problems: list[Problem] = []
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
         # (file, feature, properties, lon/lat, for a static device: (the device or None
-        # if invalid, the problems found validating it)).
+        # if invalid, the problems found validating it)). A static device keeps only the
+        # values of _PLACEMENT_KEYS (a tuple), and "" for its feature when it is valid.
         self.raw_devices: list[
             tuple[
                 str,
                 str,
-                dict[str, Any],
+                dict[str, Any] | tuple[Any, ...],
                 tuple[float, float],
-                tuple[Device | None, list[Problem]] | None,
+                tuple[Device | None, tuple[Problem, ...]] | None,
             ]
         ] = []
-        self.extra_prefixes: list[tuple[str, str, str, str]] = []
+        # (file, CSV line number, prefix, zone id): the line's text is made only when needed.
+        self.extra_prefixes: list[tuple[str, int, str, str]] = []
         self.policy = PolicyBuilder()
         self.floors: _Floors | None = None
         # One object per distinct capability set: thousands of devices share a few.
@@ -425,9 +443,15 @@ class _Builder:
             # Its problems are set aside and reported where they always were.
             held, self.problems = self.problems, []
             device = self._static(file, where, props)
-            early = (device, self.problems)
+            # No list, no ``where`` text and no dict per valid device: with 100,000s of
+            # them these held tens of MB until build() (its ``where`` is rebuilt there).
+            early = (device, tuple(self.problems))
             self.problems = held
-            props = {k: props[k] for k in _PLACEMENT_KEYS if k in props}
+            kept = tuple(props.get(k, _MISSING) for k in _PLACEMENT_KEYS)
+            self.raw_devices.append(
+                (file, "" if device else where, kept, (float(lon), float(lat)), early)
+            )
+            return
         self.raw_devices.append((file, where, props, (float(lon), float(lat)), early))
 
     def add_csv(self, file: str, text: str) -> None:
@@ -443,7 +467,7 @@ class _Builder:
             if len(row) != 2:
                 self.problem(file, f"line {lineno}", "expected two fields: prefix,zone_id")
                 continue
-            self.extra_prefixes.append((file, f"line {lineno}", row[0].strip(), row[1].strip()))
+            self.extra_prefixes.append((file, lineno, row[0].strip(), _shared(row[1].strip())))
 
     def build(self) -> SiteMap:
         sm = SiteMap()
@@ -506,7 +530,8 @@ class _Builder:
                 self._add_prefix(
                     sm, prefix_owner, file, where, cidr, zone.id, f"properties.subnets[{i}]"
                 )
-        for file, where, cidr, zid in self.extra_prefixes:
+        for file, lineno, cidr, zid in self.extra_prefixes:
+            where = f"line {lineno}"
             if zid not in sm.zones:
                 self.problem(file, where, f"zone_id: unknown zone {zid!r}")
                 continue
@@ -520,7 +545,14 @@ class _Builder:
                     self.policy.zone_rules[props["id"]] = bits
         self._devices(sm)
         sm.visibility = self.policy.build({z.id: z.subnets for z in sm.zones.values()})
+        for rows in (prefix_owner, zones_ok, seen_ids):
+            _drain(rows)
         return sm
+
+    def discard(self) -> None:
+        """Drop what was collected, a slice at a time (see ``_drain``)."""
+        for rows in (self.extra_prefixes, self.raw_devices, self.raw_zones):
+            _drain(rows)
 
     def _visibility(self, sm: SiteMap, file: str, where: str, value: Any) -> int:
         """Return the rule bits of a ``visible_to`` property, reporting unknown zones."""
@@ -607,12 +639,17 @@ class _Builder:
         pins: list[Pin] = []
         statics: list[tuple[Device, Placement]] = []
         static_ids: dict[str, str] = {}
-        for file, where, props, lonlat, early in self.raw_devices:
+        for file, where, raw, lonlat, early in self.raw_devices:
             if early is not None:
                 dev, problems = early
                 self.problems.extend(problems)
                 if dev is None:
                     continue
+                # As _fid() wrote it: a valid static device's id is a non-empty string.
+                where = f"feature {dev.id!r}"
+                props = {
+                    k: v for k, v in zip(_PLACEMENT_KEYS, raw, strict=True) if v is not _MISSING
+                }
                 if dev.id in static_ids:
                     self.problem(file, where, f"properties.id: duplicate device id {dev.id!r}")
                     continue
@@ -621,11 +658,15 @@ class _Builder:
                     continue
                 static_ids[dev.id] = file
                 statics.append((dev, place))
+                if "poll" in props:
+                    sm.static_poll[dev.id] = props["poll"]
                 if "visible_to" in props:
                     bits = self._visibility(sm, file, where, props["visible_to"])
                     if bits:
                         self.policy.device_rules[dev.id] = bits
                 continue
+            assert isinstance(raw, dict)  # a pin keeps its properties whole
+            props = raw
             if "static" in props and props["static"] is not False:
                 self.problem(file, where, "properties.static: expected true or false")
                 continue
@@ -705,6 +746,9 @@ class _Builder:
             self.problem(
                 file, where, f"properties.uri: scheme must be one of {', '.join(URI_SCHEMES)}"
             )
+            ok = False
+        if "poll" in props and not isinstance(props["poll"], bool):
+            self.problem(file, where, "properties.poll: expected true or false")
             ok = False
         make_model = props.get("make_model", "")
         if not isinstance(make_model, str):
@@ -806,4 +850,20 @@ def build_sitemap(
     sm = builder.build()
     if builder.problems:
         raise SiteMapError(builder.problems)
+    builder.discard()
     return sm
+
+
+def _drain(rows: list[Any] | dict[Any, Any]) -> None:
+    """Empty a large list or dict a slice at a time.
+
+    Freeing 100,000 rows in one go holds the GIL for 50-100 ms; a reload builds its map
+    in a worker thread, and this lets the event loop's thread take the GIL between slices.
+    """
+    if isinstance(rows, dict):
+        while rows:
+            for _ in range(min(len(rows), 512)):
+                rows.popitem()
+    else:
+        while rows:
+            del rows[-512:]

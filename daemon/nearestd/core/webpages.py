@@ -20,21 +20,23 @@ from nearestd.core.devices import Record
 from nearestd.core.floorplan import (
     LOOKS,
     STATES,
+    Atlas,
     Mark,
     attr,
-    building_frame,
     display_state,
     floor_svg,
-    floors,
     legend_svg,
     mark_svg,
     text,
 )
 from nearestd.core.model import Zone
 from nearestd.core.quarantine import Quarantined
-from nearestd.core.sitemap import SiteMap
 
 KINDS = ("printer", "scanner")
+# Quarantined devices are never placed: the sites table counts them apart, below it.
+PLACED_STATES = tuple(s for s in STATES if s != "quarantined")
+# Rows of the unlocated list at most, so the page stays light; nearestctl devices lists all.
+LIST_MAX = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +98,15 @@ def lookup_form(ip: str = "", kind: str = "printer", k: int = 3) -> str:
 
 
 def _counts_row(counts: Mapping[str, int]) -> str:
-    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in STATES)
+    cells = "".join(f'<td data-count="{s}">{counts.get(s, 0)}</td>' for s in PLACED_STATES)
     return f"{cells}<td>{sum(counts.values())}</td>"
 
 
 def _counts_head() -> str:
-    return "".join(f"<th>{text(s)}</th>" for s in STATES) + "<th>all</th>"
+    return "".join(f"<th>{text(s)}</th>" for s in PLACED_STATES) + "<th>all</th>"
 
 
-def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
+def summary(atlas: Atlas, records: Iterable[Record], quarantined: Iterable[Quarantined]) -> str:
     """Return the sites table: each building's floors and devices counted by state."""
     by_floor: dict[tuple[str, str, int], Counter[str]] = {}
     unlocated = 0
@@ -116,7 +118,7 @@ def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Q
         by_floor.setdefault((p.site, p.building, p.level), Counter())[display_state(r.device)] += 1
     n_quarantined = sum(1 for _ in quarantined)
     rows = []
-    for (site, building), levels in floors(sitemap).items():
+    for (site, building), levels in atlas.levels.items():
         total: Counter[str] = Counter()
         links = []
         for level in levels:
@@ -141,13 +143,13 @@ def summary(sitemap: SiteMap, records: Iterable[Record], quarantined: Iterable[Q
 
 
 def index_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     records: Iterable[Record],
     quarantined: Iterable[Quarantined],
     version: str,
 ) -> str:
     """Return ``/``: every site and building with counts by state."""
-    body = "<h1>Sites and buildings</h1>" + summary(sitemap, records, quarantined)
+    body = "<h1>Sites and buildings</h1>" + summary(atlas, records, quarantined)
     return page("Sites", body, "/events/", version)
 
 
@@ -161,9 +163,9 @@ def floor_counts(marks: Sequence[Mark]) -> str:
     return f'<ul class="floor-counts" data-region="counts" id="counts">{items}</ul>'
 
 
-def floor_nav(sitemap: SiteMap, site: str, building: str, level: int) -> str:
+def floor_nav(atlas: Atlas, site: str, building: str, level: int) -> str:
     """Return links to the other floors of the building."""
-    levels = floors(sitemap).get((site, building), [])
+    levels = atlas.levels.get((site, building), [])
     links = []
     for lv in levels:
         if lv == level:
@@ -233,7 +235,7 @@ def panel(record: Record | None, device_id: str | None) -> str:
 
 
 def floor_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     site: str,
     building: str,
     level: int,
@@ -244,13 +246,13 @@ def floor_page(
 ) -> str:
     """Return ``/floors/SITE/BUILDING/LEVEL``: the drawing, the counts, the legend, a panel."""
     link = device_link(site, building, level)
-    svg = floor_svg(sitemap, site, building, level, marks, link=link)
+    svg = floor_svg(atlas, site, building, level, marks, link=link, selected=device_id)
     events = floor_url(site, building, level)
     if device_id is not None:
         events += f"?device={quote(device_id, safe='')}"
     body = (
         f"<h1>{text(site)} / {text(building)} / level {level}</h1>"
-        f"{floor_nav(sitemap, site, building, level)}"
+        f"{floor_nav(atlas, site, building, level)}"
         f'<div class="floor-view"><figure class="plan">{svg}</figure>'
         f'<div class="side">{floor_counts(marks)}{legend_svg()}'
         f"{panel(selected, device_id)}</div></div>"
@@ -281,12 +283,18 @@ def lists(records: Iterable[Record], quarantined: Iterable[Quarantined]) -> tupl
         "<thead><tr><th>id</th><th>name</th><th>kind</th><th>state</th><th>source</th>"
         "<th>addresses</th><th>note or location</th></tr></thead>"
     )
+    more = (
+        f"<p>and {len(unlocated) - LIST_MAX} more: <code>nearestctl devices</code> lists all.</p>"
+        if len(unlocated) > LIST_MAX
+        else ""
+    )
     u = (
         '<section data-region="unlocated" id="unlocated">'
         f"<h2>Unlocated ({len(unlocated)})</h2>"
         "<p>No rule places these: give them a pin, a note or location naming a zone, or "
         "an address in a zone's subnets.</p>"
-        f'<table class="list">{head}<tbody>{device_rows(unlocated)}</tbody></table></section>'
+        f'<table class="list">{head}<tbody>{device_rows(unlocated[:LIST_MAX])}</tbody></table>'
+        f"{more}</section>"
     )
     held = sorted(quarantined, key=lambda q: (q.device.id, q.first_seen))
     qrows = "".join(
@@ -323,7 +331,7 @@ def lists_page(records: Iterable[Record], quarantined: Iterable[Quarantined], ve
 
 
 def locate_page(
-    sitemap: SiteMap,
+    atlas: Atlas,
     ip: str,
     kind: str,
     k: int,
@@ -359,7 +367,7 @@ def locate_page(
         else "<p>Nothing would be answered: no available device of this kind is reachable.</p>"
     )
     svg = floor_svg(
-        sitemap,
+        atlas,
         zone.site,
         zone.building,
         zone.level,
@@ -383,7 +391,7 @@ def locate_page(
 
 def floor_regions(
     marks: Sequence[Mark],
-    sitemap: SiteMap,
+    atlas: Atlas,
     site: str,
     building: str,
     level: int,
@@ -391,9 +399,12 @@ def floor_regions(
     device_id: str | None,
 ) -> dict[str, str]:
     """Return a floor page's live parts: each mark by its key, the counts, the panel."""
-    frame = building_frame(sitemap, site, building)
+    frame = atlas.frame(site, building)
     link = device_link(site, building, level)
-    out = {f"svg:{m.key}": mark_svg(m, frame, link) for m in marks}
+    out = {
+        f"svg:{m.key}": mark_svg(m, frame, link, m.device.id == device_id and not m.quarantined)
+        for m in marks
+    }
     out["html:counts"] = floor_counts(marks)
     if device_id is not None:
         out["html:panel"] = panel(selected, device_id)
