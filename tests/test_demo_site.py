@@ -8,7 +8,7 @@ import pytest
 
 from nearest_wire import PAPER_CLASSES, Need
 from nearestd.core.devices import DeviceTable
-from nearestd.core.index import Ranking
+from nearestd.core.ranking import Ranking
 from nearestd.loader import load_world
 from support import CONFIG_DIR
 

@@ -12,9 +12,9 @@ import pytest
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable, tie_rank
 from nearestd.core.discovery import Merger, Parsed, ServiceRecord
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind, DeviceState, Placement, PlacementMethod
 from nearestd.core.quarantine import quarantine_reason
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import build_sitemap
 from support import DEMO_MAP
 

@@ -13,8 +13,8 @@ from typing import Any
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable
 from nearestd.core.discovery import Merger, ServiceRecord
-from nearestd.core.index import Ranking
 from nearestd.core.quarantine import service_is_suspect
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import build_sitemap
 from support import DEMO_MAP
 

@@ -28,8 +28,8 @@ from nearestd.core.dnssd import (
     A,
     Publisher,
 )
-from nearestd.core.index import Ranking
 from nearestd.core.model import DeviceState
+from nearestd.core.ranking import Ranking
 from nearestd.core.resolve import rank
 from nearestd.core.sitemap import build_sitemap
 from support import lab_square, zone_feature

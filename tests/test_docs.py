@@ -56,6 +56,8 @@ PLACEHOLDERS = {
     "LEVEL": "1",
     "P": "A4",
     "S": "0",
+    "<kind>": "printer",
+    "per_type": "3",  # the [dnssd] key the DNS-SD section names as the -k it answers with
 }
 # Commands that change the user's CUPS setup: checked to parse here, run for real by the
 # CUPS tests (tests/test_cups_queues.py, tests/test_client_agent.py).

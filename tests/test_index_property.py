@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from nearest_wire import PAPER_CLASSES, Need
 from nearestd.core import index as index_module
 from nearestd.core.devices import DeviceTable
-from nearestd.core.index import Ranking
 from nearestd.core.model import Capabilities, Device, DeviceKind, DeviceState
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import build_sitemap
 
 DEG = 0.00001  # about 1.1 m of latitude

@@ -169,11 +169,11 @@ def test_the_page_of_a_busy_daemon_lists_every_documented_family(tmp_path: Path,
         "discovery": {"enabled": True, "interfaces": ["127.0.0.1"]},
         "poller": {
             "enabled": True,
+            "static": True,  # the map's two static devices are the ones polled here
             "interval": "1s",
             "timeout": "1s",
             "max_backoff": "2s",
             "poll_this_host": True,  # the peers are on loopback
-            "static": True,  # the scanner and the dead printer are declared in the map
         },
         "dnssd": {"listen": [f"127.0.0.1:{dns_port}"], "domain": "nearest.test."},
         "mqtt": {

@@ -21,6 +21,7 @@ from nearestd.adapters.snapshot import FILE_NAME
 from nearestd.core.inventory import Saved, encode_inventory
 from nearestd.core.model import Device, DeviceKind
 from nearestd.loader import load_world
+from nearestd.service import ADMIN_PEER
 from support import DEMO_CSV, DEMO_MAP, DaemonProcess, free_port, tcp_url, write_config
 
 PROBE_ID = "prn-reload-probe"
@@ -301,7 +302,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A big site map takes seconds to parse; queries must not wait for it."""
-    s = await asyncio.to_thread(Setup, tmp_path)  # writing the maps would block the loop
+    s = await asyncio.to_thread(Setup, tmp_path)
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
 
@@ -312,7 +313,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        s.good()
+        await asyncio.to_thread(s.good)  # file writes stay off the loop
         loop = asyncio.get_running_loop()
         started = loop.time()
         daemon.reload_in_background()
@@ -331,7 +332,7 @@ async def test_sighup_reload_parses_off_the_event_loop(
         while daemon._reloading is not None and not daemon._reloading.done():
             await asyncio.sleep(0.05)
         assert daemon.reloads_ok == 2 and daemon.reloads_failed == 0
-        s.broken_toml()
+        await asyncio.to_thread(s.broken_toml)
         daemon.reload_in_background()
         while daemon.reloads_failed == 0:
             await asyncio.sleep(0.05)
@@ -344,9 +345,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The admin op waits for its answer without holding up anyone else's."""
-    from nearestd.service import ADMIN_PEER
-
-    s = await asyncio.to_thread(Setup, tmp_path)  # writing the maps would block the loop
+    s = await asyncio.to_thread(Setup, tmp_path)
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
     slow_parse = 1.0
     threads: list[str] = []
@@ -361,7 +360,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
     try:
-        s.good()
+        await asyncio.to_thread(s.good)  # file writes stay off the loop
         loop = asyncio.get_running_loop()
         started = loop.time()
         answer = daemon.service.handle({"v": 1, "id": 7, "op": "reload"}, ADMIN_PEER, time.time())
@@ -378,7 +377,7 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
         assert threads and threads[0] != "MainThread"
         assert daemon.service.table.get(PROBE_ID) is not None
         # SIGHUP during an admin reload: the asker still gets the answer of its own.
-        s.broken_toml()
+        await asyncio.to_thread(s.broken_toml)
         answer = daemon.service.handle({"v": 1, "id": 8, "op": "reload"}, ADMIN_PEER, time.time())
         daemon.reload_in_background()
         reply = await asyncio.ensure_future(answer)  # type: ignore[arg-type]

@@ -9,9 +9,9 @@ from typing import Any
 from nearest_wire import Need
 from nearestd.config import parse_config
 from nearestd.core.devices import DeviceTable
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind
 from nearestd.core.quarantine import QUARANTINE_MAX, quarantine_reason
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import build_sitemap
 from nearestd.service import ADMIN_PEER, Peer, Service
 from support import DEMO_MAP

@@ -15,8 +15,8 @@ from nearest_wire import Need
 from nearestd import service as service_module
 from nearestd.config import parse_config
 from nearestd.core.devices import DeviceTable
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import SiteMapError, build_sitemap
 from nearestd.service import ADMIN_PEER, Peer, Service
 from support import DEMO_MAP

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from nearest_wire import Need
 from nearestd.core import index as index_module
 from nearestd.core.devices import DeviceTable
-from nearestd.core.index import Ranking
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import PrefixTable, _Floors, build_sitemap
 from support import ROOT
 

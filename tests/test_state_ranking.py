@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable, state_rank
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind, DeviceState
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import build_sitemap
 from test_index_property import needs, rankings, worlds
 

@@ -244,6 +244,7 @@ def _queue_feature(lan: Lan) -> dict[str, Any]:
             "kind": "printer",
             "uri": f"ipp://{lan.ip(CUPS_HOST)}:631/printers/webq",
             "make_model": "CUPS queue",
+            "poll": True,  # static devices are polled only when they ask for it
             "site": "hq",
             "building": "south",
             "level": 0,

@@ -22,8 +22,8 @@ from nearestd.core.floorplan import (
     floor_svg,
     legend_svg,
 )
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind, DeviceState, Supply
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import SiteMap
 from nearestd.core.webpages import Answer, floor_page, index_page, lists_page, locate_page
 from nearestd.loader import load_world

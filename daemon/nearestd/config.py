@@ -16,6 +16,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from nearestd.core.ranking import Ranking as RankingConfig
+
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -145,19 +147,6 @@ class SiteConfig:
 
     maps: list[str] = _doc("GeoJSON site maps.", factory=list)
     subnets: list[str] = _doc("IPAM CSV files of prefix,zone_id.", factory=list)
-
-
-@dataclass(frozen=True, slots=True)
-class RankingConfig:
-    """[ranking]: the cost formula's parameters."""
-
-    floor_penalty_m: float = _doc(
-        "Metres added per floor of difference.", 20.0, within=(0.0, 1_000_000.0)
-    )
-    building_penalty_m: float = _doc(
-        "Metres added for another building.", 100.0, within=(0.0, 1_000_000.0)
-    )
-    allow_other_sites: bool = _doc("Answer with devices of other sites.", False)
 
 
 @dataclass(frozen=True, slots=True)

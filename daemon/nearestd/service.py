@@ -9,7 +9,7 @@ import heapq
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -48,10 +48,11 @@ from nearestd.core.census import Census, census
 from nearestd.core.devices import Carried, DeviceTable, Record, restriction_of
 from nearestd.core.floorplan import Atlas, floor_marks, floor_svg
 from nearestd.core.histogram import Latencies
-from nearestd.core.index import Hit, Ranking
+from nearestd.core.index import Hit
 from nearestd.core.limits import RateLimiter, SpikeWatch
 from nearestd.core.model import Device, DeviceKind, DeviceState, Zone
 from nearestd.core.privacy import LocationLog
+from nearestd.core.ranking import Ranking
 from nearestd.core.resolve import (
     PageKey,
     decode_cursor,
@@ -111,12 +112,6 @@ class Stats:
     latency: Latencies = field(default_factory=Latencies)
 
 
-def ranking_of(cfg: Config) -> Ranking:
-    """Return the ranking parameters of a config."""
-    r = cfg.ranking
-    return Ranking(r.floor_penalty_m, r.building_penalty_m, r.allow_other_sites)
-
-
 @dataclass(frozen=True, slots=True)
 class Carry:
     """What the service hands to a reload's worker thread: taken on the loop, cheaply."""
@@ -145,7 +140,7 @@ def prepare(cfg: Config, sitemap: SiteMap, carry: Carry) -> Prepared:
         return device if found is None else overlay(device, found)
 
     table = DeviceTable(sitemap, carry.table, declared)
-    ranking = ranking_of(cfg)
+    ranking = cfg.ranking
     table.index.warm(sitemap.zones.values(), tuple(DeviceKind), ranking)
     return Prepared(cfg, sitemap, table, ranking, carry)
 
@@ -165,7 +160,7 @@ class Service:
         self.cfg = cfg
         self.sitemap = sitemap
         self.table = DeviceTable(sitemap)
-        self.ranking = ranking_of(cfg)
+        self.ranking = cfg.ranking
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
@@ -188,6 +183,12 @@ class Service:
     def warm(self) -> None:
         """Prepare every zone's neighbour lists now (for benchmarks)."""
         self.table.index.warm(self.sitemap.zones.values(), tuple(DeviceKind), self.ranking)
+
+    def warming(self) -> Iterator[None]:
+        """Prepare every zone's neighbour lists a step at a time (see ``SpatialIndex.warming``)."""
+        return self.table.index.warming(
+            list(self.sitemap.zones.values()), tuple(DeviceKind), self.ranking
+        )
 
     # ---- requests ----------------------------------------------------------------------
     def handle_payload(self, payload: bytes, peer: Peer, now: float) -> Answer:

@@ -919,6 +919,7 @@ UNEXPORTED: dict[str, dict[str, str]] = {
         "file": "a path",
         "last_write": "a timestamp only for stats",
     },
+    "operations": {"lists_warmed_in": "a start-up figure, logged once; only for stats"},
     "systemd": {
         "notify": "a setting",
         "sent": "messages to the service manager, only for stats",

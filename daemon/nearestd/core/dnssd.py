@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 
 from nearest_wire import Need
 from nearestd.core.devices import DeviceTable, Record
-from nearestd.core.index import Ranking
 from nearestd.core.model import Device, DeviceKind, Zone
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import SiteMap
 
 Name = tuple[bytes, ...]

@@ -21,9 +21,10 @@ from shapely.geometry.base import BaseGeometry
 
 from nearestd.core.census import shown_state
 from nearestd.core.devices import Record
-from nearestd.core.index import Hit, Ranking
+from nearestd.core.index import Hit
 from nearestd.core.model import Device, Placement, Zone
 from nearestd.core.quarantine import Quarantined
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import SiteMap
 
 SVG_NS = "http://www.w3.org/2000/svg"

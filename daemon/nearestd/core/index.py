@@ -38,7 +38,7 @@ import bisect
 import ctypes
 import math
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -50,6 +50,7 @@ from shapely.geometry.base import BaseGeometry
 
 from nearest_wire import PAPER_CLASSES, Need
 from nearestd.core.model import Zone
+from nearestd.core.ranking import Ranking
 from nearestd.core.sitemap import Projection
 
 COLOR, DUPLEX, ADF, SECURE = 1, 2, 4, 8
@@ -74,15 +75,6 @@ NEAR_CACHE = 65536
 # Filter word layout (word_of): capability bits, then one bit per paper class, then state.
 PAPER_SHIFT = 4
 AVAILABLE = 1 << (PAPER_SHIFT + len(PAPER_CLASSES))
-
-
-@dataclass(frozen=True, slots=True)
-class Ranking:
-    """The ranking parameters of the contract."""
-
-    floor_penalty_m: float = 20.0
-    building_penalty_m: float = 100.0
-    allow_other_sites: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -646,6 +638,20 @@ class SpatialIndex:
                 self._neighbours(zone, kind, ranking)
                 n += 1
         return n
+
+    def warming(
+        self, zones: Iterable[Zone], kinds: Iterable[str], ranking: Ranking
+    ) -> Iterator[None]:
+        """Prepare the zones' neighbour lists one at a time, yielding after each.
+
+        The caller spends a slice of time per step, so the lists of a large map are built
+        in the loop's idle time after start-up instead of delaying it.
+        """
+        kinds = tuple(kinds)
+        for zone in zones:
+            for kind in kinds:
+                self._neighbours(zone, kind, ranking)
+                yield
 
     def _neighbours(self, zone: Zone, kind: str, ranking: Ranking) -> _Near:
         """Return the cheapest devices of the zone's cheapest floor, whatever their state."""

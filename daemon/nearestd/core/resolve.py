@@ -8,8 +8,9 @@ import json
 from nearest_wire import Capabilities, DeviceView, Inventory, Need, Supply, Where
 from nearestd.core.census import shown_state
 from nearestd.core.devices import DeviceTable, Record
-from nearestd.core.index import Hit, Ranking
+from nearestd.core.index import Hit
 from nearestd.core.model import Zone
+from nearestd.core.ranking import Ranking
 
 
 def where_of(zone: Zone) -> Where:

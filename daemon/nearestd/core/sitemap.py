@@ -319,16 +319,19 @@ class _Builder:
     def __init__(self) -> None:
         self.problems: list[Problem] = []
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
-        # (file, feature, properties, lon/lat, for a static device: (the device or None
-        # if invalid, the problems found validating it)). A static device keeps only the
-        # values of _PLACEMENT_KEYS (a tuple), and "" for its feature when it is valid.
+        # (file, feature, properties, lon, lat, for a static device the device or None if
+        # invalid and the problems found validating it; for a pin None, None). A static
+        # device keeps only the values of _PLACEMENT_KEYS (a tuple), and "" for its feature
+        # when it is valid. Flat: one tuple per device, 100,000s of them until build().
         self.raw_devices: list[
             tuple[
                 str,
                 str,
                 dict[str, Any] | tuple[Any, ...],
-                tuple[float, float],
-                tuple[Device | None, tuple[Problem, ...]] | None,
+                float,
+                float,
+                Device | None,
+                tuple[Problem, ...] | None,
             ]
         ] = []
         # (file, CSV line number, prefix, zone id): the line's text is made only when needed.
@@ -436,7 +439,6 @@ class _Builder:
             self.problem(file, where, f"geometry: {err}")
             return
         lon, lat = geom["coordinates"][:2]
-        early = None
         if props.get("static") is True:
             # Validate a static device now, keeping only what placement needs: otherwise
             # every device's raw properties (100,000s of dicts) are held until build().
@@ -445,14 +447,14 @@ class _Builder:
             device = self._static(file, where, props)
             # No list, no ``where`` text and no dict per valid device: with 100,000s of
             # them these held tens of MB until build() (its ``where`` is rebuilt there).
-            early = (device, tuple(self.problems))
+            problems = tuple(self.problems)
             self.problems = held
             kept = tuple(props.get(k, _MISSING) for k in _PLACEMENT_KEYS)
             self.raw_devices.append(
-                (file, "" if device else where, kept, (float(lon), float(lat)), early)
+                (file, "" if device else where, kept, float(lon), float(lat), device, problems)
             )
             return
-        self.raw_devices.append((file, where, props, (float(lon), float(lat)), early))
+        self.raw_devices.append((file, where, props, float(lon), float(lat), None, None))
 
     def add_csv(self, file: str, text: str) -> None:
         # Spreadsheet exports often begin with a UTF-8 byte-order mark.
@@ -639,9 +641,9 @@ class _Builder:
         pins: list[Pin] = []
         statics: list[tuple[Device, Placement]] = []
         static_ids: dict[str, str] = {}
-        for file, where, raw, lonlat, early in self.raw_devices:
-            if early is not None:
-                dev, problems = early
+        for file, where, raw, lon, lat, dev, problems in self.raw_devices:
+            lonlat = (lon, lat)
+            if problems is not None:
                 self.problems.extend(problems)
                 if dev is None:
                     continue
