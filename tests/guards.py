@@ -3,9 +3,7 @@
 A test fails when it leaves a thread running after its teardown, when an async test
 leaves an asyncio task behind, or when its event loop ran one callback for longer than
 ``SLOW_CALLBACK`` seconds (asyncio debug mode's "Executing ... took" warning): a test
-must not block the loop any more than the daemon may. A module marked
-``fixture_threads("prefix", ...)`` may leave threads so named to its wider-scoped
-fixture, which stops them at its own teardown.
+must not block the loop any more than the daemon may.
 """
 
 from __future__ import annotations
@@ -47,12 +45,6 @@ def no_leaked_threads(request: pytest.FixtureRequest) -> Iterator[None]:
     for thread in left:
         thread.join(max(0.0, deadline - time.monotonic()))
     left = [t for t in left if t.is_alive()]
-    shared = request.node.get_closest_marker("fixture_threads")
-    if shared is not None:
-        # Worker threads a wider-scoped fixture's own loop starts on demand (Playwright's);
-        # that fixture stops them at its teardown. Nothing else may outlive the test.
-        prefixes = tuple(shared.args)
-        left = [t for t in left if not t.name.startswith(prefixes)]
     if left:
         pytest.fail(f"{request.node.nodeid} left threads running: {[t.name for t in left]}")
 

@@ -42,8 +42,7 @@ from nearestd.core.floorplan import LOOKS
 from nearestd.loader import load_world
 from support import DEMO_MAP, DaemonProcess, free_port, require_tools, write_config
 
-# Playwright's loop (the module's browser) starts executor threads on demand during a test.
-pytestmark = [pytest.mark.realpeer, pytest.mark.lan, pytest.mark.fixture_threads("asyncio_")]
+pytestmark = [pytest.mark.realpeer, pytest.mark.lan]
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 # host, name, port, printer-location (a demo-campus zone name)
