@@ -80,6 +80,16 @@ async def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any
     return await asyncio.to_thread(subprocess.run, argv, **kwargs)
 
 
+async def devices(d: DaemonProcess) -> list[dict[str, Any]]:
+    """Return the daemon's admin ``devices`` listing (asked from a worker thread)."""
+
+    def ask() -> list[dict[str, Any]]:
+        with Client(f"unix://{d.admin}") as c:
+            return c.request({"op": "devices"})["devices"]  # type: ignore[no-any-return]
+
+    return await asyncio.to_thread(ask)
+
+
 async def stats(d: DaemonProcess) -> dict[str, Any]:
     """Return the daemon's admin ``stats`` (asked from a worker thread)."""
     return await asyncio.to_thread(admin_stats, d)
@@ -256,7 +266,7 @@ async def test_inventory_is_retained_updated_and_cleared(
             ["mosquitto_pub", "-p", str(port), "-t", f"{devices}/{rec['id']}", "-r", "-m", json.dumps(rec)],
             check=True,
         )  # fmt: skip
-    both = split_map(tmp_path / "maps", {"north", "south"})
+    both = await asyncio.to_thread(split_map, tmp_path / "maps", {"north", "south"})
     d = await started(tmp_path / "d", mosquitto_broker, mqtt_prefix, "inv", maps=[str(both)])
     try:
         await online(mosquitto_broker, mqtt_prefix, "inv")
@@ -387,8 +397,8 @@ async def test_wrong_password_is_logged_clearly_and_sockets_still_serve(
 async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
     tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
 ) -> None:
-    north = split_map(tmp_path / "maps", {"north"})
-    south = split_map(tmp_path / "maps", {"south"})
+    north = await asyncio.to_thread(split_map, tmp_path / "maps", {"north"})
+    south = await asyncio.to_thread(split_map, tmp_path / "maps", {"south"})
     a = await started(
         tmp_path / "a", mosquitto_broker, mqtt_prefix, "fed-a", maps=[str(north)], federate=True,
         foreign_grace="3s",
@@ -420,8 +430,7 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
             await asyncio.sleep(0.3)
             assert q.stray == []
             # Records a daemon published itself are never read back as foreign.
-            with Client(f"unix://{a.admin}") as c:
-                inv = c.request({"op": "devices"})["devices"]
+            inv = await devices(a)
             mine = [x for x in inv if x["source"] != "mqtt"]
             theirs = [x for x in inv if x["source"] == "mqtt"]
             assert len(mine) == 10 and len(theirs) == 7
@@ -461,8 +470,7 @@ async def test_federation_serves_the_other_daemons_devices_while_it_is_online(
                 assert time.monotonic() < deadline, ra
                 await asyncio.sleep(0.1)
             assert ra["devices"][0]["building"] == "north"
-            with Client(f"unix://{a.admin}") as c:
-                inv = c.request({"op": "devices"})["devices"]
+            inv = await devices(a)
             assert [x for x in inv if x["source"] == "mqtt"] == []
             assert (await stats(a))["mqtt"]["federated_devices"] == 0
     finally:
@@ -554,8 +562,8 @@ async def test_two_daemons_with_one_instance_name_are_told_so(
 async def test_federated_devices_restored_from_a_snapshot_leave_when_their_origin_is_gone(
     tmp_path: Path, mosquitto_broker: Mosquitto, mqtt_prefix: str
 ) -> None:
-    north = split_map(tmp_path / "maps", {"north"})
-    south = split_map(tmp_path / "maps", {"south"})
+    north = await asyncio.to_thread(split_map, tmp_path / "maps", {"north"})
+    south = await asyncio.to_thread(split_map, tmp_path / "maps", {"south"})
     a = await started(
         tmp_path / "a", mosquitto_broker, mqtt_prefix, "snap-a", maps=[str(north)], federate=True
     )
@@ -572,8 +580,7 @@ async def test_federated_devices_restored_from_a_snapshot_leave_when_their_origi
         await wait_payload(mosquitto_broker.port, f"{mqtt_prefix}/status/snap-b", b"offline", 5)
         a = await restarted(a)
         await online(mosquitto_broker, mqtt_prefix, "snap-a")
-        with Client(f"unix://{a.admin}") as c:
-            inv = c.request({"op": "devices"})["devices"]
+        inv = await devices(a)
         assert [x["id"] for x in inv if x["source"] == "mqtt"] == []
         assert "inventory restored" in a.logs()
     finally:
