@@ -95,11 +95,11 @@ def mqtt_stats(d: DaemonProcess) -> dict[str, Any]:
         return dict(c.request({"op": "stats"})["stats"]["mqtt"])
 
 
-def wait(what: str, pred: Any, timeout: float) -> float:
+def wait(what: str, pred: Any, timeout: float, show: Any = None) -> float:
     t0 = time.monotonic()
     while not pred():
         if time.monotonic() - t0 > timeout:
-            raise RuntimeError(f"timed out waiting for {what}")
+            raise RuntimeError(f"timed out waiting for {what}: {show() if show else ''}")
         time.sleep(0.05)
     return time.monotonic() - t0
 
@@ -123,11 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     n = ap.parse_args(argv if argv is not None else []).sites
     tmp = Path(tempfile.mkdtemp(prefix="bench-sites-"))
     hub = Mosquitto(tmp / "hub")
-    hub.conf.write_text(hub.conf.read_text() + "sys_interval 1\n")
+    # A daemon subscribing replays every retained record at once: mosquitto's per-client
+    # queue must hold them (docs/sites.md), else it drops QoS 1 messages past its limit.
+    unlimited = "max_queued_messages 0"
+    hub.conf.write_text(
+        hub.conf.read_text().replace("max_queued_messages 10000", unlimited) + "sys_interval 1\n"
+    )
     hub.start()
     pub = Mosquitto(tmp / "pub")
     pub.conf.write_text(
-        pub.conf.read_text()
+        pub.conf.read_text().replace("max_queued_messages 10000", unlimited)
         + "\n".join(
             [
                 "sys_interval 1",
@@ -190,6 +195,10 @@ def main(argv: list[str] | None = None) -> None:
                 "every foreign device at every daemon",
                 lambda d=d: mqtt_stats(d)["federated_devices"] >= total,
                 300,
+                lambda: [
+                    {k: mqtt_stats(x)[k] for k in ("federated_devices", "messages_dropped")}
+                    for x in daemons
+                ],
             )
         print(f"{n} sites x {DEVICES} devices: at all {DAEMONS} daemons in "
               f"{time.monotonic() - t0:.1f} s from the first publisher's start")  # fmt: skip
