@@ -79,6 +79,11 @@ def test_a_new_device_or_a_move_invalidates_and_answers_equal_an_uncached_rankin
     )  # fmt: skip
     assert svc.table.rank_generation != before
     assert "new-lobby" in [d["id"] for d in ask(svc)]
+    # A device on another site changes nothing for this site's clients (own site only).
+    site = svc.table.rank_version("hq")
+    svc.table._ranked("elsewhere")
+    assert svc.table.rank_version("hq") == site
+    assert svc.table.rank_version(None) != (site[0], before)
     # The cached answer equals one computed afresh.
     cached = ask(svc)
     svc._cache.clear()

@@ -164,9 +164,9 @@ class Service:
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
         self.stats = Stats(started=now)
-        self._cache: OrderedDict[tuple[str, str, Any, int, int], tuple[int, tuple[Hit, ...]]] = (
-            OrderedDict()
-        )
+        self._cache: OrderedDict[
+            tuple[str, str, Any, int, int], tuple[tuple[int, int], tuple[Hit, ...]]
+        ] = OrderedDict()
         self._wheres: dict[str, Where] = {}
         self._sections = sections
         self._reload = reload
@@ -351,7 +351,7 @@ class Service:
         key = (zone.id, req.kind, req.need, req.k, visible)
         cached = self._cache.get(key)
         table = self.table
-        gen = table.rank_generation
+        gen = table.rank_version(None if self.ranking.allow_other_sites else zone.site)
         # The cache keeps who is answered and in what order, valid while nothing that ranks
         # changes; the views are drawn per reply, so a new state or supply level shows at once.
         if cached is not None and cached[0] == gen:

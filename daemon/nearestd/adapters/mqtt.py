@@ -108,6 +108,8 @@ STOP_TIMEOUT = 2.5  # within the daemon's shutdown grace
 INVENTORY_PERIOD = 0.25
 PUBLISH_BATCH = 256
 MAX_REPLY_TASKS = 1024
+# The longest the handling of incoming MQTT messages holds the loop before yielding.
+RECORD_SLICE = 0.002
 MAX_QUEUED = 20000  # every incoming message (records, status); requests have their own bound
 MAX_ASKERS = 4096  # rate buckets held at most (LRU; see core.limits)
 SHARE_GROUP = "nearestd"
@@ -682,7 +684,14 @@ class MqttAdapter:
     # ---- incoming ----------------------------------------------------------------------
     async def _receive(self, client: aiomqtt.Client) -> None:
         query, direct = self.query_topic, self.direct_topic
+        slice_end = time.perf_counter() + RECORD_SLICE
         async for message in client.messages:
+            # A burst of records (a retained replay, a bridge coming back) is worked through
+            # in slices: the queue's get() does not yield while it holds messages, and the
+            # sockets' queries must not wait behind thousands of records.
+            if time.perf_counter() >= slice_end:
+                await asyncio.sleep(0)
+                slice_end = time.perf_counter() + RECORD_SLICE
             topic = message.topic.value
             payload = message.payload
             if not isinstance(payload, bytes):

@@ -187,6 +187,10 @@ class DeviceTable:
         # cached answers valid.
         self.generation = 0
         self.rank_generation = 0
+        # Per site, the same count: a client who may only be answered from its own site
+        # keeps its cached answers while devices of other sites come and go.
+        self.rank_by_site: dict[str, int] = {}
+        self.rank_epoch = 0
         # Rogue claims of pinned identities, by (device id, addresses); bounded, oldest out.
         self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
         self.quarantined_total = 0
@@ -320,9 +324,10 @@ class DeviceTable:
             return bool(held)
         del self._records[device_id]
         self._dynamic.pop(device_id, None)
-        if self.index.get(device_id) is not None:
+        before = self.index.get(device_id)
+        if before is not None:
             self.index.remove(device_id)
-            self.rank_generation += 1
+            self._ranked(before.site)
         self.generation += 1
         return True
 
@@ -346,18 +351,33 @@ class DeviceTable:
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
         generation, rank_generation = self.generation, self.rank_generation
+        epoch = self.rank_epoch
         vars(self).update(vars(DeviceTable(sitemap, self.carried())))
         self.generation = generation + 1
         self.rank_generation = rank_generation + 1
+        self.rank_epoch = epoch + 1
 
     def _reindex(self, device: Device, placement: Placement | None) -> None:
         before = self.index.get(device.id)
         if placement is None or device.is_queue:
             if before is not None:
                 self.index.remove(device.id)
-                self.rank_generation += 1
+                self._ranked(before.site)
             return
         entry = entry_for(device, placement, restriction_of(device, placement, self.sitemap))
         if entry != before:
             self.index.upsert(entry)
-            self.rank_generation += 1
+            self._ranked(entry.site)
+            if before is not None and before.site != entry.site:
+                self._ranked(before.site)
+
+    def _ranked(self, site: str) -> None:
+        """Note a change that can alter the answers of clients of ``site`` (and of all sites)."""
+        self.rank_generation += 1
+        self.rank_by_site[site] = self.rank_by_site.get(site, 0) + 1
+
+    def rank_version(self, site: str | None) -> tuple[int, int]:
+        """Return what a cached answer for a client of ``site`` (None: any site) is valid for."""
+        if site is None:
+            return (self.rank_epoch, self.rank_generation)
+        return (self.rank_epoch, self.rank_by_site.get(site, 0))
