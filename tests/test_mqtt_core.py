@@ -505,3 +505,23 @@ password_file = "pw"
         assert f"x.toml: [mqtt] {key}:" in problems
     ok = parse_config('[mqtt]\ntopic_prefix = "site/nearest/v1"\ninstance = "ws-1"\n', "y.toml")
     assert ok.mqtt is not None and ok.mqtt.instance == "ws-1"
+
+
+def test_an_origin_falling_silent_touches_only_its_own_records() -> None:
+    f = Federation("me", grace=10.0)
+    for o in ("a", "b", "c"):
+        f.on_status(o, ONLINE, T)
+        f.on_heartbeat(o, b"1", T)
+        for i in range(3):
+            f.on_record(f"hq/{o}{i}", rec_for(f"{o}{i}", o), T)
+    f.on_record("hq/a0", rec_for("a0", "b"), T)  # a record moving to another origin
+    f.on_record("hq/c2", b"", T)  # and one cleared
+    expected: dict[str, set[str]] = {}
+    for key, dev in f.records.items():
+        expected.setdefault(dev.origin or "", set()).add(key)
+    assert f._by_origin == expected
+    f.on_heartbeat("a", b"1", T + 2.5)
+    f.on_heartbeat("c", b"1", T + 2.5)
+    changes = f.tick(T + 3.5)  # only b is silent (3 x its 1 s interval)
+    assert sorted(c.device_id for c in changes) == ["a0", "b0", "b1", "b2"]
+    assert all(c.device is not None and c.device.stale for c in changes)

@@ -358,6 +358,7 @@ class Federation:
     other_site: int = 0
     expired: int = 0
     _deadline: float | None = None
+    _by_origin: dict[str, set[str]] = field(default_factory=dict)
     _unconfirmed: set[str] = field(default_factory=set)
     _unconfirmed_status: set[str] = field(default_factory=set)
 
@@ -400,15 +401,29 @@ class Federation:
         return [Change(device.id, device.origin or "", shown)]
 
     def _sync_all(self, now: float, origin: str | None = None) -> list[Change]:
-        self._deadline = None
+        if origin is None:
+            self._deadline = None  # recomputed below, over every record
+            keys = list(self.records)
+        else:
+            # One origin's records only: with hundreds of origins falling silent or coming
+            # back, a pass over every foreign record per origin would stall the loop. The
+            # deadline is not reset: an early one just costs one full pass in ``tick``.
+            keys = sorted(self._by_origin.get(origin, ()))
         changes: list[Change] = []
-        for key in list(self.records):
-            device = self.records[key]
-            if origin is None or device.origin == origin:
-                changes += self._sync(key, now)
-            elif self.shown.get(key):
-                self._want(device, now)  # keeps the deadline of the other stale ones
+        for key in keys:
+            changes += self._sync(key, now)
         return changes
+
+    def _index(self, key: str, old: Device | None, new: Device | None) -> None:
+        """Keep ``_by_origin`` in step with ``records`` for one key."""
+        if old is not None and (new is None or old.origin != new.origin):
+            keys = self._by_origin.get(old.origin or "")
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_origin[old.origin or ""]
+        if new is not None and (old is None or old.origin != new.origin):
+            self._by_origin.setdefault(new.origin or "", set()).add(key)
 
     # ---- events ---------------------------------------------------------------------------
     def on_record(self, key: str, payload: bytes, now: float) -> list[Change]:
@@ -440,11 +455,14 @@ class Federation:
         changes: list[Change] = []
         if old is not None and old.origin != device.origin and key in self.shown:
             changes += self._forget(key)
+        previous = self.records.get(key)
         self.records[key] = device
+        self._index(key, previous, device)
         return changes + self._sync(key, now, changed=old != device)
 
     def _forget(self, key: str) -> list[Change]:
         old = self.records.pop(key, None)
+        self._index(key, old, None)
         if old is None or key not in self.shown:
             return []
         del self.shown[key]
