@@ -16,7 +16,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import pytest
 
 from lan import Lan, can_run
 from nearest_client import Client
-from support import DaemonProcess, require_tools, skip_or_fail, write_config
+from support import DaemonProcess, require_tools, skip_or_fail, wait_for, write_config
 
 pytestmark = [pytest.mark.realpeer, pytest.mark.lan]
 
@@ -105,17 +105,6 @@ def site_map(site: str, printer_ip: str) -> dict[str, Any]:
             }
         )
     return {"type": "FeatureCollection", "features": features}
-
-
-def wait_for(what: str, pred: Callable[[], Any], timeout: float, show: Callable[[], Any]) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {show()}")
-        time.sleep(0.05)
 
 
 class Org:
