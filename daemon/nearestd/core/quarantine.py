@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from nearestd.core.discovery import Parsed
-from nearestd.core.model import Device
+from nearestd.core.model import Device, DeviceKind
 from nearestd.core.sitemap import Pin, SiteMap, normalise_pin
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -137,28 +137,22 @@ def service_is_suspect(parsed: Parsed, sitemap: SiteMap) -> bool:
     rec = parsed.record
     if not sitemap.pins or parsed.kind is None or not rec.addresses:
         return False
-    probe = Device(
-        id="",
-        kind=parsed.kind,
-        name="",
-        uri="",
-        source="mdns",
-        uuid=parsed.uuid,
-        instance=rec.instance,
-        host=rec.host,
-        addresses=tuple(rec.addresses),
-    )
-    return quarantine_reason(probe, sitemap) is not None
+    return quarantine_reason(_probe(parsed, parsed.kind), sitemap) is not None
 
 
 def service_is_pinned(parsed: Parsed, sitemap: SiteMap) -> bool:
     """Return whether a discovered service matches a site-map pin (by uuid, name, host or ip)."""
-    rec = parsed.record
     if not sitemap.pins or parsed.kind is None:
         return False
-    probe = Device(
+    return find_pin(_probe(parsed, parsed.kind), sitemap) is not None
+
+
+def _probe(parsed: Parsed, kind: DeviceKind) -> Device:
+    """Return a stand-in device carrying what a service shows of its identity."""
+    rec = parsed.record
+    return Device(
         id="",
-        kind=parsed.kind,
+        kind=kind,
         name="",
         uri="",
         source="mdns",
@@ -167,4 +161,3 @@ def service_is_pinned(parsed: Parsed, sitemap: SiteMap) -> bool:
         host=rec.host,
         addresses=tuple(rec.addresses),
     )
-    return find_pin(probe, sitemap) is not None
