@@ -5,6 +5,7 @@ names under the zones' reverse-mapping names, ``_services`` and service-type PTR
 and TXT of the instances they list, and A of the SRV targets. The same records, read from
 nearestd's answers, are written as static zones for NSD. Figures: queries/s at full load
 (dnsperf, 100 outstanding, 10 s), latency percentiles at half of nearestd's maximum rate,
+each server pinned to one core and dnsperf to the other (where there are two),
 the answer cache's size, and (in-process, on the 100k map) the time from a device state
 change to the new records being served, over 100 changes.
 Goals (issue 15): >= 0.25x NSD's throughput, p99 < 2 ms at half the max rate, a change
@@ -14,6 +15,7 @@ served within 100 ms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import shutil
@@ -265,7 +267,10 @@ def _nsd(tmp: Path, records: list[Any], port: int) -> subprocess.Popen[bytes]:
         raise RuntimeError(f"nsd-checkconf: {check.stdout}{check.stderr}")
     log = open(zd / "nsd.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        ["nsd", "-d", "-c", str(zd / "nsd.conf")], stdout=log, stderr=subprocess.STDOUT
+        ["nsd", "-d", "-c", str(zd / "nsd.conf")],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        preexec_fn=_pin_server,  # NSD's server processes, forked later, inherit it
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -278,13 +283,48 @@ def _nsd(tmp: Path, records: list[Any], port: int) -> subprocess.Popen[bytes]:
     raise RuntimeError(f"nsd did not start: {(zd / 'nsd.log').read_text()}")
 
 
+def _cpus() -> tuple[set[int], set[int]] | None:
+    """Return (server CPUs, dnsperf CPUs): one core each when there are two or more."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return ({cpus[0]}, set(cpus[1:])) if len(cpus) >= 2 else None
+
+
+def _pin(pid: int) -> None:
+    """Keep a server (every thread) on its own core, apart from dnsperf's threads.
+
+    On a 2-core machine, dnsperf's sender and receiver threads and the server otherwise
+    take turns on the same core, and the tail latency measures the scheduler; both servers
+    are pinned alike, so the comparison stays fair.
+    """
+    cpus = _cpus()
+    if cpus is None:
+        return
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(task), cpus[0])
+
+
+def _pin_server() -> None:
+    cpus = _cpus()
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus[0])
+
+
+def _pin_dnsperf() -> None:
+    cpus = _cpus()
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus[1])
+
+
 def _dnsperf(port: int, data: Path, qps: float | None = None, passes: int = 0) -> dict[str, float]:
     argv = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(data), "-B"]
     argv += ["-n", str(passes)] if passes else ["-l", str(DURATION)]
     argv += ["-q", "100", "-t", "2"]
     if qps is not None:
         argv += ["-Q", str(int(qps)), "-v"]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=DURATION + 60)
+    r = subprocess.run(
+        argv, capture_output=True, text=True, timeout=DURATION + 60, preexec_fn=_pin_dnsperf
+    )
     out: dict[str, float] = {}
     lat: list[float] = []
     for line in r.stdout.splitlines():
@@ -428,6 +468,7 @@ def main() -> None:
         data.write_bytes(_binary(queries))
         nsd_port = _free_port()
         nsd = _nsd(tmp, records, nsd_port)
+        _pin(proc.pid)
         kinds: dict[str, int] = {}
         for _, t in queries:
             kinds[t] = kinds.get(t, 0) + 1

@@ -54,3 +54,27 @@ def test_answers_survive_unrelated_changes_and_follow_related_ones() -> None:
     svc.table.upsert(replace(near.device, state=DeviceState.IDLE), 4.0)
     assert names(ask(srv, q, "PTR", 6)) == names(first)
     assert DNSRecord.parse(ask(srv, f"Printer._ipp._tcp.z-a.{D}", "SRV", 7)).rr
+
+
+def test_a_browse_is_one_log_entry_per_address_zone_and_second() -> None:
+    cfg = parse_config("[metrics]\nlisten = ''\n", "t.toml")
+    svc = Service(cfg, build_sitemap([("w.geojson", world())]), 1.0, lambda: b"k" * 32)
+    clock = [100.0]
+    srv = DnssdServer(svc, DnssdConfig(domain=D, per_type=2), wall=lambda: clock[0])
+
+    def logged() -> list[tuple[float, list[str]]]:
+        entries = svc.log.export("10.9.1.7")
+        return [(e["ts"], e["devices"]) for e in entries if e["op"] == "dnssd"]
+
+    ptr = f"_ipp._tcp.z-a.{D}"
+    (instance,) = names(ask(srv, ptr, "PTR", 1))
+    ask(srv, instance, "SRV", 2)  # names the device the PTR already showed
+    ask(srv, instance, "TXT", 3)
+    ask(srv, ptr, "PTR", 4)
+    assert logged() == [(100.0, ["pa1"])]
+    # A device not yet shown to the address in that zone is an entry of its own, alone.
+    srv._log("10.9.1.7", "z-a", ("pa1", "pa3"))
+    assert logged() == [(100.0, ["pa1"]), (100.0, ["pa3"])]
+    clock[0] += 1.0  # the next second logs the browse again
+    ask(srv, ptr, "PTR", 5)
+    assert logged()[-1] == (101.0, ["pa1"]) and len(logged()) == 3

@@ -207,6 +207,11 @@ class Daemon:
                     break
             else:
                 self.warmed_in = time.perf_counter() - started
+                if self.freeze_gc:
+                    # The lists live as long as the table: a full collection walking them
+                    # (millions of objects on a large map) would stall queries ~100 ms.
+                    gc.collect(1)
+                    gc.freeze()
                 LOG.info(
                     "neighbour lists warmed",
                     extra={"lists": lists, "seconds": round(self.warmed_in, 3)},

@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import struct
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dnslib import (
     AAAA,
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("nearestd.dnssd")
 UDP_MAX = 1232  # DNS flag day 2020: no fragmented UDP answers
+UDP_DRAIN = 64  # datagrams read per wakeup
+UDP_READ = 65535  # the largest datagram taken
 CACHE_MAX = 65536
 RATE = 100.0  # queries per second per source prefix
 BURST = 200
@@ -174,7 +177,7 @@ class DnssdServer:
         self.cache_bytes = 0
         self.cache_max = CACHE_MAX
         self._sitemap: Any = None
-        self._logged: dict[tuple[str, str, tuple[str, ...]], None] = {}
+        self._logged: dict[tuple[str, str], set[str]] = {}
         self._log_window = 0.0
         self.queries: Counter[str] = Counter()
         self.rcodes: Counter[str] = Counter()
@@ -183,7 +186,7 @@ class DnssdServer:
         self.malformed = 0
         self.revalidated = 0
         self.tcp_refused = 0
-        self._transports: list[asyncio.DatagramTransport] = []
+        self._udp: list[_Udp] = []
         self._servers: list[asyncio.Server] = []
         self._conns: set[asyncio.Task[None]] = set()
         self.addresses: list[str] = []
@@ -194,14 +197,11 @@ class DnssdServer:
     # ---- component ---------------------------------------------------------------------
     async def start(self) -> None:
         """Bind UDP and TCP on every listen address."""
-        loop = asyncio.get_running_loop()
         for addr in self.cfg.listen:
             host, port = _split_listen(addr)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Udp(self), local_addr=(host, port)
-            )
-            self._transports.append(transport)
-            bound = transport.get_extra_info("sockname")[1]
+            udp = await _Udp.bind(self, host, port)
+            self._udp.append(udp)
+            bound = udp.port
             server = await asyncio.start_server(self._tcp, host, bound, reuse_address=True)
             self._servers.append(server)
             self.addresses.append(f"{host}:{bound}")
@@ -209,8 +209,8 @@ class DnssdServer:
 
     async def stop(self) -> None:
         """Close the sockets and the open TCP connections."""
-        for t in self._transports:
-            t.close()
+        for udp in self._udp:
+            udp.close()
         for s in self._servers:
             s.close()
         for task in list(self._conns):
@@ -221,7 +221,7 @@ class DnssdServer:
         for s in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(s.wait_closed(), 1.0)
-        self._transports.clear()
+        self._udp.clear()
         self._servers.clear()
 
     def reconfigure(self, cfg: Config) -> None:
@@ -344,21 +344,27 @@ class DnssdServer:
         return fresh
 
     def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
-        """Make the location-log entry; the same answer to the same address once a second.
+        """Make the location-log entry: an address's lookups in a zone, once a second.
 
-        A client browsing asks a dozen names at once (and a resolver the same ones for
-        many clients): one entry per second for each distinct (address, zone, devices)
-        keeps what the log says and spares a keyed hash per packet.
+        A client browsing asks a dozen names at once (PTR, then SRV, TXT and A of each
+        instance), and a resolver the same ones for many clients: within one second, one
+        entry for each (address, zone), and another only when an answer names devices not
+        yet logged for them. The log still says where the address was placed and every
+        device it was shown, with a tenth of the entries and of the keyed hashes.
         """
         now = self.wall()
         if not 0 <= now - self._log_window < 1.0:
             self._logged.clear()
             self._log_window = now
-        key = (client, zone, devices)
-        if key in self._logged:
-            return
-        if len(self._logged) < LOG_MEMO:
-            self._logged[key] = None
+        key = (client, zone)
+        seen = self._logged.get(key)
+        if seen is not None:
+            if seen.issuperset(devices):
+                return
+            devices = tuple(d for d in devices if d not in seen)
+            seen.update(devices)
+        elif len(self._logged) < LOG_MEMO:
+            self._logged[key] = set(devices)
         self.service.remember_lookup(client, zone, "dnssd", devices, now)
 
     def _build(self, data: bytes, source_zone: str | None, ip: str, trusted: bool) -> Entry:
@@ -505,30 +511,71 @@ def _client_subnet(opt: RR) -> tuple[str | None, EDNSOption | None]:
     return None, None
 
 
-class _Udp(asyncio.DatagramProtocol):
-    """One UDP socket: every datagram answered (or dropped) at once, on the loop."""
+class _Udp:
+    """One UDP socket, drained on each wakeup: every datagram answered (or dropped) at once.
 
-    def __init__(self, server: DnssdServer) -> None:
+    A resolver sends bursts; reading up to ``UDP_DRAIN`` datagrams per readiness event
+    spares the event loop's per-datagram round (a poll, a handle) that an asyncio datagram
+    transport pays, which is most of the cost of a cached answer.
+    """
+
+    def __init__(self, server: DnssdServer, sock: socket.socket) -> None:
         self.server = server
-        self.transport: asyncio.DatagramTransport | None = None
+        self.sock = sock
+        self.port = int(sock.getsockname()[1])
+        self.send_failed = 0
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        server = self.server
-        ip = str(addr[0])
-        trusted = server.is_trusted(ip)
-        if not server.allow(ip, trusted):
-            return
+    @classmethod
+    async def bind(cls, server: DnssdServer, host: str, port: int) -> _Udp:
+        """Bind a non-blocking UDP socket to ``host:port`` and start answering on it."""
+        loop = asyncio.get_running_loop()
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        if not infos:
+            raise OSError(f"cannot resolve {host}")
+        family, type_, proto, _, addr = infos[0]
+        sock = socket.socket(family, type_, proto)
         try:
-            reply = server.handle(data, ip, udp=True, trusted=trusted)
-        except Exception:
-            # The daemon keeps serving everyone else whatever one packet does.
-            LOG.exception("dnssd query failed")
-            return
-        if reply is not None and self.transport is not None:
-            self.transport.sendto(reply, addr)
+            sock.setblocking(False)
+            sock.bind(addr)
+            return cls(server, sock)
+        except BaseException:
+            sock.close()
+            raise
 
-    def error_received(self, exc: Exception) -> None:
-        LOG.debug("dnssd socket error", extra={"error": str(exc)})
+    def close(self) -> None:
+        """Stop answering and close the socket."""
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def _readable(self) -> None:
+        server = self.server
+        sock = self.sock
+        for _ in range(UDP_DRAIN):
+            try:
+                data, addr = sock.recvfrom(UDP_READ)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                # An ICMP error queued for an earlier reply: nothing to answer, keep reading.
+                LOG.debug("dnssd socket error", extra={"error": exc.strerror or str(exc)})
+                continue
+            ip = str(addr[0])
+            trusted = server.is_trusted(ip)
+            if not server.allow(ip, trusted):
+                continue
+            try:
+                reply = server.handle(data, ip, udp=True, trusted=trusted)
+            except Exception:
+                # The daemon keeps serving everyone else whatever one packet does.
+                LOG.exception("dnssd query failed")
+                continue
+            if reply is None:
+                continue
+            try:
+                sock.sendto(reply, addr)
+            except OSError:
+                # A full send buffer or an unreachable asker: UDP, the asker asks again.
+                self.send_failed += 1
