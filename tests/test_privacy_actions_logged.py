@@ -60,7 +60,7 @@ def test_the_byte_count_follows_entries_in_and_out() -> None:
     for t in range(5):
         log.record("10.0.0.1", "z", "nearest", ("a", "b"), float(t))
     assert len(log) == 3 and log.oldest == 2.0
-    assert log.bytes == sum(entry_bytes(e) for e in log._entries)
+    assert log.bytes == sum(entry_bytes(e) for e in log.entries())
     log.purge(13.0)
     assert len(log) == 1 and log.bytes == entry_bytes(log._entries[0])
     log.erase("10.0.0.1")

@@ -35,7 +35,7 @@ def test_entry_holds_no_ip_and_pseudonym_is_keyed_hmac() -> None:
     p = log.record("10.20.23.7", "n1-finance", "nearest", ("prn-a",), 1.0)
     assert p == hmac.new(KEY, b"10.20.23.7", hashlib.sha256).digest()[:PSEUDONYM_BYTES]
     assert p != hashlib.sha256(b"10.20.23.7").digest()[:PSEUDONYM_BYTES]
-    (entry,) = log._entries
+    (entry,) = log.entries()
     assert "10.20.23.7" not in repr(entry)
     assert entry.to_export() == {
         "ts": 1.0,
@@ -51,7 +51,7 @@ def test_entries_older_than_retention_are_purged() -> None:
         log.record("10.0.0.1", "z", "nearest", (), float(t))
     assert log.purge(15.0) == 6  # ts 0..5 are <= 15 - 10
     assert len(log) == 14
-    assert all(e.ts > 5.0 for e in log._entries)
+    assert all(e.ts > 5.0 for e in log.entries())
     assert log.purged == 6
     log.purge(100.0)
     assert len(log) == 0
@@ -63,7 +63,7 @@ def test_cap_drops_oldest_first_and_counts() -> None:
         log.record(f"10.0.0.{i}", "z", "nearest", (), 1000.0 + i)
     assert len(log) == 5
     assert log.dropped == 3
-    assert [e.ts for e in log._entries] == [1003.0, 1004.0, 1005.0, 1006.0, 1007.0]
+    assert [e.ts for e in log.entries()] == [1003.0, 1004.0, 1005.0, 1006.0, 1007.0]
     assert log.export("10.0.0.0") == []
     assert len(log.export("10.0.0.7")) == 1
 
@@ -112,7 +112,7 @@ def test_same_ip_same_pseudonym_within_an_epoch() -> None:
 def test_record_action_holds_the_count_and_no_pseudonym() -> None:
     log = make()
     log.record_action("privacy.erase", 3, 1000.0)
-    (e,) = log._entries
+    (e,) = log.entries()
     assert (e.op, e.devices, e.pseudonym, e.zone) == ("privacy.erase", ("3",), b"", None)
 
 

@@ -5,6 +5,7 @@ Everything here is synchronous and takes ``now``; adapters own the I/O and call 
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import logging
 import time
@@ -163,6 +164,8 @@ class Service:
         self.ranking = cfg.ranking
         self._key_source = key_source
         self.log = LocationLog(cfg.privacy.retention, cfg.privacy.max_entries, key_source(), now)
+        # The inventory in `devices` order, for the generation of the table it was sorted at.
+        self._order: tuple[DeviceTable, int, list[PageKey], list[str]] | None = None
         self.stats = Stats(started=now)
         self._cache: OrderedDict[
             tuple[str, str, Any, int, int], tuple[tuple[int, int], tuple[Hit, ...]]
@@ -447,6 +450,22 @@ class Service:
             return policy.client_mask(None, req.client_ip or peer.ip or LOCAL_HOST)
         return policy.client_mask(zone.id, ip)
 
+    def _page_order(self) -> tuple[list[PageKey], list[str]]:
+        """Return the table in ``devices`` order (keys, device ids), sorted once per change.
+
+        A page is then a bisection and a walk of the page's own records, not a pass over
+        the whole inventory: pipelined ``devices`` requests cost what their replies hold.
+        """
+        table = self.table
+        cached = self._order
+        if cached is not None and cached[0] is table and cached[1] == table.generation:
+            return cached[2], cached[3]
+        pairs = sorted((page_key(r), r.device.id) for r in table.records())
+        keys = [k for k, _ in pairs]
+        ids = [i for _, i in pairs]
+        self._order = (table, table.generation, keys, ids)
+        return keys, ids
+
     def _devices(self, req: DevicesRequest, peer: Peer) -> DevicesReply:
         """Return one page of the inventory: at most ``limit`` records after ``cursor``."""
         viewer = self._viewer(req, peer)
@@ -459,18 +478,24 @@ class Service:
         policy = self.sitemap.visibility
         # (key, record, restriction, quarantine entry): views are built for the page only.
         found: list[tuple[PageKey, Record, int, Any]] = []
-        for rec in self.table.records():
-            if req.kind is not None and rec.device.kind != req.kind:
-                continue
-            if req.site is not None and (rec.placement is None or rec.placement.site != req.site):
-                continue
-            key = page_key(rec)
-            if after is not None and key <= after:
+        keys, ids = self._page_order()
+        start = 0 if after is None else bisect.bisect_right(keys, after)
+        if req.site is not None:
+            start = max(start, bisect.bisect_left(keys, (True, req.site)))
+        table = self.table
+        for i in range(start, len(keys)):
+            key = keys[i]
+            if req.site is not None and (not key[0] or key[1] != req.site):
+                break
+            rec = table.get(ids[i])
+            if rec is None or (req.kind is not None and rec.device.kind != req.kind):
                 continue
             restrict = restriction_of(rec.device, rec.placement, self.sitemap)
             if viewer is not None and restrict & ~viewer:
                 continue
             found.append((key, rec, restrict, None))
+            if len(found) > req.limit:
+                break
         if peer.admin and viewer is None and req.site is None:
             for (_, addresses), held in self.table.quarantine.items():
                 if req.kind is not None and held.device.kind != req.kind:

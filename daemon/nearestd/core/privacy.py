@@ -100,6 +100,10 @@ class LocationLog:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def entries(self) -> list[LogEntry]:
+        """Return every entry held, oldest first."""
+        return [LogEntry._make(e) for e in self._entries]
+
     @property
     def oldest(self) -> float | None:
         """Return the time of the oldest entry held, or None when the log is empty."""
