@@ -591,8 +591,11 @@ class MdnsDiscovery:
 
     def tick(self, now: float) -> None:
         """Expire silent services and ask the quiet ones whether they are still there."""
+        # Newest first: a flood defers thousands of names that never resolve, each a
+        # 3 s timeout; a printer announced after it is resolved at the next tick instead
+        # of behind all of them (measured: 3 of 12 missed a 30 s deadline, oldest first).
         while self._deferred and len(self._pending) < MAX_PENDING // 2:
-            key = next(iter(self._deferred))
+            key = next(reversed(self._deferred))
             self._schedule(*self._deferred.pop(key))
         expire_after = float(self.cfg.expire_after)
         self._apply(self.merger.expire(now, expire_after), "expired")
