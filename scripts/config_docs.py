@@ -17,6 +17,9 @@ def render() -> str:
         "Generated from `daemon/nearestd/config.py` by `make docs`; a test keeps it in step.",
         'One TOML file; paths are relative to it; durations are strings like `"90s"`, `"10m"`, `"24h"`.',
         "Unknown sections or keys and wrong types are errors naming the file, key path and expected type.",
+        "Socket URLs, HOST:PORT addresses, broker URLs, CIDR prefixes and octal modes are parsed",
+        "once, when the file is read, into typed values (`SocketUrl`, `HostPort`, `AddressPort`,",
+        "`BrokerUrl`, `Cidr`, `Mode` in `config.py`); a bad one names its key and list index.",
         "",
     ]
     for name, rows in section_docs().items():

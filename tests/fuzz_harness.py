@@ -40,7 +40,7 @@ from nearest_wire import (
     parse_request,
 )
 from nearest_wire.schema import check_ip
-from nearestd.config import parse_config
+from nearestd.config import Cidr, parse_config
 from nearestd.core.devices import DeviceTable
 from nearestd.core.discovery import BASE_TYPES, Merger, ServiceRecord, split_txt
 from nearestd.core.federation import RecordError, parse_record
@@ -248,7 +248,7 @@ def dns_server() -> Any:
     from nearestd.adapters.dnssd import DnssdServer
     from nearestd.config import DnssdConfig
 
-    cfg = DnssdConfig(domain=DNS_DOMAIN, per_type=8, trusted_resolvers=["10.20.0.0/16"])
+    cfg = DnssdConfig(domain=DNS_DOMAIN, per_type=8, trusted_resolvers=[Cidr.parse("10.20.0.0/16")])
     server = DnssdServer(service(), cfg)
     server.cache_max = 256  # the fuzz run's memory budget, not the daemon's
     return server

@@ -15,7 +15,8 @@ import msgpack
 import pytest
 
 from nearest_wire import encode_frame
-from nearestd.adapters.socket_server import Connections, Limits
+from nearestd.adapters.socket_server import Connections
+from nearestd.config import DaemonConfig, Duration
 from support import DaemonProcess, ask, read_frame, tcp_url, wait_for, write_config
 
 
@@ -183,7 +184,9 @@ def test_deadline_sweep_follows_the_clock(
     last_activity: float, frame_started: float | None, waiting: bool, now: float, closed: str
 ) -> None:
     clock = [now]
-    conns = Connections(Limits(idle_timeout=1.0, frame_timeout=1.0), lambda: clock[0])
+    conns = Connections(
+        DaemonConfig(idle_timeout=Duration(1.0), frame_timeout=Duration(1.0)), lambda: clock[0]
+    )
     conn = Conn(conns, last_activity, frame_started, waiting)
     assert conns.add(conn) is None  # type: ignore[arg-type]
     conns.sweep()

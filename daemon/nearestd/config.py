@@ -16,6 +16,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from nearestd.core.netset import normalise_network
 from nearestd.core.ranking import Ranking as RankingConfig
 
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
@@ -48,6 +49,160 @@ def parse_duration(text: str) -> float:
 YEAR = 365 * 86400.0
 
 
+class Parsed(str):
+    """A config string parsed once, when the file is read, into typed parts.
+
+    The text stays what the file said (for messages, docs and comparisons); the parts are
+    attributes, so no edge parses it again.
+    """
+
+    @classmethod
+    def parse(cls, text: str) -> Any:
+        """Return the parsed value, or raise ValueError saying what was expected."""
+        raise NotImplementedError  # pragma: no cover
+
+
+_HOST_PORT = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):(\d{1,5})")
+
+
+def _port(text: str) -> int | None:
+    port = int(text)
+    return port if 0 <= port <= 65535 else None
+
+
+class SocketUrl(Parsed):
+    """A query socket: ``tcp://HOST:PORT`` or ``unix:///PATH``."""
+
+    unix: bool
+    path: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> SocketUrl:
+        """Return the URL's parts, or raise ValueError."""
+        out = cls(text)
+        if text.startswith("unix://"):
+            if not text[7:]:
+                raise ValueError("expected unix:///PATH")
+            out.unix, out.path, out.host, out.port = True, text[7:], "", 0
+            return out
+        m = re.fullmatch(r"tcp://" + _HOST_PORT.pattern, text)
+        port = _port(m.group(2)) if m else None
+        if m is None or port is None:
+            raise ValueError(f"expected tcp://HOST:PORT or unix:///PATH, got {text!r}")
+        out.unix, out.path, out.host, out.port = False, "", m.group(1).strip("[]"), port
+        return out
+
+
+class HostPort(Parsed):
+    """``HOST:PORT`` or ``[IPv6]:PORT`` to listen on; empty (where allowed) means off."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """Return the address's parts, or raise ValueError."""
+        out = cls(text)
+        out.host, out.port = "", 0
+        if not text:
+            return out
+        m = _HOST_PORT.fullmatch(text)
+        port = _port(m.group(2)) if m else None
+        if m is None or port is None:
+            raise ValueError(f"expected HOST:PORT, got {_shown(text)}")
+        out.host, out.port = m.group(1).strip("[]"), port
+        return out
+
+
+class AddressPort(HostPort):
+    """``IP:PORT`` or ``[IPv6]:PORT``: an address, not a host name."""
+
+    @classmethod
+    def parse(cls, text: str) -> AddressPort:
+        """Return the address's parts, or raise ValueError."""
+        out = cls(text)
+        m = _HOST_PORT.fullmatch(text)
+        try:
+            if (
+                m is None
+                or _port(m.group(2)) is None
+                or not (m.group(1).startswith("[") or ":" not in m.group(1))
+            ):
+                raise ValueError
+            ipaddress.ip_address(m.group(1).strip("[]"))
+        except ValueError:
+            raise ValueError(
+                f"expected IP:PORT or [IPv6]:PORT (an address, not a host name), got {_shown(text)}"
+            ) from None
+        out.host, out.port = m.group(1).strip("[]"), int(m.group(2))
+        return out
+
+
+class BrokerUrl(Parsed):
+    """An MQTT broker: ``mqtt://HOST:PORT`` or ``mqtts://HOST:PORT`` (port optional)."""
+
+    host: str
+    port: int
+    tls: bool
+
+    @classmethod
+    def parse(cls, text: str) -> BrokerUrl:
+        """Return the URL's parts, or raise ValueError."""
+        out = cls(text)
+        m = re.fullmatch(r"(mqtts?)://(\[[0-9a-fA-F:.]+\]|[^\s/:\[\]]+)(?::(\d{1,5}))?/?", text)
+        port = _port(m.group(3)) if m and m.group(3) else None
+        if m is None or (m.group(3) and port is None):
+            raise ValueError("expected mqtt://HOST:PORT or mqtts://HOST:PORT")
+        out.tls = m.group(1) == "mqtts"
+        out.host = m.group(2).strip("[]")
+        out.port = port or (8883 if out.tls else 1883)
+        return out
+
+
+class Cidr(Parsed):
+    """A CIDR prefix; ``network`` is it parsed (host bits dropped, IPv4-mapped as IPv4)."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    @classmethod
+    def parse(cls, text: str) -> Cidr:
+        """Return the prefix, or raise ValueError."""
+        out = cls(text)
+        try:
+            out.network = normalise_network(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"expected a CIDR prefix, got {text!r}") from None
+        return out
+
+
+class Mode(int):
+    """File permissions, written in TOML as an octal string like "0600"."""
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        """Return the permission bits, or raise ValueError."""
+        if not re.fullmatch(r"0?[0-7]{3}", text):
+            raise ValueError('expected octal permissions like "0600"')
+        return cls(int(text, 8))
+
+    def __repr__(self) -> str:
+        return repr(f"{int(self):04o}")
+
+    def __str__(self) -> str:
+        return f"{int(self):04o}"
+
+
+class _ItemError(ValueError):
+    """A list item that did not parse: which one, and why."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+        self.message = message
+
+
 def _doc(
     text: str,
     default: Any = MISSING,
@@ -67,21 +222,24 @@ def _doc(
 class DaemonConfig:
     """[daemon]: sockets, who may ask, limits."""
 
-    listen: list[str] = _doc(
+    listen: list[SocketUrl] = _doc(
         "Sockets to serve queries on: tcp://HOST:PORT or unix:///PATH.",
-        factory=lambda: ["tcp://127.0.0.1:7310", "unix:///run/nearestd/nearestd.sock"],
+        factory=lambda: [
+            SocketUrl.parse("tcp://127.0.0.1:7310"),
+            SocketUrl.parse("unix:///run/nearestd/nearestd.sock"),
+        ],
     )
     admin_socket: str = _doc("Unix socket for nearestctl.", "/run/nearestd/admin.sock")
-    admin_mode: str = _doc("Permissions of the admin socket, octal.", "0600")
+    admin_mode: Mode = _doc("Permissions of the admin socket, octal.", Mode(0o600))
     admin_group: str = _doc("Group that may use the admin socket (mode 0660 then).", "")
-    socket_mode: str = _doc("Permissions of the query Unix sockets, octal.", "0666")
-    allow: list[str] = _doc(
+    socket_mode: Mode = _doc("Permissions of the query Unix sockets, octal.", Mode(0o666))
+    allow: list[Cidr] = _doc(
         "CIDRs that may query over TCP; others get 'forbidden'.",
-        factory=lambda: ["0.0.0.0/0", "::/0"],
+        factory=lambda: [Cidr.parse("0.0.0.0/0"), Cidr.parse("::/0")],
     )
-    trusted_peers: list[str] = _doc(
+    trusted_peers: list[Cidr] = _doc(
         "CIDRs that may ask on behalf of another IP (client_ip).",
-        factory=lambda: ["127.0.0.1/32", "::1/128"],
+        factory=lambda: [Cidr.parse("127.0.0.1/32"), Cidr.parse("::1/128")],
     )
     state_dir: str = _doc(
         "Directory for the device inventory snapshot and the compiled site map (a cache).",
@@ -165,14 +323,18 @@ class PrivacyConfig:
 class MetricsConfig:
     """[metrics]: the Prometheus exporter."""
 
-    listen: str = _doc("HOST:PORT for /metrics; empty to disable.", "127.0.0.1:9464")
+    listen: HostPort = _doc(
+        "HOST:PORT for /metrics; empty to disable.", HostPort.parse("127.0.0.1:9464")
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class MqttConfig:
     """[mqtt]: absent means MQTT is off."""
 
-    url: str = _doc("mqtt://HOST:PORT or mqtts://HOST:PORT.", "mqtt://127.0.0.1:1883")
+    url: BrokerUrl = _doc(
+        "mqtt://HOST:PORT or mqtts://HOST:PORT.", BrokerUrl.parse("mqtt://127.0.0.1:1883")
+    )
     username: str = _doc("User name; empty for none.", "")
     password_file: str = _doc("File holding the password.", "")
     ca_file: str = _doc("CA bundle for mqtts; empty for the system store.", "")
@@ -244,14 +406,14 @@ class PollerConfig:
 class DnssdConfig:
     """[dnssd]: absent means off; unicast DNS-SD answered per location (docs/dnssd.md)."""
 
-    listen: list[str] = _doc(
+    listen: list[AddressPort] = _doc(
         "HOST:PORT addresses to serve DNS on, each over UDP and TCP.",
-        factory=lambda: ["127.0.0.1:8053"],
+        factory=lambda: [AddressPort.parse("127.0.0.1:8053")],
     )
     domain: str = _doc("The DNS-SD domain delegated to nearestd; required.", "")
     per_type: int = _doc("Devices published per service type and zone.", 4)
     ttl: Duration = _doc("TTL of every record and the SOA MINIMUM; at most 10s.", Duration(10.0))
-    trusted_resolvers: list[str] = _doc(
+    trusted_resolvers: list[Cidr] = _doc(
         "CIDRs of resolvers whose EDNS Client Subnet option is honoured (and not rate-limited).",
         factory=list,
     )
@@ -261,7 +423,7 @@ class DnssdConfig:
 class WebConfig:
     """[web]: the read-only web view for operators; absent means off."""
 
-    listen: str = _doc("HOST:PORT to serve the pages on.", "127.0.0.1:9465")
+    listen: HostPort = _doc("HOST:PORT to serve the pages on.", HostPort.parse("127.0.0.1:9465"))
     token_file: str = _doc(
         "File holding the bearer token every request must carry; required when listen is "
         "not a loopback address.",
@@ -320,6 +482,8 @@ SECTIONS = {
 
 
 def _type_name(t: Any) -> str:
+    if t is Mode or (isinstance(t, type) and issubclass(t, Parsed)):
+        return "a string"  # what TOML holds; the parse says what it must say
     if t is Duration:
         return 'a duration string like "90s"'
     if t is bool:
@@ -337,6 +501,10 @@ def _type_name(t: Any) -> str:
 
 def _convert(value: Any, t: Any) -> Any:
     """Return the value converted to type t, or raise TypeError/ValueError."""
+    if t is Mode or (isinstance(t, type) and issubclass(t, Parsed)):
+        if not isinstance(value, str):
+            raise TypeError
+        return t.parse(value)
     if t is Duration:
         if not isinstance(value, str):
             raise TypeError
@@ -364,7 +532,13 @@ def _convert(value: Any, t: Any) -> Any:
         if not isinstance(value, list):
             raise TypeError
         inner = get_args(t)[0]
-        return [_convert(v, inner) for v in value]
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(_convert(v, inner))
+            except ValueError as exc:
+                raise _ItemError(i, str(exc)) from None
+        return out
     raise TypeError  # pragma: no cover
 
 
@@ -401,6 +575,8 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
                     f"{_num(hi)}, got {_shown(value)}"
                 )
                 del values[key]
+        except _ItemError as exc:
+            problems.append(f"{file}: [{name}] {key}[{exc.index}]: {exc.message}")
         except ValueError as exc:
             problems.append(f"{file}: [{name}] {key}: {exc}")
         except TypeError:
@@ -412,21 +588,6 @@ def _section(cls: type[Any], data: Any, name: str, file: str, problems: list[str
 
 def _check(cfg: Config, file: str, problems: list[str]) -> None:
     d = cfg.daemon
-    for i, url in enumerate(d.listen):
-        err = listen_error(url)
-        if err:
-            problems.append(f"{file}: [daemon] listen[{i}]: {err}")
-    for key in ("allow", "trusted_peers"):
-        for i, cidr in enumerate(getattr(d, key)):
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError:
-                problems.append(
-                    f"{file}: [daemon] {key}[{i}]: expected a CIDR prefix, got {cidr!r}"
-                )
-    for key in ("admin_mode", "socket_mode"):
-        if not re.fullmatch(r"0?[0-7]{3}", getattr(d, key)):
-            problems.append(f'{file}: [daemon] {key}: expected octal permissions like "0600"')
     if d.rate <= 0:
         problems.append(f"{file}: [daemon] rate: expected a positive number")
     if cfg.discovery.enabled and not cfg.discovery.interfaces:
@@ -438,12 +599,6 @@ def _check(cfg: Config, file: str, problems: list[str]) -> None:
         problems.append(f'{file}: [privacy] log_ip: expected "truncated" or "none"')
     if cfg.privacy.retention <= 0:
         problems.append(f"{file}: [privacy] retention: expected a positive duration")
-    if cfg.metrics.listen and not re.fullmatch(
-        r"(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}", cfg.metrics.listen
-    ):
-        problems.append(f"{file}: [metrics] listen: expected HOST:PORT, got {cfg.metrics.listen!r}")
-    if cfg.mqtt is not None and not re.fullmatch(r"mqtts?://[^\s/]+(:\d{1,5})?/?", cfg.mqtt.url):
-        problems.append(f"{file}: [mqtt] url: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
     if cfg.mqtt is not None:
         problems.extend(f"{file}: [mqtt] {p}" for p in _mqtt_problems(cfg.mqtt))
     pc = cfg.poller
@@ -524,18 +679,6 @@ def _dnssd_problems(c: DnssdConfig) -> list[str]:
     out = []
     if not c.listen:
         out.append("listen: expected at least one HOST:PORT")
-    for i, addr in enumerate(c.listen):
-        m = re.fullmatch(r"(\[([0-9a-fA-F:.]+)\]|([0-9.]+)):(\d{1,5})", addr)
-        host = m and (m.group(2) or m.group(3))
-        try:
-            if not m or not 0 <= int(m.group(4)) <= 65535:
-                raise ValueError
-            ipaddress.ip_address(host or "")
-        except ValueError:
-            out.append(
-                f"listen[{i}]: expected IP:PORT or [IPv6]:PORT (an address, not a host name), "
-                f"got {_shown(addr)}"
-            )
     err = domain_error(c.domain)
     if err:
         out.append(f"domain: {err}")
@@ -545,19 +688,13 @@ def _dnssd_problems(c: DnssdConfig) -> list[str]:
         out.append(
             f"ttl: expected a duration above 0 and at most 10s (RFC 8766 5.5.1), got {c.ttl:g}s"
         )
-    for i, cidr in enumerate(c.trusted_resolvers):
-        try:
-            ipaddress.ip_network(cidr, strict=False)
-        except ValueError:
-            out.append(f"trusted_resolvers[{i}]: expected a CIDR prefix, got {_shown(cidr)}")
     return out
 
 
 def _web_problems(w: WebConfig) -> list[str]:
-    m = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\s\[\]]+):(\d{1,5})", w.listen)
-    if not m or int(m.group(2)) > 65535:
-        return [f"listen: expected HOST:PORT, got {_shown(w.listen)}"]
-    if not w.token_file and not is_loopback_host(m.group(1)):
+    if not w.listen:
+        return ["listen: expected HOST:PORT, got ''"]
+    if not w.token_file and not is_loopback_host(w.listen.host):
         return [
             f"listen: {_shown(w.listen)} is not a loopback address; set token_file so that "
             "every request must carry a bearer token"
@@ -574,16 +711,6 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def listen_error(url: str) -> str | None:
-    """Return why a listen URL is wrong, or None."""
-    if url.startswith("unix://"):
-        return None if url[7:].startswith("/") or url[7:] else "expected unix:///PATH"
-    m = re.fullmatch(r"tcp://(\[[0-9a-fA-F:.]+\]|[^:/\s\[\]]+):(\d{1,5})", url)
-    if not m or not 0 <= int(m.group(2)) <= 65535:
-        return f"expected tcp://HOST:PORT or unix:///PATH, got {url!r}"
-    return None
 
 
 MAX_INT_DIGITS = 4300

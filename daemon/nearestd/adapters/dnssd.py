@@ -49,6 +49,7 @@ from dnslib.dns import RD
 
 from nearestd.core import dnssd as core
 from nearestd.core.limits import RateLimiter
+from nearestd.core.netset import normalise_peer
 
 if TYPE_CHECKING:
     from nearestd.config import Config, DnssdConfig
@@ -90,10 +91,6 @@ class Entry(NamedTuple):
     lists: tuple[Any, ...] = ()
 
 
-def _net(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    return ipaddress.ip_network(text, strict=False)
-
-
 def source_prefix(ip: str) -> str:
     """Return the rate-limit key of an address: its /24 (IPv4) or /56 (IPv6)."""
     if ":" not in ip:
@@ -105,11 +102,6 @@ def source_prefix(ip: str) -> str:
         return str(ipaddress.IPv6Network((ip.split("%", 1)[0], 56), strict=False))
     except ValueError:
         return ip
-
-
-def _split_listen(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 def _name(labels: tuple[bytes, ...]) -> DNSLabel:
@@ -170,7 +162,7 @@ class DnssdServer:
         self.wall = wall
         self.cfg = cfg
         self.publisher = self._publisher(cfg)
-        self.trusted = [_net(c) for c in cfg.trusted_resolvers]
+        self.trusted = [c.network for c in cfg.trusted_resolvers]
         self._trusted_memo: dict[str, bool] = {}
         self.limiter = RateLimiter(RATE, BURST, RATE_KEYS)
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
@@ -198,7 +190,7 @@ class DnssdServer:
     async def start(self) -> None:
         """Bind UDP and TCP on every listen address."""
         for addr in self.cfg.listen:
-            host, port = _split_listen(addr)
+            host, port = addr.host, addr.port
             udp = await _Udp.bind(self, host, port)
             self._udp.append(udp)
             bound = udp.port
@@ -238,7 +230,7 @@ class DnssdServer:
         else:
             self.publisher = self._publisher(new)
         self.cfg = new
-        self.trusted = [_net(c) for c in new.trusted_resolvers]
+        self.trusted = [c.network for c in new.trusted_resolvers]
         self._trusted_memo = {}
         self._drop_cache()
 
@@ -270,7 +262,8 @@ class DnssdServer:
         if known is not None:
             return known
         try:
-            addr = ipaddress.ip_address(ip.split("%", 1)[0])
+            # As the prefixes are: IPv4-mapped IPv6 as IPv4, no scope.
+            addr = ipaddress.ip_address(normalise_peer(ip))
         except ValueError:
             return False
         found = any(addr in net for net in self.trusted)
@@ -479,9 +472,8 @@ def _ns(cfg: DnssdConfig) -> tuple[str, ...]:
     """Return the addresses ``ns.<domain>`` has: the specific ``listen`` addresses."""
     out = []
     for addr in cfg.listen:
-        host, _ = _split_listen(addr)
         with contextlib.suppress(ValueError):
-            ip = ipaddress.ip_address(host)
+            ip = ipaddress.ip_address(addr.host)
             if not ip.is_unspecified:
                 out.append(str(ip))
     return tuple(out)

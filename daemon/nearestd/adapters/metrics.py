@@ -1073,12 +1073,6 @@ class SnapshotCollector:
         )
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """Return (host, port) of a ``HOST:PORT`` or ``[V6]:PORT`` listen value."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 class MetricsExporter:
     """The HTTP endpoint on ``[metrics] listen``, with a registry of its own (a component)."""
 
@@ -1123,13 +1117,12 @@ class MetricsExporter:
         listen = self._listen
         if not listen:
             return
-        host, port = split_listen(listen)
         self.collector = SnapshotCollector(self.build, asyncio.get_running_loop())
         self.registry.register(self.collector)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
         GCCollector(registry=self.registry)
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        server, thread = start_http_server(listen.port, addr=listen.host, registry=self.registry)
         self._server, self._thread = server, thread
         thread.name = "metrics-http"
         bound = [str(part) for part in server.server_address]

@@ -45,7 +45,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -232,15 +231,6 @@ class Inbox(asyncio.Queue[aiomqtt.Message]):
         return item
 
 
-def parse_url(url: str) -> tuple[str, int, bool]:
-    """Return (host, port, tls) of an mqtt:// or mqtts:// URL."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "mqtts"
-    host = parts.hostname or "127.0.0.1"
-    port = parts.port or (8883 if tls else 1883)
-    return host, port, tls
-
-
 class MqttAdapter:
     """Keeps the broker connection, answers queries, publishes and reads the inventory."""
 
@@ -261,7 +251,7 @@ class MqttAdapter:
         self.clock = clock
         self.instance = socket.gethostname() if cfg.instance == "hostname" else cfg.instance
         self.prefix = cfg.topic_prefix
-        self.host, self.port, self.tls = parse_url(cfg.url)
+        self.host, self.port, self.tls = cfg.url.host, cfg.url.port, cfg.url.tls
         self.query_topic = f"{self.prefix}/query"
         self.direct_topic = f"{self.prefix}/query/{self.instance}"
         self.devices_prefix = f"{self.prefix}/devices/"

@@ -22,14 +22,13 @@ import stat
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from time import perf_counter
 from typing import Any
 
 from nearest_wire import ErrorCode, FrameDecoder, FrameTooLarge, error_reply
 from nearest_wire.fast import FastFrameEncoder
-from nearestd.config import Config
+from nearestd.config import Cidr, Config, DaemonConfig, SocketUrl
 from nearestd.core.limits import ConnectionSlots, source_key
 from nearestd.core.netset import NetSet, normalise_peer
 from nearestd.logs import client_label
@@ -51,44 +50,20 @@ DRAIN_SECONDS = 1.0
 FD_MARGIN = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Per-connection limits of the socket servers."""
-
-    max_connections: int = 1024
-    max_frame: int = 64 * 1024
-    idle_timeout: float = 60.0
-    frame_timeout: float = 5.0
-    max_in_flight: int = 64
-    max_per_source: int = 64
-    reserved: int = 64
-
-    @classmethod
-    def of(cls, cfg: Config) -> Limits:
-        """Return the limits a config sets."""
-        d = cfg.daemon
-        return cls(
-            d.max_connections,
-            d.max_frame,
-            d.idle_timeout,
-            d.frame_timeout,
-            d.max_in_flight,
-            max_per_source=d.max_connections_per_source,
-            reserved=d.reserved_connections,
-        )
-
-
 class Connections:
     """Open connections over every socket, for the cap and the deadline sweep."""
 
-    def __init__(self, limits: Limits, clock: Callable[[], float]) -> None:
+    def __init__(self, limits: DaemonConfig, clock: Callable[[], float]) -> None:
+        # The [daemon] limits at start: sockets and their caps stay until a restart.
         self.limits = limits
         self.clock = clock
         self.open: set[QueryProtocol] = set()
         # Admin connections have a small cap of their own, so a flood of query
         # connections never locks the operator out.
         self.admin_open = 0
-        self.slots = ConnectionSlots(limits.max_connections, limits.max_per_source, limits.reserved)
+        self.slots = ConnectionSlots(
+            limits.max_connections, limits.max_connections_per_source, limits.reserved_connections
+        )
         self.refused = 0
         self.refused_per_source = 0
         self._warned_at = float("-inf")
@@ -419,6 +394,10 @@ class QueryProtocol(asyncio.Protocol):
         self.conns.forget(self)
 
 
+def _netset(cidrs: list[Cidr]) -> NetSet:
+    return NetSet(c.network for c in cidrs)
+
+
 class SocketServers:
     """Every listening socket of the daemon: the query sockets and the admin socket."""
 
@@ -426,27 +405,25 @@ class SocketServers:
 
     def __init__(self, service: Service, clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service
-        limits = Limits.of(service.cfg)
+        limits = service.cfg.daemon
         self.conns = Connections(limits, clock)
         self.servers: list[asyncio.AbstractServer] = []
         self.unix_paths: list[Path] = []
         self.addresses: list[str] = []
         _ensure_fd_room(limits.max_connections + ADMIN_MAX_CONNECTIONS + FD_MARGIN)
-        self.allow = NetSet(service.cfg.daemon.allow)
-        self.trusted = NetSet(service.cfg.daemon.trusted_peers)
+        self.allow = _netset(limits.allow)
+        self.trusted = _netset(limits.trusted_peers)
 
     async def start(self) -> None:
         """Listen on ``[daemon] listen`` and the admin socket; raise OSError if one cannot be."""
         cfg = self.service.cfg
         for url in cfg.daemon.listen:
-            if url.startswith("unix://"):
-                url = f"unix://{cfg.resolve(url[7:])}"
             self.addresses.append(await self.listen(url))
         if cfg.daemon.admin_socket:
             self.addresses.append(
                 await self.listen_admin(
                     cfg.resolve(cfg.daemon.admin_socket),
-                    int(cfg.daemon.admin_mode, 8),
+                    cfg.daemon.admin_mode,
                     cfg.daemon.admin_group,
                 )
             )
@@ -484,10 +461,10 @@ class SocketServers:
             "fds": _open_fds(),
         }
 
-    def set_policy(self, allow: list[str], trusted: list[str]) -> None:
+    def set_policy(self, allow: list[Cidr], trusted: list[Cidr]) -> None:
         """Replace who may query and who is trusted (after a reload)."""
-        self.allow = NetSet(allow)
-        self.trusted = NetSet(trusted)
+        self.allow = _netset(allow)
+        self.trusted = _netset(trusted)
         d = self.service.cfg.daemon
         self.conns.slots.configure(
             self.conns.limits.max_connections, d.max_connections_per_source, d.reserved_connections
@@ -497,12 +474,13 @@ class SocketServers:
         ip = normalise_peer(str(peername[0])) if peername else "0.0.0.0"
         return Peer("tcp", ip, trusted=self.trusted.contains(ip), allowed=self.allow.contains(ip))
 
-    async def listen(self, url: str) -> str:
+    async def listen(self, url: SocketUrl) -> str:
         """Start serving on a tcp:// or unix:// URL; return the bound address."""
         loop = asyncio.get_running_loop()
-        if url.startswith("unix://"):
-            path = Path(url[7:])
-            sock = _unix_socket(path, int(self.service.cfg.daemon.socket_mode, 8), "")
+        cfg = self.service.cfg
+        if url.unix:
+            path = cfg.resolve(url.path)
+            sock = _unix_socket(path, cfg.daemon.socket_mode, "")
             server = await loop.create_unix_server(
                 lambda: QueryProtocol(self.service, self.conns, "unix", lambda _: UNIX_PEER),
                 sock=sock,
@@ -510,13 +488,10 @@ class SocketServers:
             self.servers.append(server)
             self.unix_paths.append(path)
             return f"unix://{path}"
-        hostport = url[6:]
-        host, _, port = hostport.rpartition(":")
-        host = host.strip("[]")
         server = await loop.create_server(
             lambda: QueryProtocol(self.service, self.conns, "tcp", self._tcp_peer),
-            host,
-            int(port),
+            url.host,
+            url.port,
             reuse_address=True,
             # asyncio accepts up to ``backlog`` connections per wake-up; a smaller burst
             # keeps a connection flood from stalling requests already being served.

@@ -107,8 +107,7 @@ class WebView:
         app.router.add_get("/favicon.ico", self._no_icon)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
-        host, _, port = self.web.listen.rpartition(":")
-        site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+        site = web.TCPSite(runner, self.web.listen.host, self.web.listen.port, reuse_address=True)
         try:
             await site.start()
         except OSError:

@@ -11,13 +11,18 @@ import pytricia
 class NetSet:
     """A set of IPv4 and IPv6 prefixes; ``contains`` takes an address string."""
 
-    def __init__(self, cidrs: Iterable[str]) -> None:
+    def __init__(
+        self, cidrs: Iterable[str | ipaddress.IPv4Network | ipaddress.IPv6Network]
+    ) -> None:
         self._v4 = pytricia.PyTricia(32)
         self._v6 = pytricia.PyTricia(128)
         self.cidrs: tuple[str, ...] = ()
         kept = []
         for cidr in cidrs:
-            net = normalise_network(ipaddress.ip_network(cidr, strict=False))
+            # Networks come parsed from the config; text (tests, the client) is parsed here.
+            net = normalise_network(
+                ipaddress.ip_network(cidr, strict=False) if isinstance(cidr, str) else cidr
+            )
             (self._v4 if net.version == 4 else self._v6)[str(net)] = True
             kept.append(str(net))
         self.cidrs = tuple(kept)
