@@ -178,3 +178,25 @@ def test_a_rogue_with_a_note_does_not_win_the_tie_against_a_static_printer() -> 
     assert costs[rogue.id] == costs[static.device.id] == 0.0
     assert ids.index(static.device.id) < ids.index(rogue.id)
     assert hits == table.index.brute_force(zone, "printer", Need(), 20, Ranking())
+
+
+def test_the_local_generation_follows_this_daemons_own_devices_only() -> None:
+    table = DeviceTable(build_sitemap([]))
+
+    def dev(device_id: str, source: str) -> Device:
+        return Device(device_id, DeviceKind.PRINTER, device_id, "ipp://10.0.0.1/", source=source)
+
+    steps = [  # (change, does it bump local_generation)
+        (lambda: table.upsert(dev("f1", "mqtt"), 1.0), False),  # a foreign device arrives
+        (lambda: table.upsert(dev("m1", "mdns"), 1.0), True),  # one found here
+        (lambda: table.upsert(replace(dev("f1", "mqtt"), name="F"), 2.0), False),
+        (lambda: table.remove("f1"), False),  # a foreign device leaves
+        (lambda: table.upsert(dev("m1", "mqtt"), 3.0), True),  # a local one shadowed away
+        (lambda: table.remove("m1"), False),  # now foreign: its leaving is not ours
+        (lambda: table.set_sitemap(build_sitemap([])), True),
+    ]
+    for change, bumps in steps:
+        generation, local = table.generation, table.local_generation
+        change()
+        assert table.generation > generation
+        assert (table.local_generation > local) is bumps

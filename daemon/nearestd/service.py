@@ -540,6 +540,7 @@ class Service:
         self.sitemap = new.sitemap
         self.ranking = new.ranking
         table.generation = old.generation + 1
+        table.local_generation = old.local_generation + 1
         self.table = table
         for device_id in carried:
             if device_id not in now_dynamic:

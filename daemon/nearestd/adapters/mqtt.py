@@ -584,7 +584,7 @@ class MqttAdapter:
         # What the broker still holds from us counts as published: only changes go out, so a
         # reconnection sends no burst across a bridge, and records of devices gone are cleared.
         self.inventory = Inventory(published=dict(self._own_retained))
-        self._generation = self.service.table.generation
+        self._generation = self.service.table.local_generation
         await self._publish_inventory(client)
         if self._rival_session is not None and not self._rival:
             self._rival = True
@@ -638,7 +638,9 @@ class MqttAdapter:
                 await client.publish(self.alive_topic, payload, qos=0)
             await asyncio.sleep(INVENTORY_PERIOD)
             self.askers.prune(self.clock())
-            gen = self.service.table.generation
+            # Only this daemon's own devices are published, and only their leaving can
+            # uncover a shadowed foreign one: a burst of foreign records costs no pass here.
+            gen = self.service.table.local_generation
             if gen != self._generation:
                 self._generation = gen
                 if self.federation is not None:

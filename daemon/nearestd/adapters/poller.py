@@ -270,9 +270,10 @@ class Poller:
     def sync_targets(self, now: float) -> None:
         """Follow the device table: new devices get a due time, gone ones are dropped."""
         table = self.service.table
-        if table.generation == self._generation:
+        # Federated devices are not polled: only this daemon's own changes matter here.
+        if table.local_generation == self._generation:
             return
-        self._generation = table.generation
+        self._generation = table.local_generation
         targets: dict[str, PollTarget] = {}
         static_poll = self.service.sitemap.static_poll
         for rec in table.records():

@@ -35,6 +35,10 @@ from nearestd.service import Service
 LOG = logging.getLogger("nearestd.snapshot")
 FILE_NAME = "inventory.json"
 DEBOUNCE = 2.0
+# Federated devices come back from the broker's retained records at a restart; the snapshot
+# only bridges a broker that is down then. Their changes are written less often, so a burst
+# of foreign records is not encoded again every two seconds.
+FOREIGN_DEBOUNCE = 15.0
 REFRESH = 60.0
 CHECK_EVERY = 0.5
 FLUSH_SECONDS = 1.0
@@ -98,6 +102,7 @@ class InventorySnapshots:
         self.writes_failed = 0
         self.last_write = 0.0
         self._saved_generation: int | None = None
+        self._saved_local: int | None = None
         self._saved_newest = 0.0
         self._changed_at: float | None = None
         self._last_error = ""
@@ -199,10 +204,12 @@ class InventorySnapshots:
         """Return whether a write is due: a change a debounce period old, or old last-seen times."""
         if not self._ready:
             return False
-        if self.service.table.generation != self._saved_generation:
+        table = self.service.table
+        if table.generation != self._saved_generation:
             if self._changed_at is None:
                 self._changed_at = now
-            return now - self._changed_at >= self.debounce
+            own = table.local_generation != self._saved_local
+            return now - self._changed_at >= (self.debounce if own else FOREIGN_DEBOUNCE)
         return self._newest() - self._saved_newest >= self.refresh
 
     async def write(self) -> bool:
@@ -212,6 +219,7 @@ class InventorySnapshots:
 
     async def _write(self) -> bool:
         generation = self.service.table.generation
+        local = self.service.table.local_generation
         saved = self.collect()
         newest = max((s.last_seen for s in saved), default=0.0)
         now = self.clock()
@@ -234,6 +242,7 @@ class InventorySnapshots:
         self.writes_ok += 1
         self.last_write = now
         self._saved_generation = generation
+        self._saved_local = local
         self._saved_newest = newest
         self._changed_at = None
         LOG.debug("inventory snapshot written", extra={"devices": len(saved)})

@@ -16,6 +16,9 @@ from nearestd.core.model import Device, DeviceState, Placement, PlacementMethod,
 from nearestd.core.quarantine import QUARANTINE_MAX, Quarantined, find_pin, quarantine_reason
 from nearestd.core.sitemap import SiteMap
 
+# The source of devices learned from other daemons over MQTT (core/federation.py).
+FEDERATED = "mqtt"
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -186,6 +189,10 @@ class DeviceTable:
         # availability, visibility, tie-break), so a supply level or a state reason leaves
         # cached answers valid.
         self.generation = 0
+        # Bumped only by changes to this daemon's own devices (not federated ones): what
+        # the poller, the published inventory and the snapshot follow, so a burst of
+        # foreign records does not make each of them pass over the whole table again.
+        self.local_generation = 0
         self.rank_generation = 0
         # Per site, the same count: a client who may only be answered from its own site
         # keeps its cached answers while devices of other sites come and go.
@@ -268,6 +275,15 @@ class DeviceTable:
         records = self._records
         return [records[device_id] for device_id in self._dynamic]
 
+    def found_here(self) -> list[Record]:
+        """Return the records of devices this daemon found itself (not static, not federated)."""
+        records = self._records
+        return [
+            r
+            for r in (records[device_id] for device_id in self._dynamic)
+            if r.device.source != FEDERATED
+        ]
+
     def _note_source(self, device: Device) -> None:
         if device.source != "static":
             self._dynamic[device.id] = None
@@ -294,6 +310,8 @@ class DeviceTable:
         self._note_source(device)
         self._reindex(device, placement)
         self.generation += 1
+        if device.source != FEDERATED or (old is not None and old.device.source != FEDERATED):
+            self.local_generation += 1
         return "added" if old is None else "updated"
 
     def _quarantine(self, device: Device, reason: str, now: float) -> str:
@@ -322,7 +340,8 @@ class DeviceTable:
             del self.quarantine[k]
         if device_id in self._static or device_id not in self._records:
             return bool(held)
-        del self._records[device_id]
+        if self._records.pop(device_id).device.source != FEDERATED:
+            self.local_generation += 1
         self._dynamic.pop(device_id, None)
         before = self.index.get(device_id)
         if before is not None:
@@ -351,9 +370,10 @@ class DeviceTable:
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
         generation, rank_generation = self.generation, self.rank_generation
-        epoch = self.rank_epoch
+        epoch, local = self.rank_epoch, self.local_generation
         vars(self).update(vars(DeviceTable(sitemap, self.carried())))
         self.generation = generation + 1
+        self.local_generation = local + 1
         self.rank_generation = rank_generation + 1
         self.rank_epoch = epoch + 1
 

@@ -24,11 +24,11 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from nearest_wire import PAPER_CLASSES
-from nearestd.core.devices import Record
+from nearestd.core.devices import FEDERATED, Record
 from nearestd.core.model import Capabilities, Device, DeviceKind, DeviceState
 
 RECORD_VERSION = 1
-SOURCE = "mqtt"
+SOURCE = FEDERATED
 ONLINE = b"online"
 OFFLINE = b"offline"
 MAX_ID = 256

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from nearest_wire import PAPER_CLASSES
 from nearestd.core.model import Capabilities, Device, DeviceKind, DeviceState, Endpoint
 
@@ -79,12 +81,12 @@ def encode_inventory(saved: Iterable[Saved], written: float) -> bytes:
     head = {"format": FORMAT, "version": VERSION, "written": written}
     # One small dumps() per device rather than one big one: the writer runs in a thread,
     # and a single C-level dumps of thousands of devices would hold the GIL (and so the
-    # event loop) for tens of milliseconds.
+    # event loop) for tens of milliseconds. orjson: about 5x the standard module's speed.
     devices = [
-        _dumps({"last_seen": s.last_seen, "device": device_to_json(s.device)})
+        orjson.dumps({"last_seen": s.last_seen, "device": device_to_json(s.device)})
         for s in sorted(saved, key=lambda s: s.device.id)
     ]
-    return f'{_dumps(head)[:-1]},"devices":[{",".join(devices)}]}}'.encode()
+    return _dumps(head)[:-1].encode() + b',"devices":[' + b",".join(devices) + b"]}"
 
 
 def _dumps(obj: Any) -> str:
