@@ -417,3 +417,34 @@ def test_pipelined_admin_requests_around_a_reload_are_answered_in_order(
     assert [r["id"] for r in replies] == [1, 2, 3, 4]
     assert replies[1]["reloaded"] is True
     assert replies[2]["stats"]["operations"]["reloads_ok"] == 1
+
+
+def test_a_reload_shares_one_core_with_the_loop_and_gives_every_thread_its_cores_back() -> None:
+    import os
+    import threading
+
+    from nearestd.app import restore_cores, share_one_core
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.fail("this machine has one core: nothing to share (make test runs on two)")
+    seen: dict[str, object] = {}
+
+    def loop_thread() -> None:
+        before = os.sched_getaffinity(0)
+        core = share_one_core()
+        assert core is not None
+        cpu, cpus = core
+        seen["during"] = os.sched_getaffinity(0)
+        started = threading.Thread(target=lambda: seen.setdefault("child", os.sched_getaffinity(0)))
+        started.start()  # a thread started meanwhile inherits the one core
+        started.join()
+        restore_cores(cpu, cpus)
+        seen["after"] = os.sched_getaffinity(0)
+        seen["cpu"], seen["before"] = cpu, before
+
+    t = threading.Thread(target=loop_thread)
+    t.start()
+    t.join(30)
+    assert seen["during"] == {seen["cpu"]} and seen["child"] == {seen["cpu"]}
+    assert seen["after"] == seen["before"]
+    assert os.sched_getaffinity(0) == seen["before"]  # other threads were never moved
