@@ -387,7 +387,7 @@ def share_one_core() -> tuple[int, set[int]] | None:
     other core takes the GIL back each time the loop's thread drops it for a system call
     (a read, a write, a poll), before that thread can run again: queries waited up to
     80-180 ms. On one shared core the scheduler hands the GIL over at once (measured with
-    the reload bench: the largest delay 28-41 ms, the reload 10-30% slower). None where
+    the reload bench: the largest delay 30-36 ms, the reload no slower). None where
     there is one core, or no affinity to set.
     """
     try:
