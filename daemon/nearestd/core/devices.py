@@ -275,15 +275,6 @@ class DeviceTable:
         records = self._records
         return [records[device_id] for device_id in self._dynamic]
 
-    def found_here(self) -> list[Record]:
-        """Return the records of devices this daemon found itself (not static, not federated)."""
-        records = self._records
-        return [
-            r
-            for r in (records[device_id] for device_id in self._dynamic)
-            if r.device.source != FEDERATED
-        ]
-
     def _note_source(self, device: Device) -> None:
         if device.source != "static":
             self._dynamic[device.id] = None
