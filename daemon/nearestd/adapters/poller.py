@@ -157,7 +157,6 @@ class Poller:
         # The decisions (who is due, backoff, heard-again) live in the core.
         self.plan = PollSchedule(cfg.interval, cfg.max_backoff, cfg.jitter)
         self._generation = -1
-        self._targets: dict[str, tuple[tuple[Any, ...], PollTarget | None, str | None]] = {}
         self._tls = insecure_tls_context()
         self._pool: Workers | None = None
         self._open = OpenSockets()
@@ -183,7 +182,6 @@ class Poller:
         if self._runner is not None or not self.cfg.enabled:
             return
         self._policy = await asyncio.get_running_loop().run_in_executor(None, self.address_policy)
-        self._targets = {}  # their address checks were made under the old policy
         self._pool = Workers(self.cfg.concurrency)
         self.plan.started_at = self._clock()
         self._runner = self._spawn(self._run(), "poller")
@@ -233,7 +231,6 @@ class Poller:
             self.service.set_live(device_id, None)
         self.plan = PollSchedule(self.cfg.interval, self.cfg.max_backoff, self.cfg.jitter)
         self._generation = -1
-        self._targets = {}
 
     def reconfigure(self, cfg: Config) -> None:
         """Follow a reload; a change of ``enabled`` or ``concurrency`` restarts in the background."""
@@ -252,7 +249,6 @@ class Poller:
         restart = (cfg.enabled, cfg.concurrency) != (self.cfg.enabled, self.cfg.concurrency)
         if cfg.static != self.cfg.static:
             self._generation = -1  # which static devices are polled changed
-            self._targets = {}
         self.cfg = cfg
         self.plan.interval, self.plan.max_backoff = cfg.interval, cfg.max_backoff
         self.plan.jitter = cfg.jitter
@@ -280,33 +276,18 @@ class Poller:
         self._generation = table.local_generation
         targets: dict[str, PollTarget] = {}
         static_poll = self.service.sitemap.static_poll
-        # A poll's result replaces the device (its state) but not how it is polled: the
-        # target and its address check are kept per device while their inputs stay.
-        memo = self._targets
-        kept: dict[str, tuple[tuple[Any, ...], PollTarget | None, str | None]] = {}
         for rec in table.records():
-            device = rec.device
             # The cheap test first: a large map's static devices are mostly not polled.
-            if device.source == "static" and not static_poll.get(device.id, self.cfg.static):
+            if rec.device.source == "static" and not static_poll.get(
+                rec.device.id, self.cfg.static
+            ):
                 continue
-            device_id = device.id
-            key = (
-                device.uri,
-                device.endpoints,
-                device.addresses,
-                device.kind,
-                device.source,
-                device.is_queue,
-            )
-            hit = memo.get(device_id)
-            if hit is not None and hit[0] == key:
-                _, target, why = hit
-            else:
-                target = poll_target(device)
-                why = None if target is None else self.refusal(uri_host(target.url) or "")
-            kept[device_id] = (key, target, why)
+            target = poll_target(rec.device)
             if target is None:
                 continue
+            device_id = rec.device.id
+            host = uri_host(target.url) or ""
+            why = self.refusal(host)
             if why is not None and why != "not-an-address":  # a host name: checked at connect
                 if device_id not in self._refused_ids and len(self._refused_ids) < 65536:
                     self._refused_ids.add(device_id)
@@ -317,7 +298,6 @@ class Poller:
                     )
                 continue
             targets[device_id] = target
-        self._targets = kept
         dropped = [d for d in self.plan.targets if d not in targets]
         self.plan.follow(targets, now, self._rand())
         for device_id in dropped:
