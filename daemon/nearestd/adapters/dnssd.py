@@ -49,7 +49,7 @@ from dnslib.dns import RD
 
 from nearestd.core import dnssd as core
 from nearestd.core.limits import RateLimiter
-from nearestd.core.netset import normalise_peer
+from nearestd.core.netset import NetSet, normalise_peer
 
 if TYPE_CHECKING:
     from nearestd.config import Config, DnssdConfig
@@ -162,7 +162,7 @@ class DnssdServer:
         self.wall = wall
         self.cfg = cfg
         self.publisher = self._publisher(cfg)
-        self.trusted = [c.network for c in cfg.trusted_resolvers]
+        self.trusted = NetSet(c.network for c in cfg.trusted_resolvers)
         self._trusted_memo: dict[str, bool] = {}
         self.limiter = RateLimiter(RATE, BURST, RATE_KEYS)
         self.cache: OrderedDict[tuple[bytes, str | None, bool], Entry] = OrderedDict()
@@ -230,7 +230,7 @@ class DnssdServer:
         else:
             self.publisher = self._publisher(new)
         self.cfg = new
-        self.trusted = [c.network for c in new.trusted_resolvers]
+        self.trusted = NetSet(c.network for c in new.trusted_resolvers)
         self._trusted_memo = {}
         self._drop_cache()
 
@@ -256,17 +256,15 @@ class DnssdServer:
 
     def is_trusted(self, ip: str) -> bool:
         """Return whether an address is one of the trusted resolvers (memoised per address)."""
-        if not self.trusted:
+        if not self.trusted.cidrs:
             return False
         known = self._trusted_memo.get(ip)
         if known is not None:
             return known
         try:
-            # As the prefixes are: IPv4-mapped IPv6 as IPv4, no scope.
-            addr = ipaddress.ip_address(normalise_peer(ip))
+            found = self.trusted.contains(normalise_peer(ip))
         except ValueError:
             return False
-        found = any(addr in net for net in self.trusted)
         if len(self._trusted_memo) >= LOG_MEMO:
             self._trusted_memo.clear()
         self._trusted_memo[ip] = found
