@@ -14,7 +14,7 @@ import re
 import tomllib
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, cast, get_args, get_origin, get_type_hints
 
 from nearestd.core.netset import normalise_network
 from nearestd.core.ranking import Ranking as RankingConfig
@@ -122,22 +122,14 @@ class AddressPort(HostPort):
     @classmethod
     def parse(cls, text: str) -> AddressPort:
         """Return the address's parts, or raise ValueError."""
-        out = cls(text)
-        m = _HOST_PORT.fullmatch(text)
         try:
-            if (
-                m is None
-                or _port(m.group(2)) is None
-                or not (m.group(1).startswith("[") or ":" not in m.group(1))
-            ):
-                raise ValueError
-            ipaddress.ip_address(m.group(1).strip("[]"))
+            out = super().parse(text)
+            ipaddress.ip_address(out.host)  # an empty host (no text) is refused here too
         except ValueError:
             raise ValueError(
                 f"expected IP:PORT or [IPv6]:PORT (an address, not a host name), got {_shown(text)}"
             ) from None
-        out.host, out.port = m.group(1).strip("[]"), int(m.group(2))
-        return out
+        return cast(AddressPort, out)
 
 
 class BrokerUrl(Parsed):
@@ -481,8 +473,13 @@ SECTIONS = {
 }
 
 
+def _parsed(t: Any) -> bool:
+    """Return whether a field's type is written as a string and parsed (``parse``)."""
+    return t is Mode or (isinstance(t, type) and issubclass(t, Parsed))
+
+
 def _type_name(t: Any) -> str:
-    if t is Mode or (isinstance(t, type) and issubclass(t, Parsed)):
+    if _parsed(t):
         return "a string"  # what TOML holds; the parse says what it must say
     if t is Duration:
         return 'a duration string like "90s"'
@@ -501,7 +498,7 @@ def _type_name(t: Any) -> str:
 
 def _convert(value: Any, t: Any) -> Any:
     """Return the value converted to type t, or raise TypeError/ValueError."""
-    if t is Mode or (isinstance(t, type) and issubclass(t, Parsed)):
+    if _parsed(t):
         if not isinstance(value, str):
             raise TypeError
         return t.parse(value)
