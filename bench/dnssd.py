@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,7 @@ def _nsd(tmp: Path, records: list[Any], port: int) -> subprocess.Popen[bytes]:
         ["nsd", "-d", "-c", str(zd / "nsd.conf")],
         stdout=log,
         stderr=subprocess.STDOUT,
-        preexec_fn=_pin_server,  # NSD's server processes, forked later, inherit it
+        preexec_fn=_pinned(0),  # NSD's server processes, forked later, inherit it
     )
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -304,16 +305,15 @@ def _pin(pid: int) -> None:
             os.sched_setaffinity(int(task), cpus[0])
 
 
-def _pin_server() -> None:
-    cpus = _cpus()
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus[0])
+def _pinned(side: int) -> Callable[[], None]:
+    """Return a ``preexec_fn`` that puts a new process on the servers' (0) or dnsperf's (1) cores."""
 
+    def pin() -> None:
+        cpus = _cpus()
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus[side])
 
-def _pin_dnsperf() -> None:
-    cpus = _cpus()
-    if cpus is not None:
-        os.sched_setaffinity(0, cpus[1])
+    return pin
 
 
 def _dnsperf(port: int, data: Path, qps: float | None = None, passes: int = 0) -> dict[str, float]:
@@ -323,7 +323,7 @@ def _dnsperf(port: int, data: Path, qps: float | None = None, passes: int = 0) -
     if qps is not None:
         argv += ["-Q", str(int(qps)), "-v"]
     r = subprocess.run(
-        argv, capture_output=True, text=True, timeout=DURATION + 60, preexec_fn=_pin_dnsperf
+        argv, capture_output=True, text=True, timeout=DURATION + 60, preexec_fn=_pinned(1)
     )
     out: dict[str, float] = {}
     lat: list[float] = []
