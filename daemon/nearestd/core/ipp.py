@@ -151,17 +151,26 @@ def _decode_value(tag: int, raw: bytes, at: int) -> Value:
     return None
 
 
+def _short(data: bytes, pos: int, n: int, what: str) -> IppDecodeError:
+    return IppDecodeError(f"offset {pos}: {what} needs {n} bytes, only {len(data) - pos} left")
+
+
 def decode_response(
     data: bytes,
     max_attributes: int = MAX_ATTRIBUTES,
     max_values: int = MAX_VALUES,
 ) -> IppResponse:
     """Decode an IPP response; raise IppDecodeError on anything malformed or too large."""
-    r = _Reader(data)
-    major = r.u8("version")
-    minor = r.u8("version")
-    (status,) = struct.unpack(">H", r.take(2, "status-code"))
-    (request_id,) = struct.unpack(">I", r.take(4, "request-id"))
+    # Offsets are kept in locals rather than a reader object: this runs once per poll, and
+    # the method calls were most of its cost.
+    size = len(data)
+    if size < 8:
+        r = _Reader(data)
+        r.u8("version")
+        r.u8("version")
+        r.take(2, "status-code")
+        r.take(4, "request-id")
+    major, minor, status, request_id = _HEADER.unpack_from(data)
     if major not in (1, 2):
         raise IppDecodeError(f"offset 0: unsupported IPP version {major}.{minor}")
     groups: dict[int, dict[str, list[Value]]] = {TAG_PRINTER: {}, TAG_OPERATION: {}}
@@ -171,9 +180,13 @@ def decode_response(
     have_name = False
     values: list[Value] | None = None
     count = 0
+    pos = 8
     while True:
-        at = r.pos
-        tag = r.u8("tag (no end-of-attributes tag)")
+        at = pos
+        if pos >= size:
+            raise _short(data, pos, 1, "tag (no end-of-attributes tag)")
+        tag = data[pos]
+        pos += 1
         if tag == TAG_END:
             break
         if tag < 0x10:
@@ -187,23 +200,43 @@ def decode_response(
         if not in_group:
             raise IppDecodeError(f"offset {at}: attribute before any attribute group")
         if tag == TAG_EXTENSION:
-            r.take(4, "extension tag")
-        name_len = r.u16("name length")
-        name = r.take(name_len, "name")
-        raw = r.take(r.u16("value length"), "value")
+            if pos + 4 > size:
+                raise _short(data, pos, 4, "extension tag")
+            pos += 4
+        if pos + 2 > size:
+            raise _short(data, pos, 2, "name length")
+        name_len = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        if pos + name_len > size:
+            raise _short(data, pos, name_len, "name")
+        name_at = pos
+        pos += name_len
+        if pos + 2 > size:
+            raise _short(data, pos, 2, "value length")
+        value_len = (data[pos] << 8) | data[pos + 1]
+        pos += 2
+        if pos + value_len > size:
+            raise _short(data, pos, value_len, "value")
+        raw = data[pos : pos + value_len]
+        pos += value_len
         count += 1
         if count > max_attributes:
             raise IppDecodeError(f"offset {at}: more than {max_attributes} attribute values")
         if tag == TAG_BEGIN_COLLECTION:
+            r = _Reader(data)
+            r.pos = pos
             _skip_collection(r)
+            pos = r.pos
             value: Value = None
         elif tag in (TAG_END_COLLECTION, TAG_MEMBER_NAME):
             raise IppDecodeError(f"offset {at}: collection member outside a collection")
+        elif tag in _STRING_TAGS:
+            value = raw.decode("utf-8", "replace")
         else:
             value = _decode_value(tag, raw, at)
         if name_len:
             have_name = True
-            key = name.decode("utf-8", "replace")
+            key = data[name_at : name_at + name_len].decode("utf-8", "replace")
             if group is None or key in group:
                 values = None
             else:
@@ -221,6 +254,9 @@ def decode_response(
         {k: tuple(v) for k, v in groups[TAG_PRINTER].items()},
         {k: tuple(v) for k, v in groups[TAG_OPERATION].items()},
     )
+
+
+_HEADER = struct.Struct(">BBHI")
 
 
 def _skip_collection(r: _Reader) -> None:
