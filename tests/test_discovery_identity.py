@@ -200,3 +200,25 @@ def test_the_local_generation_follows_this_daemons_own_devices_only() -> None:
         change()
         assert table.generation > generation
         assert (table.local_generation > local) is bumps
+
+
+def test_the_reach_generation_moves_only_when_how_a_device_is_polled_can_change() -> None:
+    table = DeviceTable(build_sitemap([]))
+    m1 = Device("m1", DeviceKind.PRINTER, "M1", "ipp://10.0.0.1/", source="mdns")
+    steps = [  # (change, does it bump reach_generation: the poller walks the table again)
+        (lambda: table.upsert(m1, 1.0), True),  # a device arrives
+        (lambda: table.upsert(replace(m1, state=DeviceState.PROCESSING), 2.0), False),
+        (lambda: table.upsert(replace(m1, state_reasons=("toner-low",)), 2.0), False),
+        (lambda: table.upsert(replace(m1, accepting_jobs=False), 2.0), False),
+        (lambda: table.upsert(replace(m1, name="Renamed"), 2.0), False),
+        (lambda: table.upsert(replace(m1, addresses=("10.0.0.2",)), 3.0), True),
+        (lambda: table.upsert(replace(m1, uri="ipps://10.0.0.1/"), 3.0), True),
+        (lambda: table.upsert(Device("f1", DeviceKind.PRINTER, "F", "ipp://10.0.0.9/", source="mqtt"), 3.0), False),
+        (lambda: table.remove("f1"), False),  # foreign devices are never polled here
+        (lambda: table.remove("m1"), True),
+        (lambda: table.set_sitemap(build_sitemap([])), True),
+    ]
+    for i, (change, bumps) in enumerate(steps):
+        reach = table.reach_generation
+        change()
+        assert (table.reach_generation > reach) is bumps, f"step {i}"

@@ -541,6 +541,7 @@ class Service:
         self.ranking = new.ranking
         table.generation = old.generation + 1
         table.local_generation = old.local_generation + 1
+        table.reach_generation = old.reach_generation + 1
         self.table = table
         for device_id in carried:
             if device_id not in now_dynamic:

@@ -31,6 +31,7 @@ import logging
 import math
 import queue
 import random
+import re
 import socket
 import ssl
 import threading
@@ -40,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import h11
+import httptools
 
 from nearestd.adapters.component import Spawn, spawn_task
 from nearestd.config import Config, PollerConfig
@@ -70,7 +71,7 @@ TICK_SECONDS = 0.25
 # change of what can be answered (availability, placement) goes in the next tick's batch;
 # one that only reorders ties or shows (idle/processing, reasons, supplies) may wait.
 USER_AGENT = "nearestd-poller"
-# The status line and headers together, at most (h11 refuses a longer head).
+# The status line and headers together, at most.
 MAX_HEAD = 16384
 MAX_HEADERS = 64
 # Every reason a poll can fail for; they are the unreachable reasons and the metric labels.
@@ -270,10 +271,11 @@ class Poller:
     def sync_targets(self, now: float) -> None:
         """Follow the device table: new devices get a due time, gone ones are dropped."""
         table = self.service.table
-        # Federated devices are not polled: only this daemon's own changes matter here.
-        if table.local_generation == self._generation:
+        # Only a change of this daemon's own devices' addresses matters here (federated
+        # devices are not polled, and a poll result changes a device's state, not its reach).
+        if table.reach_generation == self._generation:
             return
-        self._generation = table.local_generation
+        self._generation = table.reach_generation
         targets: dict[str, PollTarget] = {}
         static_poll = self.service.sitemap.static_poll
         for rec in table.records():
@@ -579,14 +581,27 @@ def _http(
     open_sockets: OpenSockets,
     refuse: Callable[[str], str | None] | None = None,
 ) -> bytes:
-    # One request per connection through h11 (the sans-I/O HTTP/1.1 codec httpcore uses):
-    # it frames Content-Length, chunked and close-delimited replies; this bounds the head,
-    # the header count, the body and every read by the deadline.
+    # One request per connection; the reply is framed by httptools (llhttp, Node's HTTP/1.1
+    # parser): Content-Length, chunked and close-delimited. This bounds the head, the header
+    # count, the body and every read by the deadline.
     parts = urlsplit(url)
     secure = parts.scheme == "https"
     # An IPv6 zone is written %25 in a URI (RFC 6874) and % to the resolver.
     host = (parts.hostname or "").replace("%25", "%")
     port = parts.port or (443 if secure else 80)
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    # The URL comes from a device's advertisement: nothing in it may end a header line.
+    if not _TOKEN.fullmatch(path) or not _TOKEN.fullmatch(parts.netloc):
+        raise PollFailure("http-error", "the device's URL has a space or control character")
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUser-Agent: {USER_AGENT}\r\n"
+        "Accept-Encoding: identity\r\nConnection: close\r\n"
+    )
+    if body is not None:
+        head += f"Content-Type: application/ipp\r\nContent-Length: {len(body)}\r\n"
+    request = (head + "\r\n").encode("ascii") + (body or b"")
     sock = _connect(host, port, deadline, open_sockets, refuse)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -598,62 +613,120 @@ def _http(
             open_sockets.discard(raw)
             open_sockets.add(sock)
             sock.do_handshake()
-        path = parts.path or "/"
-        if parts.query:
-            path += "?" + parts.query
-        headers = [
-            ("Host", parts.netloc),
-            ("User-Agent", USER_AGENT),
-            ("Accept-Encoding", "identity"),
-            ("Connection", "close"),
-        ]
-        if body is not None:
-            headers += [("Content-Type", "application/ipp"), ("Content-Length", str(len(body)))]
-        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
-        out = conn.send(h11.Request(method=method, target=path, headers=headers))
-        if body:
-            out += conn.send(h11.Data(data=body))
-        out += conn.send(h11.EndOfMessage())
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        sock.sendall(out)
-        return _read_reply(conn, sock, deadline, limit)
-    except h11.ProtocolError as exc:
-        raise PollFailure("http-error", f"bad HTTP reply: {exc}") from None
+        sock.sendall(request)
+        return _read_reply(sock, deadline, limit)
     finally:
         open_sockets.discard(sock)
         sock.close()
 
 
-def _read_reply(conn: h11.Connection, sock: socket.socket, deadline: float, limit: int) -> bytes:
-    """Read one reply's body through h11: status 200 only, at most ``limit`` bytes."""
-    data = bytearray()
+_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
+class _Reply:
+    """What httptools reports of one reply, checked as it comes: status, head, body."""
+
+    __slots__ = (
+        "body",
+        "complete",
+        "error",
+        "framed",
+        "head_bytes",
+        "headers",
+        "limit",
+        "parser",
+        "status",
+    )
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.body = bytearray()
+        self.status = 0
+        self.headers = 0
+        self.head_bytes = 0
+        self.framed = False
+        self.complete = False
+        self.error: PollFailure | None = None
+        self.parser: httptools.HttpResponseParser | None = None
+
+    def fail(self, kind: str, detail: str) -> None:
+        if self.error is None:
+            self.error = PollFailure(kind, detail)
+
+    def on_message_begin(self) -> None:
+        # A 1xx reply comes before the real one and is skipped whole.
+        self.headers = self.head_bytes = 0
+        self.framed = False
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers += 1
+        self.head_bytes += len(name) + len(value) + 4
+        if self.headers > MAX_HEADERS:
+            self.fail("http-error", f"more than {MAX_HEADERS} header lines")
+        elif self.head_bytes > MAX_HEAD:
+            self.fail("http-error", f"a reply head over {MAX_HEAD} bytes")
+        lower = name.lower()
+        if lower == b"content-length":
+            self.framed = True
+            if value.strip().isdigit() and int(value) > self.limit:
+                self.fail("too-large", f"{int(value)} bytes announced")
+        elif lower == b"transfer-encoding":
+            self.framed = True
+
+    def on_headers_complete(self) -> None:
+        if self.parser is not None:
+            self.status = self.parser.get_status_code()
+
+    def on_body(self, data: bytes) -> None:
+        if len(self.body) + len(data) > self.limit:
+            self.fail("too-large", f"more than {self.limit} bytes")
+        elif self.error is None:
+            self.body += data
+
+    def on_message_complete(self) -> None:
+        if self.status >= 200:
+            self.complete = True
+
+
+def _read_reply(sock: socket.socket, deadline: float, limit: int) -> bytes:
+    """Read one reply's body: status 200 only, at most ``limit`` bytes, by the deadline."""
+    reply = _Reply(limit)
+    reply.parser = parser = httptools.HttpResponseParser(reply)
+    try:
+        return _read_into(reply, parser, sock, deadline)
+    finally:
+        reply.parser = None  # no cycle left for the collector
+
+
+def _read_into(
+    reply: _Reply, parser: httptools.HttpResponseParser, sock: socket.socket, deadline: float
+) -> bytes:
+    fed = 0
     while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError
-            sock.settimeout(left)
-            conn.receive_data(sock.recv(65536))
-        elif isinstance(event, h11.InformationalResponse):
-            continue
-        elif isinstance(event, h11.Response):
-            if len(event.headers) > MAX_HEADERS:
-                raise PollFailure("http-error", f"more than {MAX_HEADERS} header lines")
-            # h11 bounds a head that arrives in pieces; one read can bring a whole long one.
-            if sum(len(n) + len(v) + 4 for n, v in event.headers) > MAX_HEAD:
-                raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")
-            if event.status_code != 200:
-                # A redirect is never followed: the device answers at its own address or not.
-                raise PollFailure("http-error", f"HTTP {event.status_code}")
-            for name, value in event.headers:
-                if name == b"content-length" and int(value) > limit:
-                    raise PollFailure("too-large", f"{int(value)} bytes announced")
-        elif isinstance(event, h11.Data):
-            data += event.data
-            if len(data) > limit:
-                raise PollFailure("too-large", f"more than {limit} bytes")
-        elif isinstance(event, h11.EndOfMessage):
-            return bytes(data)
-        else:  # ConnectionClosed before the end of the message
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+        data = sock.recv(65536)
+        if not data:
+            # Without a length or chunking, the body ends where the connection does.
+            if reply.status == 200 and not reply.framed and reply.error is None:
+                return bytes(reply.body)
             raise PollFailure("http-error", "connection closed before the end of the reply")
+        fed += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            raise PollFailure("http-error", "the device switched protocols") from None
+        except httptools.HttpParserError as exc:
+            raise PollFailure("http-error", f"bad HTTP reply: {exc}") from None
+        if reply.error is not None:
+            raise reply.error
+        if reply.status >= 200 and reply.status != 200:
+            # A redirect is never followed: the device answers at its own address or not.
+            raise PollFailure("http-error", f"HTTP {reply.status}")
+        if reply.complete:
+            return bytes(reply.body)
+        if reply.status < 200 and fed > MAX_HEAD:
+            raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")

@@ -168,6 +168,18 @@ def state_rank(device: Device) -> int:
     return 0 if device.state is _IDLE else 1
 
 
+def reach_of(device: Device) -> tuple[object, ...]:
+    """Return what decides how a device is polled (``state.poll_target`` reads only these)."""
+    return (
+        device.kind,
+        device.source,
+        device.uri,
+        device.endpoints,
+        device.addresses,
+        device.is_queue,
+    )
+
+
 class DeviceTable:
     """Every known device with its placement; the index holds the answerable ones."""
 
@@ -193,6 +205,11 @@ class DeviceTable:
         # the poller, the published inventory and the snapshot follow, so a burst of
         # foreign records does not make each of them pass over the whole table again.
         self.local_generation = 0
+        # Bumped only when one of this daemon's own devices comes, goes or changes how it is
+        # reached (URI, endpoints, addresses, kind, source): what the poller's target list
+        # follows, so a poll result (a new state or supply level) does not make it pass over
+        # the whole table again.
+        self.reach_generation = 0
         self.rank_generation = 0
         # Per site, the same count: a client who may only be answered from its own site
         # keeps its cached answers while devices of other sites come and go.
@@ -303,6 +320,8 @@ class DeviceTable:
         self.generation += 1
         if device.source != FEDERATED or (old is not None and old.device.source != FEDERATED):
             self.local_generation += 1
+            if old is None or reach_of(old.device) != reach_of(device):
+                self.reach_generation += 1
         return "added" if old is None else "updated"
 
     def _quarantine(self, device: Device, reason: str, now: float) -> str:
@@ -333,6 +352,7 @@ class DeviceTable:
             return bool(held)
         if self._records.pop(device_id).device.source != FEDERATED:
             self.local_generation += 1
+            self.reach_generation += 1
         self._dynamic.pop(device_id, None)
         before = self.index.get(device_id)
         if before is not None:
@@ -361,10 +381,11 @@ class DeviceTable:
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
         generation, rank_generation = self.generation, self.rank_generation
-        epoch, local = self.rank_epoch, self.local_generation
+        epoch, local, reach = self.rank_epoch, self.local_generation, self.reach_generation
         vars(self).update(vars(DeviceTable(sitemap, self.carried())))
         self.generation = generation + 1
         self.local_generation = local + 1
+        self.reach_generation = reach + 1
         self.rank_generation = rank_generation + 1
         self.rank_epoch = epoch + 1
 
