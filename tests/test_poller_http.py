@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nearestd.adapters.poller import Poller
+from nearestd.adapters.poller import Poller, PollFailure, exchange, insecure_tls_context
 from nearestd.config import PollerConfig
 from nearestd.core.model import Device, DeviceKind, DeviceState
 from nearestd.loader import load_world
@@ -490,3 +490,19 @@ async def test_this_host_is_never_polled_unless_allowed(  # type: ignore[no-unty
     finally:
         await allowed.stop()
     assert hits == ([] if why == "host-name" else [1])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/ipp/print\r\nX-Injected: 1",
+        "http://127.0.0.1:9/ipp print",
+        "http://127.0.0.1:9/ipp/\x00",
+    ],
+)
+def test_a_url_that_would_break_the_request_head_is_never_sent(url: str) -> None:
+    # Port 9 is never connected to: the check comes before the connect.
+    with pytest.raises(PollFailure) as err:
+        exchange("GET", url, None, 4096, time.monotonic() + 2, insecure_tls_context())
+    assert err.value.kind == "http-error"
+    assert "space or control character" in str(err.value)
