@@ -4,8 +4,8 @@ The bench's 100k-device world (bench/gen.py); 1,000 of its zones; a query mix of
 names under the zones' reverse-mapping names, ``_services`` and service-type PTRs, SRV
 and TXT of the instances they list, and A of the SRV targets. The same records, read from
 nearestd's answers, are written as static zones for NSD. Figures: queries/s at full load
-(dnsperf, 100 outstanding, 10 s), latency percentiles at half of nearestd's maximum rate,
-each server pinned to one core and dnsperf to the other (where there are two),
+(dnsperf, 100 outstanding, 10 s), latency percentiles at half of nearestd's maximum rate
+(the median of three 10 s windows per server, taken in turn), each server pinned to one core and dnsperf to the other (where there are two),
 the answer cache's size, and (in-process, on the 100k map) the time from a device state
 change to the new records being served, over 100 changes.
 Goals (issue 15): >= 0.25x NSD's throughput, p99 < 2 ms at half the max rate, a change
@@ -39,6 +39,8 @@ SEED = 15
 DURATION = int(os.environ.get("BENCH_DNSSD_SECONDS", "10"))
 CHANGES = 100
 DEVICES = int(os.environ.get("BENCH_DNSSD_DEVICES", "100000"))
+RUNS = int(os.environ.get("BENCH_DNSSD_RUNS", "3"))
+PERCENTILES = ("p50", "p99", "p99.9")
 
 
 def _free_port() -> int:
@@ -480,21 +482,32 @@ def main() -> None:
         _dnsperf(port, data, passes=1)  # every answer built once: measure the steady state
         ours = _dnsperf(port, data)
         theirs = _dnsperf(nsd_port, data)
-        half_ours = _dnsperf(port, data, ours["qps"] / 2)
-        half_theirs = _dnsperf(nsd_port, data, ours["qps"] / 2)
+        # One 10 s window's p99 on a shared VM moves with the host (a slow stretch raises
+        # even NSD's p99 past 2 ms): the half-rate figure is the median of RUNS windows,
+        # each server's taken in turn so that both see the same stretches of the machine.
+        halves: dict[str, list[dict[str, float]]] = {"nearestd": [], "nsd": []}
+        for _ in range(RUNS):
+            halves["nearestd"].append(_dnsperf(port, data, ours["qps"] / 2))
+            halves["nsd"].append(_dnsperf(nsd_port, data, ours["qps"] / 2))
         stats = _stats(admin)["dnssd"]
-        print(f"{'server':<10}{'max qps':>10}{'lost':>7}   at {ours['qps'] / 2:.0f} qps:"
-              f"{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}")  # fmt: skip
-        for name, full, half in (("nearestd", ours, half_ours), ("nsd", theirs, half_theirs)):
-            print(f"{name:<10}{full['qps']:>10.0f}{full.get('lost', 0):>7.0f}{'':>17}"
-                  f"{half.get('p50', 0):>9.3f}{half.get('p99', 0):>9.3f}"
-                  f"{half.get('p99.9', 0):>10.3f}")  # fmt: skip
+        print(f"{'server':<10}{'max qps':>10}{'lost':>7}   at {ours['qps'] / 2:.0f} qps, "
+              f"median of {RUNS} windows:{'p50 ms':>9}{'p99 ms':>9}{'p99.9 ms':>10}"
+              f"   p99 of each window (ms)")  # fmt: skip
+        half = {}
+        for name, full in (("nearestd", ours), ("nsd", theirs)):
+            runs = halves[name]
+            each = ", ".join(f"{r.get('p99', 0):.3f}" for r in runs)
+            half[name] = {q: statistics.median(r.get(q, 0) for r in runs) for q in PERCENTILES}
+            print(f"{name:<10}{full['qps']:>10.0f}{full.get('lost', 0):>7.0f}{'':>35}"
+                  f"{half[name]['p50']:>9.3f}{half[name]['p99']:>9.3f}"
+                  f"{half[name]['p99.9']:>10.3f}   "
+                  f"{each}")  # fmt: skip
         ratio = ours["qps"] / theirs["qps"]
+        p99 = half["nearestd"]["p99"]
         print(
             f"nearestd/nsd throughput: {ratio:.2f}x (goal >= 0.25x: "
-            f"{'met' if ratio >= 0.25 else 'NOT met'}); p99 at half rate "
-            f"{half_ours.get('p99', 0):.3f} ms (goal < 2 ms: "
-            f"{'met' if half_ours.get('p99', 99) < 2 else 'NOT met'})"
+            f"{'met' if ratio >= 0.25 else 'NOT met'}); p99 at half rate, median of {RUNS} "
+            f"windows, {p99:.3f} ms (goal < 2 ms: {'met' if p99 < 2 else 'NOT met'})"
         )
         print(
             f"answer cache: {stats['cache_entries']} entries, "
