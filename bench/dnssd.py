@@ -374,7 +374,7 @@ def _state_changes(config: Path) -> tuple[list[float], int]:
     from dnslib import DNSRecord
 
     from nearestd.adapters.dnssd import DnssdServer
-    from nearestd.core.dnssd import SERVICE_TYPES
+    from nearestd.core.dnssd import SERVICE_TYPES, Scene
     from nearestd.core.model import DeviceState
     from nearestd.core.state import Live
     from nearestd.loader import load_world
@@ -417,7 +417,7 @@ def _state_changes(config: Path) -> tuple[list[float], int]:
                 if not before:
                     continue
                 found = server.publisher.published(
-                    svc.sitemap.zones[zid], st, svc.table, svc.sitemap, svc.ranking
+                    svc.sitemap.zones[zid], st, Scene(svc.table, svc.sitemap, svc.ranking)
                 )
                 device_id = found[0].device_id
                 t0 = time.perf_counter()

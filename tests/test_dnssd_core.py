@@ -27,6 +27,7 @@ from nearestd.core.dnssd import (
     TXT,
     A,
     Publisher,
+    Scene,
 )
 from nearestd.core.model import DeviceState
 from nearestd.core.ranking import Ranking
@@ -109,7 +110,7 @@ def ask(
 ) -> dnssd.Reply:
     pub, table = env
     zone = table.sitemap.zones[querier] if querier else None
-    return pub.answer(name(qname), qtype, 1, zone, table, table.sitemap, RANKING)
+    return pub.answer(name(qname), qtype, 1, zone, Scene(table, table.sitemap, RANKING))
 
 
 def text(n: tuple[bytes, ...]) -> str:
@@ -233,7 +234,7 @@ def test_names_and_rcodes(
 
 def test_unknown_class_refused(env: tuple[Publisher, DeviceTable]) -> None:
     pub, table = env
-    reply = pub.answer(name(D), SOA, 3, None, table, table.sitemap, RANKING)  # CHAOS
+    reply = pub.answer(name(D), SOA, 3, None, Scene(table, table.sitemap, RANKING))  # CHAOS
     assert reply.rcode == REFUSED
 
 
@@ -325,7 +326,7 @@ def test_visibility_per_zone() -> None:
     table = DeviceTable(sm)
     pub = Publisher(D, 4, 10)
     for zid, visible in (("z-a", False), ("z-b", False), ("z-c", True)):
-        reply = pub.answer(name(f"_ipp._tcp.{zid}.{D}"), PTR, 1, None, table, sm, RANKING)
+        reply = pub.answer(name(f"_ipp._tcp.{zid}.{D}"), PTR, 1, None, Scene(table, sm, RANKING))
         assert ("pa1" in reply.devices) is visible, zid
 
 

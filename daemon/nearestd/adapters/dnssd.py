@@ -326,7 +326,9 @@ class DnssdServer:
         """
         if entry.depends:
             svc = self.service
-            now = self.publisher.lists(entry.depends, svc.table, svc.sitemap, svc.ranking)
+            now = self.publisher.lists(
+                entry.depends, core.Scene(svc.table, svc.sitemap, svc.ranking)
+            )
             if now != entry.lists:
                 return None
         fresh = entry._replace(generation=generation)
@@ -384,7 +386,7 @@ class DnssdServer:
             zid = svc.sitemap.prefixes.lookup(client)
         querier = svc.sitemap.zones.get(zid) if zid is not None else None
         reply = self.publisher.answer(
-            labels, q.qtype, q.qclass, querier, svc.table, svc.sitemap, svc.ranking
+            labels, q.qtype, q.qclass, querier, core.Scene(svc.table, svc.sitemap, svc.ranking)
         )
         rcode = reply.rcode
         edns_version = (opt.ttl >> 16) & 0xFF if opt is not None else 0
@@ -419,7 +421,10 @@ class DnssdServer:
                 msg.header.tc = 1
                 udp, truncated = bytes(msg.pack()), True
         rcode_name = RCODE.get(rcode, f"RCODE{rcode}")
-        lists = self.publisher.lists(reply.depends, svc.table, svc.sitemap, svc.ranking) or ()
+        lists = (
+            self.publisher.lists(reply.depends, core.Scene(svc.table, svc.sitemap, svc.ranking))
+            or ()
+        )
         return Entry(
             udp,
             tcp,

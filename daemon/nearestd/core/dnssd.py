@@ -83,6 +83,14 @@ class RR(NamedTuple):
     data: Any
 
 
+class Scene(NamedTuple):
+    """What an answer is drawn from: the device table, the site map and the ranking."""
+
+    table: DeviceTable
+    sitemap: SiteMap
+    ranking: Ranking
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
     """The decision for one question: rcode, sections, and what the location log notes."""
@@ -322,13 +330,11 @@ class Publisher:
         qtype: int,
         qclass: int,
         querier: Zone | None,
-        table: DeviceTable,
-        sitemap: SiteMap,
-        ranking: Ranking,
+        scene: Scene,
     ) -> Reply:
         """Return the reply to one question from a querier placed in ``querier``."""
         self._touched = []
-        reply = self._answer(qname, qtype, qclass, querier, table, sitemap, ranking)
+        reply = self._answer(qname, qtype, qclass, querier, scene)
         if self._touched:
             reply = replace(reply, depends=tuple(dict.fromkeys(self._touched)))
         return reply
@@ -336,18 +342,16 @@ class Publisher:
     def lists(
         self,
         depends: Iterable[tuple[str, bytes]],
-        table: DeviceTable,
-        sitemap: SiteMap,
-        ranking: Ranking,
+        scene: Scene,
     ) -> tuple[tuple[Instance, ...], ...] | None:
         """Return the current instance lists an answer depends on (None: a zone is gone)."""
-        self.sync(table, sitemap)
+        self.sync(scene.table, scene.sitemap)
         out = []
         for zid, label in depends:
-            zone = sitemap.zones.get(zid)
+            zone = scene.sitemap.zones.get(zid)
             if zone is None:
                 return None
-            out.append(self.published(zone, _TYPE_BY_LABEL[label], table, sitemap, ranking))
+            out.append(self.published(zone, _TYPE_BY_LABEL[label], scene))
         return tuple(out)
 
     def _answer(
@@ -356,22 +360,20 @@ class Publisher:
         qtype: int,
         qclass: int,
         querier: Zone | None,
-        table: DeviceTable,
-        sitemap: SiteMap,
-        ranking: Ranking,
+        scene: Scene,
     ) -> Reply:
-        self.sync(table, sitemap)
+        self.sync(scene.table, scene.sitemap)
         if qclass not in (CLASS_IN, ANY) or qtype in (AXFR, IXFR, OPT) or qtype == 0:
             return REFUSE
         low = lower(qname)
         n = len(self._domain)
         if len(low) >= n and low[len(low) - n :] == self._domain:
             rel = qname[: len(qname) - n]
-            return self._in_domain(qname, rel, qtype, querier, table, sitemap, ranking)
+            return self._in_domain(qname, rel, qtype, querier, scene)
         if len(low) >= 5 and low[1:3] == DNSSD_UDP and low[0] in BROWSE + REGISTER:
             net = reverse_network(qname[3:])
             if net is not None:
-                return self._reverse(qname, low[0], net, qtype, sitemap)
+                return self._reverse(qname, low[0], net, qtype, scene.sitemap)
         return REFUSE
 
     def _reverse(
@@ -410,9 +412,7 @@ class Publisher:
         rel: Name,
         qtype: int,
         querier: Zone | None,
-        table: DeviceTable,
-        sitemap: SiteMap,
-        ranking: Ranking,
+        scene: Scene,
     ) -> Reply:
         r = lower(rel)[::-1]
         if not r:
@@ -440,10 +440,10 @@ class Publisher:
         if len(r) == 1 and (address := address_of_label(r[0])) is not None:
             return self._addresses(qname, qtype, (address,))
         zid = self._zones.get(r[0])
-        zone = sitemap.zones.get(zid) if zid is not None else None
+        zone = scene.sitemap.zones.get(zid) if zid is not None else None
         if zone is None:
             return self._nxdomain()
-        return self._in_zone(qname, r[1:], qtype, zone, table, sitemap, ranking)
+        return self._in_zone(qname, r[1:], qtype, zone, scene)
 
     def _any(self, qname: Name) -> Reply:
         # RFC 8482: a name that exists answers ANY with one small synthesised record.
@@ -466,9 +466,7 @@ class Publisher:
         r: Name,
         qtype: int,
         zone: Zone,
-        table: DeviceTable,
-        sitemap: SiteMap,
-        ranking: Ranking,
+        scene: Scene,
     ) -> Reply:
         zid = zone.id
         if not r or r in ((b"_udp",), (b"_udp", b"_dns-sd"), (b"_tcp",)):
@@ -480,7 +478,7 @@ class Publisher:
             rrs = tuple(
                 RR(qname, PTR, self.ttl, (*st.labels, *base))
                 for st in SERVICE_TYPES
-                if self.published(zone, st, table, sitemap, ranking)
+                if self.published(zone, st, scene)
             )
             return Reply(NOERROR, rrs, zone=zid) if rrs else self._nodata(zid)
         if r[0] != b"_tcp" or len(r) < 2 or r[1] not in _TYPE_BY_LABEL:
@@ -492,7 +490,7 @@ class Publisher:
                 return self._any(qname)
             if qtype != PTR:
                 return self._nodata(zid)
-            found = self.published(zone, st, table, sitemap, ranking)
+            found = self.published(zone, st, scene)
             if not found:
                 return self._nodata(zid)
             base = qname[len(qname) - 3 - len(self._domain) :]  # _type._tcp.<zone>.D
@@ -508,7 +506,7 @@ class Publisher:
         if len(rest) != 1:
             return self._nxdomain(zid)
         label = rest[0].lower()
-        for i in self.published(zone, st, table, sitemap, ranking):
+        for i in self.published(zone, st, scene):
             if i.label.lower() == label:
                 break
         else:
@@ -543,15 +541,14 @@ class Publisher:
         return [RR(i.target, rtype, self.ttl, i.address)]
 
     # ---- what is published -------------------------------------------------------------
-    def published(
-        self, zone: Zone, st: ServiceType, table: DeviceTable, sitemap: SiteMap, ranking: Ranking
-    ) -> tuple[Instance, ...]:
+    def published(self, zone: Zone, st: ServiceType, scene: Scene) -> tuple[Instance, ...]:
         """Return the instances of a type under a zone: ``nearest``'s answer, those it can."""
         key = (zone.id, st.labels[0])
         self._touched.append(key)
         found = self._lists.get(key)
         if found is not None:
             return found
+        table, sitemap, ranking = scene
         policy = sitemap.visibility
         visible = policy.client_mask(zone.id, None) if policy.active else -1
         hits = table.index.nearest(zone, str(st.kind), Need(), self.per_type, ranking, visible)
