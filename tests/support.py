@@ -206,6 +206,29 @@ def lab_square(k: int) -> list[list[float]]:
     return [[lon, lat], [lon + w, lat], [lon + w, lat + w], [lon, lat + w], [lon, lat]]
 
 
+def lab_device(
+    did: str, square: int, kind: str, uri: str, name: str, dx: float = 0.0, dy: float = 1e-4, **props: Any
+) -> dict[str, Any]:
+    """Return a static device feature inside the k-th lab square (``lab_square``)."""
+    ring = lab_square(square)
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [ring[0][0] + 0.00005 + dx, ring[0][1] + dy]},
+        "properties": {
+            "feature_type": "device",
+            "static": True,
+            "id": did,
+            "name": name,
+            "kind": kind,
+            "uri": uri,
+            "site": "lab",
+            "building": "main",
+            "level": 0,
+            **props,
+        },
+    }
+
+
 def read_frame(s: Any) -> dict[str, Any] | None:
     """Read one reply frame from a blocking socket; None when the peer closed first."""
     import struct

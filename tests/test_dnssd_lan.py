@@ -28,6 +28,7 @@ import pytest
 from lan import Lan, can_run
 from support import (
     DaemonProcess,
+    lab_device,
     lab_square,
     require_tools,
     skip_or_fail,
@@ -47,26 +48,6 @@ PEERS = 5
 LIFE_UUID = "5d0c6f1e-0d5e-4b7a-9c11-00000000d501"
 
 
-def device(did: str, square: int, kind: str, uri: str, name: str, dx: float = 0.0) -> Any:
-    ring = lab_square(square)
-    return {
-        "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": [ring[0][0] + 0.00005 + dx, ring[0][1] + 1e-4]},
-        "properties": {
-            "feature_type": "device",
-            "static": True,
-            "id": did,
-            "name": name,
-            "kind": kind,
-            "uri": uri,
-            "site": "lab",
-            "building": "main",
-            "level": 0,
-            "make_model": f"Model {did}",
-        },
-    }  # fmt: skip
-
-
 def write_site(path: Path) -> Path:
     features = []
     for n in (1, 2, 3):
@@ -75,11 +56,11 @@ def write_site(path: Path) -> Path:
         for j in range(3):
             dx = 0.00003 * j
             uri = f"ipp://10.9.{n}.{50 + j}:631/ipp/print"
-            features.append(device(f"p{n}{j}", sq, "printer", uri, f"Printer {n}{j}", dx))
+            features.append(lab_device(f"p{n}{j}", sq, "printer", uri, f"Printer {n}{j}", dx, make_model=f"Model p{n}{j}"))
         features.append(
-            device(f"s{n}", sq, "scanner", f"http://10.9.{n}.60:8080/eSCL/", f"Scanner {n}")
+            lab_device(f"s{n}", sq, "scanner", f"http://10.9.{n}.60:8080/eSCL/", f"Scanner {n}", make_model=f"Model s{n}")
         )
-    features.append(device("pshared", 1, "printer", "ipps://10.9.1.70/ipp/print", "Printer 10"))
+    features.append(lab_device("pshared", 1, "printer", "ipps://10.9.1.70/ipp/print", "Printer 10", make_model="Model pshared"))
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 

@@ -22,6 +22,7 @@ from support import (
     DaemonProcess,
     ask,
     free_port,
+    lab_device,
     lab_square,
     require_tools,
     write_config,
@@ -33,38 +34,18 @@ pytestmark = [pytest.mark.realpeer]
 D = "print.example.org"
 
 
-def static_device(did: str, zone: int, kind: str, uri: str, name: str, **props: Any) -> Any:
-    ring = lab_square(zone)
-    return {
-        "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": [ring[0][0] + 0.0001, ring[0][1] + 0.0001]},
-        "properties": {
-            "feature_type": "device",
-            "static": True,
-            "id": did,
-            "name": name,
-            "kind": kind,
-            "uri": uri,
-            "site": "lab",
-            "building": "main",
-            "level": 0,
-            **props,
-        },
-    }
-
-
 def write_site(path: Path, many: int = 0) -> Path:
     features = [
         zone_feature("z-a", lab_square(0), ["10.9.1.0/24", "127.0.0.1/32"], name="Zone A"),
         zone_feature("z-b", lab_square(4), ["10.9.2.0/24", "127.0.0.2/32"], name="Zone B"),
-        static_device("pa1", 0, "printer", "ipp://10.9.1.50:631/ipp/print", "Printer"),
-        static_device("pa2", 0, "printer", "ipp://10.9.1.51:631/ipp/print", "Printer"),
-        static_device("pb1", 4, "printer", "ipp://10.9.2.50:8631/ipp/print", "B Printer"),
-        static_device("sa1", 0, "scanner", "http://10.9.1.60:8080/eSCL/", "Scanner A"),
+        lab_device("pa1", 0, "printer", "ipp://10.9.1.50:631/ipp/print", "Printer"),
+        lab_device("pa2", 0, "printer", "ipp://10.9.1.51:631/ipp/print", "Printer"),
+        lab_device("pb1", 4, "printer", "ipp://10.9.2.50:8631/ipp/print", "B Printer"),
+        lab_device("sa1", 0, "scanner", "http://10.9.1.60:8080/eSCL/", "Scanner A"),
     ]
     for i in range(many):
         name = f"A printer with a rather long name number {i:03d}"
-        features.append(static_device(f"pz{i}", 0, "printer", f"ipp://10.9.1.{100 + i}/", name))
+        features.append(lab_device(f"pz{i}", 0, "printer", f"ipp://10.9.1.{100 + i}/", name))
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
 
