@@ -3,7 +3,7 @@
 Usage: python -m bench.fuzz [--inputs N] [--seed S] [HARNESS ...]
 
 The harnesses are tests/fuzz_harness.py (the same ones hypothesis drives in
-``make test``): frames, mqtt_payloads, txt_records, addresses. Each input is a seed
+``make test``): frames, mqtt_payloads, txt_records, addresses, dns_packets, poll_replies. Each input is a seed
 (valid and near-valid inputs), or a structure-aware random request, mutated 1-8 times: bit flips, random and "interesting"
 bytes and 32-bit lengths (0xffffffff, 2^16, ...), inserts, deletes, duplicated
 chunks, splices with other seeds, truncation. Budgets per input, as the issue sets

@@ -18,6 +18,9 @@ A harness takes bytes and raises AssertionError (or anything else) on a bug:
   or TCP, trusted resolver or not): no reply or a DNS message dnslib parses, with the
   query's ID, QR set, the question echoed, and over UDP no larger than 512 bytes without
   EDNS (1232 with it).
+* ``poll_replies``: [chunk size byte][HTTP reply] fed to the poller's reply reader in
+  chunks, then its body through the IPP decoder and into a live state: only the
+  poller's own errors, a body no longer than the limit, a state of the contract's set.
 """
 
 from __future__ import annotations
@@ -281,8 +284,44 @@ def dns_packets(data: bytes) -> None:
     service().log.purge(NOW + 10**9)
 
 
+POLL_LIMIT = 4096
+
+
+def poll_replies(data: bytes) -> None:
+    """Harness: [chunk size][HTTP reply] through ReplyReader, the IPP decoder, printer_live."""
+    from nearestd.adapters.poller import PollFailure, ReplyReader
+    from nearestd.core.ipp import IppDecodeError, decode_response
+    from nearestd.core.model import DeviceState
+    from nearestd.core.state import printer_live
+
+    if not data:
+        return
+    step, stream = data[0] + 1, data[1:]
+    reader = ReplyReader(POLL_LIMIT)
+    body = None
+    try:
+        for i in range(0, len(stream), step):
+            body = reader.feed(stream[i : i + step])
+            if body is not None:
+                break
+        else:
+            body = reader.end()
+    except PollFailure as exc:
+        assert exc.kind in ("http-error", "too-large"), exc.kind
+        return
+    finally:
+        reader.close()
+    assert len(body) <= POLL_LIMIT
+    try:
+        reply = decode_response(body)
+    except IppDecodeError:
+        return
+    assert printer_live(reply.printer).state in set(DeviceState)
+
+
 HARNESSES = {
     "dns_packets": dns_packets,
+    "poll_replies": poll_replies,
     "frames": frames,
     "mqtt_payloads": mqtt_payloads,
     "txt_records": txt_records,
@@ -358,7 +397,27 @@ def seeds() -> dict[str, list[bytes]]:
         "txt_records": txt,
         "addresses": addr,
         "dns_packets": dns_seeds(),
+        "poll_replies": poll_seeds(),
     }
+
+
+def poll_seeds() -> list[bytes]:
+    """Return printers' replies: framed by length, chunked, by the close; and refusals."""
+    from nearestd.core.ipp import encode_get_printer_attributes
+
+    # A reply in the shape of a request: the decoder takes either (both are IPP messages).
+    ipp = encode_get_printer_attributes("ipp://10.0.0.1/ipp/print", 7, ["printer-state"])
+    ipp = b"\x02\x00\x00\x00" + ipp[4:-1] + bytes.fromhex("0423000d7072696e7465722d7374617465000400000003") + b"\x03"
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(ipp[i : i + 9]), ipp[i : i + 9]) for i in range(0, len(ipp), 9))
+    replies = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/ipp\r\nContent-Length: %d\r\n\r\n%s" % (len(ipp), ipp),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked + b"0\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Type: application/ipp\r\n\r\n" + ipp,
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(ipp), ipp),
+        b"HTTP/1.1 301 Moved\r\nLocation: http://elsewhere/\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 99999999\r\n\r\n",
+    ]
+    return [bytes([step]) + r for r in replies for step in (0, 6, 255)]
 
 
 DNS_NAMES = [

@@ -183,3 +183,16 @@ def test_dns_packets_bytes(flags: int, data: bytes) -> None:
 @given(st.randoms(use_true_random=False))
 def test_dns_packets_structured(rng: object) -> None:
     fh.dns_packets(fh.structured("dns_packets", rng))  # type: ignore[arg-type]
+
+
+@FAST
+@given(st.integers(0, 255), st.binary(max_size=800))
+def test_poll_replies_bytes(step: int, data: bytes) -> None:
+    fh.poll_replies(bytes([step]) + data)
+
+
+@FAST
+@given(st.integers(0, 255), st.sampled_from(fh.seeds()["poll_replies"]), st.binary(max_size=8), st.integers(0, 400))
+def test_poll_replies_spliced(step: int, seed: bytes, junk: bytes, at: int) -> None:
+    body = seed[1:]
+    fh.poll_replies(bytes([step]) + body[:at] + junk + body[at:])

@@ -691,32 +691,46 @@ class _Reply:
 
 def _read_reply(sock: socket.socket, deadline: float, limit: int) -> bytes:
     """Read one reply's body: status 200 only, at most ``limit`` bytes, by the deadline."""
-    reply = _Reply(limit)
-    reply.parser = parser = httptools.HttpResponseParser(reply)
+    reader = ReplyReader(limit)
     try:
-        return _read_into(reply, parser, sock, deadline)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            sock.settimeout(left)
+            data = sock.recv(65536)
+            body = reader.feed(data) if data else reader.end()
+            if body is not None:
+                return body
     finally:
-        reply.parser = None  # no cycle left for the collector
+        reader.close()
 
 
-def _read_into(
-    reply: _Reply, parser: httptools.HttpResponseParser, sock: socket.socket, deadline: float
-) -> bytes:
-    fed = 0
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
-        data = sock.recv(65536)
-        if not data:
-            # Without a length or chunking, the body ends where the connection does.
-            if reply.status == 200 and not reply.framed and reply.error is None:
-                return bytes(reply.body)
-            raise PollFailure("http-error", "connection closed before the end of the reply")
-        fed += len(data)
+class ReplyReader:
+    """One HTTP/1.1 reply, fed as it arrives (sans-I/O); errors are PollFailure.
+
+    Status 200 only (a redirect is never followed: the device answers at its own address
+    or not); the head at most MAX_HEAD bytes and MAX_HEADERS lines; the body at most
+    ``limit`` bytes, framed by Content-Length, chunked, or the connection's end.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.reply = _Reply(limit)
+        self._parser = httptools.HttpResponseParser(self.reply)
+        # The parser holds the reply and the reply the parser: ``close`` breaks the cycle.
+        self.reply.parser = self._parser
+        self._fed = 0
+
+    def close(self) -> None:
+        """Let go of the parser (the reply's reference to it is a cycle)."""
+        self.reply.parser = None
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take the next bytes of the reply; return its body once it is complete."""
+        reply = self.reply
+        self._fed += len(data)
         try:
-            parser.feed_data(data)
+            self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise PollFailure("http-error", "the device switched protocols") from None
         except httptools.HttpParserError as exc:
@@ -724,9 +738,17 @@ def _read_into(
         if reply.error is not None:
             raise reply.error
         if reply.status >= 200 and reply.status != 200:
-            # A redirect is never followed: the device answers at its own address or not.
             raise PollFailure("http-error", f"HTTP {reply.status}")
         if reply.complete:
             return bytes(reply.body)
-        if reply.status < 200 and fed > MAX_HEAD:
+        if reply.status < 200 and self._fed > MAX_HEAD:
             raise PollFailure("http-error", f"a reply head over {MAX_HEAD} bytes")
+        return None
+
+    def end(self) -> bytes:
+        """The connection closed: return a body that ends there, or fail."""
+        reply = self.reply
+        # Without a length or chunking, the body ends where the connection does.
+        if reply.status == 200 and not reply.framed and reply.error is None:
+            return bytes(reply.body)
+        raise PollFailure("http-error", "connection closed before the end of the reply")
