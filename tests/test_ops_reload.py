@@ -7,8 +7,10 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -298,20 +300,44 @@ def test_a_new_metrics_address_waits_for_a_restart_and_says_so(
     assert reload_metrics(old)["nearest_config_reloads_total{success}"] == 1
 
 
-async def test_sighup_reload_parses_off_the_event_loop(
+SLOW_PARSE = 1.0
+
+
+async def daemon_with_slow_parse(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A big site map takes seconds to parse; queries must not wait for it."""
+) -> tuple[Setup, app.Daemon, list[str]]:
+    """Start a daemon whose reloads read the files for SLOW_PARSE s; note their threads."""
     s = await asyncio.to_thread(Setup, tmp_path)
     daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
-    slow_parse = 1.0
+    threads: list[str] = []
 
     def slow_load(path: str, use_cache: bool = False) -> Any:
-        time.sleep(slow_parse)  # stands in for a large campus (100k prefixes: ~4 s here)
+        threads.append(threading.current_thread().name)
+        time.sleep(SLOW_PARSE)  # stands in for a large campus (100k prefixes: ~4 s here)
         return load_world(path, use_cache)
 
     monkeypatch.setattr(app, "load_world", slow_load)
     await daemon.start()
+    return s, daemon, threads
+
+
+async def longest_stall(done: Callable[[], bool], started: float) -> float:
+    """Tick the loop every 10 ms until ``done``; return the longest tick (a stalled loop)."""
+    loop = asyncio.get_running_loop()
+    worst = 0.0
+    while not done():
+        before = loop.time()
+        await asyncio.sleep(0.01)
+        worst = max(worst, loop.time() - before)
+        assert loop.time() - started < 10
+    return worst
+
+
+async def test_sighup_reload_parses_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A big site map takes seconds to parse; queries must not wait for it."""
+    s, daemon, _ = await daemon_with_slow_parse(tmp_path, monkeypatch)
     try:
         await asyncio.to_thread(s.good)  # file writes stay off the loop
         loop = asyncio.get_running_loop()
@@ -320,14 +346,9 @@ async def test_sighup_reload_parses_off_the_event_loop(
         daemon.reload_in_background()  # before the parse starts: the same reload
         await asyncio.sleep(0.1)
         daemon.reload_in_background()  # while it parses: one more after it
-        worst = 0.0
-        while daemon.reloads_ok == 0:
-            before = loop.time()
-            await asyncio.sleep(0.01)
-            worst = max(worst, loop.time() - before)
-            assert loop.time() - started < 10
+        worst = await longest_stall(lambda: daemon.reloads_ok > 0, started)
         assert worst < 0.5, f"the event loop stalled {worst:.2f}s during the reload"
-        assert loop.time() - started >= slow_parse
+        assert loop.time() - started >= SLOW_PARSE
         assert daemon.service.table.get(PROBE_ID) is not None
         while daemon._reloading is not None and not daemon._reloading.done():
             await asyncio.sleep(0.05)
@@ -345,33 +366,14 @@ async def test_the_admin_reload_op_takes_the_same_path_off_the_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The admin op waits for its answer without holding up anyone else's."""
-    s = await asyncio.to_thread(Setup, tmp_path)
-    daemon = await asyncio.to_thread(lambda: app.Daemon(load_world(s.cfg), str(s.cfg)))
-    slow_parse = 1.0
-    threads: list[str] = []
-
-    def slow_load(path: str, use_cache: bool = False) -> Any:
-        import threading
-
-        threads.append(threading.current_thread().name)
-        time.sleep(slow_parse)
-        return load_world(path, use_cache)
-
-    monkeypatch.setattr(app, "load_world", slow_load)
-    await daemon.start()
+    s, daemon, threads = await daemon_with_slow_parse(tmp_path, monkeypatch)
     try:
         await asyncio.to_thread(s.good)  # file writes stay off the loop
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = asyncio.get_running_loop().time()
         answer = daemon.service.handle({"v": 1, "id": 7, "op": "reload"}, ADMIN_PEER, time.time())
         assert not isinstance(answer, dict)  # the reply comes when the reload is done
         waiting = asyncio.ensure_future(answer)
-        worst = 0.0
-        while not waiting.done():
-            before = loop.time()
-            await asyncio.sleep(0.01)
-            worst = max(worst, loop.time() - before)
-            assert loop.time() - started < 10
+        worst = await longest_stall(waiting.done, started)
         assert waiting.result() == {"v": 1, "id": 7, "ok": True, "reloaded": True}
         assert worst < 0.5, f"the event loop stalled {worst:.2f}s during the reload"
         assert threads and threads[0] != "MainThread"
