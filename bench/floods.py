@@ -47,7 +47,7 @@ sys.path[:0] = [str(ROOT / "tests")]
 
 from nearest_client import Client  # noqa: E402
 from nearest_wire import decode_reply, encode_frame  # noqa: E402
-from support import DaemonProcess, free_port, tcp_url, write_config  # noqa: E402
+from support import DaemonProcess, RssPeak, free_port, rss_of, tcp_url, write_config  # noqa: E402
 
 RESULTS: list[tuple[str, str, str, bool]] = []
 PINNED_UUID = "3f5e2c1a-7b1d-4c8e-9a4f-2b6d8e1f0a11"  # pinned to s1-east (10.20.61.0/24)
@@ -69,35 +69,8 @@ def record(flood: str, figure: str, value: str, ok: bool = True) -> None:
 # ---- measuring the daemon ------------------------------------------------------------------
 
 
-def rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def fds_of(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-class RssPeak(threading.Thread):
-    """Samples a process's RSS every 10 ms; ``peak`` is the highest seen."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = rss_of(pid)
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(0.01):
-            self.peak = max(self.peak, rss_of(self.pid))
-
-    def stop(self) -> int:
-        self._halt.set()
-        self.join()
-        return self.peak
 
 
 def admin_stats(d: DaemonProcess) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -268,3 +269,32 @@ def wait_for(what: str, pred: Any, timeout: float = 10.0, show: Any = str) -> An
             raise AssertionError(f"timed out waiting for {what}: {show()}")
         time.sleep(0.02)
     return value
+
+
+def rss_of(pid: int) -> int:
+    """Return a process's resident set size in bytes (0 once it is gone)."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class RssPeak(threading.Thread):
+    """Samples a process's RSS every 10 ms; ``peak`` is the highest seen."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = rss_of(pid)
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.01):
+            self.peak = max(self.peak, rss_of(self.pid))
+
+    def stop(self) -> int:
+        """Stop sampling (joined within 5 s) and return the peak."""
+        self._halt.set()
+        self.join(5)
+        return self.peak

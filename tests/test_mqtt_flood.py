@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -13,39 +12,12 @@ import pytest
 from mosquitto import Mosquitto
 from mqtt_helpers import asker, flood_process, wait_payload
 from nearest_client import Client
-from support import DaemonProcess, require_tools, write_config
+from support import DaemonProcess, RssPeak, require_tools, rss_of, write_config
 
 pytestmark = pytest.mark.realpeer
 
 NEAREST = {"v": 1, "id": 1, "op": "nearest", "kind": "printer", "zone": "n0-lobby"}
 FLOOD = 20_000
-
-
-def rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-class RssPeak(threading.Thread):
-    """Samples a process's RSS every 10 ms; ``peak`` is the highest seen."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.pid = pid
-        self.peak = rss_of(pid)
-        self.halt = threading.Event()
-
-    def run(self) -> None:
-        while not self.halt.wait(0.01):
-            self.peak = max(self.peak, rss_of(self.pid))
-
-    def stop(self) -> int:
-        self.halt.set()
-        self.join(5)
-        return self.peak
 
 
 @pytest.mark.parametrize(
