@@ -261,6 +261,16 @@ def ask(daemon: DaemonProcess, req: dict[str, Any], admin: bool = False) -> dict
         return c.request(req)
 
 
+def devices_by_name(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
+    """Return the daemon's inventory (admin ``devices``) by device name."""
+    return {d["name"]: d for d in ask(daemon, {"op": "devices"}, admin=True)["devices"]}
+
+
+def discovery_stats(daemon: DaemonProcess) -> dict[str, Any]:
+    """Return the discovery section of the daemon's admin ``stats``."""
+    return dict(ask(daemon, {"op": "stats"}, admin=True)["stats"]["discovery"])
+
+
 def wait_for(what: str, pred: Any, timeout: float = 10.0, show: Any = str) -> Any:
     """Poll ``pred`` until it returns something true; fail naming ``what`` (and ``show()``)."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,16 @@ import pytest
 
 from lan import Lan
 from mdns_raw import RawAnnouncer, announcement
-from support import DaemonProcess, ask, lab_square, wait_for, write_config, zone_feature
+from support import (
+    DaemonProcess,
+    ask,
+    devices_by_name,
+    discovery_stats,
+    lab_square,
+    wait_for,
+    write_config,
+    zone_feature,
+)
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -77,14 +86,6 @@ def daemon(lan: Lan, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemo
         proc.stop()
 
 
-def inventory(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
-    return {d["name"]: d for d in ask(daemon, {"op": "devices"}, admin=True)["devices"]}
-
-
-def discovery(daemon: DaemonProcess) -> dict[str, Any]:
-    return dict(ask(daemon, {"op": "stats"}, admin=True)["stats"]["discovery"])
-
-
 def spec(lan: Lan, host: int, hostname: str) -> dict[str, Any]:
     return {
         "type": "_ipp._tcp.local.",
@@ -117,31 +118,31 @@ def test_a_full_table_admits_known_and_pinned_devices_and_evicts_none(
         # Announced again at each look, as responders repeat themselves (UDP may drop one).
         wait_for(
             "the known printer",
-            lambda: raw.send(known_packet(120)) or "Known Printer" in inventory(daemon),
+            lambda: raw.send(known_packet(120)) or "Known Printer" in devices_by_name(daemon),
         )
         wait_for(
             "the known printer gone",
-            lambda: raw.send(known_packet(0)) or "Known Printer" not in inventory(daemon),
+            lambda: raw.send(known_packet(0)) or "Known Printer" not in devices_by_name(daemon),
         )
         flood(raw, range(30), lambda i: "198.18.77.100")
         stats = wait_for(
             "one source's share",
-            lambda: (s := discovery(daemon))["services_refused"].get("source-cap", 0) >= 15 and s,
+            lambda: (s := discovery_stats(daemon))["services_refused"].get("source-cap", 0) >= 15 and s,
             timeout=20.0,
         )
         # Other hosts of the shared test LAN may have devices too: count the flood's.
-        assert sum(n.startswith("Flood ") for n in inventory(daemon)) == PER_SOURCE, stats
+        assert sum(n.startswith("Flood ") for n in devices_by_name(daemon)) == PER_SOURCE, stats
         flood(raw, range(30, 130), lambda i: f"198.18.77.{101 + i % 10}")
         stats = wait_for(
             "a full table",
             lambda: (
-                (s := discovery(daemon))["devices"] >= MAX_DEVICES
+                (s := discovery_stats(daemon))["devices"] >= MAX_DEVICES
                 and s["services_refused"].get("table-full", 0) >= 1
                 and s
             ),
             timeout=20.0,
         )
-        flood_names = {n for n in inventory(daemon) if n.startswith("Flood ")}
+        flood_names = {n for n in devices_by_name(daemon) if n.startswith("Flood ")}
         assert len(flood_names) > PER_SOURCE and stats["devices"] == MAX_DEVICES, stats
 
         # The stranger first: once the two announced after it are in, it has been heard.
@@ -153,13 +154,13 @@ def test_a_full_table_admits_known_and_pinned_devices_and_evicts_none(
         pinned.register("p", "Pinned Newcomer", **spec(lan, 3, "pinned.local."))
         wait_for(
             "the known and the pinned printers admitted",
-            lambda: {"Known Printer", "Pinned Newcomer"} <= set(inventory(daemon)),
+            lambda: {"Known Printer", "Pinned Newcomer"} <= set(devices_by_name(daemon)),
             timeout=15.0,
         )
-        names = set(inventory(daemon))
+        names = set(devices_by_name(daemon))
         assert "Stranger" not in names
         assert flood_names <= names  # nothing evicted
-        assert discovery(daemon)["services_refused"]["table-full"] >= 2
+        assert discovery_stats(daemon)["services_refused"]["table-full"] >= 2
 
         reply = ask(daemon, {"op": "nearest", "kind": "printer", "k": 3, "client_ip": lan.ip(5)})
         top = [d["name"] for d in reply["devices"]]

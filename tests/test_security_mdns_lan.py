@@ -20,7 +20,16 @@ import pytest
 
 from lan import Lan
 from mdns_raw import RawAnnouncer, announcement
-from support import DaemonProcess, ask, lab_square, wait_for, write_config, zone_feature
+from support import (
+    DaemonProcess,
+    ask,
+    devices_by_name,
+    discovery_stats,
+    lab_square,
+    wait_for,
+    write_config,
+    zone_feature,
+)
 
 pytestmark = [pytest.mark.lan, pytest.mark.realpeer]
 
@@ -83,14 +92,6 @@ def raw(lan: Lan) -> Iterator[RawAnnouncer]:
         announcer.close()
 
 
-def inventory(daemon: DaemonProcess) -> dict[str, dict[str, Any]]:
-    return {d["name"]: d for d in ask(daemon, {"op": "devices"}, admin=True)["devices"]}
-
-
-def discovery_stats(daemon: DaemonProcess) -> dict[str, Any]:
-    return dict(ask(daemon, {"op": "stats"}, admin=True)["stats"]["discovery"])
-
-
 def answered(daemon: DaemonProcess, client_ip: str, kind: str = "printer") -> list[str]:
     reply = ask(daemon, {"op": "nearest", "kind": kind, "k": 20, "client_ip": client_ip})
     return [d["name"] for d in reply["devices"]]
@@ -124,7 +125,7 @@ def test_bad_names_are_refused_and_discovery_carries_on(
         addresses=[lan.ip(3)],
         txt={"txtvers": "1", "rp": "ipp/print"},
     )
-    wait_for("the printer announced afterwards", lambda: "Printer After Flood" in inventory(daemon))
+    wait_for("the printer announced afterwards", lambda: "Printer After Flood" in devices_by_name(daemon))
     assert "Printer After Flood" in answered(daemon, lan.ip(3))
     # More bad names after it, then one more printer: still discovering.
     for labels in CONTROL[:5]:
@@ -132,7 +133,7 @@ def test_bad_names_are_refused_and_discovery_carries_on(
     good = announcement([b"Raw Good Printer"], [lan.ip(2)], host=[b"raw-good", b"local"])
     wait_for(
         "a good raw announcement",
-        lambda: raw.send(good) or "Raw Good Printer" in inventory(daemon),
+        lambda: raw.send(good) or "Raw Good Printer" in devices_by_name(daemon),
     )
     refused = discovery_stats(daemon)["services_refused"]
     logs = daemon.logs()
@@ -140,7 +141,7 @@ def test_bad_names_are_refused_and_discovery_carries_on(
     assert "\x1b" not in logs  # escaped, never raw
     assert logs.count('event="mDNS service refused"') == sum(refused.values())
     assert discovery_stats(daemon)["running"] is True
-    names = set(inventory(daemon))
+    names = set(devices_by_name(daemon))
     assert not any(n.startswith("Bad") for n in names)
     peer.close()
 
@@ -202,7 +203,7 @@ def test_refused_addresses_and_paths_are_never_placed_served_or_polled(
             raw.send(packet)
 
     mixed = wait_for(
-        "the mixed printer", lambda: send_all() or inventory(daemon).get("Mixed Printer")
+        "the mixed printer", lambda: send_all() or devices_by_name(daemon).get("Mixed Printer")
     )
     assert mixed["endpoints"] == [
         f"ipp://{lan.ip(2)}:631/ipp/print",
@@ -218,7 +219,7 @@ def test_refused_addresses_and_paths_are_never_placed_served_or_polled(
         ),
         timeout=15.0,
     )
-    names = set(inventory(daemon))
+    names = set(devices_by_name(daemon))
     for bad in [*ADDRESS_CASES, "Traversal Printer", "Secret Scanner"]:
         assert bad not in names, (bad, stats)
         assert bad not in answered(daemon, lan.ip(2))
@@ -253,19 +254,19 @@ def test_a_second_host_cannot_take_over_a_known_uuid(
     real.register(
         "r", real_name, **ipp_spec(lan, 3, f"real-{why[:4]}.local.", uuid, "_ipp._tcp.local.")
     )
-    wait_for("the real printer", lambda: real_name in inventory(daemon))
-    before = inventory(daemon)[real_name]
+    wait_for("the real printer", lambda: real_name in devices_by_name(daemon))
+    before = devices_by_name(daemon)[real_name]
     rogue = lan.zeroconf(5)
     rogue.register(
         "x", rogue_name, **ipp_spec(lan, 5, f"rogue-{why[:4]}.local.", uuid, "_ipps._tcp.local.")
     )
     held = wait_for(
         "the rogue claim quarantined",
-        lambda: (d := inventory(daemon).get(rogue_name)) and d.get("quarantined") and d,
+        lambda: (d := devices_by_name(daemon).get(rogue_name)) and d.get("quarantined") and d,
         timeout=15.0,
     )
     assert "claims the uuid" in held["quarantined"], held
-    now = inventory(daemon)[real_name]
+    now = devices_by_name(daemon)[real_name]
     assert now["id"] == before["id"] and now["uri"] == f"ipp://{lan.ip(3)}:631/ipp/print"
     assert all(lan.ip(5) not in e for e in now["endpoints"])
     served = ask(daemon, {"op": "nearest", "kind": "printer", "k": 20, "client_ip": lan.ip(5)})
