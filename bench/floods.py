@@ -600,20 +600,27 @@ def flood_mqtt(n: int = 20_000) -> None:
 # ---- mDNS ------------------------------------------------------------------------------
 
 
-def flood_mdns(n: int, max_devices: int) -> None:
-    print(f"\n### {n} spoofed mDNS printer announcements on the test LAN", flush=True)
+def _test_lan(row: str, n_hosts: int, net: int) -> Any:
+    """Bring up the test LAN (tests/lan.py), or record why the row cannot run and return None."""
     try:
         from lan import Lan, can_run
     except ImportError as exc:
-        record("mdns", "test LAN", f"not available ({exc})", False)
-        return
+        record(row, "test LAN", f"not available ({exc})", False)
+        return None
     why = can_run()
     if why:
-        record("mdns", "test LAN", f"cannot run: {why}", False)
+        record(row, "test LAN", f"cannot run: {why}", False)
+        return None
+    return Lan(n_hosts=n_hosts, net=net).up()
+
+
+def flood_mdns(n: int, max_devices: int) -> None:
+    print(f"\n### {n} spoofed mDNS printer announcements on the test LAN", flush=True)
+    lan = _test_lan("mdns", n_hosts=2, net=91)
+    if lan is None:
         return
     from zeroconf import DNSAddress, DNSOutgoing, DNSPointer, DNSService, DNSText, const
 
-    lan = Lan(n_hosts=2, net=91).up()
     tmp = Path(tempfile.mkdtemp(prefix="flood-mdns-"))
     metrics_port = free_port()
     cfg = write_config(
@@ -743,17 +750,11 @@ def flood_mdns_services(n: int = 20_000, real: int = 12) -> None:
     growth <= 64 MB, and the legitimate client's p99 < 50 ms throughout.
     """
     print(f"\n### {n} mDNS printer services from one LAN host, then {real} real ones", flush=True)
-    try:
-        from lan import Lan, can_run
-        from mdns_raw import RawAnnouncer, announcement
-    except ImportError as exc:
-        record("mdns-services", "test LAN", f"not available ({exc})", False)
+    lan = _test_lan("mdns-services", n_hosts=3, net=93)
+    if lan is None:
         return
-    why = can_run()
-    if why:
-        record("mdns-services", "test LAN", f"cannot run: {why}", False)
-        return
-    lan = Lan(n_hosts=3, net=93).up()
+    from mdns_raw import RawAnnouncer, announcement
+
     tmp = Path(tempfile.mkdtemp(prefix="flood-services-"))
     cfg = write_config(
         tmp,
