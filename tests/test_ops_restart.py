@@ -326,3 +326,25 @@ async def test_a_background_task_that_fails_is_logged_and_the_daemon_goes_on(
     finally:
         await daemon.stop()
     assert ticker.done()
+
+
+def test_encoding_the_snapshot_holds_little_more_than_the_snapshot() -> None:
+    # A flood fills the table to max_devices; the writer must not need 15x the file's size
+    # (orjson's per-call buffers kept in a list did, and broke the mDNS flood's RSS budget).
+    import tracemalloc
+
+    saved = [
+        Saved(
+            Device(f"mdns-{i}", DeviceKind.PRINTER, f"P {i}", f"ipp://10.0.{i // 250}.{i % 250}/", source="mdns"),
+            1.0,
+        )
+        for i in range(2000)
+    ]
+    tracemalloc.start()
+    try:
+        data = encode_inventory(saved, 2.0)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(decode_inventory(data)) == 2000
+    assert peak < 3 * len(data), (peak, len(data))

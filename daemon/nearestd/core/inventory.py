@@ -79,14 +79,18 @@ def device_to_json(device: Device) -> dict[str, Any]:
 def encode_inventory(saved: Iterable[Saved], written: float) -> bytes:
     """Return the snapshot file's bytes for these devices."""
     head = {"format": FORMAT, "version": VERSION, "written": written}
+    out = bytearray(_dumps(head)[:-1].encode() + b',"devices":[')
     # One small dumps() per device rather than one big one: the writer runs in a thread,
     # and a single C-level dumps of thousands of devices would hold the GIL (and so the
     # event loop) for tens of milliseconds. orjson: about 5x the standard module's speed.
-    devices = [
-        orjson.dumps({"last_seen": s.last_seen, "device": device_to_json(s.device)})
-        for s in sorted(saved, key=lambda s: s.device.id)
-    ]
-    return _dumps(head)[:-1].encode() + b',"devices":[' + b",".join(devices) + b"]}"
+    # Each is appended at once: orjson's result keeps a buffer of 4 KiB or more, and a
+    # list of them held about 15x the snapshot's size (15 MB for 1,700 devices).
+    for i, s in enumerate(sorted(saved, key=lambda s: s.device.id)):
+        if i:
+            out += b","
+        out += orjson.dumps({"last_seen": s.last_seen, "device": device_to_json(s.device)})
+    out += b"]}"
+    return bytes(out)
 
 
 def _dumps(obj: Any) -> str:
