@@ -16,20 +16,12 @@ import pytest
 from lan import Lan, can_run
 from nearest_client import Client
 from nearest_wire import encode_frame
-from support import DaemonProcess, read_frame, skip_or_fail, tcp_url, write_config
+from support import DaemonProcess, read_frame, rss_of, skip_or_fail, tcp_url, write_config
 
 HOG = "127.0.0.2"  # untrusted: trusted_peers is 127.0.0.1 only
 HONEST = "127.0.0.3"
 TRUSTED = "127.0.0.1"
 PING = encode_frame({"v": 1, "id": 1, "op": "ping"})
-
-
-def rss_of(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def connect(url: str, source: str) -> socket.socket:
