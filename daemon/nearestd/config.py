@@ -87,11 +87,13 @@ class SocketUrl(Parsed):
                 raise ValueError("expected unix:///PATH")
             out.unix, out.path, out.host, out.port = True, text[7:], "", 0
             return out
-        m = re.fullmatch(r"tcp://" + _HOST_PORT.pattern, text)
-        port = _port(m.group(2)) if m else None
-        if m is None or port is None:
-            raise ValueError(f"expected tcp://HOST:PORT or unix:///PATH, got {text!r}")
-        out.unix, out.path, out.host, out.port = False, "", m.group(1).strip("[]"), port
+        try:
+            if not text.startswith("tcp://") or not text[6:]:
+                raise ValueError
+            where = HostPort.parse(text[6:])
+        except ValueError:
+            raise ValueError(f"expected tcp://HOST:PORT or unix:///PATH, got {text!r}") from None
+        out.unix, out.path, out.host, out.port = False, "", where.host, where.port
         return out
 
 
