@@ -539,9 +539,7 @@ class Service:
         self.cfg = cfg = new.cfg
         self.sitemap = new.sitemap
         self.ranking = new.ranking
-        table.generation = old.generation + 1
-        table.local_generation = old.local_generation + 1
-        table.reach_generation = old.reach_generation + 1
+        table.continue_from(old)
         self.table = table
         for device_id in carried:
             if device_id not in now_dynamic:

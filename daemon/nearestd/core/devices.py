@@ -380,14 +380,22 @@ class DeviceTable:
 
     def set_sitemap(self, sitemap: SiteMap) -> None:
         """Replace the site map: static devices follow it, others are placed again."""
-        generation, rank_generation = self.generation, self.rank_generation
-        epoch, local, reach = self.rank_epoch, self.local_generation, self.reach_generation
-        vars(self).update(vars(DeviceTable(sitemap, self.carried())))
-        self.generation = generation + 1
-        self.local_generation = local + 1
-        self.reach_generation = reach + 1
-        self.rank_generation = rank_generation + 1
-        self.rank_epoch = epoch + 1
+        fresh = DeviceTable(sitemap, self.carried())
+        fresh.continue_from(self)
+        fresh.rank_generation = self.rank_generation + 1
+        fresh.rank_epoch = self.rank_epoch + 1
+        vars(self).update(vars(fresh))
+
+    def continue_from(self, old: DeviceTable) -> None:
+        """Take over ``old``'s change counters, one step on: this table replaces it.
+
+        The poller, the published inventory, the snapshot and the DNS-SD cache compare
+        these counters with the last they saw; a new table counting from zero could
+        match one of those by chance and its changes would go unnoticed.
+        """
+        self.generation = old.generation + 1
+        self.local_generation = old.local_generation + 1
+        self.reach_generation = old.reach_generation + 1
 
     def _reindex(self, device: Device, placement: Placement | None) -> None:
         before = self.index.get(device.id)
