@@ -325,16 +325,18 @@ class DnssdServer:
         devices as they were; only the answers built from a list that changed are rebuilt.
         """
         if entry.depends:
-            svc = self.service
-            now = self.publisher.lists(
-                entry.depends, core.Scene(svc.table, svc.sitemap, svc.ranking)
-            )
+            now = self.publisher.lists(entry.depends, self._scene())
             if now != entry.lists:
                 return None
         fresh = entry._replace(generation=generation)
         self.cache[key] = fresh
         self.revalidated += 1
         return fresh
+
+    def _scene(self) -> core.Scene:
+        """Return what answers are drawn from now: the service's table, map and ranking."""
+        svc = self.service
+        return core.Scene(svc.table, svc.sitemap, svc.ranking)
 
     def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
         """Make the location-log entry: an address's lookups in a zone, once a second.
@@ -385,9 +387,7 @@ class DnssdServer:
         if client is not None:
             zid = svc.sitemap.prefixes.lookup(client)
         querier = svc.sitemap.zones.get(zid) if zid is not None else None
-        reply = self.publisher.answer(
-            labels, q.qtype, q.qclass, querier, core.Scene(svc.table, svc.sitemap, svc.ranking)
-        )
+        reply = self.publisher.answer(labels, q.qtype, q.qclass, querier, self._scene())
         rcode = reply.rcode
         edns_version = (opt.ttl >> 16) & 0xFF if opt is not None else 0
         header = DNSHeader(
@@ -421,10 +421,7 @@ class DnssdServer:
                 msg.header.tc = 1
                 udp, truncated = bytes(msg.pack()), True
         rcode_name = RCODE.get(rcode, f"RCODE{rcode}")
-        lists = (
-            self.publisher.lists(reply.depends, core.Scene(svc.table, svc.sitemap, svc.ranking))
-            or ()
-        )
+        lists = self.publisher.lists(reply.depends, self._scene()) or ()
         return Entry(
             udp,
             tcp,
