@@ -9,10 +9,17 @@ aliases; the zone whose subnets hold one of the device's addresses; else unlocat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 from nearestd.core.index import Entry, SpatialIndex, caps_mask
-from nearestd.core.model import Device, DeviceState, Placement, PlacementMethod, Zone
+from nearestd.core.model import (
+    Device,
+    DeviceState,
+    Placement,
+    PlacementMethod,
+    Zone,
+    compile_constructor,
+)
 from nearestd.core.quarantine import QUARANTINE_MAX, Quarantined, find_pin, quarantine_reason
 from nearestd.core.sitemap import SiteMap
 
@@ -131,20 +138,23 @@ def place_federated(
 def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
     """Return the index entry of a placed device."""
     caps = device.capabilities
-    return Entry(
-        device_id=device.id,
-        kind=str(device.kind),
-        site=placement.site,
-        building=placement.building,
-        level=placement.level,
-        x=placement.x,
-        y=placement.y,
-        mask=caps_mask(caps.color, caps.duplex, caps.adf, caps.secure),
-        paper=caps.paper_rank,
-        available=device.available,
-        restrict=restrict,
-        state_rank=tie_rank(device, placement),
+    return _new_entry(
+        device.id,
+        str(device.kind),
+        placement.site,
+        placement.building,
+        placement.level,
+        placement.x,
+        placement.y,
+        caps_mask(caps.color, caps.duplex, caps.adf, caps.secure),
+        caps.paper_rank,
+        device.available,
+        restrict,
+        tie_rank(device, placement),
     )
+
+
+_new_entry = compile_constructor(Entry, *(f.name for f in fields(Entry)))
 
 
 _IDLE = DeviceState.IDLE

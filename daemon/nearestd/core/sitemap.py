@@ -11,10 +11,9 @@ import csv
 import io
 import ipaddress
 import math
-import re
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -32,6 +31,7 @@ from nearestd.core.model import (
     Placement,
     PlacementMethod,
     Zone,
+    compile_constructor,
 )
 from nearestd.core.visibility import PolicyBuilder, VisibilityPolicy, parse_visible_to
 
@@ -308,9 +308,15 @@ def _is_box(geom: BaseGeometry) -> bool:
     return all(x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords)
 
 
-# What a static device's placement and visibility read of its properties after _device().
+_KIND_OF = {kind.value: kind for kind in DeviceKind}
+_new_static = compile_constructor(Device, "id", "kind", "name", "uri", "make_model", "capabilities")
+_new_placement = compile_constructor(Placement, *(f.name for f in fields(Placement)))
+_NO_CAPS = Capabilities()
+# Distinct capability objects remembered; a map with more is validated the slow way.
+_KNOWN_CAPS_MAX = 4096
+
+# A property that is absent (where absent and null mean different things).
 _MISSING: Any = object()
-_PLACEMENT_KEYS = ("static", "site", "building", "level", "visible_to", "poll")
 
 
 class _Builder:
@@ -321,8 +327,9 @@ class _Builder:
         self.raw_zones: list[tuple[str, str, dict[str, Any], BaseGeometry]] = []
         # (file, feature, properties, lon, lat, for a static device the device or None if
         # invalid and the problems found validating it; for a pin None, None). A static
-        # device keeps only the values of _PLACEMENT_KEYS (a tuple), and "" for its feature
-        # when it is valid. Flat: one tuple per device, 100,000s of them until build().
+        # device keeps only what placement and visibility read of its properties: (site,
+        # building, level, visible_to, poll), the last two _MISSING when absent; and "" for
+        # its feature when it is valid. Flat: one tuple per device, 100,000s of them until build().
         self.raw_devices: list[
             tuple[
                 str,
@@ -340,6 +347,9 @@ class _Builder:
         self.floors: _Floors | None = None
         # One object per distinct capability set: thousands of devices share a few.
         self.capabilities: dict[Capabilities, Capabilities] = {}
+        # A valid ``capabilities`` object's repr -> its Capabilities: a repeated one is
+        # not validated key by key again.
+        self.known_caps: dict[str, Capabilities] = {}
 
     def problem(self, file: str, where: str, message: str) -> None:
         self.problems.append(Problem(file, where, message))
@@ -447,9 +457,16 @@ class _Builder:
             device = self._static(file, where, props)
             # No list, no ``where`` text and no dict per valid device: with 100,000s of
             # them these held tens of MB until build() (its ``where`` is rebuilt there).
-            problems = tuple(self.problems)
+            problems = tuple(self.problems) if self.problems else ()
             self.problems = held
-            kept = tuple(props.get(k, _MISSING) for k in _PLACEMENT_KEYS)
+            get = props.get
+            kept = (
+                get("site"),
+                get("building"),
+                get("level"),
+                get("visible_to", _MISSING),
+                get("poll", _MISSING),
+            )
             self.raw_devices.append(
                 (file, "" if device else where, kept, float(lon), float(lat), device, problems)
             )
@@ -605,11 +622,12 @@ class _Builder:
         sm: SiteMap,
         file: str,
         where: str,
-        props: dict[str, Any],
+        site: Any,
+        building: Any,
+        level: Any,
         lonlat: tuple[float, float],
         method: PlacementMethod,
     ) -> Placement | None:
-        site, building, level = props.get("site"), props.get("building"), props.get("level")
         if not isinstance(site, str) or site not in sm.projections:
             self.problem(file, where, f"properties.site: unknown site {site!r} (no zone has it)")
             return None
@@ -629,18 +647,31 @@ class _Builder:
                 f"properties.level: building {building!r} has no level {level} (it has {have})",
             )
             return None
-        x, y = sm.projections[site].forward(*lonlat)
+        return self._place(sm, site, building, level, lonlat, method)
+
+    def _place(
+        self,
+        sm: SiteMap,
+        site: str,
+        building: str,
+        level: int,
+        lonlat: tuple[float, float],
+        method: PlacementMethod,
+    ) -> Placement:
+        """Return the placement at a position on a floor that ``_placement`` accepted."""
+        lon, lat = lonlat
+        x, y = sm.projections[site].forward(lon, lat)
         if self.floors is None:
             self.floors = _Floors(sm.zones.values())
         zone = self.floors.zone_containing(site, building, level, x, y)
-        return Placement(
-            _shared(site), _shared(building), level, zone, x, y, lonlat[0], lonlat[1], method
-        )
+        return _new_placement(_shared(site), _shared(building), level, zone, x, y, lon, lat, method)
 
     def _devices(self, sm: SiteMap) -> None:
         pins: list[Pin] = []
         statics: list[tuple[Device, Placement]] = []
         static_ids: dict[str, str] = {}
+        levels = sm.levels
+        static_method = PlacementMethod.STATIC
         for file, where, raw, lon, lat, dev, problems in self.raw_devices:
             lonlat = (lon, lat)
             if problems is not None:
@@ -648,22 +679,37 @@ class _Builder:
                 if dev is None:
                     continue
                 # As _fid() wrote it: a valid static device's id is a non-empty string.
-                where = f"feature {dev.id!r}"
-                props = {
-                    k: v for k, v in zip(_PLACEMENT_KEYS, raw, strict=True) if v is not _MISSING
-                }
+                # Written out only where a problem needs it: most devices have none.
+                where = ""
+                assert isinstance(raw, tuple)  # a static device keeps only these
+                site, building, level, visible_to, poll = raw
                 if dev.id in static_ids:
+                    where = f"feature {dev.id!r}"
                     self.problem(file, where, f"properties.id: duplicate device id {dev.id!r}")
                     continue
-                place = self._placement(sm, file, where, props, lonlat, PlacementMethod.STATIC)
-                if place is None:
-                    continue
+                # The common case, a known floor, first: _placement words any problem.
+                floors = (
+                    levels.get((site, building))
+                    if type(site) is str and type(building) is str
+                    else None
+                )
+                if floors is not None and type(level) is int and level in floors:
+                    place = self._place(sm, site, building, level, lonlat, static_method)
+                else:
+                    where = f"feature {dev.id!r}"
+                    found = self._placement(
+                        sm, file, where, site, building, level, lonlat, static_method
+                    )
+                    if found is None:
+                        continue
+                    place = found
                 static_ids[dev.id] = file
                 statics.append((dev, place))
-                if "poll" in props:
-                    sm.static_poll[dev.id] = props["poll"]
-                if "visible_to" in props:
-                    bits = self._visibility(sm, file, where, props["visible_to"])
+                if poll is not _MISSING:
+                    sm.static_poll[dev.id] = poll
+                if visible_to is not _MISSING:
+                    where = f"feature {dev.id!r}"
+                    bits = self._visibility(sm, file, where, visible_to)
                     if bits:
                         self.policy.device_rules[dev.id] = bits
                 continue
@@ -695,8 +741,17 @@ class _Builder:
                 except ValueError:
                     self.problem(file, where, f"properties.match.ip: bad address or CIDR {value!r}")
                     continue
-            place = self._placement(sm, file, where, props, lonlat, PlacementMethod.PIN)
-            if place is None:
+            pin_place = self._placement(
+                sm,
+                file,
+                where,
+                props.get("site"),
+                props.get("building"),
+                props.get("level"),
+                lonlat,
+                PlacementMethod.PIN,
+            )
+            if pin_place is None:
                 continue
             restrict = 0
             if "visible_to" in props:
@@ -720,7 +775,7 @@ class _Builder:
                 Pin(
                     key,
                     normalise_pin(key, value),
-                    place,
+                    pin_place,
                     network,
                     file,
                     where,
@@ -732,6 +787,41 @@ class _Builder:
         sm.static_devices = tuple(statics)
 
     def _static(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
+        """Return a static device's Device, or None with its problems recorded.
+
+        The common case, a device with every value of its expected type, is recognised
+        with a few exact type tests; anything else goes through ``_static_checked``, which
+        decides it and words its problems.
+        """
+        get = props.get
+        dev_id, name, uri, kind = get("id"), get("name"), get("uri"), get("kind")
+        make_model = get("make_model", "")
+        poll = get("poll", False)
+        if (
+            type(dev_id) is str
+            and type(name) is str
+            and type(uri) is str
+            and type(make_model) is str
+            and type(poll) is bool
+            and type(kind) is str
+            and kind in _KIND_OF
+            and dev_id.strip()
+            and name.strip()
+            and uri.strip()
+            and uri.partition(":")[0] in URI_SCHEMES
+        ):
+            caps = get("capabilities", _MISSING)
+            # repr, not the dict's items: True == 1 == 1.0 would make a bad value's key
+            # equal to a good one's; a repr tells the types apart.
+            capabilities = _NO_CAPS if caps is _MISSING else self.known_caps.get(repr(caps))
+            if capabilities is not None:
+                return _new_static(
+                    dev_id, _KIND_OF[kind], name, uri, _shared(make_model), capabilities
+                )
+        return self._static_checked(file, where, props)
+
+    def _static_checked(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
+        """Validate a static device's properties one by one, recording each problem."""
         ok = True
         for key in ("id", "name", "uri"):
             if not isinstance(props.get(key), str) or not props[key].strip():
@@ -792,20 +882,23 @@ class _Builder:
         if not ok:
             return None
         capabilities = Capabilities(**parsed)
+        capabilities = self.capabilities.setdefault(capabilities, capabilities)
+        if isinstance(caps, dict) and len(self.known_caps) < _KNOWN_CAPS_MAX:
+            self.known_caps[repr(caps)] = capabilities
         return Device(
             id=props["id"],
             kind=DeviceKind(str(kind)),
             name=props["name"],
             uri=props["uri"],
             make_model=_shared(make_model),
-            capabilities=self.capabilities.setdefault(capabilities, capabilities),
+            capabilities=capabilities,
             source="static",
         )
 
 
-_V4_CIDR = re.compile(
-    r"(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})\.(0|[1-9][0-9]{0,2})/(0|[1-9][0-9]?)"
-)
+# Decimal text without leading zeros, as ipaddress accepts it: octets and prefix lengths.
+_OCTETS = {str(i): i for i in range(256)}
+_LENGTHS = {str(n): n for n in range(33)}
 
 
 def _canonical_v4(cidr: str) -> str | None:
@@ -814,14 +907,16 @@ def _canonical_v4(cidr: str) -> str | None:
     The common case of a large IPAM export, parsed without building ipaddress objects;
     whatever this does not accept goes through ipaddress, whose message is the one shown.
     """
-    m = _V4_CIDR.fullmatch(cidr)
-    if m is None:
+    addr, _, length = cidr.partition("/")
+    n = _LENGTHS.get(length)
+    parts = addr.split(".")
+    if n is None or len(parts) != 4:
         return None
-    a, b, c, d, n = (int(g) for g in m.groups())
-    if a > 255 or b > 255 or c > 255 or d > 255 or n > 32:
+    octet = _OCTETS.get
+    a, b, c, d = octet(parts[0]), octet(parts[1]), octet(parts[2]), octet(parts[3])
+    if a is None or b is None or c is None or d is None:
         return None
-    value = a << 24 | b << 16 | c << 8 | d
-    if value & ((1 << (32 - n)) - 1):
+    if (a << 24 | b << 16 | c << 8 | d) & ((1 << (32 - n)) - 1):
         return None
     return cidr
 
