@@ -1,10 +1,10 @@
 """The site-map builder's fast paths decide and word everything as the full checks do.
 
 A static device whose values all have their expected types skips the key-by-key checks,
-and a repeated ``capabilities`` object is recognised by its repr; placement of a device
-on a known floor skips the checks that word problems; devices, placements and index
-entries are built by ``compile_constructor``. Each is compared here with the plain
-definition on the same inputs.
+and a repeated ``capabilities`` object is recognised by its items and their types;
+placement of a device on a known floor skips the checks that word problems; devices,
+placements and index entries are built by ``compile_constructor``. Each is compared here
+with the plain definition on the same inputs.
 """
 
 from __future__ import annotations
@@ -235,3 +235,28 @@ def test_a_static_device_is_placed_or_refused_as_a_pin_would_be(place: dict[str,
         placed = sm.static_devices[0][1] if sm.static_devices else sm.pins[0].placement
         results.append(dataclasses.replace(placed, method=PlacementMethod.STATIC))
     assert results[0] == results[1]
+
+
+BOX_CASES = [
+    ("box", "POLYGON ((0 0, 2 0, 2 1, 0 1, 0 0))", True),
+    ("box drawn clockwise", "POLYGON ((0 0, 0 1, 2 1, 2 0, 0 0))", True),
+    ("box with a vertex mid-edge", "POLYGON ((0 0, 1 0, 2 0, 2 1, 0 1, 0 0))", False),
+    ("L shape", "POLYGON ((0 0, 2 0, 2 1, 1 1, 1 2, 0 2, 0 0))", False),
+    ("rotated square", "POLYGON ((1 0, 2 1, 1 2, 0 1, 1 0))", False),
+    ("box with a hole", "POLYGON ((0 0, 4 0, 4 4, 0 4, 0 0), (1 1, 2 1, 2 2, 1 2, 1 1))", False),
+    ("two boxes", "MULTIPOLYGON (((0 0, 1 0, 1 1, 0 1, 0 0)), ((2 0, 3 0, 3 1, 2 1, 2 0)))", False),
+    ("tiny box", "POLYGON ((4 52, 4.0001 52, 4.0001 52.0001, 4 52.0001, 4 52))", True),
+]
+
+
+def test_boxes_are_told_from_other_polygons_all_at_once() -> None:
+    import numpy as np
+    import shapely
+
+    from nearestd.core.sitemap import _are_boxes
+
+    for order in (BOX_CASES, BOX_CASES[::-1], [c for c in BOX_CASES if not c[2]], []):
+        polygons = np.array([shapely.from_wkt(wkt) for _, wkt, _ in order], dtype=object)
+        bounds = shapely.bounds(polygons).reshape(-1, 4)
+        got = _are_boxes(polygons, bounds).tolist()
+        assert got == [box for _, _, box in order], [name for name, _, _ in order]

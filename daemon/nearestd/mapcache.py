@@ -75,7 +75,6 @@ def _prefixes(items: list[tuple[str, str]]) -> PrefixTable:
         # Keys are already canonical (str of a validated network): no re-parsing.
         tree = table._v6 if ":" in key else table._v4
         tree[key] = zid
-    table._count = len(items)
     return table
 
 

@@ -185,7 +185,7 @@ def compile_constructor(cls: type[T], *names: str) -> Callable[..., T]:
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"{cls.__name__}: unknown or repeated fields in {names}")
     scope: dict[str, Any] = {"_new": object.__new__, "_cls": cls}
-    lines = [f"def build({', '.join(names)}):", "    obj = _new(_cls)"]
+    lines = [f"def construct({', '.join(names)}):", "    obj = _new(_cls)"]
     for f in all_fields:
         scope[f"_set_{f.name}"] = cls.__dict__[f.name].__set__
         if f.name in names:
@@ -201,5 +201,5 @@ def compile_constructor(cls: type[T], *names: str) -> Callable[..., T]:
         lines.append(f"    _set_{f.name}(obj, {value})")
     lines.append("    return obj")
     exec("\n".join(lines), scope)  # the same technique as dataclasses' own __init__
-    built: Callable[..., T] = scope["build"]
+    built: Callable[..., T] = scope["construct"]
     return built

@@ -120,10 +120,9 @@ class PrefixTable:
     def __init__(self) -> None:
         self._v4 = pytricia.PyTricia(32)
         self._v6 = pytricia.PyTricia(128)
-        self._count = 0
 
     def __len__(self) -> int:
-        return self._count
+        return len(self._v4) + len(self._v6)
 
     def add(self, network: ipaddress.IPv4Network | ipaddress.IPv6Network, zone_id: str) -> None:
         """Map a prefix to a zone; a later add of the same prefix replaces it."""
@@ -131,11 +130,10 @@ class PrefixTable:
 
     def add_key(self, key: str, zone_id: str) -> None:
         """Map a prefix in canonical text form (``str`` of an ip_network) to a zone."""
-        tree = self._v6 if ":" in key else self._v4
-        # has_key, not ``in``: ``in`` is a longest-prefix match, true for a nested prefix.
-        if not tree.has_key(key):
-            self._count += 1
-        tree[key] = zone_id
+        if ":" in key:
+            self._v6[key] = zone_id
+        else:
+            self._v4[key] = zone_id
 
     def lookup(self, ip: str) -> str | None:
         """Return the zone of the longest prefix containing ``ip`` (a valid address)."""
@@ -272,25 +270,27 @@ class _Floors:
         self._floors: dict[
             tuple[str, str, int], list[tuple[float, float, float, float, bool, Zone]]
         ] = {}
-        for zone in zones:
-            minx, miny, maxx, maxy = zone.polygon.bounds
+        listed = list(zones)
+        polygons = np.array([zone.polygon for zone in listed], dtype=object)
+        # Every polygon at once: one call each instead of thousands of per-zone calls.
+        bounds = shapely.bounds(polygons).reshape(-1, 4)
+        boxes = _are_boxes(polygons, bounds)
+        for zone, (minx, miny, maxx, maxy), box in zip(
+            listed, bounds.tolist(), boxes.tolist(), strict=True
+        ):
             self._floors.setdefault((zone.site, zone.building, zone.level), []).append(
-                (minx, miny, maxx, maxy, _is_box(zone.polygon), zone)
+                (minx, miny, maxx, maxy, box, zone)
             )
 
     def zone_containing(
         self, site: str, building: str, level: int, x: float, y: float
     ) -> str | None:
         """Return the first zone (in map order) on that floor that covers the point."""
-        pt = None
         for minx, miny, maxx, maxy, box, zone in self._floors.get((site, building, level), ()):
             if x < minx or x > maxx or y < miny or y > maxy:
                 continue
-            if box:
-                return zone.id
-            if pt is None:
-                pt = shapely.points(x, y)
-            if zone.polygon.covers(pt):
+            # For one point, intersecting a polygon is covering it (boundary included).
+            if box or shapely.intersects_xy(zone.polygon, x, y):
                 return zone.id
         return None
 
@@ -300,20 +300,54 @@ def _shared(text: str) -> str:
     return sys.intern(text)
 
 
-def _is_box(geom: BaseGeometry) -> bool:
-    """Return whether a valid polygon is exactly its bounding box (every vertex a corner)."""
-    if not isinstance(geom, Polygon) or geom.interiors:
-        return False
-    minx, miny, maxx, maxy = geom.bounds
-    return all(x in (minx, maxx) and y in (miny, maxy) for x, y in geom.exterior.coords)
+def _are_boxes(
+    polygons: np.ndarray[Any, Any], bounds: np.ndarray[Any, Any]
+) -> np.ndarray[Any, Any]:
+    """Return, per valid polygon, whether it is exactly its bounding box.
+
+    That is: a Polygon without holes whose every vertex is a corner of its bounds.
+    """
+    simple: np.ndarray[Any, Any] = (
+        shapely.get_type_id(polygons) == shapely.GeometryType.POLYGON
+    ) & (shapely.get_num_interior_rings(polygons) == 0)
+    boxes: np.ndarray[Any, Any] = simple.copy()
+    if not simple.any():
+        return boxes
+    rings = shapely.get_exterior_ring(polygons[simple])
+    coords, owner = shapely.get_coordinates(rings, return_index=True)
+    edges = bounds[simple][owner]
+    on_corner = ((coords[:, 0] == edges[:, 0]) | (coords[:, 0] == edges[:, 2])) & (
+        (coords[:, 1] == edges[:, 1]) | (coords[:, 1] == edges[:, 3])
+    )
+    off = np.bincount(owner[~on_corner], minlength=len(rings))
+    boxes[simple] = off == 0
+    return boxes
 
 
 _KIND_OF = {kind.value: kind for kind in DeviceKind}
+_SCHEMES = frozenset(URI_SCHEMES)
 _new_static = compile_constructor(Device, "id", "kind", "name", "uri", "make_model", "capabilities")
 _new_placement = compile_constructor(Placement, *(f.name for f in fields(Placement)))
 _NO_CAPS = Capabilities()
 # Distinct capability objects remembered; a map with more is validated the slow way.
 _KNOWN_CAPS_MAX = 4096
+
+
+def _caps_key(caps: Any) -> tuple[Any, ...] | None:
+    """Return what identifies a ``capabilities`` object among those seen, or None.
+
+    The types are part of the key: True == 1 == 1.0 in Python, and a cache keyed by the
+    items alone would take {"color": 1} for {"color": True}.
+    """
+    if type(caps) is not dict:
+        return None
+    key = (*caps.items(), *map(type, caps.values()))
+    try:
+        hash(key)
+    except TypeError:  # a list or an object as a value: never valid, never cached
+        return None
+    return key
+
 
 # A property that is absent (where absent and null mean different things).
 _MISSING: Any = object()
@@ -347,9 +381,9 @@ class _Builder:
         self.floors: _Floors | None = None
         # One object per distinct capability set: thousands of devices share a few.
         self.capabilities: dict[Capabilities, Capabilities] = {}
-        # A valid ``capabilities`` object's repr -> its Capabilities: a repeated one is
-        # not validated key by key again.
-        self.known_caps: dict[str, Capabilities] = {}
+        # A valid ``capabilities`` object (by _caps_key) -> its Capabilities: a repeated
+        # one is not validated key by key again.
+        self.known_caps: dict[tuple[Any, ...] | None, Capabilities] = {}
 
     def problem(self, file: str, where: str, message: str) -> None:
         self.problems.append(Problem(file, where, message))
@@ -363,21 +397,21 @@ class _Builder:
             self.problem(file, "features", "expected a list of features")
             return
         for i, feat in enumerate(features):
-            where = _fid(feat, i)
             if not isinstance(feat, dict) or feat.get("type") != "Feature":
-                self.problem(file, where, "expected a GeoJSON Feature")
+                self.problem(file, _fid(feat, i), "expected a GeoJSON Feature")
                 continue
             props = feat.get("properties")
             if not isinstance(props, dict):
-                self.problem(file, where, "properties: expected an object")
+                self.problem(file, _fid(feat, i), "properties: expected an object")
                 continue
             ftype = props.get("feature_type")
             geom = feat.get("geometry")
-            if ftype == "zone":
-                self._zone(file, where, props, geom)
-            elif ftype == "device":
-                self._device(file, where, props, geom)
+            if ftype == "device":
+                self._device(file, feat, i, props, geom)
+            elif ftype == "zone":
+                self._zone(file, _fid(feat, i), props, geom)
             else:
+                where = _fid(feat, i)
                 self.problem(
                     file,
                     where,
@@ -440,25 +474,31 @@ class _Builder:
         if ok:
             self.raw_zones.append((file, where, props, g))
 
-    def _device(self, file: str, where: str, props: dict[str, Any], geom: Any) -> None:
+    def _device(self, file: str, feat: Any, index: int, props: dict[str, Any], geom: Any) -> None:
         if not isinstance(geom, dict) or geom.get("type") != "Point":
-            self.problem(file, where, "geometry: a device needs a Point")
+            self.problem(file, _fid(feat, index), "geometry: a device needs a Point")
             return
         err = _check_coords(geom.get("coordinates"), 0)
         if err:
-            self.problem(file, where, f"geometry: {err}")
+            self.problem(file, _fid(feat, index), f"geometry: {err}")
             return
         lon, lat = geom["coordinates"][:2]
         if props.get("static") is True:
             # Validate a static device now, keeping only what placement needs: otherwise
             # every device's raw properties (100,000s of dicts) are held until build().
-            # Its problems are set aside and reported where they always were.
-            held, self.problems = self.problems, []
-            device = self._static(file, where, props)
-            # No list, no ``where`` text and no dict per valid device: with 100,000s of
-            # them these held tens of MB until build() (its ``where`` is rebuilt there).
-            problems = tuple(self.problems) if self.problems else ()
-            self.problems = held
+            # No ``where`` text, no problem list and no dict per valid device: with
+            # 100,000s of them these held tens of MB until build() (``where`` is rebuilt
+            # there when needed).
+            device = self._static_fast(props)
+            problems: tuple[Problem, ...] = ()
+            where = ""
+            if device is None:
+                # Its problems are set aside and reported where they always were.
+                where = _fid(feat, index)
+                held, self.problems = self.problems, []
+                device = self._static_checked(file, where, props)
+                problems = tuple(self.problems)
+                self.problems = held
             get = props.get
             kept = (
                 get("site"),
@@ -471,6 +511,7 @@ class _Builder:
                 (file, "" if device else where, kept, float(lon), float(lat), device, problems)
             )
             return
+        where = _fid(feat, index)
         self.raw_devices.append((file, where, props, float(lon), float(lat), None, None))
 
     def add_csv(self, file: str, text: str) -> None:
@@ -787,11 +828,15 @@ class _Builder:
         sm.static_devices = tuple(statics)
 
     def _static(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
-        """Return a static device's Device, or None with its problems recorded.
+        """Return a static device's Device, or None with its problems recorded."""
+        return self._static_fast(props) or self._static_checked(file, where, props)
 
-        The common case, a device with every value of its expected type, is recognised
-        with a few exact type tests; anything else goes through ``_static_checked``, which
-        decides it and words its problems.
+    def _static_fast(self, props: dict[str, Any]) -> Device | None:
+        """Return the Device of a static device in the common case, else None (undecided).
+
+        The common case, every value of its expected type and a ``capabilities`` object
+        seen before, is recognised with a few exact type tests; ``_static_checked`` decides
+        anything else and words its problems.
         """
         get = props.get
         dev_id, name, uri, kind = get("id"), get("name"), get("uri"), get("kind")
@@ -808,17 +853,15 @@ class _Builder:
             and dev_id.strip()
             and name.strip()
             and uri.strip()
-            and uri.partition(":")[0] in URI_SCHEMES
+            and uri.partition(":")[0] in _SCHEMES
         ):
             caps = get("capabilities", _MISSING)
-            # repr, not the dict's items: True == 1 == 1.0 would make a bad value's key
-            # equal to a good one's; a repr tells the types apart.
-            capabilities = _NO_CAPS if caps is _MISSING else self.known_caps.get(repr(caps))
+            capabilities = _NO_CAPS if caps is _MISSING else self.known_caps.get(_caps_key(caps))
             if capabilities is not None:
                 return _new_static(
                     dev_id, _KIND_OF[kind], name, uri, _shared(make_model), capabilities
                 )
-        return self._static_checked(file, where, props)
+        return None
 
     def _static_checked(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
         """Validate a static device's properties one by one, recording each problem."""
@@ -883,8 +926,9 @@ class _Builder:
             return None
         capabilities = Capabilities(**parsed)
         capabilities = self.capabilities.setdefault(capabilities, capabilities)
-        if isinstance(caps, dict) and len(self.known_caps) < _KNOWN_CAPS_MAX:
-            self.known_caps[repr(caps)] = capabilities
+        seen = _caps_key(caps)
+        if seen is not None and len(self.known_caps) < _KNOWN_CAPS_MAX:
+            self.known_caps[seen] = capabilities
         return Device(
             id=props["id"],
             kind=DeviceKind(str(kind)),
