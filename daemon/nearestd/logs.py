@@ -151,7 +151,10 @@ class AddressScrubber(logging.Filter):
             if key in verbatim and key in INFRA_FIELDS:
                 continue
             text = str(value)
-            cleaned = scrub(text, mode, self.infrastructure if key in INFRA_FIELDS else frozenset())
+            # The lazy part of the infrastructure (a large map's devices) is read only for
+            # an error that does name an address.
+            infra = key in INFRA_FIELDS and _IP_CANDIDATE.search(text) is not None
+            cleaned = scrub(text, mode, self.infrastructure if infra else frozenset())
             if cleaned != text:
                 setattr(record, key, cleaned)
         return True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields, replace
+from itertools import islice
 
 from nearestd.core.index import Entry, SpatialIndex, caps_mask
 from nearestd.core.model import (
@@ -155,6 +156,7 @@ def entry_for(device: Device, placement: Placement, restrict: int = 0) -> Entry:
 
 
 _new_entry = compile_constructor(Entry, *(f.name for f in fields(Entry)))
+_new_record = compile_constructor(Record, "device", "placement", "last_seen")
 
 
 _IDLE = DeviceState.IDLE
@@ -229,25 +231,32 @@ class DeviceTable:
         self.quarantine: dict[tuple[str, tuple[str, ...]], Quarantined] = {}
         self.quarantined_total = 0
         self.quarantine_dropped = 0
-        self._static: dict[str, Placement] = {}
-        records: dict[str, Record] = {}
-        for device, placement in sitemap.static_devices:
-            self._static[device.id] = placement
-            records[device.id] = Record(
-                declared(device) if declared is not None else device, placement, 0.0
-            )
+        statics = sitemap.static_devices
+        self._static: dict[str, Placement] = {d.id: place for d, place in statics}
+        new_record = _new_record
+        records: dict[str, Record] = (
+            {d.id: new_record(d, place, 0.0) for d, place in statics}
+            if declared is None
+            else {d.id: new_record(declared(d), place, 0.0) for d, place in statics}
+        )
         if carried is not None:
             self._carry(carried, records)
         self._records = records
         # Ids of the records whose device is not declared by a site map (source other than
         # 'static'), in insertion order: upkeep that only concerns them need not scan all.
-        self._dynamic: dict[str, None] = {
-            i: None for i, r in records.items() if r.device.source != "static"
-        }
+        # They are the carried ones, which _carry adds after the site map's.
+        self._dynamic: dict[str, None] = dict.fromkeys(islice(records, len(statics), None))
+        restricted = sitemap.visibility.active
         self.index.bulk_load(
-            entry_for(r.device, r.placement, restriction_of(r.device, r.placement, sitemap))
-            for r in records.values()
-            if r.placement is not None and not r.device.is_queue
+            [
+                entry_for(
+                    r.device,
+                    r.placement,
+                    restriction_of(r.device, r.placement, sitemap) if restricted else 0,
+                )
+                for r in records.values()
+                if r.placement is not None and not r.device.is_queue
+            ]
         )
 
     def _carry(self, carried: Carried, records: dict[str, Record]) -> None:

@@ -251,9 +251,10 @@ class _Group:
         self.bounds = [math.inf, math.inf, -math.inf, -math.inf]
         self.arrays: _Arrays | None = None
         self.tree: Any = None
-        for slot in members:
-            e = entries[slot]
-            self.grow(e.x, e.y)
+        if members:
+            xs = [entries[slot].x for slot in members]
+            ys = [entries[slot].y for slot in members]
+            self.bounds = [min(xs), min(ys), max(xs), max(ys)]
         if self.count > LARGE_GROUP:
             self.tree = self._build_tree(entries)
 
@@ -505,15 +506,22 @@ class SpatialIndex:
         if self._entries:
             raise ValueError("bulk_load needs an empty index")
         by_group: dict[tuple[str, str, str, int], list[int]] = {}
+        stored, slot_of = self._entries, self._slot_of
+        slot = self._next_slot
         for entry in entries:
-            if entry.device_id in self._slot_of:
+            if entry.device_id in slot_of:
+                self._next_slot = slot
                 raise ValueError(f"duplicate device id {entry.device_id!r}")
-            slot = self._next_slot
-            self._next_slot += 1
-            self._entries[slot] = entry
-            self._slot_of[entry.device_id] = slot
+            stored[slot] = entry
+            slot_of[entry.device_id] = slot
             key = (entry.site, entry.kind, entry.building, entry.level)
-            by_group.setdefault(key, []).append(slot)
+            members = by_group.get(key)
+            if members is None:
+                by_group[key] = [slot]
+            else:
+                members.append(slot)
+            slot += 1
+        self._next_slot = slot
         for key, members in by_group.items():
             self._groups[key] = _Group(members, self._entries)
             self._by_site_kind.setdefault((key[0], key[1]), []).append((key[2], key[3]))
