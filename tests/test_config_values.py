@@ -41,6 +41,15 @@ def with_map(doc_text: str) -> Case:
     return make
 
 
+def with_map_bytes(data: bytes) -> Case:
+    def make(config: Path) -> None:
+        extra = config.parent / "bad.geojson"
+        extra.write_bytes(data)
+        config.write_text(config.read_text().replace("maps = [", f'maps = ["{extra}", ', 1))
+
+    return make
+
+
 def zone_with_subnets(subnets: list[Any]) -> str:
     ring = [[4.0, 52.0], [4.001, 52.0], [4.001, 52.001], [4.0, 52.001], [4.0, 52.0]]
     zone = {
@@ -96,6 +105,19 @@ CASES: dict[str, tuple[Case, str]] = {
     "deep GeoJSON": (
         with_map("[" * DEEP + "]" * DEEP),
         "bad.geojson: line 1 column 65: nested more than 64 levels deep",
+    ),
+    # orjson reads a map's bytes; whatever it refuses, the standard parser words.
+    "map not UTF-8": (
+        with_map_bytes(b'{"type": "FeatureCollection", "features": ["\xff"]}'),
+        "bad.geojson: file: not UTF-8 text",
+    ),
+    "map not JSON": (
+        with_map('{"type": "FeatureCollection", "features": ['),
+        "bad.geojson: line 1 column 44: not valid JSON: Expecting value",
+    ),
+    "NaN in a map": (
+        with_map(zone_with_subnets([]).replace("4.001, 52.0]", "NaN, 52.0]", 1)),
+        "bad.geojson: feature 'extra-zone': geometry: coordinates must be finite numbers",
     ),
     "bad subnets entry": (
         with_map(zone_with_subnets(["10.99.0.0/16", "10.99.1.1/24"])),

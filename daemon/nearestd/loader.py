@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -48,31 +49,30 @@ class World:
     save_cache: Callable[[], None] | None = field(default=None, compare=False)
 
 
-def _read(path: Path, problems: list[Problem]) -> str | None:
+def _read_bytes(path: Path, problems: list[Problem]) -> bytes | None:
     try:
         if path.stat().st_size > MAX_MAP_BYTES:
             problems.append(Problem(str(path), "file", f"larger than {MAX_MAP_BYTES} bytes"))
             return None
-        return path.read_text(encoding="utf-8").removeprefix("\ufeff")
+        return path.read_bytes()
     except FileNotFoundError:
         problems.append(Problem(str(path), "file", "not found"))
-    except UnicodeDecodeError:
-        problems.append(Problem(str(path), "file", "not UTF-8 text"))
     except OSError as exc:
         problems.append(Problem(str(path), "file", f"cannot read: {exc.strerror or exc}"))
     return None
 
 
-def _parse_json(text: str) -> Any:
-    """Parse JSON with orjson (several times faster); the standard module decides the rest.
-
-    orjson refuses what Python's json accepts (NaN, integers beyond 64 bits): then, and
-    for every error, the standard parser runs so that results and messages stay its own.
-    """
+def _text(path: Path, data: bytes, problems: list[Problem]) -> str | None:
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        problems.append(Problem(str(path), "file", "not UTF-8 text"))
+    return None
+
+
+def _read(path: Path, problems: list[Problem]) -> str | None:
+    data = _read_bytes(path, problems)
+    return None if data is None else _text(path, data, problems)
 
 
 def _cache_key(cfg: Config) -> bytes | None:
@@ -99,11 +99,27 @@ def load_sitemap(cfg: Config) -> SiteMap:
         # One parsed document at a time: a large map's objects are freed before the next.
         for name in cfg.site.maps:
             path = cfg.resolve(name)
-            text = _read(path, map_problems)
+            data = _read_bytes(path, map_problems)
+            if data is None:
+                continue
+            # orjson reads the UTF-8 bytes as they are (no text made); the text is made only
+            # for the standard parser, which decides whatever orjson refuses, with its words.
+            start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+            try:
+                doc = orjson.loads(memoryview(data)[start:])
+            except orjson.JSONDecodeError:
+                pass
+            else:
+                del data
+                yield str(path), doc
+                del doc
+                continue
+            text = _text(path, data, map_problems)
+            del data
             if text is None:
                 continue
             try:
-                doc = _parse_json(text)
+                doc = json.loads(text)
             except RecursionError:
                 deep = json_too_deep(text)
                 where = f"line {deep[0]} column {deep[1]}" if deep else "file"
