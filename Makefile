@@ -35,7 +35,7 @@ unit: $(STAMP)
 
 # `make bench floods` runs one section (bench/floods.py); `make bench` runs them all.
 BENCH_SECTIONS := $(if $(filter bench,$(firstword $(MAKECMDGOALS))),$(wordlist 2,99,$(MAKECMDGOALS)))
-bench: $(STAMP)
+bench: $(STAMP) test-deps
 	$(BIN)/python -m bench $(BENCH_SECTIONS)
 ifneq ($(BENCH_SECTIONS),)
 $(BENCH_SECTIONS):

@@ -73,7 +73,7 @@ def test_a_browse_is_one_log_entry_per_address_zone_and_second() -> None:
     ask(srv, ptr, "PTR", 4)
     assert logged() == [(100.0, ["pa1"])]
     # A device not yet shown to the address in that zone is an entry of its own, alone.
-    srv._log("10.9.1.7", "z-a", ("pa1", "pa3"))
+    srv._log("10.9.1.7", "z-a", ("pa1", "pa3"), clock[0])
     assert logged() == [(100.0, ["pa1"]), (100.0, ["pa3"])]
     clock[0] += 1.0  # the next second logs the browse again
     ask(srv, ptr, "PTR", 5)

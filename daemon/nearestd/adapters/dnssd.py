@@ -69,6 +69,7 @@ TCP_READ = 5.0
 ECS = 8
 SERVER_EDNS = 1232
 LOG_MEMO = 65536
+_UNKNOWN: Any = object()
 QTYPE_NAMES = {
     n: str(QTYPE[n])
     for n in (1, 2, 5, 6, 12, 13, 15, 16, 28, 33, 35, 41, 43, 48, 64, 65, 251, 252, 255, 257)
@@ -76,7 +77,7 @@ QTYPE_NAMES = {
 
 
 class Entry(NamedTuple):
-    """A built reply: UDP and TCP wire (ID zeroed), and what to count and log."""
+    """A built reply: UDP and TCP wire (the ID left out, as cached), and what to count and log."""
 
     udp: bytes
     tcp: bytes
@@ -171,8 +172,10 @@ class DnssdServer:
         self._sitemap: Any = None
         self._logged: dict[tuple[str, str], set[str]] = {}
         self._log_window = 0.0
-        self.queries: Counter[str] = Counter()
-        self.rcodes: Counter[str] = Counter()
+        # Replies by (qtype, rcode): one count per reply; stats() sums them by each.
+        self.replies: Counter[tuple[str, str]] = Counter()
+        # The zone each asking address is in (None: none), for the current site map.
+        self._zone_of: dict[str, str | None] = {}
         self.truncated = 0
         self.rate_limited = 0
         self.malformed = 0
@@ -236,9 +239,14 @@ class DnssdServer:
 
     def stats(self) -> Mapping[str, Any]:
         """Return the counters: queries by type, replies by rcode, truncated, rate-limited."""
+        queries: Counter[str] = Counter()
+        rcodes: Counter[str] = Counter()
+        for (qtype, rcode), n in self.replies.items():
+            queries[qtype] += n
+            rcodes[rcode] += n
         return {
-            "queries_by_qtype": dict(sorted(self.queries.items())),
-            "replies_by_rcode": dict(sorted(self.rcodes.items())),
+            "queries_by_qtype": dict(sorted(queries.items())),
+            "replies_by_rcode": dict(sorted(rcodes.items())),
             "truncated_total": self.truncated,
             "rate_limited_total": self.rate_limited,
             "malformed_total": self.malformed,
@@ -253,6 +261,15 @@ class DnssdServer:
     def _drop_cache(self) -> None:
         self.cache = OrderedDict()
         self.cache_bytes = 0
+        self._zone_of = {}
+
+    def _zone_of_address(self, ip: str) -> str | None:
+        """Return the zone an asking address is in (memoised until the site map changes)."""
+        zone = self.service.sitemap.prefixes.lookup(ip) if _is_ip(ip) else None
+        if len(self._zone_of) >= LOG_MEMO:
+            self._zone_of.clear()
+        self._zone_of[ip] = zone
+        return zone
 
     def is_trusted(self, ip: str) -> bool:
         """Return whether an address is one of the trusted resolvers (memoised per address)."""
@@ -286,7 +303,9 @@ class DnssdServer:
         if svc.sitemap is not self._sitemap:
             self._sitemap = svc.sitemap
             self._drop_cache()
-        source_zone = svc.sitemap.prefixes.lookup(ip) if _is_ip(ip) else None
+        source_zone = self._zone_of.get(ip, _UNKNOWN)
+        if source_zone is _UNKNOWN:
+            source_zone = self._zone_of_address(ip)
         key = (data[2:], source_zone, trusted)
         entry = self.cache.get(key)
         generation = svc.table.generation
@@ -298,8 +317,11 @@ class DnssdServer:
             except Exception:
                 # A question dnslib or we cannot take apart: FORMERR, never a crash.
                 self.malformed += 1
-                self.rcodes["FORMERR"] += 1
+                self.replies[("other", "FORMERR")] += 1
                 return _header_only(data, 1)
+            # Cached without the ID, which every reply takes from its query.
+            tcp = entry.tcp[2:]
+            entry = entry._replace(udp=tcp if entry.udp is entry.tcp else entry.udp[2:], tcp=tcp)
             stale = self.cache.pop(key, None)
             if stale is not None:
                 self.cache_bytes -= len(stale.udp) + len(stale.tcp) + len(data)
@@ -308,13 +330,21 @@ class DnssdServer:
                 self.cache_bytes -= len(old.udp) + len(old.tcp) + len(data)
             self.cache[key] = entry
             self.cache_bytes += len(entry.udp) + len(entry.tcp) + len(data)
-        self.queries[entry.qtype] += 1
-        self.rcodes[entry.rcode] += 1
+        self.replies[entry.qtype, entry.rcode] += 1
         if udp and entry.truncated:
             self.truncated += 1
-        if entry.zone is not None:
-            self._log(entry.client or ip, entry.zone, entry.devices)
-        return data[:2] + (entry.udp if udp else entry.tcp)[2:]
+        zone = entry.zone
+        if zone is not None:
+            # Most lookups were logged a moment ago: that check, without a call.
+            now = self.wall()
+            seen = self._logged.get((entry.client or ip, zone))
+            if (
+                seen is None
+                or not 0 <= now - self._log_window < 1.0
+                or not seen.issuperset(entry.devices)
+            ):
+                self._log(entry.client or ip, zone, entry.devices, now)
+        return data[:2] + (entry.udp if udp else entry.tcp)
 
     def _revalidate(
         self, key: tuple[bytes, str | None, bool], entry: Entry, generation: int
@@ -338,7 +368,7 @@ class DnssdServer:
         svc = self.service
         return core.Scene(svc.table, svc.sitemap, svc.ranking)
 
-    def _log(self, client: str, zone: str, devices: tuple[str, ...]) -> None:
+    def _log(self, client: str, zone: str, devices: tuple[str, ...], now: float) -> None:
         """Make the location-log entry: an address's lookups in a zone, once a second.
 
         A client browsing asks a dozen names at once (PTR, then SRV, TXT and A of each
@@ -347,7 +377,6 @@ class DnssdServer:
         yet logged for them. The log still says where the address was placed and every
         device it was shown, with a tenth of the entries and of the keyed hashes.
         """
-        now = self.wall()
         if not 0 <= now - self._log_window < 1.0:
             self._logged.clear()
             self._log_window = now
@@ -544,22 +573,24 @@ class _Udp:
 
     def _readable(self) -> None:
         server = self.server
-        sock = self.sock
+        # Bound once per wakeup, not looked up per datagram: this loop is the hot path.
+        recvfrom, sendto = self.sock.recvfrom, self.sock.sendto
+        handle, is_trusted = server.handle, server.is_trusted
         for _ in range(UDP_DRAIN):
             try:
-                data, addr = sock.recvfrom(UDP_READ)
+                data, addr = recvfrom(UDP_READ)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 # An ICMP error queued for an earlier reply: nothing to answer, keep reading.
                 LOG.debug("dnssd socket error", extra={"error": exc.strerror or str(exc)})
                 continue
-            ip = str(addr[0])
-            trusted = server.is_trusted(ip)
-            if not server.allow(ip, trusted):
+            ip: str = addr[0]
+            trusted = is_trusted(ip)
+            if not trusted and not server.allow(ip, trusted):
                 continue
             try:
-                reply = server.handle(data, ip, udp=True, trusted=trusted)
+                reply = handle(data, ip, True, trusted)
             except Exception:
                 # The daemon keeps serving everyone else whatever one packet does.
                 LOG.exception("dnssd query failed")
@@ -567,7 +598,7 @@ class _Udp:
             if reply is None:
                 continue
             try:
-                sock.sendto(reply, addr)
+                sendto(reply, addr)
             except OSError:
                 # A full send buffer or an unreachable asker: UDP, the asker asks again.
                 self.send_failed += 1
