@@ -32,19 +32,10 @@ def set_key(section: str, key: str, raw: str) -> Case:
     return make
 
 
-def with_map(doc_text: str) -> Case:
+def with_map(doc: str | bytes) -> Case:
     def make(config: Path) -> None:
         extra = config.parent / "bad.geojson"
-        extra.write_text(doc_text)
-        config.write_text(config.read_text().replace("maps = [", f'maps = ["{extra}", ', 1))
-
-    return make
-
-
-def with_map_bytes(data: bytes) -> Case:
-    def make(config: Path) -> None:
-        extra = config.parent / "bad.geojson"
-        extra.write_bytes(data)
+        extra.write_bytes(doc.encode() if isinstance(doc, str) else doc)
         config.write_text(config.read_text().replace("maps = [", f'maps = ["{extra}", ', 1))
 
     return make
@@ -108,7 +99,7 @@ CASES: dict[str, tuple[Case, str]] = {
     ),
     # orjson reads a map's bytes; whatever it refuses, the standard parser words.
     "map not UTF-8": (
-        with_map_bytes(b'{"type": "FeatureCollection", "features": ["\xff"]}'),
+        with_map(b'{"type": "FeatureCollection", "features": ["\xff"]}'),
         "bad.geojson: file: not UTF-8 text",
     ),
     "map not JSON": (

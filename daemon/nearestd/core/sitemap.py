@@ -587,16 +587,19 @@ class _Builder:
                     self.problem(file, where, f"name or alias {text!r} also names zone {other!r}")
                 sm.names[key] = zone.id
             for i, cidr in enumerate(zone.subnets):
-                self._add_prefix(
-                    sm, prefix_owner, file, where, cidr, zone.id, f"properties.subnets[{i}]"
-                )
+                err = self._add_prefix(sm, prefix_owner, file, cidr, zone.id)
+                if err is not None:
+                    self.problem(file, where, f"properties.subnets[{i}]: {err}")
+        zones = sm.zones
         for file, lineno, cidr, zid in self.extra_prefixes:
-            where = f"line {lineno}"
-            if zid not in sm.zones:
-                self.problem(file, where, f"zone_id: unknown zone {zid!r}")
+            known = zones.get(zid)
+            if known is None:
+                self.problem(file, f"line {lineno}", f"zone_id: unknown zone {zid!r}")
                 continue
             # The zone's own id string, not the CSV's: one copy, not one per prefix.
-            self._add_prefix(sm, prefix_owner, file, where, cidr, sm.zones[zid].id, "prefix")
+            err = self._add_prefix(sm, prefix_owner, file, cidr, known.id)
+            if err is not None:
+                self.problem(file, f"line {lineno}", f"prefix: {err}")
         sm.levels = {k: frozenset(v) for k, v in levels.items()}
         for file, where, props, _ in zones_ok:
             if "visible_to" in props and props["id"] in sm.zones:
@@ -630,33 +633,27 @@ class _Builder:
             return 0
         return self.policy.add(zones, nets)
 
+    @staticmethod
     def _add_prefix(
-        self,
-        sm: SiteMap,
-        owner: dict[str, tuple[str, str]],
-        file: str,
-        where: str,
-        cidr: str,
-        zid: str,
-        field_name: str,
-    ) -> None:
+        sm: SiteMap, owner: dict[str, tuple[str, str]], file: str, cidr: str, zid: str
+    ) -> str | None:
+        """Give a prefix to a zone; return what is wrong with it instead, or None.
+
+        The caller words where (a zone's ``subnets`` entry, a CSV line): its text is made
+        only for a problem, not for each of 100,000s of prefixes.
+        """
         key = _canonical_v4(cidr)
         if key is None:
             try:
                 key = str(ipaddress.ip_network(cidr, strict=True))
             except ValueError as exc:
-                self.problem(file, where, f"{field_name}: bad CIDR {cidr!r} ({exc})")
-                return
+                return f"bad CIDR {cidr!r} ({exc})"
         prev = owner.get(key)
         if prev is not None and prev[0] != zid:
-            self.problem(
-                file,
-                where,
-                f"{field_name}: prefix {key} is given to zone {zid!r} and to zone {prev[0]!r} ({prev[1]})",
-            )
-            return
+            return f"prefix {key} is given to zone {zid!r} and to zone {prev[0]!r} ({prev[1]})"
         owner[key] = (zid, file)
         sm.prefixes.add_key(key, zid)
+        return None
 
     def _placement(
         self,
