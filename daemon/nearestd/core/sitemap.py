@@ -642,7 +642,7 @@ class _Builder:
         The caller words where (a zone's ``subnets`` entry, a CSV line): its text is made
         only for a problem, not for each of 100,000s of prefixes.
         """
-        key = _canonical_v4(cidr)
+        key = _canonical_v4(cidr) or _canonical_v6(cidr)
         if key is None:
             try:
                 key = str(ipaddress.ip_network(cidr, strict=True))
@@ -960,6 +960,62 @@ def _canonical_v4(cidr: str) -> str | None:
     if (a << 24 | b << 16 | c << 8 | d) & ((1 << (32 - n)) - 1):
         return None
     return cidr
+
+
+_LENGTHS_V6 = {str(n): n for n in range(129)}
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _canonical_v6(cidr: str) -> str | None:
+    """Return a plain IPv6 CIDR in ipaddress's text form; None for anything else.
+
+    The common case of an IPAM export's IPv6 prefixes, without ipaddress objects (9 us
+    each): hextets, at most one ``::``, a prefix length. Embedded IPv4, scopes and
+    whatever else this does not take go through ipaddress, which decides and words them.
+    """
+    addr, _, length = cidr.partition("/")
+    n = _LENGTHS_V6.get(length)
+    if n is None or "." in addr or "%" in addr:
+        return None
+    head, gap, tail = addr.partition("::")
+    left = head.split(":") if head else []
+    right = tail.split(":") if tail else []
+    if gap:
+        if "::" in tail or len(left) + len(right) > 7:
+            return None
+        groups = [*left, *("0" * (8 - len(left) - len(right))), *right]
+    elif len(left) == 8:
+        groups = left
+    else:
+        return None
+    value = 0
+    for group in groups:
+        if not 0 < len(group) <= 4 or not _HEX.issuperset(group):
+            return None
+        value = value << 16 | int(group, 16)
+    if value & ((1 << (128 - n)) - 1):
+        return None
+    hextets = [f"{(value >> shift) & 0xFFFF:x}" for shift in range(112, -16, -16)]
+    # The longest run of two or more zero hextets (the first of equals) becomes "::".
+    best, best_len, start = -1, 1, -1
+    for i, hextet in enumerate(hextets):
+        if hextet != "0":
+            start = -1
+            continue
+        if start < 0:
+            start = i
+        if i - start + 1 > best_len:
+            best, best_len = start, i - start + 1
+    if best >= 0:
+        end = best + best_len
+        hextets[best:end] = [""]
+        if end == 8:
+            hextets.append("")
+        if best == 0:
+            hextets.insert(0, "")
+    text = ":".join(hextets)
+    # ipaddress may write an IPv4-mapped address its own way: it decides those.
+    return None if text.startswith("::ffff:") else f"{text}/{n}"
 
 
 def normalise_pin(key: str, value: str) -> str:
