@@ -170,10 +170,7 @@ class DnssdServer:
         self.cache_bytes = 0
         self.cache_max = CACHE_MAX
         self._sitemap: Any = None
-        # (address, zone) -> (when its last entry was made, the devices that entry and any
-        # later ones within the second named); this second's keys, and the previous second's.
-        self._logged: dict[tuple[str, str], tuple[float, set[str]]] = {}
-        self._logged_before: dict[tuple[str, str], tuple[float, set[str]]] = {}
+        self._logged: dict[tuple[str, str], set[str]] = {}
         self._log_window = 0.0
         # Replies by (qtype, rcode): one count per reply; stats() sums them by each.
         self.replies: Counter[tuple[str, str]] = Counter()
@@ -343,8 +340,8 @@ class DnssdServer:
             seen = self._logged.get((entry.client or ip, zone))
             if (
                 seen is None
-                or not 0 <= now - seen[0] < 1.0
-                or not seen[1].issuperset(entry.devices)
+                or not 0 <= now - self._log_window < 1.0
+                or not seen.issuperset(entry.devices)
             ):
                 self._log(entry.client or ip, zone, entry.devices, now)
         return data[:2] + (entry.udp if udp else entry.tcp)
@@ -379,30 +376,19 @@ class DnssdServer:
         entry for each (address, zone), and another only when an answer names devices not
         yet logged for them. The log still says where the address was placed and every
         device it was shown, with a tenth of the entries and of the keyed hashes.
-
-        Each (address, zone) has its own second, from its last entry: were they all to end
-        at once, the next moment would make an entry for every pair busy in that second
-        (a thousand keyed hashes in a burst, under the DNS-SD bench), and queries would
-        queue behind them. The memo keeps this second's pairs and the last second's, and
-        moves a pair over when it is asked again.
         """
         if not 0 <= now - self._log_window < 1.0:
-            recent = 0 <= now - self._log_window < 2.0
-            self._logged_before = self._logged if recent else {}
-            self._logged = {}
+            self._logged.clear()
             self._log_window = now
         key = (client, zone)
-        memo = self._logged
-        seen = memo.get(key) or self._logged_before.pop(key, None)
-        if seen is not None and 0 <= now - seen[0] < 1.0:
-            if len(memo) < LOG_MEMO:
-                memo[key] = seen
-            if seen[1].issuperset(devices):
+        seen = self._logged.get(key)
+        if seen is not None:
+            if seen.issuperset(devices):
                 return
-            devices = tuple(d for d in devices if d not in seen[1])
-            seen[1].update(devices)
-        elif len(memo) < LOG_MEMO:
-            memo[key] = (now, set(devices))
+            devices = tuple(d for d in devices if d not in seen)
+            seen.update(devices)
+        elif len(self._logged) < LOG_MEMO:
+            self._logged[key] = set(devices)
         self.service.remember_lookup(client, zone, "dnssd", devices, now)
 
     def _build(self, data: bytes, source_zone: str | None, ip: str, trusted: bool) -> Entry:
