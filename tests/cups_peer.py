@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from support import free_port, require_tools, skip_or_fail, zone_feature
+from support import device_feature, free_port, require_tools, skip_or_fail, zone_feature
 
 CUPS_TOOLS = ("cupsd", "lpadmin", "lpoptions", "lpstat", "ippeveprinter", "dbus-daemon")
 
@@ -275,23 +275,16 @@ def device(
 ) -> dict[str, Any]:
     """Return a static device feature inside the zone at offset ``x``."""
     lon, lat = 4.89 + (x + 5) / 68000.0, 52.37 + 3 / 68000.0 / 1.6
-    return {
-        "type": "Feature",
-        "properties": {
-            "feature_type": "device",
-            "static": True,
-            "id": did,
-            "name": name,
-            "kind": kind,
-            "uri": uri,
-            "make_model": "ippeveprinter",
-            "site": "lab",
-            "building": building,
-            "level": 0,
-            "capabilities": caps or {"duplex": True, "paper_max": "legal-A4"},
-        },
-        "geometry": {"type": "Point", "coordinates": [lon, lat]},
-    }
+    return device_feature(
+        did,
+        name,
+        kind,
+        uri,
+        (lon, lat),
+        building=building,
+        make_model="ippeveprinter",
+        capabilities=caps or {"duplex": True, "paper_max": "legal-A4"},
+    )
 
 
 def write_map(path: Path, features: list[dict[str, Any]]) -> Path:

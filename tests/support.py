@@ -207,14 +207,20 @@ def lab_square(k: int) -> list[list[float]]:
     return [[lon, lat], [lon + w, lat], [lon + w, lat + w], [lon, lat + w], [lon, lat]]
 
 
-def lab_device(
-    did: str, square: int, kind: str, uri: str, name: str, dx: float = 0.0, dy: float = 1e-4, **props: Any
+def device_feature(
+    did: str,
+    name: str,
+    kind: str,
+    uri: str,
+    lonlat: tuple[float, float],
+    *,
+    building: str = "main",
+    **props: Any,
 ) -> dict[str, Any]:
-    """Return a static device feature inside the k-th lab square (``lab_square``)."""
-    ring = lab_square(square)
+    """Return a static device feature on the ground floor of the test site ``lab``."""
     return {
         "type": "Feature",
-        "geometry": {"type": "Point", "coordinates": [ring[0][0] + 0.00005 + dx, ring[0][1] + dy]},
+        "geometry": {"type": "Point", "coordinates": list(lonlat)},
         "properties": {
             "feature_type": "device",
             "static": True,
@@ -223,11 +229,21 @@ def lab_device(
             "kind": kind,
             "uri": uri,
             "site": "lab",
-            "building": "main",
+            "building": building,
             "level": 0,
             **props,
         },
     }
+
+
+def lab_device(
+    did: str, square: int, kind: str, uri: str, name: str, dx: float = 0.0, dy: float = 1e-4, **props: Any
+) -> dict[str, Any]:
+    """Return a static device feature inside the k-th lab square (``lab_square``)."""
+    ring = lab_square(square)
+    return device_feature(
+        did, name, kind, uri, (ring[0][0] + 0.00005 + dx, ring[0][1] + dy), **props
+    )
 
 
 def read_frame(s: Any) -> dict[str, Any] | None:
