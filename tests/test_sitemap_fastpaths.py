@@ -77,20 +77,25 @@ def static_props(draw: Any) -> dict[str, Any]:
     return props
 
 
+def _static(builder: _Builder, where: str, props: dict[str, Any]) -> Any:
+    """Decide a static device as ``_Builder._device`` does: the fast path, else the checks."""
+    return builder._static_fast(props) or builder._static_checked("m.geojson", where, props)
+
+
 def _seeded() -> _Builder:
     """Return a builder that has already seen valid capability objects (its repr cache)."""
     builder = _Builder()
     for caps in ({"color": True}, {"color": True, "paper_max": "legal-A4"}, {}, {"duplex": False}):
         props = {"id": "s", "name": "S", "uri": "ipp://s/", "kind": "printer", "capabilities": caps}
-        assert builder._static("f", "w", props) is not None
+        assert _static(builder, "w", props) is not None
     builder.problems.clear()
     return builder
 
 
 def _decide(builder: _Builder, props: dict[str, Any], checked: bool) -> tuple[Any, list[str]]:
     builder.problems.clear()
-    decide = builder._static_checked if checked else builder._static
-    device = decide("m.geojson", "feature 'p1'", props)
+    where = "feature 'p1'"
+    device = builder._static_checked("m.geojson", where, props) if checked else _static(builder, where, props)
     return device, [str(p) for p in builder.problems]
 
 
@@ -122,7 +127,7 @@ def test_absent_and_empty_capabilities_are_no_capabilities() -> None:
     builder = _Builder()
     base = {"id": "p", "name": "P", "uri": "ipp://p/", "kind": "scanner"}
     for props in (base, {**base, "capabilities": {}}):
-        device = builder._static("f", "w", props)
+        device = _static(builder, "w", props)
         assert device is not None and device.capabilities == Capabilities()
         assert device.kind is DeviceKind.SCANNER
 

@@ -337,13 +337,14 @@ class DnssdServer:
         if zone is not None:
             # Most lookups were logged a moment ago: that check, without a call.
             now = self.wall()
-            seen = self._logged.get((entry.client or ip, zone))
+            client = entry.client or ip
+            seen = self._logged.get((client, zone))
             if (
                 seen is None
                 or not 0 <= now - self._log_window < 1.0
                 or not seen.issuperset(entry.devices)
             ):
-                self._log(entry.client or ip, zone, entry.devices, now)
+                self._log(client, zone, entry.devices, now)
         return data[:2] + (entry.udp if udp else entry.tcp)
 
     def _revalidate(

@@ -824,10 +824,6 @@ class _Builder:
         sm.pins = tuple(pins)
         sm.static_devices = tuple(statics)
 
-    def _static(self, file: str, where: str, props: dict[str, Any]) -> Device | None:
-        """Return a static device's Device, or None with its problems recorded."""
-        return self._static_fast(props) or self._static_checked(file, where, props)
-
     def _static_fast(self, props: dict[str, Any]) -> Device | None:
         """Return the Device of a static device in the common case, else None (undecided).
 
